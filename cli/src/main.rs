@@ -1,0 +1,84 @@
+//! `hsat`: the one user-facing command.
+//!
+//! `main` parses the command line, starts tracing and hands over to one module per
+//! subcommand:
+//!
+//! - [`run`]: `hsat run`, a training job.
+//! - [`bench`]: `hsat bench step`, the engine benchmark against PyTorch.
+
+mod bench;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Hierarchical Self-Supervised Adversarial Training for histopathology encoders.
+#[derive(Debug, Parser)]
+#[command(name = "hsat", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train an encoder with HSAT (or plain HiDisc when the attack is off).
+    ///
+    /// Loads the config (defaults < FILE < HSAT__SECTION__KEY environment variables <
+    /// --set), trains on one worker, prints one progress line per step and writes
+    /// checkpoints under <infra.out_dir>/checkpoints.
+    ///
+    /// Example:
+    ///   hsat run --config examples/quickstart.toml --set training.num_epochs=1
+    #[command(verbatim_doc_comment)]
+    Run(ConfigArgs),
+
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Time one full HSAT step (PGD-5, batch 2x2x2x2 views, eps 8/255) against the
+    /// PyTorch reference step, alternating in one run; prints medians and ratios.
+    ///
+    /// Example:
+    ///   hsat bench step --backbone resnet18 --image-size 64 --rounds 10
+    #[command(verbatim_doc_comment)]
+    Step(bench::StepArgs),
+}
+
+/// Where the config comes from.
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// TOML config file (see docs/config.md); without it the paper's defaults apply.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override one key, e.g. `--set training.attack.eps=4`; repeatable, applied last.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Run(args) => run::run(args.config, args.set),
+        Command::Bench(BenchCommand::Step(args)) => bench::step(args),
+    };
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

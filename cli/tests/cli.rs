@@ -1,0 +1,46 @@
+//! The `hsat` command as a user meets it: help texts with examples, and clear errors
+//! for bad configuration before any work starts.
+
+use std::process::Command;
+
+fn hsat() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hsat"))
+}
+
+#[test]
+fn every_subcommand_explains_itself_with_an_example() {
+    for args in [vec!["run", "--help"], vec!["bench", "step", "--help"]] {
+        let out = hsat().args(&args).output().expect("run hsat");
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Example:"), "{args:?} help has no example:\n{text}");
+    }
+}
+
+#[test]
+fn a_bad_config_value_is_reported_with_its_key_and_range() {
+    let out = hsat()
+        .args(["run", "--set", "training.attack.eps=-1", "--set", "training.batch_size=0"])
+        .output()
+        .expect("run hsat");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("training.attack.eps"), "{err}");
+    assert!(err.contains("training.batch_size"), "{err}");
+}
+
+#[test]
+fn an_unknown_key_is_refused() {
+    let out = hsat().args(["run", "--set", "training.atack.eps=4"]).output().expect("run hsat");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("atack"), "{err}");
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let out = hsat().args(["run", "--config", "/nonexistent/hsat.toml"]).output().expect("run hsat");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/hsat.toml"), "{err}");
+}

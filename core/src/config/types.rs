@@ -1,0 +1,630 @@
+//! The typed, validated configuration: what the rest of hsat reads.
+//!
+//! Every value here has passed [`validate`](super::validate); the invariants written
+//! on each field hold for any `Config` produced by [`load`](super::load) or
+//! [`Config::from_toml_str`]. Numbers in brackets are the defaults, which are the
+//! published ones (HiDisc/HSAT reference `main.yaml`) unless noted.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::schedule;
+
+/// A name in the configuration (backbone, loss type, scheduler, ...) that is not one of
+/// the accepted spellings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseNameError {
+    /// What was being parsed, e.g. `"backbone"`.
+    pub what: &'static str,
+    /// The rejected text.
+    pub value: String,
+    /// Every accepted spelling.
+    pub allowed: &'static [&'static str],
+}
+
+impl ParseNameError {
+    /// The accepted spellings, quoted and comma separated: `"a", "b"`.
+    pub fn allowed_list(&self) -> String {
+        quoted_list(self.allowed)
+    }
+}
+
+impl fmt::Display for ParseNameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown {} {:?}: expected one of {}",
+            self.what,
+            self.value,
+            self.allowed_list()
+        )
+    }
+}
+
+impl std::error::Error for ParseNameError {}
+
+/// `"a", "b", "c"`.
+pub(crate) fn quoted_list(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|name| format!("{name:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Declares a fieldless enum whose variants are spelled in config files by fixed
+/// names, with `NAMES`, `ALL`, `name()`, `Display` and `FromStr`.
+macro_rules! named_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident ($what:literal) {
+            $( $(#[$vmeta:meta])* $variant:ident => $text:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        $vis enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+            /// The accepted spellings, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            /// The spelling used in config files.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ParseNameError;
+
+            fn from_str(text: &str) -> Result<Self, Self::Err> {
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|variant| variant.name() == text)
+                    .ok_or_else(|| ParseNameError {
+                        what: $what,
+                        value: text.to_owned(),
+                        allowed: Self::NAMES,
+                    })
+            }
+        }
+    };
+}
+
+/// The whole validated configuration of a training job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Process-level settings: seed, output folder, threads, logging.
+    pub infra: InfraConfig,
+    /// Where patients come from and how one sample is drawn and augmented.
+    pub data: DataConfig,
+    /// Backbone and projection head.
+    pub model: ModelConfig,
+    /// Optimisation: batch, epochs, loss, attack, optimizer, schedule.
+    pub training: TrainingConfig,
+}
+
+/// Process-level settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfraConfig {
+    /// Job seed [1000]; every random draw derives its own seed from it.
+    pub seed: u64,
+    /// Folder for checkpoints and logs ["runs/hsat"]; never empty.
+    pub out_dir: PathBuf,
+    /// torch intra-op threads per worker; 0 = all cores [0].
+    pub threads: usize,
+    /// Print a progress line every `log_every` steps; >= 1 [1].
+    pub log_every: usize,
+}
+
+named_enum! {
+    /// Which dataset the patients come from (raw key `data.source`).
+    pub enum DataSource ("data source") {
+        /// Generated in memory from the seed; for tests and smoke runs.
+        Synthetic => "synthetic",
+    }
+}
+
+/// Dataset and sampling settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataConfig {
+    /// Where patients come from [synthetic].
+    pub source: DataSource,
+    /// Side in pixels of the square patch fed to the model [300]; in 8..=1024.
+    pub image_size: usize,
+    /// Image channels [3]; always 3.
+    pub channels: usize,
+    /// Probability of each random augmentation [0.3]; in [0, 1].
+    pub rand_aug_prob: f64,
+    /// Scale augmentation magnitudes with the dynamic strength (HSAT) [false].
+    pub dynamic_aug: bool,
+    /// Replicate patients of rare classes so all classes are equally frequent [true].
+    pub balance_study_per_class: bool,
+    /// How many slides, patches and views one patient contributes.
+    pub hidisc: HidiscSampling,
+    /// Size of the generated dataset when `source` is synthetic.
+    pub synthetic: SyntheticConfig,
+}
+
+/// Shape of one patient's sample: `[S, P, V]` in the batch tensor `[B, S, P, V, C, H, W]`.
+///
+/// Each is in 1..=64, and `num_transforms >= 2` (the patch level of the training loss
+/// needs two views of a patch to have a positive pair).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HidiscSampling {
+    /// Slides drawn per patient, S [2].
+    pub num_slide_samples: usize,
+    /// Patches drawn per slide, P [2].
+    pub num_patch_samples: usize,
+    /// Augmented views per patch, V [2].
+    pub num_transforms: usize,
+}
+
+/// Size of the synthetic dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyntheticConfig {
+    /// Patients generated [8]; >= 1.
+    pub num_patients: usize,
+    /// Classes the patients are spread over [2]; in 1..=`num_patients`.
+    pub num_classes: usize,
+}
+
+named_enum! {
+    /// The encoder's backbone (raw key `model.backbone`).
+    #[derive(Default)]
+    pub enum Backbone ("backbone") {
+        /// A tiny CNN with 16 features; for tests.
+        SmallCnn => "small_cnn",
+        /// torchvision ResNet-18 (512 features).
+        ResNet18 => "resnet18",
+        /// torchvision ResNet-34 (512 features).
+        ResNet34 => "resnet34",
+        /// torchvision ResNet-50 (2048 features); the paper's default.
+        #[default]
+        ResNet50 => "resnet50",
+        /// torchvision ResNet-101 (2048 features).
+        ResNet101 => "resnet101",
+        /// torchvision Wide-ResNet-50-2 (2048 features).
+        WideResNet50_2 => "wide_resnet50_2",
+    }
+}
+
+impl Backbone {
+    /// Length of the feature vector the backbone produces (input of the projection head).
+    pub fn feature_dim(self) -> usize {
+        match self {
+            Self::SmallCnn => 16,
+            Self::ResNet18 | Self::ResNet34 => 512,
+            Self::ResNet50 | Self::ResNet101 | Self::WideResNet50_2 => 2048,
+        }
+    }
+}
+
+/// Backbone and projection head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// The backbone, without its classifier [resnet50].
+    pub backbone: Backbone,
+    /// Widths of the head's hidden Linear+ReLU layers [] (a single Linear); each >= 1.
+    pub mlp_hidden: Vec<usize>,
+    /// Embedding size after the head, before L2 normalisation [128]; >= 1.
+    pub num_embedding_out: usize,
+    /// Backbone weights to start from [None = random init]: a `.safetensors` file with
+    /// torchvision key names. Raw value `""` means `None`.
+    pub init_checkpoint: Option<PathBuf>,
+}
+
+/// Optimisation settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingConfig {
+    /// Patients per step on each worker [10] (the reference's per-rank batch); >= 1.
+    pub batch_size: usize,
+    /// Epochs to train [40000]; >= 1. An epoch is one pass over the balanced patient list.
+    pub num_epochs: usize,
+    /// Train on adversarial views only [false, as the reference `main.yaml`; HSAT runs set true].
+    pub only_adv: bool,
+    /// `lambda_dyn` of the dynamic clean/adversarial weight [0.66]; in [0, 1]. Spelled
+    /// like the reference's key.
+    pub dynamic_weights_lamda: f64,
+    /// AdamW settings.
+    pub optimizer: OptimizerConfig,
+    /// Hierarchical contrastive loss settings.
+    pub objective: ObjectiveConfig,
+    /// Inner maximisation (adversarial attack) settings.
+    pub attack: AttackConfig,
+    /// Learning-rate schedule.
+    pub scheduler: SchedulerConfig,
+    /// Optimizer steps between checkpoints; 0 = only at the end [1000].
+    pub save_checkpoint_interval: usize,
+}
+
+impl TrainingConfig {
+    /// Learning rate of the `step`-th optimizer step (0-based) of a run of `total_steps`
+    /// steps: `learn_rate` times the scheduler's multiplier.
+    pub fn lr_at(&self, step: usize, total_steps: usize) -> f64 {
+        match self.scheduler.kind {
+            ScheduleKind::Constant => self.optimizer.learn_rate,
+            ScheduleKind::CosWarmup => {
+                let warmup = self.scheduler.warmup.resolve(total_steps);
+                self.optimizer.learn_rate
+                    * schedule::lr_multiplier(
+                        step,
+                        warmup,
+                        total_steps,
+                        self.scheduler.num_cycles,
+                    )
+            }
+        }
+    }
+}
+
+/// AdamW settings (PyTorch defaults except the learning rate).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerConfig {
+    /// Peak learning rate [1e-3]; finite and > 0.
+    pub learn_rate: f64,
+    /// First-moment decay [0.9]; in [0, 1).
+    pub beta1: f64,
+    /// Second-moment decay [0.999]; in [0, 1).
+    pub beta2: f64,
+    /// Denominator epsilon [1e-8]; finite and > 0.
+    pub eps: f64,
+    /// Decoupled weight decay [0.01]; finite and >= 0.
+    pub weight_decay: f64,
+}
+
+/// Weights and temperatures of the hierarchical (HiDisc) SupCon loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ObjectiveConfig {
+    /// Weight of the patient level [1.0]; finite and >= 0.
+    pub lambda_patient: f64,
+    /// Weight of the slide level [1.0]; finite and >= 0.
+    pub lambda_slide: f64,
+    /// Weight of the patch level [1.0]; finite and >= 0. Not all three weights are 0.
+    pub lambda_patch: f64,
+    /// SupCon temperature T [0.07]; finite and > 0.
+    pub temperature: f64,
+    /// SupCon base temperature T_base [0.07]; finite and > 0.
+    pub base_temperature: f64,
+}
+
+named_enum! {
+    /// Which attack crafts the adversarial views (raw key `training.attack.name`).
+    pub enum AttackKind ("attack") {
+        /// No attack: plain HiDisc training (the reference `main.yaml` default).
+        None => "none",
+        /// Projected gradient descent on the hierarchical loss (HSAT).
+        Pgd => "pgd",
+    }
+}
+
+/// Inner maximisation settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttackConfig {
+    /// The attack [none].
+    pub kind: AttackKind,
+    /// L-infinity budget in pixel units (pixels are in [0, 1]): `eps_255 / 255` [8/255].
+    pub eps: f64,
+    /// PGD step size in pixel units: `alpha_255 / 255` [2/255]; > 0 when `kind` is pgd.
+    pub alpha: f64,
+    /// PGD iterations [5]; >= 1 when `kind` is pgd.
+    pub iters: usize,
+    /// Loss levels the attack maximises [p_s_pt].
+    pub loss_type: LossType,
+    /// Epochs over which eps grows linearly from 1/255 to `eps` [0]; <= `num_epochs`.
+    pub warmup_epochs: usize,
+    /// The budget as written in the config, in units of 1/255 [8]; in [0, 255].
+    pub eps_255: f64,
+    /// The step size as written in the config, in units of 1/255 [2]; in [0, 255].
+    pub alpha_255: f64,
+}
+
+impl AttackConfig {
+    /// The budget (pixel units) of `epoch`, with the eps warm-up applied.
+    pub fn eps_at(&self, epoch: usize) -> f64 {
+        schedule::attack_eps(epoch, self.eps_255, self.warmup_epochs)
+    }
+}
+
+/// Which levels of the hierarchical loss are on (raw spelling `p_s_pt`, `s_pt`, ...:
+/// `p` patient, `s` slide, `pt` patch).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub struct LossType {
+    /// Patient level: positives are all views of the same patient.
+    pub patient: bool,
+    /// Slide level: positives are all views of the same slide.
+    pub slide: bool,
+    /// Patch level: positives are the views of the same patch.
+    pub patch: bool,
+}
+
+impl LossType {
+    /// All three levels: HSAT's attack and the training loss.
+    pub const P_S_PT: Self = Self {
+        patient: true,
+        slide: true,
+        patch: true,
+    };
+
+    /// The accepted spellings.
+    pub const NAMES: &'static [&'static str] = &["p_s_pt", "s_pt", "p_pt", "p_s", "p", "s", "pt"];
+
+    /// The spelling of this set of levels; `"none"` when no level is on (that value
+    /// cannot be parsed back: a loss needs at least one level).
+    pub fn name(self) -> &'static str {
+        match (self.patient, self.slide, self.patch) {
+            (true, true, true) => "p_s_pt",
+            (false, true, true) => "s_pt",
+            (true, false, true) => "p_pt",
+            (true, true, false) => "p_s",
+            (true, false, false) => "p",
+            (false, true, false) => "s",
+            (false, false, true) => "pt",
+            (false, false, false) => "none",
+        }
+    }
+}
+
+impl Default for LossType {
+    fn default() -> Self {
+        Self::P_S_PT
+    }
+}
+
+impl fmt::Display for LossType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for LossType {
+    type Err = ParseNameError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (patient, slide, patch) = match text {
+            "p_s_pt" => (true, true, true),
+            "s_pt" => (false, true, true),
+            "p_pt" => (true, false, true),
+            "p_s" => (true, true, false),
+            "p" => (true, false, false),
+            "s" => (false, true, false),
+            "pt" => (false, false, true),
+            _ => {
+                return Err(ParseNameError {
+                    what: "loss type",
+                    value: text.to_owned(),
+                    allowed: Self::NAMES,
+                });
+            }
+        };
+        Ok(Self {
+            patient,
+            slide,
+            patch,
+        })
+    }
+}
+
+named_enum! {
+    /// Learning-rate schedule (raw key `training.scheduler.which`).
+    pub enum ScheduleKind ("scheduler") {
+        /// Linear warm-up, then cosine decay (the reference's `cos_warmup`).
+        CosWarmup => "cos_warmup",
+        /// `learn_rate` at every step.
+        Constant => "constant",
+    }
+}
+
+/// Learning-rate schedule settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SchedulerConfig {
+    /// The schedule [cos_warmup].
+    pub kind: ScheduleKind,
+    /// Length of the linear warm-up [10% of all steps]; used by `cos_warmup`.
+    pub warmup: WarmupSteps,
+    /// Cosine cycles after the warm-up [0.5 = half a cosine, down to 0]; finite and > 0.
+    pub num_cycles: f64,
+}
+
+/// Length of the learning-rate warm-up (raw key `training.scheduler.params.num_warmup_steps`).
+///
+/// As in the reference (`isinstance(x, float)`), a TOML float is a fraction of all
+/// steps and a TOML integer an absolute count: `0.1` and `100` mean different things.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WarmupSteps {
+    /// A fraction of all optimizer steps; in [0, 1].
+    Fraction(f64),
+    /// An absolute number of optimizer steps.
+    Steps(usize),
+}
+
+impl WarmupSteps {
+    /// Warm-up length in steps for a run of `total_steps` steps; a fraction is
+    /// truncated like Python's `int(f * total)`.
+    pub fn resolve(&self, total_steps: usize) -> usize {
+        match *self {
+            // Truncation toward zero is the point: Python's int() of a non-negative float.
+            Self::Fraction(fraction) => (fraction * total_steps as f64).floor() as usize,
+            Self::Steps(steps) => steps,
+        }
+    }
+}
+
+impl Default for Config {
+    /// The paper's defaults (the reference `main.yaml`), with a synthetic dataset.
+    fn default() -> Self {
+        Self {
+            infra: InfraConfig {
+                seed: 1000,
+                out_dir: PathBuf::from("runs/hsat"),
+                threads: 0,
+                log_every: 1,
+            },
+            data: DataConfig {
+                source: DataSource::Synthetic,
+                image_size: 300,
+                channels: 3,
+                rand_aug_prob: 0.3,
+                dynamic_aug: false,
+                balance_study_per_class: true,
+                hidisc: HidiscSampling {
+                    num_slide_samples: 2,
+                    num_patch_samples: 2,
+                    num_transforms: 2,
+                },
+                synthetic: SyntheticConfig {
+                    num_patients: 8,
+                    num_classes: 2,
+                },
+            },
+            model: ModelConfig {
+                backbone: Backbone::ResNet50,
+                mlp_hidden: Vec::new(),
+                num_embedding_out: 128,
+                init_checkpoint: None,
+            },
+            training: TrainingConfig {
+                batch_size: 10,
+                num_epochs: 40000,
+                only_adv: false,
+                dynamic_weights_lamda: 0.66,
+                optimizer: OptimizerConfig {
+                    learn_rate: 1.0e-3,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1.0e-8,
+                    weight_decay: 0.01,
+                },
+                objective: ObjectiveConfig {
+                    lambda_patient: 1.0,
+                    lambda_slide: 1.0,
+                    lambda_patch: 1.0,
+                    temperature: 0.07,
+                    base_temperature: 0.07,
+                },
+                attack: AttackConfig {
+                    kind: AttackKind::None,
+                    eps: 8.0 / 255.0,
+                    alpha: 2.0 / 255.0,
+                    iters: 5,
+                    loss_type: LossType::P_S_PT,
+                    warmup_epochs: 0,
+                    eps_255: 8.0,
+                    alpha_255: 2.0,
+                },
+                scheduler: SchedulerConfig {
+                    kind: ScheduleKind::CosWarmup,
+                    warmup: WarmupSteps::Fraction(0.1),
+                    num_cycles: 0.5,
+                },
+                save_checkpoint_interval: 1000,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_type_names_round_trip() {
+        for name in LossType::NAMES {
+            let parsed: LossType = name.parse().unwrap();
+            assert_eq!(parsed.to_string(), *name);
+        }
+        assert_eq!("p_s_pt".parse::<LossType>().unwrap(), LossType::P_S_PT);
+        let patch_only: LossType = "pt".parse().unwrap();
+        assert_eq!(
+            patch_only,
+            LossType {
+                patient: false,
+                slide: false,
+                patch: true
+            }
+        );
+    }
+
+    #[test]
+    fn loss_type_rejects_unknown_spellings() {
+        for bad in ["p_x", "", "pt_p", "P_S_PT", "none", "p_s_pt "] {
+            let err = bad.parse::<LossType>().unwrap_err();
+            assert_eq!(err.value, bad);
+            assert!(err.to_string().contains("\"p_s_pt\""), "{err}");
+        }
+    }
+
+    #[test]
+    fn backbone_names_round_trip_and_feature_dims() {
+        let expected = [
+            ("small_cnn", 16),
+            ("resnet18", 512),
+            ("resnet34", 512),
+            ("resnet50", 2048),
+            ("resnet101", 2048),
+            ("wide_resnet50_2", 2048),
+        ];
+        assert_eq!(Backbone::NAMES.len(), expected.len());
+        for (name, dim) in expected {
+            let backbone: Backbone = name.parse().unwrap();
+            assert_eq!(backbone.to_string(), name);
+            assert_eq!(backbone.feature_dim(), dim);
+        }
+        let err = "resnet9".parse::<Backbone>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown backbone \"resnet9\": expected one of \"small_cnn\", \"resnet18\", \
+             \"resnet34\", \"resnet50\", \"resnet101\", \"wide_resnet50_2\""
+        );
+        assert_eq!(Backbone::default(), Backbone::ResNet50);
+    }
+
+    #[test]
+    fn warmup_fraction_truncates_like_python_int() {
+        // 0.1 * 30 = 3.0000000000000004 in f64, int() gives 3; 0.3 * 10 = 3.0000000000000004.
+        assert_eq!(WarmupSteps::Fraction(0.1).resolve(30), 3);
+        assert_eq!(WarmupSteps::Fraction(0.1).resolve(39), 3);
+        assert_eq!(WarmupSteps::Fraction(0.7).resolve(10), 7);
+        assert_eq!(WarmupSteps::Fraction(0.0).resolve(1000), 0);
+        assert_eq!(WarmupSteps::Fraction(1.0).resolve(17), 17);
+        assert_eq!(WarmupSteps::Steps(100).resolve(10), 100);
+    }
+
+    #[test]
+    fn lr_at_follows_the_scheduler_kind() {
+        let mut training = Config::default().training;
+        // 100 steps, warm-up 10% = 10 steps.
+        assert_eq!(training.lr_at(0, 100), 0.0);
+        assert!((training.lr_at(5, 100) - 0.5e-3).abs() < 1e-18);
+        assert_eq!(training.lr_at(10, 100), 1.0e-3);
+        // Halfway through the cosine: step 55 of 90 decay steps -> progress 0.5.
+        assert!((training.lr_at(55, 100) - 0.5e-3).abs() < 1e-15);
+        training.scheduler.kind = ScheduleKind::Constant;
+        assert_eq!(training.lr_at(0, 100), 1.0e-3);
+        assert_eq!(training.lr_at(99, 100), 1.0e-3);
+    }
+
+    #[test]
+    fn eps_at_applies_the_warm_up() {
+        let mut attack = Config::default().training.attack;
+        attack.warmup_epochs = 5;
+        assert_eq!(attack.eps_at(0), 1.0 / 255.0);
+        assert_eq!(attack.eps_at(4), 8.0 / 255.0);
+        assert_eq!(attack.eps_at(100), 8.0 / 255.0);
+    }
+}

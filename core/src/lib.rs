@@ -1,0 +1,18 @@
+//! hsat-core: the pure domain layer of hsat.
+//!
+//! Everything in this crate is plain data and pure functions: no tokio, no tonic, no
+//! tch. The coordinator, the workers and the `hsat` command all build on it, so a
+//! decision made here (a validated config value, the learning rate of step `k`, the
+//! attack budget of epoch `e`) is the same on every machine of a job.
+//!
+//! Layout:
+//!
+//! - [`config`]: layered configuration (built-in defaults < TOML file < `HSAT__...`
+//!   environment variables < `--set key=value`), parsed into raw structs that mirror
+//!   the reference implementation's YAML, then validated into typed config.
+//! - [`schedule`]: the training schedules as pure functions of the step or epoch:
+//!   learning-rate warm-up and cosine decay, attack epsilon warm-up, dynamic
+//!   augmentation strength and the clean/adversarial loss weight.
+
+pub mod config;
+pub mod schedule;

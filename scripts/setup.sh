@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One idempotent setup step used by both README commands.
+#
+# Installs PyTorch 2.13.0 (the libtorch that tch 0.26 links against) plus the small
+# Python packages used by fixtures and benchmarks into a cache directory outside the
+# clone, so later clones on the same machine reuse it, and writes the untracked
+# `.cargo/config.toml` that points the build at it. Safe to run any number of times.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${HSAT_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hsat}"
+venv="$cache/venv-torch-2.13.0"
+python="${HSAT_PYTHON:-python3.11}"
+command -v "$python" >/dev/null 2>&1 || python=python3
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+mkdir -p "$cache"
+# Serialise concurrent setups (two clones at once) on one lock.
+exec 9>"$cache/.setup.lock"
+flock 9
+
+stamp="$venv/.hsat-setup-complete-v1"
+if [[ ! -f "$stamp" ]]; then
+  log "installing torch==2.13.0 and fixture packages into $venv (once per machine, a few minutes)"
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet \
+    torch==2.13.0 torchvision==0.28.0 safetensors numpy tifffile pillow
+  touch "$stamp"
+fi
+
+libtorch="$("$venv/bin/python" - <<'PY'
+import os, torch
+print(os.path.dirname(torch.__file__))
+PY
+)"
+version="$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
+if [[ "$version" != "2.13.0" ]]; then
+  log "error: $venv holds torch $version, hsat needs 2.13.0; delete $venv and run setup again"
+  exit 1
+fi
+
+# Generated, untracked: absolute paths keep torch-sys from rebuilding when the clone moves.
+mkdir -p "$root/.cargo"
+cat >"$root/.cargo/config.toml.tmp" <<TOML
+# Written by scripts/setup.sh; do not edit (run the script again instead).
+[env]
+LIBTORCH = "$libtorch"
+HSAT_PYTHON = "$venv/bin/python"
+
+[build]
+target-dir = "$cache/target"
+TOML
+mv "$root/.cargo/config.toml.tmp" "$root/.cargo/config.toml"
+log "ready: libtorch $version at $libtorch"

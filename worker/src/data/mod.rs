@@ -1,0 +1,34 @@
+//! Where training batches come from.
+//!
+//! - [`BatchSource`]: what the training loop pulls from.
+//! - [`synthetic`]: an in-memory source with patient/slide/patch structure, so the
+//!   engine is usable before the file loader and the coordinator exist.
+
+pub mod synthetic;
+
+use tch::Tensor;
+
+use crate::error::Result;
+
+/// One hierarchical batch.
+#[derive(Debug)]
+pub struct Batch {
+    /// Global step this batch belongs to.
+    pub step: u64,
+    /// Epoch of that step.
+    pub epoch: u64,
+    /// Images `[B, S, P, V, C, H, W]`, float, in [0, 1].
+    pub images: Tensor,
+    /// Class label of each of the B patients.
+    pub labels: Vec<u32>,
+}
+
+/// A deterministic supply of batches: `batch(step)` depends only on the source's
+/// configuration and `step`, never on timing or on which worker asks.
+pub trait BatchSource {
+    /// Steps that make one pass over the (balanced) patient list.
+    fn steps_per_epoch(&self) -> u64;
+
+    /// The batch of global step `step`.
+    fn batch(&mut self, step: u64) -> Result<Batch>;
+}

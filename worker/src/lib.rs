@@ -1,0 +1,22 @@
+//! hsat-worker: the HSAT engine and the worker process around it.
+//!
+//! In the pipeline (see `architecture.md`) the worker takes hierarchical batches,
+//! crafts PGD adversarial examples against the multi-level contrastive loss, trains
+//! on them and writes checkpoints. It is the only crate that links libtorch.
+//!
+//! - [`model`]: backbones (ResNet-18/34/50/101, Wide-ResNet-50-2, a small CNN),
+//!   projection head, L2 normalisation; torchvision state-dict names.
+//! - [`train`]: hierarchical loss, PGD, AdamW, the training step and loop.
+//! - [`data`]: the batch source trait and an in-memory synthetic source.
+//! - [`checkpoint`]: atomic checkpoint directories.
+//! - [`error`]: the crate's error type.
+//!
+//! Library code uses tch's fallible `f_*` calls and returns [`error::WorkerError`].
+
+pub mod checkpoint;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod train;
+
+pub use error::{Result, WorkerError};

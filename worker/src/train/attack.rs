@@ -1,0 +1,76 @@
+//! PGD on the hierarchical loss (method.md §5), the inner maximisation of HSAT.
+//!
+//! The model runs in eval mode (batch norm on running statistics) and with parameter
+//! gradients switched off: the backward pass then computes only `d loss / d delta`,
+//! which is all PGD needs. The deltas are the same as those of the reference, which
+//! back-propagates into the parameters too (checked against PyTorch fixtures).
+
+use hsat_core::config::LossType;
+use tch::Tensor;
+
+use super::loss::HierarchicalLoss;
+use crate::error::Result;
+use crate::model::Encoder;
+
+/// One PGD attack's settings, in pixel units (images are in [0, 1]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pgd {
+    /// L-infinity radius.
+    pub eps: f64,
+    /// Step size of each sign step.
+    pub alpha: f64,
+    /// Number of steps.
+    pub iters: usize,
+    /// Loss levels the attack maximises.
+    pub loss_type: LossType,
+}
+
+/// Restores parameter gradients when the attack ends, also on an error path.
+struct FrozenParams<'a>(&'a Encoder);
+
+impl<'a> FrozenParams<'a> {
+    fn new(model: &'a Encoder) -> Result<Self> {
+        model.set_requires_grad(false)?;
+        Ok(FrozenParams(model))
+    }
+}
+
+impl Drop for FrozenParams<'_> {
+    fn drop(&mut self) {
+        if let Err(err) = self.0.set_requires_grad(true) {
+            tracing::error!(%err, "could not re-enable parameter gradients after the attack");
+        }
+    }
+}
+
+impl Pgd {
+    /// The reference's uniform random start: `rand_like(x) * eps * 2 - eps`.
+    pub fn random_start(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(images.f_rand_like()?.f_mul_scalar(self.eps)?.f_mul_scalar(2.0)?.f_sub_scalar(self.eps)?)
+    }
+
+    /// Crafts adversarial images for a hierarchical batch `[B, S, P, V, C, H, W]`
+    /// from the start `delta0` (same shape). Returns the final delta (no gradient).
+    pub fn run(&self, model: &Encoder, loss: &HierarchicalLoss, images: &Tensor, delta0: &Tensor) -> Result<Tensor> {
+        let _frozen = FrozenParams::new(model)?;
+        let images = images.f_detach()?;
+        let mut delta = delta0.f_detach()?;
+        for _ in 0..self.iters {
+            let delta_var = delta.f_detach()?.f_set_requires_grad(true)?;
+            let emb = model.embed_batch(&images.f_add(&delta_var)?, false)?;
+            let value = loss.compute(&emb, self.loss_type)?.total;
+            let grad = Tensor::f_run_backward(&[&value], &[&delta_var], false, false)?
+                .pop()
+                .ok_or_else(|| tch::TchError::Torch("autograd returned no gradient for delta".into()))?;
+            delta = tch::no_grad(|| self.project(&images, &delta, &grad))?;
+        }
+        Ok(delta)
+    }
+
+    /// One sign step and both clamps, in the reference's order of operations.
+    fn project(&self, images: &Tensor, delta: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let stepped = delta.f_add(&grad.f_sign()?.f_mul_scalar(self.alpha)?)?;
+        let bounded = stepped.f_clamp(-self.eps, self.eps)?;
+        Ok(images.f_add(&bounded)?.f_clamp(0.0, 1.0)?.f_sub(images)?)
+    }
+}

@@ -1,0 +1,13 @@
+//! Training: the loss, the attack, the optimiser, one step, and the loop.
+//!
+//! - [`loss`]: hierarchical SupCon (method.md §4).
+//! - [`attack`]: PGD with input gradients only (method.md §5).
+//! - [`optim`]: AdamW as PyTorch computes it.
+//! - [`step`]: one min-max step in the three outer modes.
+//! - [`trainer`]: the single-worker loop with schedules and checkpoints.
+
+pub mod attack;
+pub mod loss;
+pub mod optim;
+pub mod step;
+pub mod trainer;

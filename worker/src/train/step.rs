@@ -1,0 +1,94 @@
+//! One HSAT training step (method.md §5): PGD (inner maximisation), then the outer
+//! minimisation in one of three modes, then the optimiser update.
+
+use hsat_core::config::LossType;
+use tch::Tensor;
+
+use super::attack::Pgd;
+use super::loss::{HierarchicalLoss, LevelValues};
+use super::optim::AdamW;
+use crate::error::Result;
+use crate::model::Encoder;
+
+/// What the outer minimisation optimises.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OuterObjective {
+    /// Plain HiDisc: `L(f(x))`.
+    Clean,
+    /// HSAT: `L(f(x_adv))`.
+    OnlyAdv,
+    /// `((1 - w) L(f(x)) + (1 + w) L(f(x_adv))) / 2` with the dynamic weight `w`.
+    Mixed {
+        /// `lambda_dyn * (1 - strength)`, 0 without dynamic augmentation.
+        weight: f64,
+    },
+}
+
+/// The inputs of one step besides the model state.
+#[derive(Debug)]
+pub struct StepPlan<'a> {
+    /// Images `[B, S, P, V, C, H, W]` in [0, 1].
+    pub images: &'a Tensor,
+    /// The attack and its random start, absent for `Clean`.
+    pub attack: Option<(Pgd, Tensor)>,
+    /// The outer objective.
+    pub objective: OuterObjective,
+    /// Learning rate of this step.
+    pub lr: f64,
+}
+
+/// What one step measured.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepLosses {
+    /// The optimised loss.
+    pub total: f64,
+    /// Level losses on clean images (when they were computed).
+    pub clean: Option<LevelValues>,
+    /// Level losses on adversarial images (when attacked).
+    pub adv: Option<LevelValues>,
+}
+
+/// Runs one full step and updates `model` through `optimizer`.
+pub fn train_step(model: &Encoder, loss: &HierarchicalLoss, optimizer: &mut AdamW, plan: StepPlan<'_>) -> Result<StepLosses> {
+    let StepPlan { images, attack, objective, lr } = plan;
+    let x_adv = match &attack {
+        Some((pgd, delta0)) => Some(images.f_add(&pgd.run(model, loss, images, delta0)?)?.f_detach()?),
+        None => None,
+    };
+    // The reference's order: adversarial forward first, then clean (batch-norm running
+    // statistics depend on it).
+    let adv = match (&x_adv, objective) {
+        (Some(x_adv), OuterObjective::OnlyAdv | OuterObjective::Mixed { .. }) => {
+            Some(loss.compute(&model.embed_batch(x_adv, true)?, LossType::P_S_PT)?)
+        }
+        _ => None,
+    };
+    let clean = match objective {
+        OuterObjective::Clean | OuterObjective::Mixed { .. } => {
+            Some(loss.compute(&model.embed_batch(images, true)?, LossType::P_S_PT)?)
+        }
+        OuterObjective::OnlyAdv => None,
+    };
+    let total = match (objective, &clean, &adv) {
+        (OuterObjective::Clean, Some(c), _) => c.total.shallow_clone(),
+        (OuterObjective::OnlyAdv, _, Some(a)) => a.total.shallow_clone(),
+        (OuterObjective::Mixed { weight }, Some(c), Some(a)) => c
+            .total
+            .f_mul_scalar(1.0 - weight)?
+            .f_add(&a.total.f_mul_scalar(1.0 + weight)?)?
+            .f_div_scalar(2.0)?,
+        _ => {
+            return Err(crate::error::WorkerError::Unsupported(
+                "an adversarial objective needs an attack (training.attack.name = \"pgd\")".into(),
+            ));
+        }
+    };
+    optimizer.zero_grad()?;
+    total.f_backward()?;
+    optimizer.step(lr)?;
+    Ok(StepLosses {
+        total: total.f_double_value(&[])?,
+        clean: clean.as_ref().map(|c| c.values()).transpose()?,
+        adv: adv.as_ref().map(|a| a.values()).transpose()?,
+    })
+}

@@ -1,0 +1,166 @@
+//! The single-worker training loop: schedules (learning rate, attack epsilon,
+//! dynamic augmentation strength) from the config, one [`train_step`] per batch,
+//! progress reports, and checkpoints every N steps and at the end.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use hsat_core::config::{AttackKind, Config};
+use hsat_core::schedule::{attack_eps, dynamic_strength, dynamic_weight};
+use tch::Device;
+
+use super::attack::Pgd;
+use super::loss::HierarchicalLoss;
+use super::optim::AdamW;
+use super::step::{OuterObjective, StepLosses, StepPlan, train_step};
+use crate::checkpoint::{CheckpointMeta, FORMAT_VERSION, write_checkpoint};
+use crate::data::BatchSource;
+use crate::data::synthetic::mix;
+use crate::error::Result;
+use crate::model::Encoder;
+
+/// What one step reports to the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Global step, 0-based.
+    pub step: u64,
+    /// Total steps of the run.
+    pub total_steps: u64,
+    /// Epoch of the step.
+    pub epoch: u64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Attack radius used (pixel units), 0 without attack.
+    pub eps: f64,
+    /// Losses measured.
+    pub losses: StepLosses,
+    /// Wall time of the step, batch creation excluded.
+    pub step_seconds: f64,
+    /// Wall time spent getting the batch.
+    pub data_seconds: f64,
+    /// Checkpoint written after this step, if any.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Model, optimiser and schedules of one training run.
+pub struct Trainer {
+    config: Config,
+    model: Encoder,
+    optimizer: AdamW,
+    loss: HierarchicalLoss,
+    step: u64,
+}
+
+impl Trainer {
+    /// Builds the model (loading `model.init_checkpoint` if set) and the optimiser.
+    pub fn new(config: Config, device: Device) -> Result<Self> {
+        if config.infra.threads > 0 {
+            tch::set_num_threads(config.infra.threads as i32);
+        }
+        tch::manual_seed(config.infra.seed as i64);
+        let model = Encoder::from_config(&config.model, device)?;
+        let optimizer = AdamW::new(model.parameters(), &config.training.optimizer)?;
+        let loss = HierarchicalLoss::from(&config.training.objective);
+        Ok(Trainer { config, model, optimizer, loss, step: 0 })
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &Encoder {
+        &self.model
+    }
+
+    /// Where checkpoints go: `<infra.out_dir>/checkpoints`.
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.config.infra.out_dir.join("checkpoints")
+    }
+
+    /// Trains for `training.num_epochs` epochs of `source`, calling `on_step` after each step.
+    pub fn fit(&mut self, source: &mut dyn BatchSource, mut on_step: impl FnMut(&StepReport)) -> Result<Option<PathBuf>> {
+        let steps_per_epoch = source.steps_per_epoch();
+        let total_steps = steps_per_epoch * self.config.training.num_epochs as u64;
+        let interval = self.config.training.save_checkpoint_interval as u64;
+        let mut last_checkpoint = None;
+        let mut since_checkpoint = (0.0f64, 0u64);
+        while self.step < total_steps {
+            let started = Instant::now();
+            let batch = source.batch(self.step)?;
+            let data_seconds = started.elapsed().as_secs_f64();
+            let (losses, lr, eps) = self.step_on(&batch.images, batch.epoch, total_steps)?;
+            let step_seconds = started.elapsed().as_secs_f64() - data_seconds;
+            self.step += 1;
+            since_checkpoint = (since_checkpoint.0 + losses.total, since_checkpoint.1 + 1);
+            let due = (interval > 0 && self.step % interval == 0) || self.step == total_steps;
+            let checkpoint = if due {
+                let mean = since_checkpoint.0 / since_checkpoint.1 as f64;
+                since_checkpoint = (0.0, 0);
+                Some(self.save(batch.epoch, Some(losses), Some(mean))?)
+            } else {
+                None
+            };
+            if checkpoint.is_some() {
+                last_checkpoint.clone_from(&checkpoint);
+            }
+            on_step(&StepReport {
+                step: self.step - 1,
+                total_steps,
+                epoch: batch.epoch,
+                lr,
+                eps,
+                losses,
+                step_seconds,
+                data_seconds,
+                checkpoint,
+            });
+        }
+        Ok(last_checkpoint)
+    }
+
+    /// One step on `images` at `epoch`: returns the losses, the learning rate and eps used.
+    fn step_on(&mut self, images: &tch::Tensor, epoch: u64, total_steps: u64) -> Result<(StepLosses, f64, f64)> {
+        let training = &self.config.training;
+        let epoch_index = epoch as usize;
+        let lr = training.lr_at(self.step as usize, total_steps as usize);
+        let attack = match training.attack.kind {
+            AttackKind::None => None,
+            AttackKind::Pgd => {
+                let pgd = Pgd {
+                    eps: attack_eps(epoch_index, training.attack.eps_255, training.attack.warmup_epochs),
+                    alpha: training.attack.alpha,
+                    iters: training.attack.iters,
+                    loss_type: training.attack.loss_type,
+                };
+                // The random start depends on (seed, step) only.
+                tch::manual_seed(mix(self.config.infra.seed, &[0xa77a_c4, self.step]) as i64);
+                let delta0 = pgd.random_start(images)?;
+                Some((pgd, delta0))
+            }
+        };
+        let eps = attack.as_ref().map_or(0.0, |(pgd, _)| pgd.eps);
+        let objective = match (&attack, training.only_adv) {
+            (None, _) => OuterObjective::Clean,
+            (Some(_), true) => OuterObjective::OnlyAdv,
+            (Some(_), false) => {
+                let strength = dynamic_strength(epoch_index, training.num_epochs);
+                OuterObjective::Mixed {
+                    weight: dynamic_weight(training.dynamic_weights_lamda, strength, self.config.data.dynamic_aug),
+                }
+            }
+        };
+        let losses = train_step(&self.model, &self.loss, &mut self.optimizer, StepPlan { images, attack, objective, lr })?;
+        Ok((losses, lr, eps))
+    }
+
+    fn save(&self, epoch: u64, last_step: Option<StepLosses>, mean_total_loss: Option<f64>) -> Result<PathBuf> {
+        let meta = CheckpointMeta {
+            format_version: FORMAT_VERSION,
+            step: self.step,
+            epoch,
+            backbone: self.model.kind().to_string(),
+            feature_dim: self.model.feature_dim(),
+            config: self.config.to_json_value(),
+            last_step,
+            mean_total_loss,
+        };
+        write_checkpoint(&self.checkpoint_root(), &self.model, &meta)
+    }
+}
