@@ -42,16 +42,32 @@ pub struct StepArgs {
 /// Runs the benchmark and prints one line per backbone.
 pub fn step(args: StepArgs) -> anyhow::Result<()> {
     if args.backbone.len() != args.image_size.len() {
-        bail!("give one --image-size per --backbone ({} backbones, {} sizes)", args.backbone.len(), args.image_size.len());
+        bail!(
+            "give one --image-size per --backbone ({} backbones, {} sizes)",
+            args.backbone.len(),
+            args.image_size.len()
+        );
     }
     tch::set_num_threads(args.threads as i32);
     let python = args.python.clone().unwrap_or_else(default_python);
-    let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/reference_step.py"));
-    println!("hsat bench step: full HSAT step (PGD-{}, batch 2x2x2x2 views, eps 8/255), {} threads, {} rounds", args.iters, args.threads, args.rounds);
-    println!("{:<10} {:>6} {:>12} {:>12} {:>8}", "backbone", "px", "hsat (s)", "torch (s)", "speedup");
+    let script = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../bench/reference_step.py"
+    ));
+    println!(
+        "hsat bench step: full HSAT step (PGD-{}, batch 2x2x2x2 views, eps 8/255), {} threads, {} rounds",
+        args.iters, args.threads, args.rounds
+    );
+    println!(
+        "{:<10} {:>6} {:>12} {:>12} {:>8}",
+        "backbone", "px", "hsat (s)", "torch (s)", "speedup"
+    );
     for (name, &size) in args.backbone.iter().zip(&args.image_size) {
-        let backbone: Backbone = name.parse().map_err(|e| anyhow::anyhow!("--backbone {name}: {e}"))?;
-        let mut reference = Reference::start(&python, &script, name, size, args.threads, args.iters)?;
+        let backbone: Backbone = name
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--backbone {name}: {e}"))?;
+        let mut reference =
+            Reference::start(&python, &script, name, size, args.threads, args.iters)?;
         let mut ours = OurStep::new(backbone, size, args.iters)?;
         ours.run()?; // warm-up
         let (mut ours_times, mut ref_times) = (Vec::new(), Vec::new());
@@ -64,7 +80,14 @@ pub fn step(args: StepArgs) -> anyhow::Result<()> {
         }
         reference.quit();
         let (o, r) = (median(&mut ours_times), median(&mut ref_times));
-        println!("{:<10} {:>6} {:>12.4} {:>12.4} {:>7.2}x", name, size, o, r, r / o);
+        println!(
+            "{:<10} {:>6} {:>12.4} {:>12.4} {:>7.2}x",
+            name,
+            size,
+            o,
+            r,
+            r / o
+        );
     }
     Ok(())
 }
@@ -73,19 +96,27 @@ fn default_python() -> PathBuf {
     if let Some(p) = std::env::var_os("HSAT_PYTHON") {
         return PathBuf::from(p);
     }
-    let cache = std::env::var_os("HSAT_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
-        base.join("hsat")
-    });
+    let cache = std::env::var_os("HSAT_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                });
+            base.join("hsat")
+        });
     cache.join("venv-torch-2.13.0/bin/python")
 }
 
 fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
-    if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
 }
 
 /// This engine's step on a fixed random batch.
@@ -103,13 +134,36 @@ impl OurStep {
         let model = Encoder::new(backbone, &[], 128, Device::Cpu)?;
         let optimizer = AdamW::new(
             model.parameters(),
-            &OptimizerConfig { learn_rate: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+            &OptimizerConfig {
+                learn_rate: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+            },
         )?;
-        let loss = HierarchicalLoss { lambda_patient: 1.0, lambda_slide: 1.0, lambda_patch: 1.0, temperature: 0.07, base_temperature: 0.07 };
+        let loss = HierarchicalLoss {
+            lambda_patient: 1.0,
+            lambda_slide: 1.0,
+            lambda_patch: 1.0,
+            temperature: 0.07,
+            base_temperature: 0.07,
+        };
         let s = size as i64;
         let images = Tensor::f_rand([2, 2, 2, 2, 3, s, s], (Kind::Float, Device::Cpu))?;
-        let pgd = Pgd { eps: 8.0 / 255.0, alpha: 2.0 / 255.0, iters, loss_type: LossType::P_S_PT };
-        Ok(OurStep { model, optimizer, loss, images, pgd })
+        let pgd = Pgd {
+            eps: 8.0 / 255.0,
+            alpha: 2.0 / 255.0,
+            iters,
+            loss_type: LossType::P_S_PT,
+        };
+        Ok(OurStep {
+            model,
+            optimizer,
+            loss,
+            images,
+            pgd,
+        })
     }
 
     fn run(&mut self) -> anyhow::Result<f64> {
@@ -119,7 +173,12 @@ impl OurStep {
             &self.model,
             &self.loss,
             &mut self.optimizer,
-            StepPlan { images: &self.images, attack: Some((self.pgd, delta0)), objective: OuterObjective::OnlyAdv, lr: 1e-3 },
+            StepPlan {
+                images: &self.images,
+                attack: Some((self.pgd, delta0)),
+                objective: OuterObjective::OnlyAdv,
+                lr: 1e-3,
+            },
         )?;
         Ok(started.elapsed().as_secs_f64())
     }
@@ -133,7 +192,14 @@ struct Reference {
 }
 
 impl Reference {
-    fn start(python: &PathBuf, script: &PathBuf, backbone: &str, size: usize, threads: usize, iters: usize) -> anyhow::Result<Self> {
+    fn start(
+        python: &PathBuf,
+        script: &PathBuf,
+        backbone: &str,
+        size: usize,
+        threads: usize,
+        iters: usize,
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(python)
             .arg(script)
             .args(["--backbone", backbone, "--image-size", &size.to_string()])
@@ -144,7 +210,11 @@ impl Reference {
             .with_context(|| format!("starting the PyTorch reference {} with {}; run `bash scripts/setup.sh` or pass --python", script.display(), python.display()))?;
         let stdin = child.stdin.take().context("reference stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("reference stdout")?);
-        let mut reference = Reference { child, stdin, stdout };
+        let mut reference = Reference {
+            child,
+            stdin,
+            stdout,
+        };
         let line = reference.read_line()?;
         if line != "ready" {
             bail!("the PyTorch reference said {line:?} instead of \"ready\"");
@@ -164,7 +234,8 @@ impl Reference {
         writeln!(self.stdin, "step")?;
         self.stdin.flush()?;
         let line = self.read_line()?;
-        line.parse().with_context(|| format!("the PyTorch reference printed {line:?}, not a time"))
+        line.parse()
+            .with_context(|| format!("the PyTorch reference printed {line:?}, not a time"))
     }
 
     fn quit(mut self) {

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use hsat_core::config::{self, AttackKind, ConfigSources, DataSource};
 use hsat_worker::data::synthetic::{SyntheticSource, SyntheticSpec};
 use hsat_worker::train::trainer::{StepReport, Trainer};
@@ -11,7 +10,7 @@ use tch::Device;
 /// Runs a training job described by `file` and `overrides`.
 pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> {
     let sources = ConfigSources::from_process_env(file, overrides);
-    let cfg = config::load(&sources).context("invalid configuration")?;
+    let cfg = config::load(&sources)?;
     let DataSource::Synthetic = cfg.data.source;
     let spec = SyntheticSpec {
         num_patients: cfg.data.synthetic.num_patients,
@@ -38,9 +37,15 @@ pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> 
         cfg.infra.out_dir.display()
     );
     let mut trainer = Trainer::new(cfg, device)?;
-    println!("hsat: model has {} trainable parameters", trainer.model().num_parameters());
+    println!(
+        "hsat: model has {} trainable parameters",
+        trainer.model().num_parameters()
+    );
     let last = trainer.fit(&mut source, |report| {
-        if report.step % log_every == 0 || report.step + 1 == report.total_steps || report.checkpoint.is_some() {
+        if report.step % log_every == 0
+            || report.step + 1 == report.total_steps
+            || report.checkpoint.is_some()
+        {
             println!("{}", progress_line(report));
         }
     })?;
@@ -54,7 +59,10 @@ pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> 
 /// `step 3/12 epoch 1 lr 1.00e-3 eps 4.50/255 | loss 5.1234 (adv: patient 2.1 slide 1.9 patch 1.1) | 1.23 s`
 fn progress_line(r: &StepReport) -> String {
     let levels = |name: &str, v: &hsat_worker::train::loss::LevelValues| {
-        format!("{name}: patient {:.4} slide {:.4} patch {:.4}", v.patient, v.slide, v.patch)
+        format!(
+            "{name}: patient {:.4} slide {:.4} patch {:.4}",
+            v.patient, v.slide, v.patch
+        )
     };
     let mut parts = Vec::new();
     if let Some(adv) = &r.losses.adv {

@@ -13,14 +13,23 @@ fn every_subcommand_explains_itself_with_an_example() {
         let out = hsat().args(&args).output().expect("run hsat");
         assert!(out.status.success(), "{args:?}");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("Example:"), "{args:?} help has no example:\n{text}");
+        assert!(
+            text.contains("Example:"),
+            "{args:?} help has no example:\n{text}"
+        );
     }
 }
 
 #[test]
 fn a_bad_config_value_is_reported_with_its_key_and_range() {
     let out = hsat()
-        .args(["run", "--set", "training.attack.eps=-1", "--set", "training.batch_size=0"])
+        .args([
+            "run",
+            "--set",
+            "training.attack.eps=-1",
+            "--set",
+            "training.batch_size=0",
+        ])
         .output()
         .expect("run hsat");
     assert!(!out.status.success());
@@ -31,7 +40,10 @@ fn a_bad_config_value_is_reported_with_its_key_and_range() {
 
 #[test]
 fn an_unknown_key_is_refused() {
-    let out = hsat().args(["run", "--set", "training.atack.eps=4"]).output().expect("run hsat");
+    let out = hsat()
+        .args(["run", "--set", "training.atack.eps=4"])
+        .output()
+        .expect("run hsat");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("atack"), "{err}");
@@ -39,7 +51,10 @@ fn an_unknown_key_is_refused() {
 
 #[test]
 fn a_missing_config_file_is_named() {
-    let out = hsat().args(["run", "--config", "/nonexistent/hsat.toml"]).output().expect("run hsat");
+    let out = hsat()
+        .args(["run", "--config", "/nonexistent/hsat.toml"])
+        .output()
+        .expect("run hsat");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/hsat.toml"), "{err}");

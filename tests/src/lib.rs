@@ -15,13 +15,23 @@ pub fn hsat_binary() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/hsat
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target layout");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target layout");
     let path = profile_dir.join("hsat");
-    assert!(path.exists(), "{} not found: run `cargo test --workspace` (it builds the hsat binary) or set HSAT_BIN", path.display());
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo test --workspace` (it builds the hsat binary) or set HSAT_BIN",
+        path.display()
+    );
     path
 }
 
 /// Runs `hsat` with `args` and returns its output.
 pub fn run_hsat(args: &[&str]) -> Output {
-    Command::new(hsat_binary()).args(args).output().expect("start hsat")
+    Command::new(hsat_binary())
+        .args(args)
+        .output()
+        .expect("start hsat")
 }

@@ -39,7 +39,7 @@ iters = 2
 fn tensor_names(file: &Path) -> Vec<String> {
     let bytes = std::fs::read(file).expect("read safetensors");
     let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
-    let mut names: Vec<String> = tensors.names().into_iter().cloned().collect();
+    let mut names: Vec<String> = tensors.names().into_iter().map(str::to_owned).collect();
     names.sort();
     names
 }
@@ -50,31 +50,55 @@ fn hsat_trains_and_checkpoints_on_the_synthetic_source() {
     let config = write_config(dir.path(), "pgd");
     let out = run_hsat(&["run", "--config", &config]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "hsat run failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "hsat run failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // 4 patients / 2 per step = 2 steps per epoch, 2 epochs.
     for step in 1..=4 {
-        assert!(stdout.contains(&format!("step {step}/4 ")), "no progress line for step {step}:\n{stdout}");
+        assert!(
+            stdout.contains(&format!("step {step}/4 ")),
+            "no progress line for step {step}:\n{stdout}"
+        );
     }
-    assert!(stdout.contains("adv: patient"), "per-level adversarial losses missing:\n{stdout}");
+    assert!(
+        stdout.contains("adv: patient"),
+        "per-level adversarial losses missing:\n{stdout}"
+    );
 
     let root = dir.path().join("run/checkpoints");
     for step in ["step-00000003", "step-00000004"] {
         let ckpt = root.join(step);
-        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.join("checkpoint.json")).expect("meta")).expect("json");
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ckpt.join("checkpoint.json")).expect("meta"))
+                .expect("json");
         assert_eq!(meta["backbone"], "small_cnn");
         assert_eq!(meta["config"]["training"]["attack"]["name"], "pgd");
         assert!(meta["mean_total_loss"].as_f64().is_some_and(f64::is_finite));
         let names = tensor_names(&ckpt.join("backbone.safetensors"));
-        assert!(names.contains(&"bn1.num_batches_tracked".to_string()), "{names:?}");
+        assert!(
+            names.contains(&"bn1.num_batches_tracked".to_string()),
+            "{names:?}"
+        );
         assert!(names.contains(&"conv1.weight".to_string()), "{names:?}");
-        assert_eq!(tensor_names(&ckpt.join("head.safetensors")), vec!["layers.0.bias", "layers.0.weight"]);
+        assert_eq!(
+            tensor_names(&ckpt.join("head.safetensors")),
+            vec!["layers.0.bias", "layers.0.weight"]
+        );
     }
-    let last: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(root.join("step-00000004/checkpoint.json")).expect("meta")).expect("json");
+    let last: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("step-00000004/checkpoint.json")).expect("meta"),
+    )
+    .expect("json");
     assert_eq!(last["step"], 4);
     assert_eq!(last["epoch"], 1);
-    let leftovers: Vec<_> = std::fs::read_dir(&root).expect("list").filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&root)
+        .expect("list")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "staging directories left behind");
 }
 
@@ -84,8 +108,15 @@ fn without_an_attack_hsat_trains_plain_hidisc() {
     let config = write_config(dir.path(), "none");
     let out = run_hsat(&["run", "--config", &config, "--set", "training.num_epochs=1"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("step 2/2 "), "{stdout}");
-    assert!(stdout.contains("clean: patient") && !stdout.contains("adv: patient"), "{stdout}");
+    assert!(
+        stdout.contains("clean: patient") && !stdout.contains("adv: patient"),
+        "{stdout}"
+    );
     assert!(stdout.contains("eps 0.00/255"), "{stdout}");
 }

@@ -57,10 +57,12 @@ pub fn write_checkpoint(root: &Path, model: &Encoder, meta: &CheckpointMeta) -> 
     }
     fs::create_dir(&staging).map_err(WorkerError::io("creating", &staging))?;
     model.save(&staging)?;
-    let json = serde_json::to_vec_pretty(meta).map_err(|e| WorkerError::Unsupported(format!("serialising checkpoint metadata: {e}")))?;
+    let json = serde_json::to_vec_pretty(meta)
+        .map_err(|e| WorkerError::Unsupported(format!("serialising checkpoint metadata: {e}")))?;
     let meta_path = staging.join(META_FILE);
     let mut file = File::create(&meta_path).map_err(WorkerError::io("creating", &meta_path))?;
-    file.write_all(&json).map_err(WorkerError::io("writing", &meta_path))?;
+    file.write_all(&json)
+        .map_err(WorkerError::io("writing", &meta_path))?;
     drop(file);
     for entry in fs::read_dir(&staging).map_err(WorkerError::io("listing", &staging))? {
         let path = entry.map_err(WorkerError::io("listing", &staging))?.path();
@@ -94,7 +96,11 @@ pub fn list_checkpoints(root: &Path) -> Result<Vec<PathBuf>> {
     let mut found: Vec<PathBuf> = fs::read_dir(root)
         .map_err(WorkerError::io("listing", root))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+        })
         .filter(|p| p.join(META_FILE).is_file())
         .collect();
     found.sort();
@@ -102,5 +108,7 @@ pub fn list_checkpoints(root: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn sync(path: &Path) -> Result<()> {
-    File::open(path).and_then(|f| f.sync_all()).map_err(WorkerError::io("syncing", path))
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(WorkerError::io("syncing", path))
 }

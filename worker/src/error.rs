@@ -63,8 +63,15 @@ pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
 
 impl WorkerError {
     /// Wraps an I/O error with what was being done and to which path.
-    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    pub fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| WorkerError::Io { action, path, source }
+        move |source| WorkerError::Io {
+            action,
+            path,
+            source,
+        }
     }
 }

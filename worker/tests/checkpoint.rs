@@ -2,7 +2,9 @@
 //! (crashed) write never shows up as a checkpoint.
 
 use hsat_core::config::Backbone;
-use hsat_worker::checkpoint::{CheckpointMeta, FORMAT_VERSION, list_checkpoints, read_meta, write_checkpoint};
+use hsat_worker::checkpoint::{
+    CheckpointMeta, FORMAT_VERSION, list_checkpoints, read_meta, write_checkpoint,
+};
 use hsat_worker::model::{BACKBONE_FILE, Encoder};
 use tch::{Device, Kind, Tensor};
 
@@ -25,7 +27,10 @@ fn a_checkpoint_round_trips_into_a_fresh_model() {
     tch::manual_seed(1);
     let model = Encoder::new(Backbone::SmallCnn, &[], 8, Device::Cpu).expect("model");
     let written = write_checkpoint(dir.path(), &model, &meta(3)).expect("write");
-    assert_eq!(written.file_name().and_then(|n| n.to_str()), Some("step-00000003"));
+    assert_eq!(
+        written.file_name().and_then(|n| n.to_str()),
+        Some("step-00000003")
+    );
     assert_eq!(read_meta(&written).expect("meta"), meta(3));
 
     tch::manual_seed(2);
@@ -35,7 +40,12 @@ fn a_checkpoint_round_trips_into_a_fresh_model() {
         assert!(a.equal(b), "{name} differs after reload");
     }
     let x = Tensor::rand([4, 3, 16, 16], (Kind::Float, Device::Cpu));
-    assert!(model.embed(&x, false).expect("a").equal(&other.embed(&x, false).expect("b")));
+    assert!(
+        model
+            .embed(&x, false)
+            .expect("a")
+            .equal(&other.embed(&x, false).expect("b"))
+    );
 }
 
 #[test]
@@ -45,16 +55,28 @@ fn a_torn_write_is_not_listed_and_a_wrong_backbone_is_refused_clearly() {
     write_checkpoint(dir.path(), &model, &meta(1)).expect("write");
     // What a crash mid-write leaves behind: a staging directory without metadata.
     std::fs::create_dir_all(dir.path().join(".step-00000002.tmp-999")).expect("mkdir");
-    std::fs::write(dir.path().join(".step-00000002.tmp-999").join(BACKBONE_FILE), b"torn").expect("write");
+    std::fs::write(
+        dir.path()
+            .join(".step-00000002.tmp-999")
+            .join(BACKBONE_FILE),
+        b"torn",
+    )
+    .expect("write");
     let listed = list_checkpoints(dir.path()).expect("list");
     assert_eq!(listed.len(), 1);
     assert!(listed[0].ends_with("step-00000001"));
 
     let mut resnet = Encoder::new(Backbone::ResNet18, &[], 8, Device::Cpu).expect("model");
-    let err = resnet.load(&listed[0]).expect_err("small_cnn weights cannot fill a resnet18").to_string();
+    let err = resnet
+        .load(&listed[0])
+        .expect_err("small_cnn weights cannot fill a resnet18")
+        .to_string();
     assert!(err.contains("missing `layer1.0.conv1.weight`"), "{err}");
 
     std::fs::write(dir.path().join("garbage.safetensors"), b"not safetensors").expect("write");
-    let err = resnet.load_backbone(&dir.path().join("garbage.safetensors")).expect_err("garbage").to_string();
+    let err = resnet
+        .load_backbone(&dir.path().join("garbage.safetensors"))
+        .expect_err("garbage")
+        .to_string();
     assert!(err.contains("cannot read it as safetensors"), "{err}");
 }

@@ -2,8 +2,8 @@
 //!
 //! Every value here has passed [`validate`](super::validate); the invariants written
 //! on each field hold for any `Config` produced by [`load`](super::load) or
-//! [`Config::from_toml_str`]. Numbers in brackets are the defaults, which are the
-//! published ones (HiDisc/HSAT reference `main.yaml`) unless noted.
+//! [`Config::from_toml_str`]. The defaults, "(default x)", are the published ones
+//! (the HiDisc/HSAT reference `main.yaml`) unless noted.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -122,13 +122,13 @@ pub struct Config {
 /// Process-level settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InfraConfig {
-    /// Job seed [1000]; every random draw derives its own seed from it.
+    /// Job seed (default 1000); every random draw derives its own seed from it.
     pub seed: u64,
-    /// Folder for checkpoints and logs ["runs/hsat"]; never empty.
+    /// Folder for checkpoints and logs (default "runs/hsat"); never empty.
     pub out_dir: PathBuf,
-    /// torch intra-op threads per worker; 0 = all cores [0].
+    /// torch intra-op threads per worker; 0 = all cores (default 0).
     pub threads: usize,
-    /// Print a progress line every `log_every` steps; >= 1 [1].
+    /// Print a progress line every `log_every` steps; >= 1 (default 1).
     pub log_every: usize,
 }
 
@@ -143,17 +143,18 @@ named_enum! {
 /// Dataset and sampling settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataConfig {
-    /// Where patients come from [synthetic].
+    /// Where patients come from (default synthetic).
     pub source: DataSource,
-    /// Side in pixels of the square patch fed to the model [300]; in 8..=1024.
+    /// Side in pixels of the square patch fed to the model (default 300); in 8..=1024.
     pub image_size: usize,
-    /// Image channels [3]; always 3.
+    /// Image channels (default 3); always 3.
     pub channels: usize,
-    /// Probability of each random augmentation [0.3]; in [0, 1].
+    /// Probability of each random augmentation (default 0.3); in [0, 1].
     pub rand_aug_prob: f64,
-    /// Scale augmentation magnitudes with the dynamic strength (HSAT) [false].
+    /// Scale augmentation magnitudes with the dynamic strength (HSAT) (default false).
     pub dynamic_aug: bool,
-    /// Replicate patients of rare classes so all classes are equally frequent [true].
+    /// Replicate patients of rare classes so all classes are equally frequent
+    /// (default true).
     pub balance_study_per_class: bool,
     /// How many slides, patches and views one patient contributes.
     pub hidisc: HidiscSampling,
@@ -167,20 +168,20 @@ pub struct DataConfig {
 /// needs two views of a patch to have a positive pair).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HidiscSampling {
-    /// Slides drawn per patient, S [2].
+    /// Slides drawn per patient, S (default 2).
     pub num_slide_samples: usize,
-    /// Patches drawn per slide, P [2].
+    /// Patches drawn per slide, P (default 2).
     pub num_patch_samples: usize,
-    /// Augmented views per patch, V [2].
+    /// Augmented views per patch, V (default 2).
     pub num_transforms: usize,
 }
 
 /// Size of the synthetic dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyntheticConfig {
-    /// Patients generated [8]; >= 1.
+    /// Patients generated (default 8); >= 1.
     pub num_patients: usize,
-    /// Classes the patients are spread over [2]; in 1..=`num_patients`.
+    /// Classes the patients are spread over (default 2); in 1..=`num_patients`.
     pub num_classes: usize,
 }
 
@@ -218,27 +219,29 @@ impl Backbone {
 /// Backbone and projection head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelConfig {
-    /// The backbone, without its classifier [resnet50].
+    /// The backbone, without its classifier (default resnet50).
     pub backbone: Backbone,
     /// Widths of the head's hidden Linear+ReLU layers [] (a single Linear); each >= 1.
     pub mlp_hidden: Vec<usize>,
-    /// Embedding size after the head, before L2 normalisation [128]; >= 1.
+    /// Embedding size after the head, before L2 normalisation (default 128); >= 1.
     pub num_embedding_out: usize,
-    /// Backbone weights to start from [None = random init]: a `.safetensors` file with
-    /// torchvision key names. Raw value `""` means `None`.
+    /// Backbone weights to start from (default None = random init): a `.safetensors`
+    /// file with torchvision key names. Raw value `""` means `None`.
     pub init_checkpoint: Option<PathBuf>,
 }
 
 /// Optimisation settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainingConfig {
-    /// Patients per step on each worker [10] (the reference's per-rank batch); >= 1.
+    /// Patients per step on each worker, the reference's per-rank batch (default 10);
+    /// >= 1.
     pub batch_size: usize,
-    /// Epochs to train [40000]; >= 1. An epoch is one pass over the balanced patient list.
+    /// Epochs to train (default 40000); >= 1. An epoch is one pass over the balanced
+    /// patient list.
     pub num_epochs: usize,
     /// Train on adversarial views only [false, as the reference `main.yaml`; HSAT runs set true].
     pub only_adv: bool,
-    /// `lambda_dyn` of the dynamic clean/adversarial weight [0.66]; in [0, 1]. Spelled
+    /// `lambda_dyn` of the dynamic clean/adversarial weight (default 0.66); in [0, 1]. Spelled
     /// like the reference's key.
     pub dynamic_weights_lamda: f64,
     /// AdamW settings.
@@ -249,7 +252,7 @@ pub struct TrainingConfig {
     pub attack: AttackConfig,
     /// Learning-rate schedule.
     pub scheduler: SchedulerConfig,
-    /// Optimizer steps between checkpoints; 0 = only at the end [1000].
+    /// Optimizer steps between checkpoints; 0 = only at the end (default 1000).
     pub save_checkpoint_interval: usize,
 }
 
@@ -262,12 +265,7 @@ impl TrainingConfig {
             ScheduleKind::CosWarmup => {
                 let warmup = self.scheduler.warmup.resolve(total_steps);
                 self.optimizer.learn_rate
-                    * schedule::lr_multiplier(
-                        step,
-                        warmup,
-                        total_steps,
-                        self.scheduler.num_cycles,
-                    )
+                    * schedule::lr_multiplier(step, warmup, total_steps, self.scheduler.num_cycles)
             }
         }
     }
@@ -276,30 +274,31 @@ impl TrainingConfig {
 /// AdamW settings (PyTorch defaults except the learning rate).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OptimizerConfig {
-    /// Peak learning rate [1e-3]; finite and > 0.
+    /// Peak learning rate (default 1e-3); finite and > 0.
     pub learn_rate: f64,
-    /// First-moment decay [0.9]; in [0, 1).
+    /// First-moment decay (default 0.9); in [0, 1).
     pub beta1: f64,
-    /// Second-moment decay [0.999]; in [0, 1).
+    /// Second-moment decay (default 0.999); in [0, 1).
     pub beta2: f64,
-    /// Denominator epsilon [1e-8]; finite and > 0.
+    /// Denominator epsilon (default 1e-8); finite and > 0.
     pub eps: f64,
-    /// Decoupled weight decay [0.01]; finite and >= 0.
+    /// Decoupled weight decay (default 0.01); finite and >= 0.
     pub weight_decay: f64,
 }
 
 /// Weights and temperatures of the hierarchical (HiDisc) SupCon loss.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ObjectiveConfig {
-    /// Weight of the patient level [1.0]; finite and >= 0.
+    /// Weight of the patient level (default 1.0); finite and >= 0.
     pub lambda_patient: f64,
-    /// Weight of the slide level [1.0]; finite and >= 0.
+    /// Weight of the slide level (default 1.0); finite and >= 0.
     pub lambda_slide: f64,
-    /// Weight of the patch level [1.0]; finite and >= 0. Not all three weights are 0.
+    /// Weight of the patch level (default 1.0); finite and >= 0. Not all three weights
+    /// are 0.
     pub lambda_patch: f64,
-    /// SupCon temperature T [0.07]; finite and > 0.
+    /// SupCon temperature T (default 0.07); finite and > 0.
     pub temperature: f64,
-    /// SupCon base temperature T_base [0.07]; finite and > 0.
+    /// SupCon base temperature T_base (default 0.07); finite and > 0.
     pub base_temperature: f64,
 }
 
@@ -316,21 +315,23 @@ named_enum! {
 /// Inner maximisation settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttackConfig {
-    /// The attack [none].
+    /// The attack (default none).
     pub kind: AttackKind,
-    /// L-infinity budget in pixel units (pixels are in [0, 1]): `eps_255 / 255` [8/255].
+    /// L-infinity budget in pixel units (pixels are in [0, 1]): `eps_255 / 255`
+    /// (default 8/255).
     pub eps: f64,
-    /// PGD step size in pixel units: `alpha_255 / 255` [2/255]; > 0 when `kind` is pgd.
+    /// PGD step size in pixel units: `alpha_255 / 255` (default 2/255); > 0 when `kind`
+    /// is pgd.
     pub alpha: f64,
-    /// PGD iterations [5]; >= 1 when `kind` is pgd.
+    /// PGD iterations (default 5); >= 1 when `kind` is pgd.
     pub iters: usize,
-    /// Loss levels the attack maximises [p_s_pt].
+    /// Loss levels the attack maximises (default p_s_pt).
     pub loss_type: LossType,
-    /// Epochs over which eps grows linearly from 1/255 to `eps` [0]; <= `num_epochs`.
+    /// Epochs over which eps grows linearly from 1/255 to `eps` (default 0); <= `num_epochs`.
     pub warmup_epochs: usize,
-    /// The budget as written in the config, in units of 1/255 [8]; in [0, 255].
+    /// The budget as written in the config, in units of 1/255 (default 8); in [0, 255].
     pub eps_255: f64,
-    /// The step size as written in the config, in units of 1/255 [2]; in [0, 255].
+    /// The step size as written in the config, in units of 1/255 (default 2); in [0, 255].
     pub alpha_255: f64,
 }
 
@@ -433,11 +434,12 @@ named_enum! {
 /// Learning-rate schedule settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SchedulerConfig {
-    /// The schedule [cos_warmup].
+    /// The schedule (default cos_warmup).
     pub kind: ScheduleKind,
-    /// Length of the linear warm-up [10% of all steps]; used by `cos_warmup`.
+    /// Length of the linear warm-up (default 10% of all steps); used by `cos_warmup`.
     pub warmup: WarmupSteps,
-    /// Cosine cycles after the warm-up [0.5 = half a cosine, down to 0]; finite and > 0.
+    /// Cosine cycles after the warm-up (default 0.5 = half a cosine, down to 0); finite
+    /// and > 0.
     pub num_cycles: f64,
 }
 
@@ -539,6 +541,7 @@ impl Default for Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 

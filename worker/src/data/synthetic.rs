@@ -43,9 +43,19 @@ pub struct SyntheticSource {
 impl SyntheticSource {
     /// Creates the source; errors on an empty dataset or batch.
     pub fn new(spec: SyntheticSpec, device: Device) -> Result<Self> {
-        let dims = [spec.num_patients, spec.num_classes, spec.batch_size, spec.slides, spec.patches, spec.views, spec.image_size];
+        let dims = [
+            spec.num_patients,
+            spec.num_classes,
+            spec.batch_size,
+            spec.slides,
+            spec.patches,
+            spec.views,
+            spec.image_size,
+        ];
         if dims.contains(&0) {
-            return Err(WorkerError::Unsupported(format!("synthetic dataset with a zero dimension: {spec:?}")));
+            return Err(WorkerError::Unsupported(format!(
+                "synthetic dataset with a zero dimension: {spec:?}"
+            )));
         }
         Ok(SyntheticSource { spec, device })
     }
@@ -66,15 +76,29 @@ impl SyntheticSource {
         order
     }
 
-    fn image(&self, patient: usize, slide: usize, patch: usize, view_seed: u64, grid: &(Tensor, Tensor)) -> Result<Tensor> {
+    fn image(
+        &self,
+        patient: usize,
+        slide: usize,
+        patch: usize,
+        view_seed: u64,
+        grid: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
         let class = self.class_of(patient) as usize;
         let mut patient_rng = SplitMix::new(mix(self.spec.seed, &[1, patient as u64]));
         let mut slide_rng = SplitMix::new(mix(self.spec.seed, &[2, patient as u64, slide as u64]));
-        let mut patch_rng = SplitMix::new(mix(self.spec.seed, &[3, patient as u64, slide as u64, patch as u64]));
+        let mut patch_rng = SplitMix::new(mix(
+            self.spec.seed,
+            &[3, patient as u64, slide as u64, patch as u64],
+        ));
         let mut view_rng = SplitMix::new(view_seed);
 
         let hue = 2.0 * PI * class as f64 / self.spec.num_classes as f64;
-        let base = [0.5 + 0.2 * hue.cos(), 0.5 + 0.2 * (hue + 2.0).cos(), 0.5 + 0.2 * (hue + 4.0).cos()];
+        let base = [
+            0.5 + 0.2 * hue.cos(),
+            0.5 + 0.2 * (hue + 2.0).cos(),
+            0.5 + 0.2 * (hue + 4.0).cos(),
+        ];
         let shift: Vec<f64> = (0..3).map(|_| 0.08 * patient_rng.symmetric()).collect();
         let brightness = 0.06 * slide_rng.symmetric() + 0.04 * view_rng.symmetric();
         let frequency = 2.0 * PI * (2.0 + 1.5 * class as f64) / self.spec.image_size as f64;
@@ -82,8 +106,14 @@ impl SyntheticSource {
         let phase = 2.0 * PI * patch_rng.unit();
 
         let (xs, ys) = grid;
-        let along = xs.f_mul_scalar(angle.cos())?.f_add(&ys.f_mul_scalar(angle.sin())?)?;
-        let stripes = along.f_mul_scalar(frequency)?.f_add_scalar(phase)?.f_sin()?.f_mul_scalar(0.15)?;
+        let along = xs
+            .f_mul_scalar(angle.cos())?
+            .f_add(&ys.f_mul_scalar(angle.sin())?)?;
+        let stripes = along
+            .f_mul_scalar(frequency)?
+            .f_add_scalar(phase)?
+            .f_sin()?
+            .f_mul_scalar(0.15)?;
         let channels = (0..3)
             .map(|c| stripes.f_add_scalar(base[c] + shift[c] + brightness))
             .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -109,14 +139,27 @@ impl BatchSource for SyntheticSource {
         let patients = &order[start..(start + self.spec.batch_size).min(order.len())];
         let size = self.spec.image_size as i64;
         let axis = Tensor::f_arange(size, (Kind::Float, self.device))?;
-        let grid = (axis.f_unsqueeze(0)?.f_expand([size, size], false)?, axis.f_unsqueeze(1)?.f_expand([size, size], false)?);
+        let grid = (
+            axis.f_unsqueeze(0)?.f_expand([size, size], false)?,
+            axis.f_unsqueeze(1)?.f_expand([size, size], false)?,
+        );
         let (s, p, v) = (self.spec.slides, self.spec.patches, self.spec.views);
         let mut images = Vec::with_capacity(patients.len() * s * p * v);
         for &patient in patients {
             for slide in 0..s {
                 for patch in 0..p {
                     for view in 0..v {
-                        let view_seed = mix(self.spec.seed, &[4, step, patient as u64, slide as u64, patch as u64, view as u64]);
+                        let view_seed = mix(
+                            self.spec.seed,
+                            &[
+                                4,
+                                step,
+                                patient as u64,
+                                slide as u64,
+                                patch as u64,
+                                view as u64,
+                            ],
+                        );
                         images.push(self.image(patient, slide, patch, view_seed, &grid)?);
                     }
                 }
@@ -131,13 +174,20 @@ impl BatchSource for SyntheticSource {
             size,
             size,
         ])?;
-        Ok(Batch { step, epoch, images, labels: patients.iter().map(|&pt| self.class_of(pt)).collect() })
+        Ok(Batch {
+            step,
+            epoch,
+            images,
+            labels: patients.iter().map(|&pt| self.class_of(pt)).collect(),
+        })
     }
 }
 
 /// Derives a seed from a base seed and a path of integers (splitmix64 chaining).
 pub fn mix(seed: u64, path: &[u64]) -> u64 {
-    path.iter().fold(SplitMix::new(seed).next(), |acc, &x| SplitMix::new(acc ^ x.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next())
+    path.iter().fold(SplitMix::new(seed).next(), |acc, &x| {
+        SplitMix::new(acc ^ x.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next()
+    })
 }
 
 /// splitmix64: tiny, fast, and good enough for choosing synthetic parameters.
@@ -175,7 +225,16 @@ mod tests {
     use super::*;
 
     fn source(batch_size: usize) -> SyntheticSource {
-        let spec = SyntheticSpec { num_patients: 5, num_classes: 2, batch_size, slides: 2, patches: 2, views: 2, image_size: 8, seed: 7 };
+        let spec = SyntheticSpec {
+            num_patients: 5,
+            num_classes: 2,
+            batch_size,
+            slides: 2,
+            patches: 2,
+            views: 2,
+            image_size: 8,
+            seed: 7,
+        };
         SyntheticSource::new(spec, Device::Cpu).expect("valid spec")
     }
 

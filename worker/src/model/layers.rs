@@ -21,10 +21,22 @@ pub struct Conv2d {
 impl Conv2d {
     /// Registers `weight` `[out, in, k, k]` with torchvision's init:
     /// Kaiming normal, fan-out, ReLU gain (std = sqrt(2 / (out * k * k))).
-    pub fn new(scope: &mut Scope<'_>, c_in: i64, c_out: i64, kernel: i64, stride: i64, padding: i64) -> Result<Self> {
+    pub fn new(
+        scope: &mut Scope<'_>,
+        c_in: i64,
+        c_out: i64,
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+    ) -> Result<Self> {
         let std = (2.0 / (c_out * kernel * kernel) as f64).sqrt();
-        let init = Tensor::f_randn([c_out, c_in, kernel, kernel], scope.float())?.f_mul_scalar(std)?;
-        Ok(Conv2d { weight: scope.param("weight", init)?, stride, padding })
+        let init =
+            Tensor::f_randn([c_out, c_in, kernel, kernel], scope.float())?.f_mul_scalar(std)?;
+        Ok(Conv2d {
+            weight: scope.param("weight", init)?,
+            stride,
+            padding,
+        })
     }
 
     /// Applies the convolution to `[N, C, H, W]`.
@@ -59,8 +71,10 @@ impl BatchNorm2d {
             bias: scope.param("bias", Tensor::f_zeros([channels], opts)?)?,
             running_mean: scope.buffer("running_mean", Tensor::f_zeros([channels], opts)?)?,
             running_var: scope.buffer("running_var", Tensor::f_ones([channels], opts)?)?,
-            num_batches_tracked: scope
-                .buffer("num_batches_tracked", Tensor::f_zeros([], (Kind::Int64, scope.device()))?)?,
+            num_batches_tracked: scope.buffer(
+                "num_batches_tracked",
+                Tensor::f_zeros([], (Kind::Int64, scope.device()))?,
+            )?,
         })
     }
 
@@ -69,7 +83,7 @@ impl BatchNorm2d {
     pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if train {
             let mut counter = self.num_batches_tracked.shallow_clone();
-            tch::no_grad(|| counter.f_add_scalar_(1))?;
+            let _ = tch::no_grad(|| counter.f_add_scalar_(1))?;
         }
         Ok(Tensor::f_batch_norm(
             xs,

@@ -47,7 +47,11 @@ pub fn resnet_spec(backbone: Backbone) -> Option<ResNetSpec> {
         Backbone::ResNet101 => (true, [3, 4, 23, 3], 64),
         Backbone::WideResNet50_2 => (true, [3, 4, 6, 3], 128),
     };
-    Some(ResNetSpec { bottleneck, layers, width_per_group })
+    Some(ResNetSpec {
+        bottleneck,
+        layers,
+        width_per_group,
+    })
 }
 
 /// Backbone + projection head + L2 normalisation.
@@ -64,12 +68,23 @@ pub struct Encoder {
 
 impl Encoder {
     /// Builds a freshly initialised encoder (torchvision's backbone init; xavier head).
-    pub fn new(backbone: Backbone, mlp_hidden: &[usize], embedding_dim: usize, device: Device) -> Result<Self> {
+    pub fn new(
+        backbone: Backbone,
+        mlp_hidden: &[usize],
+        embedding_dim: usize,
+        device: Device,
+    ) -> Result<Self> {
         let mut backbone_store = ParamStore::default();
         let mut scope = Scope::root(&mut backbone_store, device);
         let (net, feature_dim) = match resnet_spec(backbone) {
-            None => (BackboneNet::Small(SmallCnn::new(&mut scope)?), SMALL_CNN_FEATURES),
-            Some(spec) => (BackboneNet::ResNet(ResNet::new(&mut scope, spec)?), spec.feature_dim()),
+            None => (
+                BackboneNet::Small(SmallCnn::new(&mut scope)?),
+                SMALL_CNN_FEATURES,
+            ),
+            Some(spec) => (
+                BackboneNet::ResNet(ResNet::new(&mut scope, spec)?),
+                spec.feature_dim(),
+            ),
         };
         let mut head_store = ParamStore::default();
         let mut head_scope = Scope::root(&mut head_store, device);
@@ -77,17 +92,35 @@ impl Encoder {
         let mut head = Vec::new();
         let mut d_in = feature_dim;
         // Sequential(Linear, ReLU, Linear, ReLU, ..., Linear): linear layers sit at even indices.
-        for (i, &d_out) in mlp_hidden.iter().chain(std::iter::once(&embedding_dim)).enumerate() {
+        for (i, &d_out) in mlp_hidden
+            .iter()
+            .chain(std::iter::once(&embedding_dim))
+            .enumerate()
+        {
             let d_out = d_out as i64;
-            head.push(Linear::xavier(&mut layers_scope.sub(2 * i), d_in, d_out, HEAD_BIAS_INIT)?);
+            head.push(Linear::xavier(
+                &mut layers_scope.sub(2 * i),
+                d_in,
+                d_out,
+                HEAD_BIAS_INIT,
+            )?);
             d_in = d_out;
         }
-        Ok(Encoder { kind: backbone, backbone: net, head, backbone_store, head_store, feature_dim, device })
+        Ok(Encoder {
+            kind: backbone,
+            backbone: net,
+            head,
+            backbone_store,
+            head_store,
+            feature_dim,
+            device,
+        })
     }
 
     /// Builds the encoder a model config describes, loading `init_checkpoint` if set.
     pub fn from_config(cfg: &ModelConfig, device: Device) -> Result<Self> {
-        let mut encoder = Encoder::new(cfg.backbone, &cfg.mlp_hidden, cfg.num_embedding_out, device)?;
+        let mut encoder =
+            Encoder::new(cfg.backbone, &cfg.mlp_hidden, cfg.num_embedding_out, device)?;
         if let Some(path) = &cfg.init_checkpoint {
             encoder.load_backbone(path)?;
         }
@@ -141,15 +174,29 @@ impl Encoder {
 
     /// Trainable tensors in optimiser order: backbone, then head (head names prefixed `head.`).
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
-        let backbone = self.backbone_store.params().iter().map(|n| (n.name.clone(), n.tensor.shallow_clone()));
-        let head = self.head_store.params().iter().map(|n| (format!("head.{}", n.name), n.tensor.shallow_clone()));
+        let backbone = self
+            .backbone_store
+            .params()
+            .iter()
+            .map(|n| (n.name.clone(), n.tensor.shallow_clone()));
+        let head = self
+            .head_store
+            .params()
+            .iter()
+            .map(|n| (format!("head.{}", n.name), n.tensor.shallow_clone()));
         backbone.chain(head).collect()
     }
 
     /// The full state (parameters and buffers), names as in [`Encoder::parameters`].
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        let backbone = self.backbone_store.state().map(|n| (n.name.clone(), n.tensor.shallow_clone()));
-        let head = self.head_store.state().map(|n| (format!("head.{}", n.name), n.tensor.shallow_clone()));
+        let backbone = self
+            .backbone_store
+            .state()
+            .map(|n| (n.name.clone(), n.tensor.shallow_clone()));
+        let head = self
+            .head_store
+            .state()
+            .map(|n| (format!("head.{}", n.name), n.tensor.shallow_clone()));
         backbone.chain(head).collect()
     }
 
@@ -198,7 +245,8 @@ impl Encoder {
                 None => backbone.insert(name.clone(), tensor.shallow_clone()),
             };
         }
-        self.backbone_store.load_entries(backbone, origin, IGNORED_BACKBONE_KEYS)?;
+        self.backbone_store
+            .load_entries(backbone, origin, IGNORED_BACKBONE_KEYS)?;
         self.head_store.load_entries(head, origin, &[])
     }
 }
@@ -210,7 +258,9 @@ pub const HEAD_FILE: &str = "head.safetensors";
 
 /// `x / max(||x||_2, 1e-12)` along the last dimension, as `F.normalize`.
 pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
-    let norm = xs.f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)?.f_clamp_min(1e-12)?;
+    let norm = xs
+        .f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)?
+        .f_clamp_min(1e-12)?;
     Ok(xs.f_div(&norm.f_expand_as(xs)?)?)
 }
 
@@ -220,7 +270,9 @@ pub fn check_batch_shape(batch: &Tensor) -> Result<Vec<i64>> {
     if shape.len() != 7 || shape.iter().any(|&d| d < 1) {
         return Err(WorkerError::BatchShape {
             shape,
-            reason: "expected [patients, slides, patches, views, channels, height, width], all >= 1".into(),
+            reason:
+                "expected [patients, slides, patches, views, channels, height, width], all >= 1"
+                    .into(),
         });
     }
     if shape[4] != 3 {

@@ -97,13 +97,21 @@ impl ParamStore {
                 ));
                 continue;
             }
-            let src = src.f_to_kind(named.tensor.kind())?.f_to_device(named.tensor.device())?;
+            let src = src
+                .f_to_kind(named.tensor.kind())?
+                .f_to_device(named.tensor.device())?;
             tch::no_grad(|| named.tensor.f_copy_(&src))?;
         }
         let unexpected: Vec<&String> = entries
             .keys()
             .filter(|k| !ignore.iter().any(|prefix| k.starts_with(prefix)))
-            .filter(|k| !self.params.iter().chain(self.buffers.iter()).any(|n| &n.name == *k))
+            .filter(|k| {
+                !self
+                    .params
+                    .iter()
+                    .chain(self.buffers.iter())
+                    .any(|n| &n.name == *k)
+            })
             .collect();
         if !unexpected.is_empty() {
             let shown: Vec<&str> = unexpected.iter().take(5).map(|s| s.as_str()).collect();
@@ -117,11 +125,20 @@ impl ParamStore {
             debug_assert_eq!(used, self.params.len() + self.buffers.len());
             return Ok(());
         }
-        let shown = problems.iter().take(8).cloned().collect::<Vec<_>>().join("; ");
+        let shown = problems
+            .iter()
+            .take(8)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
         let more = problems.len().saturating_sub(8);
         Err(WorkerError::Weights {
             path: origin.to_path_buf(),
-            reason: if more > 0 { format!("{shown}; and {more} more problems") } else { shown },
+            reason: if more > 0 {
+                format!("{shown}; and {more} more problems")
+            } else {
+                shown
+            },
         })
     }
 
@@ -149,7 +166,11 @@ pub struct Scope<'a> {
 impl<'a> Scope<'a> {
     /// The root scope of `store`.
     pub fn root(store: &'a mut ParamStore, device: Device) -> Self {
-        Scope { store, prefix: String::new(), device }
+        Scope {
+            store,
+            prefix: String::new(),
+            device,
+        }
     }
 
     /// A child scope `prefix.name`.
@@ -159,7 +180,11 @@ impl<'a> Scope<'a> {
         } else {
             format!("{}.{name}", self.prefix)
         };
-        Scope { store: self.store, prefix, device: self.device }
+        Scope {
+            store: self.store,
+            prefix,
+            device: self.device,
+        }
     }
 
     /// The device new tensors are created on.
@@ -168,20 +193,33 @@ impl<'a> Scope<'a> {
     }
 
     fn full(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_owned() } else { format!("{}.{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
     }
 
     /// Registers a trainable parameter initialised to `init`.
     pub fn param(&mut self, name: &str, init: Tensor) -> Result<Tensor> {
-        let tensor = init.f_to_device(self.device)?.f_detach()?.f_set_requires_grad(true)?;
-        self.store.params.push(Named { name: self.full(name), tensor: tensor.shallow_clone() });
+        let tensor = init
+            .f_to_device(self.device)?
+            .f_detach()?
+            .f_set_requires_grad(true)?;
+        self.store.params.push(Named {
+            name: self.full(name),
+            tensor: tensor.shallow_clone(),
+        });
         Ok(tensor)
     }
 
     /// Registers a buffer (no gradient) initialised to `init`.
     pub fn buffer(&mut self, name: &str, init: Tensor) -> Result<Tensor> {
         let tensor = init.f_to_device(self.device)?.f_detach()?;
-        self.store.buffers.push(Named { name: self.full(name), tensor: tensor.shallow_clone() });
+        self.store.buffers.push(Named {
+            name: self.full(name),
+            tensor: tensor.shallow_clone(),
+        });
         Ok(tensor)
     }
 

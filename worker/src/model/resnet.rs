@@ -105,7 +105,10 @@ impl ResNet {
 
     /// Global-average-pooled features.
     pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut out = self.bn1.forward(&self.conv1.forward(xs)?, train)?.f_relu()?;
+        let mut out = self
+            .bn1
+            .forward(&self.conv1.forward(xs)?, train)?
+            .f_relu()?;
         out = out.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?;
         for stage in &self.stages {
             for block in stage {
@@ -126,7 +129,14 @@ fn conv_bn(
     stride: i64,
     padding: i64,
 ) -> Result<(Conv2d, BatchNorm2d)> {
-    let conv = Conv2d::new(&mut block.sub(format!("conv{n}")), c_in, c_out, kernel, stride, padding)?;
+    let conv = Conv2d::new(
+        &mut block.sub(format!("conv{n}")),
+        c_in,
+        c_out,
+        kernel,
+        stride,
+        padding,
+    )?;
     let bn = BatchNorm2d::new(&mut block.sub(format!("bn{n}")), c_out)?;
     Ok((conv, bn))
 }

@@ -33,8 +33,14 @@ impl SmallCnn {
 
     /// Global-average-pooled features `[N, 16]`.
     pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let out = self.bn1.forward(&self.conv1.forward(xs)?, train)?.f_relu()?;
-        let out = self.bn2.forward(&self.conv2.forward(&out)?, train)?.f_relu()?;
+        let out = self
+            .bn1
+            .forward(&self.conv1.forward(xs)?, train)?
+            .f_relu()?;
+        let out = self
+            .bn2
+            .forward(&self.conv2.forward(&out)?, train)?
+            .f_relu()?;
         Ok(out.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?)
     }
 }

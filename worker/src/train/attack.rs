@@ -46,12 +46,22 @@ impl Drop for FrozenParams<'_> {
 impl Pgd {
     /// The reference's uniform random start: `rand_like(x) * eps * 2 - eps`.
     pub fn random_start(&self, images: &Tensor) -> Result<Tensor> {
-        Ok(images.f_rand_like()?.f_mul_scalar(self.eps)?.f_mul_scalar(2.0)?.f_sub_scalar(self.eps)?)
+        Ok(images
+            .f_rand_like()?
+            .f_mul_scalar(self.eps)?
+            .f_mul_scalar(2.0)?
+            .f_sub_scalar(self.eps)?)
     }
 
     /// Crafts adversarial images for a hierarchical batch `[B, S, P, V, C, H, W]`
     /// from the start `delta0` (same shape). Returns the final delta (no gradient).
-    pub fn run(&self, model: &Encoder, loss: &HierarchicalLoss, images: &Tensor, delta0: &Tensor) -> Result<Tensor> {
+    pub fn run(
+        &self,
+        model: &Encoder,
+        loss: &HierarchicalLoss,
+        images: &Tensor,
+        delta0: &Tensor,
+    ) -> Result<Tensor> {
         let _frozen = FrozenParams::new(model)?;
         let images = images.f_detach()?;
         let mut delta = delta0.f_detach()?;
@@ -61,7 +71,9 @@ impl Pgd {
             let value = loss.compute(&emb, self.loss_type)?.total;
             let grad = Tensor::f_run_backward(&[&value], &[&delta_var], false, false)?
                 .pop()
-                .ok_or_else(|| tch::TchError::Torch("autograd returned no gradient for delta".into()))?;
+                .ok_or_else(|| {
+                    tch::TchError::Torch("autograd returned no gradient for delta".into())
+                })?;
             delta = tch::no_grad(|| self.project(&images, &delta, &grad))?;
         }
         Ok(delta)

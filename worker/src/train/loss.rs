@@ -88,13 +88,39 @@ impl HierarchicalLoss {
             });
         };
         let plan = [
-            (levels.patient, "patient", b, s * p * v, self.lambda_patient, "num_slide_samples, num_patch_samples or num_transforms"),
-            (levels.slide, "slide", b * s, p * v, self.lambda_slide, "num_patch_samples or num_transforms"),
-            (levels.patch, "patch", b * s * p, v, self.lambda_patch, "num_transforms"),
+            (
+                levels.patient,
+                "patient",
+                b,
+                s * p * v,
+                self.lambda_patient,
+                "num_slide_samples, num_patch_samples or num_transforms",
+            ),
+            (
+                levels.slide,
+                "slide",
+                b * s,
+                p * v,
+                self.lambda_slide,
+                "num_patch_samples or num_transforms",
+            ),
+            (
+                levels.patch,
+                "patch",
+                b * s * p,
+                v,
+                self.lambda_patch,
+                "num_transforms",
+            ),
         ];
         for &(on, level, _, members, _, fix) in &plan {
             if on && members < 2 {
-                return Err(WorkerError::DegenerateLevel { level, members, shape: shape.clone(), fix });
+                return Err(WorkerError::DegenerateLevel {
+                    level,
+                    members,
+                    shape: shape.clone(),
+                    fix,
+                });
             }
         }
         let mut parts: [Option<Tensor>; 3] = [None, None, None];
@@ -116,7 +142,12 @@ impl HierarchicalLoss {
             None => Tensor::f_zeros([], (Kind::Float, emb.device()))?,
         };
         let [patient, slide, patch] = parts;
-        Ok(LevelLosses { patient, slide, patch, total })
+        Ok(LevelLosses {
+            patient,
+            slide,
+            patch,
+            total,
+        })
     }
 
     /// Unsupervised SupCon over `[N groups, M members, D]`: positives are the other
@@ -128,17 +159,26 @@ impl HierarchicalLoss {
         let count = groups * members;
         // Member-major flattening: row a = member * groups + group.
         let z = features.f_transpose(0, 1)?.f_reshape([count, dim])?;
-        let logits = z.f_matmul(&z.f_transpose(0, 1)?)?.f_div_scalar(self.temperature)?;
+        let logits = z
+            .f_matmul(&z.f_transpose(0, 1)?)?
+            .f_div_scalar(self.temperature)?;
         let (row_max, _) = logits.f_max_dim(1, true)?;
         let logits = logits.f_sub(&row_max.f_detach()?)?;
 
         let group_of = Tensor::f_arange(count, (Kind::Int64, device))?.f_remainder(groups)?;
-        let same_group = group_of.f_unsqueeze(1)?.f_eq_tensor(&group_of.f_unsqueeze(0)?)?.f_to_kind(Kind::Float)?;
+        let same_group = group_of
+            .f_unsqueeze(1)?
+            .f_eq_tensor(&group_of.f_unsqueeze(0)?)?
+            .f_to_kind(Kind::Float)?;
         let not_self = Tensor::f_ones([count, count], (Kind::Float, device))?
             .f_sub(&Tensor::f_eye(count, (Kind::Float, device))?)?;
         let positives = same_group.f_mul(&not_self)?;
 
-        let denominator = logits.f_exp()?.f_mul(&not_self)?.f_sum_dim_intlist([1i64].as_slice(), true, Kind::Float)?;
+        let denominator = logits.f_exp()?.f_mul(&not_self)?.f_sum_dim_intlist(
+            [1i64].as_slice(),
+            true,
+            Kind::Float,
+        )?;
         let log_prob = logits.f_sub(&denominator.f_log()?)?;
         let mean_log_prob_pos = positives
             .f_mul(&log_prob)?

@@ -32,7 +32,10 @@ impl AdamW {
         let moments = params
             .iter()
             .map(|(_, p)| {
-                Ok(Moments { exp_avg: p.f_zeros_like()?.f_detach()?, exp_avg_sq: p.f_zeros_like()?.f_detach()? })
+                Ok(Moments {
+                    exp_avg: p.f_zeros_like()?.f_detach()?,
+                    exp_avg_sq: p.f_zeros_like()?.f_detach()?,
+                })
             })
             .collect::<Result<_>>()?;
         Ok(AdamW {
@@ -88,8 +91,14 @@ impl AdamW {
                 let _ = m.exp_avg.f_lerp_(&grad, 1.0 - self.beta1)?;
                 // addcmul_(g, g, value=1-b2) computes (value * g) * g: same rounding here.
                 let _ = m.exp_avg_sq.f_mul_scalar_(self.beta2)?;
-                let _ = m.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - self.beta2)?, &grad)?;
-                let denom = m.exp_avg_sq.f_sqrt()?.f_div_scalar(bias_correction2_sqrt)?.f_add_scalar(self.eps)?;
+                let _ = m
+                    .exp_avg_sq
+                    .f_addcmul_(&grad.f_mul_scalar(1.0 - self.beta2)?, &grad)?;
+                let denom = m
+                    .exp_avg_sq
+                    .f_sqrt()?
+                    .f_div_scalar(bias_correction2_sqrt)?
+                    .f_add_scalar(self.eps)?;
                 let update = m.exp_avg.f_div(&denom)?.f_mul_scalar(-step_size)?;
                 let _ = param.f_add_(&update)?;
             }

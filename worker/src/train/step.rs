@@ -49,10 +49,24 @@ pub struct StepLosses {
 }
 
 /// Runs one full step and updates `model` through `optimizer`.
-pub fn train_step(model: &Encoder, loss: &HierarchicalLoss, optimizer: &mut AdamW, plan: StepPlan<'_>) -> Result<StepLosses> {
-    let StepPlan { images, attack, objective, lr } = plan;
+pub fn train_step(
+    model: &Encoder,
+    loss: &HierarchicalLoss,
+    optimizer: &mut AdamW,
+    plan: StepPlan<'_>,
+) -> Result<StepLosses> {
+    let StepPlan {
+        images,
+        attack,
+        objective,
+        lr,
+    } = plan;
     let x_adv = match &attack {
-        Some((pgd, delta0)) => Some(images.f_add(&pgd.run(model, loss, images, delta0)?)?.f_detach()?),
+        Some((pgd, delta0)) => Some(
+            images
+                .f_add(&pgd.run(model, loss, images, delta0)?)?
+                .f_detach()?,
+        ),
         None => None,
     };
     // The reference's order: adversarial forward first, then clean (batch-norm running

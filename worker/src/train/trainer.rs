@@ -61,7 +61,13 @@ impl Trainer {
         let model = Encoder::from_config(&config.model, device)?;
         let optimizer = AdamW::new(model.parameters(), &config.training.optimizer)?;
         let loss = HierarchicalLoss::from(&config.training.objective);
-        Ok(Trainer { config, model, optimizer, loss, step: 0 })
+        Ok(Trainer {
+            config,
+            model,
+            optimizer,
+            loss,
+            step: 0,
+        })
     }
 
     /// The model being trained.
@@ -75,7 +81,11 @@ impl Trainer {
     }
 
     /// Trains for `training.num_epochs` epochs of `source`, calling `on_step` after each step.
-    pub fn fit(&mut self, source: &mut dyn BatchSource, mut on_step: impl FnMut(&StepReport)) -> Result<Option<PathBuf>> {
+    pub fn fit(
+        &mut self,
+        source: &mut dyn BatchSource,
+        mut on_step: impl FnMut(&StepReport),
+    ) -> Result<Option<PathBuf>> {
         let steps_per_epoch = source.steps_per_epoch();
         let total_steps = steps_per_epoch * self.config.training.num_epochs as u64;
         let interval = self.config.training.save_checkpoint_interval as u64;
@@ -116,7 +126,12 @@ impl Trainer {
     }
 
     /// One step on `images` at `epoch`: returns the losses, the learning rate and eps used.
-    fn step_on(&mut self, images: &tch::Tensor, epoch: u64, total_steps: u64) -> Result<(StepLosses, f64, f64)> {
+    fn step_on(
+        &mut self,
+        images: &tch::Tensor,
+        epoch: u64,
+        total_steps: u64,
+    ) -> Result<(StepLosses, f64, f64)> {
         let training = &self.config.training;
         let epoch_index = epoch as usize;
         let lr = training.lr_at(self.step as usize, total_steps as usize);
@@ -124,7 +139,11 @@ impl Trainer {
             AttackKind::None => None,
             AttackKind::Pgd => {
                 let pgd = Pgd {
-                    eps: attack_eps(epoch_index, training.attack.eps_255, training.attack.warmup_epochs),
+                    eps: attack_eps(
+                        epoch_index,
+                        training.attack.eps_255,
+                        training.attack.warmup_epochs,
+                    ),
                     alpha: training.attack.alpha,
                     iters: training.attack.iters,
                     loss_type: training.attack.loss_type,
@@ -142,15 +161,34 @@ impl Trainer {
             (Some(_), false) => {
                 let strength = dynamic_strength(epoch_index, training.num_epochs);
                 OuterObjective::Mixed {
-                    weight: dynamic_weight(training.dynamic_weights_lamda, strength, self.config.data.dynamic_aug),
+                    weight: dynamic_weight(
+                        training.dynamic_weights_lamda,
+                        strength,
+                        self.config.data.dynamic_aug,
+                    ),
                 }
             }
         };
-        let losses = train_step(&self.model, &self.loss, &mut self.optimizer, StepPlan { images, attack, objective, lr })?;
+        let losses = train_step(
+            &self.model,
+            &self.loss,
+            &mut self.optimizer,
+            StepPlan {
+                images,
+                attack,
+                objective,
+                lr,
+            },
+        )?;
         Ok((losses, lr, eps))
     }
 
-    fn save(&self, epoch: u64, last_step: Option<StepLosses>, mean_total_loss: Option<f64>) -> Result<PathBuf> {
+    fn save(
+        &self,
+        epoch: u64,
+        last_step: Option<StepLosses>,
+        mean_total_loss: Option<f64>,
+    ) -> Result<PathBuf> {
         let meta = CheckpointMeta {
             format_version: FORMAT_VERSION,
             step: self.step,
