@@ -52,7 +52,7 @@ use validate::Problem;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error("cannot read config file {} (check the path and its permissions)", path.display())]
     Read {
         /// The file given.
         path: PathBuf,

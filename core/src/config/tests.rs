@@ -495,7 +495,7 @@ fn bad_values_are_reported_together_with_their_layer() {
             "model.backbone = \"resnet9\": must be one of \"small_cnn\", \"resnet18\", \
              \"resnet34\", \"resnet50\", \"resnet101\", \"wide_resnet50_2\" (set by config file {origin})"
         ),
-        "training.batch_size = 0: must be >= 1 (patients per step on each worker) (set by --set \
+        "training.batch_size = 0: must be >= 1 (patients per step for the whole job) (set by --set \
          training.batch_size=0)"
             .to_owned(),
         "training.attack.eps = -1: must be in [0, 255] (units of 1/255; the paper uses 8) (set \
@@ -545,7 +545,7 @@ fn unreadable_and_malformed_files() {
     );
     assert!(
         err.to_string()
-            .starts_with("cannot read config file /nonexistent/hsat/config.toml: ")
+            .starts_with("cannot read config file /nonexistent/hsat/config.toml (check the path")
     );
 
     let file = toml_file("[training\nbatch_size = 4\n");

@@ -233,8 +233,8 @@ pub struct ModelConfig {
 /// Optimisation settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainingConfig {
-    /// Patients per step on each worker, the reference's per-rank batch (default 10);
-    /// >= 1.
+    /// Patients per optimizer step for the whole job (default 10); >= 1. The
+    /// reference counts per GPU; hsat splits each step's patients across workers.
     pub batch_size: usize,
     /// Epochs to train (default 40000); >= 1. An epoch is one pass over the balanced
     /// patient list.

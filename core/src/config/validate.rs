@@ -311,7 +311,7 @@ fn training(c: &mut Checker, raw: &RawConfig) -> TrainingConfig {
         r.batch_size,
         1,
         None,
-        " (patients per step on each worker)",
+        " (patients per step for the whole job)",
     );
     let num_epochs = c.count("training.num_epochs", r.num_epochs, 1, None, "");
     let dynamic_weights_lamda = c.number(
@@ -659,7 +659,7 @@ mod tests {
                 "data.rand_aug_prob = 1.5: must be in [0, 1] (a probability)",
                 "model.backbone = \"resnet9\": must be one of \"small_cnn\", \"resnet18\", \
                  \"resnet34\", \"resnet50\", \"resnet101\", \"wide_resnet50_2\"",
-                "training.batch_size = 0: must be >= 1 (patients per step on each worker)",
+                "training.batch_size = 0: must be >= 1 (patients per step for the whole job)",
                 "training.adamw.betas[1] = 1: must be in [0, 1)",
                 "training.attack.eps = -1: must be in [0, 255] (units of 1/255; the paper uses 8)",
             ]

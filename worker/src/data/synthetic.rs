@@ -70,7 +70,7 @@ impl SyntheticSource {
         let mut order: Vec<usize> = (0..self.spec.num_patients).collect();
         let mut rng = SplitMix::new(mix(self.spec.seed, &[0x5eed_0001, epoch]));
         for i in (1..order.len()).rev() {
-            let j = (rng.next() % (i as u64 + 1)) as usize;
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
             order.swap(i, j);
         }
         order
@@ -185,8 +185,8 @@ impl BatchSource for SyntheticSource {
 
 /// Derives a seed from a base seed and a path of integers (splitmix64 chaining).
 pub fn mix(seed: u64, path: &[u64]) -> u64 {
-    path.iter().fold(SplitMix::new(seed).next(), |acc, &x| {
-        SplitMix::new(acc ^ x.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next()
+    path.iter().fold(SplitMix::new(seed).next_u64(), |acc, &x| {
+        SplitMix::new(acc ^ x.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64()
     })
 }
 
@@ -201,7 +201,7 @@ impl SplitMix {
     }
 
     /// Next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -211,7 +211,7 @@ impl SplitMix {
 
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Uniform in [-1, 1).

@@ -99,7 +99,7 @@ impl Trainer {
             let step_seconds = started.elapsed().as_secs_f64() - data_seconds;
             self.step += 1;
             since_checkpoint = (since_checkpoint.0 + losses.total, since_checkpoint.1 + 1);
-            let due = (interval > 0 && self.step % interval == 0) || self.step == total_steps;
+            let due = (interval > 0 && self.step.is_multiple_of(interval)) || self.step == total_steps;
             let checkpoint = if due {
                 let mean = since_checkpoint.0 / since_checkpoint.1 as f64;
                 since_checkpoint = (0.0, 0);
@@ -149,7 +149,7 @@ impl Trainer {
                     loss_type: training.attack.loss_type,
                 };
                 // The random start depends on (seed, step) only.
-                tch::manual_seed(mix(self.config.infra.seed, &[0xa77a_c4, self.step]) as i64);
+                tch::manual_seed(mix(self.config.infra.seed, &[0x00a7_7ac4, self.step]) as i64);
                 let delta0 = pgd.random_start(images)?;
                 Some((pgd, delta0))
             }
