@@ -99,7 +99,8 @@ impl Trainer {
             let step_seconds = started.elapsed().as_secs_f64() - data_seconds;
             self.step += 1;
             since_checkpoint = (since_checkpoint.0 + losses.total, since_checkpoint.1 + 1);
-            let due = (interval > 0 && self.step.is_multiple_of(interval)) || self.step == total_steps;
+            let due =
+                (interval > 0 && self.step.is_multiple_of(interval)) || self.step == total_steps;
             let checkpoint = if due {
                 let mean = since_checkpoint.0 / since_checkpoint.1 as f64;
                 since_checkpoint = (0.0, 0);
