@@ -2,8 +2,13 @@
 //!
 //! - [`BatchSource`]: what the training loop pulls from.
 //! - [`synthetic`]: an in-memory source with patient/slide/patch structure, so the
-//!   engine is usable before the file loader and the coordinator exist.
+//!   engine is usable without files.
+//! - [`image`]: decoding (TIFF incl. 2-channel 16-bit, PNG, JPEG), base processing
+//!   and the HiDisc augmentations, in plain Rust on CPU.
+//! - [`synth`]: `hsat synth`, a generator of realistic datasets on disk.
 
+pub mod image;
+pub mod synth;
 pub mod synthetic;
 
 use tch::Tensor;

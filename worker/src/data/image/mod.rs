@@ -1,0 +1,1 @@
+//! Decoding, base processing and augmentation of patches (being written).

@@ -1,0 +1,1 @@
+//! `hsat synth`: writes synthetic datasets to disk (being written).
