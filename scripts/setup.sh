@@ -42,6 +42,18 @@ if [[ "$version" != "2.13.0" ]]; then
   exit 1
 fi
 
+# A LIBTORCH exported by the user wins over the generated config (cargo's [env] does not
+# override the environment): make sure it is the version tch binds, or torch-sys fails
+# with C++ errors that do not say why.
+if [[ -n "${LIBTORCH:-}" && "$LIBTORCH" != "$libtorch" ]]; then
+  theirs="$(sed -n "s/^__version__ = ['\"]\([^'\"+]*\).*/\1/p" "$LIBTORCH/version.py" 2>/dev/null || true)"
+  if [[ "$theirs" != "2.13.0" ]]; then
+    log "error: LIBTORCH=$LIBTORCH is exported in your shell and holds PyTorch '${theirs:-unknown}', hsat needs 2.13.0; unset LIBTORCH to use $libtorch"
+    exit 1
+  fi
+  log "using your LIBTORCH=$LIBTORCH (PyTorch $theirs)"
+fi
+
 # Generated, untracked: absolute paths keep torch-sys from rebuilding when the clone moves.
 mkdir -p "$root/.cargo"
 cat >"$root/.cargo/config.toml.tmp" <<TOML
