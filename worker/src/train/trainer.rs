@@ -94,8 +94,9 @@ impl Trainer {
         while self.step < total_steps {
             let started = Instant::now();
             let batch = source.batch(self.step)?;
+            let images = batch.images.f_to_device(self.model.device())?;
             let data_seconds = started.elapsed().as_secs_f64();
-            let (losses, lr, eps) = self.step_on(&batch.images, batch.epoch, total_steps)?;
+            let (losses, lr, eps) = self.step_on(&images, batch.epoch, total_steps)?;
             let step_seconds = started.elapsed().as_secs_f64() - data_seconds;
             self.step += 1;
             since_checkpoint = (since_checkpoint.0 + losses.total, since_checkpoint.1 + 1);
