@@ -4,9 +4,11 @@
 //! subcommand:
 //!
 //! - [`run`]: `hsat run`, a training job.
-//! - [`bench`]: `hsat bench step`, the engine benchmark against PyTorch.
+//! - [`data`]: `hsat synth` and `hsat data check`.
+//! - [`bench`]: `hsat bench step|data`, benchmarks against PyTorch.
 
 mod bench;
+mod data;
 mod run;
 
 use std::path::PathBuf;
@@ -34,9 +36,36 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Run(ConfigArgs),
 
+    /// Write a synthetic dataset with patient -> slide -> patch structure to disk.
+    ///
+    /// OpenSRH layout (2-channel 16-bit TIFF patches, meta/opensrh.json,
+    /// meta/train_val_split.json) or a manifest (RGB PNG tiles, manifest.csv).
+    /// Classes differ in texture, patients in stain, slides in brightness and blur.
+    ///
+    /// Example:
+    ///   hsat synth --out data/synth --format opensrh --classes 3 --size 64
+    #[command(verbatim_doc_comment)]
+    Synth(data::SynthArgs),
+
+    /// Datasets on disk.
+    #[command(subcommand)]
+    Data(DataCommand),
+
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Index the dataset of a config, decode every patch, print a summary table
+    /// (patients, slides, patches per class and split) and every problem with advice.
+    /// Exits non-zero when the dataset has errors.
+    ///
+    /// Example:
+    ///   hsat data check --config examples/hsat_paper.toml --set data.db_root=/data/opensrh
+    #[command(verbatim_doc_comment)]
+    Check(data::CheckArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +101,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(args) => run::run(args.config, args.set),
+        Command::Synth(args) => data::synth(args),
+        Command::Data(DataCommand::Check(args)) => data::check_dataset(args),
         Command::Bench(BenchCommand::Step(args)) => bench::step(args),
     };
     match outcome {

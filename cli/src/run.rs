@@ -1,32 +1,28 @@
-//! `hsat run`: load and validate the config, then train on this machine.
+//! `hsat run`: load and validate the config, index and check the dataset, then train
+//! on this machine.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use hsat_core::config::{self, AttackKind, ConfigSources, DataSource};
+use anyhow::{Context, bail};
+use hsat_core::config::{self, AttackKind, Config, ConfigSources, DataSource};
+use hsat_core::dataset::{DatasetIndex, Split, check};
+use hsat_core::sampler::balanced_patients;
+use hsat_worker::data::BatchSource;
+use hsat_worker::data::loader::{FileSource, LoaderSpec};
 use hsat_worker::data::synthetic::{SyntheticSource, SyntheticSpec};
+use hsat_worker::train::loss::LevelValues;
 use hsat_worker::train::trainer::{StepReport, Trainer};
 use tch::Device;
 
 /// Runs a training job described by `file` and `overrides`.
 pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> {
-    let sources = ConfigSources::from_process_env(file, overrides);
-    let cfg = config::load(&sources)?;
-    let DataSource::Synthetic = cfg.data.source;
-    let spec = SyntheticSpec {
-        num_patients: cfg.data.synthetic.num_patients,
-        num_classes: cfg.data.synthetic.num_classes,
-        batch_size: cfg.training.batch_size,
-        slides: cfg.data.hidisc.num_slide_samples,
-        patches: cfg.data.hidisc.num_patch_samples,
-        views: cfg.data.hidisc.num_transforms,
-        image_size: cfg.data.image_size,
-        seed: cfg.infra.seed,
-    };
+    let cfg = config::load(&ConfigSources::from_process_env(file, overrides))?;
     let device = Device::cuda_if_available();
-    let mut source = SyntheticSource::new(spec, device)?;
+    let mut source = batch_source(&cfg, device)?;
     let log_every = cfg.infra.log_every.max(1) as u64;
     println!(
-        "hsat: training {} ({} attack, loss levels patient/slide/patch) on {:?}, {} patients per step, out_dir {}",
+        "hsat: training {} ({} attack) on {:?}, {} patients per step, {} steps per epoch, out_dir {}",
         cfg.model.backbone,
         match cfg.training.attack.kind {
             AttackKind::None => "no",
@@ -34,6 +30,7 @@ pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> 
         },
         device,
         cfg.training.batch_size,
+        source.steps_per_epoch(),
         cfg.infra.out_dir.display()
     );
     let mut trainer = Trainer::new(cfg, device)?;
@@ -41,7 +38,13 @@ pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> 
         "hsat: model has {} trainable parameters",
         trainer.model().num_parameters()
     );
-    let last = trainer.fit(&mut source, |report| {
+    let (mut busy, mut waiting) = (0.0f64, 0.0f64);
+    let last = trainer.fit(source.as_mut(), |report| {
+        // The first step includes start-up (thread pool, first batch): keep it out.
+        if report.step > 0 {
+            busy += report.step_seconds;
+            waiting += report.data_seconds;
+        }
         if report.step % log_every == 0
             || report.step + 1 == report.total_steps
             || report.checkpoint.is_some()
@@ -49,6 +52,14 @@ pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> 
             println!("{}", progress_line(report));
         }
     })?;
+    if busy + waiting > 0.0 {
+        println!(
+            "hsat: waited for data {:.1}% of the time after the first step ({:.2} s of {:.2} s)",
+            100.0 * waiting / (busy + waiting),
+            waiting,
+            busy + waiting
+        );
+    }
     match last {
         Some(dir) => println!("hsat: done; final checkpoint {}", dir.display()),
         None => println!("hsat: done; nothing to train (0 steps)"),
@@ -56,9 +67,68 @@ pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// `step 3/12 epoch 1 lr 1.00e-3 eps 4.50/255 | loss 5.1234 (adv: patient 2.1 slide 1.9 patch 1.1) | 1.23 s`
+/// The configured source of training batches; file datasets are indexed and checked
+/// for missing files before any training starts.
+fn batch_source(cfg: &Config, device: Device) -> anyhow::Result<Box<dyn BatchSource>> {
+    let sampling = cfg.data.hidisc.clone();
+    if let DataSource::Synthetic = cfg.data.source {
+        let spec = SyntheticSpec {
+            num_patients: cfg.data.synthetic.num_patients,
+            num_classes: cfg.data.synthetic.num_classes,
+            batch_size: cfg.training.batch_size,
+            slides: sampling.num_slide_samples,
+            patches: sampling.num_patch_samples,
+            views: sampling.num_transforms,
+            image_size: cfg.data.image_size,
+            seed: cfg.infra.seed,
+        };
+        return Ok(Box::new(SyntheticSource::new(spec, device)?));
+    }
+    let index = DatasetIndex::load(&cfg.data).context("cannot index the dataset")?;
+    let report = check::quick_check(&index);
+    if !report.is_ok() {
+        println!("{}", report.render());
+        bail!("the dataset has errors (listed above); `hsat data check` gives the full report");
+    }
+    println!(
+        "hsat: dataset {} patients ({} train), {} patches, fingerprint {}",
+        index.patients.len(),
+        index.patients_in(Split::Train).len(),
+        index.num_patches(),
+        &index.fingerprint[..12.min(index.fingerprint.len())]
+    );
+    let balanced = balanced_patients(
+        &index,
+        Split::Train,
+        cfg.infra.seed,
+        cfg.data.balance_study_per_class,
+    );
+    let threads = match cfg.data.loader.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let spec = LoaderSpec {
+        seed: cfg.infra.seed,
+        batch_size: cfg.training.batch_size,
+        sampling,
+        image_size: cfg.data.image_size,
+        rand_aug_prob: cfg.data.rand_aug_prob,
+        dynamic_aug: cfg.data.dynamic_aug,
+        num_epochs: cfg.training.num_epochs,
+        threads,
+        prefetch: cfg.data.loader.prefetch,
+    };
+    Ok(Box::new(FileSource::start(
+        Arc::new(index),
+        Arc::new(balanced),
+        spec,
+        0,
+    )?))
+}
+
+/// `step 3/12 epoch 1 lr 1.00e-3 eps 4.50/255 | loss 5.1234 (adv: patient 2.1 slide 1.9 patch 1.1) | step 1.23 s data 0.01 s`
 fn progress_line(r: &StepReport) -> String {
-    let levels = |name: &str, v: &hsat_worker::train::loss::LevelValues| {
+    let levels = |name: &str, v: &LevelValues| {
         format!(
             "{name}: patient {:.4} slide {:.4} patch {:.4}",
             v.patient, v.slide, v.patch

@@ -10,9 +10,20 @@
 //! - [`config`]: layered configuration (built-in defaults < TOML file < `HSAT__...`
 //!   environment variables < `--set key=value`), parsed into raw structs that mirror
 //!   the reference implementation's YAML, then validated into typed config.
+//! - [`rng`]: seeded randomness (splitmix64) and seed derivation from a job seed and
+//!   the coordinates of a draw, so every machine draws the same numbers.
+//! - [`dataset`]: the dataset index (OpenSRH metadata or a CSV manifest): patients,
+//!   slides and patch paths in a content-fixed order, with a fingerprint, and the
+//!   validation report of `hsat data check`.
+//! - [`sampler`]: the hierarchical sampler: the balanced patient list, each epoch's
+//!   order, and the patients, slides and patches of any global step, as pure
+//!   functions of (seed, epoch, step).
 //! - [`schedule`]: the training schedules as pure functions of the step or epoch:
 //!   learning-rate warm-up and cosine decay, attack epsilon warm-up, dynamic
 //!   augmentation strength and the clean/adversarial loss weight.
 
 pub mod config;
+pub mod dataset;
+pub mod rng;
+pub mod sampler;
 pub mod schedule;

@@ -40,8 +40,8 @@ use std::path::PathBuf;
 
 pub use types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, HidiscSampling,
-    InfraConfig, LossType, ModelConfig, ObjectiveConfig, OptimizerConfig, ParseNameError,
-    ScheduleKind, SchedulerConfig, SyntheticConfig, TrainingConfig, WarmupSteps,
+    InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig, OptimizerConfig,
+    ParseNameError, ScheduleKind, SchedulerConfig, SyntheticConfig, TrainingConfig, WarmupSteps,
 };
 
 use layers::TomlLayer;

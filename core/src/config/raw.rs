@@ -7,6 +7,7 @@
 //! (backbone, loss type, ...) stay strings for the same reason.
 
 use std::fmt;
+use std::path::Path;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
@@ -43,8 +44,23 @@ pub(crate) struct RawData {
     pub rand_aug_prob: f64,
     pub dynamic_aug: bool,
     pub balance_study_per_class: bool,
+    /// `""` = not set.
+    pub db_root: String,
+    pub meta_json: String,
+    pub meta_split_json: String,
+    /// `""` = no manifest.
+    pub manifest: String,
     pub hidisc: RawHidisc,
     pub synthetic: RawSynthetic,
+    pub loader: RawLoader,
+}
+
+/// `[data.loader]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLoader {
+    pub threads: i64,
+    pub prefetch: i64,
 }
 
 /// `[data.hidisc]`
@@ -205,6 +221,11 @@ impl<'de> Deserialize<'de> for RawWarmup {
     }
 }
 
+/// A path as TOML text (lossy for non-UTF-8 paths, which a config file cannot hold).
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
 /// A count as a TOML integer; counts beyond `i64::MAX` cannot be written in TOML and
 /// saturate (no validated config holds one).
 fn int(count: usize) -> i64 {
@@ -226,7 +247,7 @@ impl From<&Config> for RawConfig {
         Self {
             infra: RawInfra {
                 seed: i64::try_from(infra.seed).unwrap_or(i64::MAX),
-                out_dir: infra.out_dir.to_string_lossy().into_owned(),
+                out_dir: path_text(&infra.out_dir),
                 threads: int(infra.threads),
                 log_every: int(infra.log_every),
             },
@@ -246,6 +267,14 @@ impl From<&Config> for RawConfig {
                     num_patients: int(data.synthetic.num_patients),
                     num_classes: int(data.synthetic.num_classes),
                 },
+                db_root: path_text(&data.db_root),
+                meta_json: data.meta_json.clone(),
+                meta_split_json: data.meta_split_json.clone(),
+                manifest: data.manifest.as_deref().map(path_text).unwrap_or_default(),
+                loader: RawLoader {
+                    threads: int(data.loader.threads),
+                    prefetch: int(data.loader.prefetch),
+                },
             },
             model: RawModel {
                 backbone: model.backbone.name().to_owned(),
@@ -253,8 +282,8 @@ impl From<&Config> for RawConfig {
                 num_embedding_out: int(model.num_embedding_out),
                 init_checkpoint: model
                     .init_checkpoint
-                    .as_ref()
-                    .map(|path| path.to_string_lossy().into_owned())
+                    .as_deref()
+                    .map(path_text)
                     .unwrap_or_default(),
             },
             training: RawTraining {

@@ -73,6 +73,17 @@ fn defaults_are_the_papers() {
         (data.synthetic.num_patients, data.synthetic.num_classes),
         (8, 2)
     );
+    assert_eq!(data.db_root, PathBuf::new());
+    assert_eq!(data.meta_json, "opensrh.json");
+    assert_eq!(data.meta_split_json, "train_val_split.json");
+    assert_eq!(data.manifest, None);
+    assert_eq!(
+        data.loader,
+        LoaderConfig {
+            threads: 0,
+            prefetch: 2
+        }
+    );
     assert_eq!(model.backbone, Backbone::ResNet50);
     assert_eq!(model.backbone.feature_dim(), 2048);
     assert!(model.mlp_hidden.is_empty());
@@ -130,6 +141,10 @@ channels = 3
 rand_aug_prob = 0.3
 dynamic_aug = false
 balance_study_per_class = true
+db_root = ""
+meta_json = "opensrh.json"
+meta_split_json = "train_val_split.json"
+manifest = ""
 [data.hidisc]
 num_slide_samples = 2
 num_patch_samples = 2
@@ -137,6 +152,9 @@ num_transforms = 2
 [data.synthetic]
 num_patients = 8
 num_classes = 2
+[data.loader]
+threads = 0
+prefetch = 2
 [model]
 backbone = "resnet50"
 mlp_hidden = []
@@ -276,6 +294,82 @@ fn environment_lists_are_comma_separated() {
         [
             "model.mlp_hidden[1] = \"wide\": must be an integer (set by environment variable \
           HSAT__MODEL__MLP_HIDDEN)"
+        ]
+    );
+}
+
+#[test]
+fn dataset_keys_from_every_layer() {
+    let file = toml_file("[data]\nsource = \"opensrh\"\ndb_root = \"/data/from-file\"\n");
+    let config = load_with(
+        Some(&file),
+        &[
+            ("HSAT__DATA__DB_ROOT", "/data/opensrh"),
+            ("HSAT__DATA__LOADER__THREADS", "4"),
+            ("HSAT__DATA__META_SPLIT_JSON", "fold1.json"),
+        ],
+        &["data.loader.prefetch=3", "data.meta_json=2024.10"],
+    )
+    .unwrap();
+    let data = config.data;
+    assert_eq!(data.source, DataSource::OpenSrh);
+    assert_eq!(data.db_root, PathBuf::from("/data/opensrh"));
+    assert_eq!(data.meta_split_json, "fold1.json");
+    // A string key keeps the text, even when it reads as a number.
+    assert_eq!(data.meta_json, "2024.10");
+    assert_eq!(
+        data.loader,
+        LoaderConfig {
+            threads: 4,
+            prefetch: 3
+        }
+    );
+
+    let config = load_with(
+        None,
+        &[("HSAT__DATA__SOURCE", "manifest")],
+        &["data.manifest=tiles/all.csv"],
+    )
+    .unwrap();
+    assert_eq!(config.data.source, DataSource::Manifest);
+    assert_eq!(config.data.manifest, Some(PathBuf::from("tiles/all.csv")));
+}
+
+#[test]
+fn dataset_cross_key_problems_name_the_layer() {
+    assert_eq!(
+        problems(load_with(None, &[], &["data.source=opensrh"])),
+        [
+            "data.db_root = \"\": must be the OpenSRH folder (the one holding \
+             meta/opensrh.json) when data.source = \"opensrh\""
+        ]
+    );
+    assert_eq!(
+        problems(load_with(
+            None,
+            &[
+                ("HSAT__DATA__SOURCE", "manifest"),
+                ("HSAT__DATA__MANIFEST", "")
+            ],
+            &[]
+        )),
+        [
+            "data.manifest = \"\": must be the path of the CSV file listing the patches \
+             (header patient,slide,path,label,split) when data.source = \"manifest\" (set by \
+             environment variable HSAT__DATA__MANIFEST)"
+        ]
+    );
+    assert_eq!(
+        problems(load_with(
+            None,
+            &[],
+            &["data.loader.prefetch=0", "data.loader.workers=2"]
+        )),
+        [
+            "data.loader.workers: unknown key (set by --set data.loader.workers=2); the keys \
+             of data.loader are prefetch, threads",
+            "data.loader.prefetch = 0: must be in [1, 64] (batches prepared ahead of the \
+             training step) (set by --set data.loader.prefetch=0)",
         ]
     );
 }
@@ -565,6 +659,15 @@ fn json_round_trip_through_toml_text() {
     config.infra.out_dir = PathBuf::from("runs/round trip");
     config.data.dynamic_aug = true;
     config.data.hidisc.num_slide_samples = 1;
+    config.data.source = DataSource::Manifest;
+    config.data.db_root = PathBuf::from("/data/he tiles");
+    config.data.meta_json = "meta v2.json".to_owned();
+    config.data.meta_split_json = "folds/split_0.json".to_owned();
+    config.data.manifest = Some(PathBuf::from("tiles/manifest.csv"));
+    config.data.loader = LoaderConfig {
+        threads: 3,
+        prefetch: 5,
+    };
     config.model.backbone = Backbone::WideResNet50_2;
     config.model.mlp_hidden = vec![512, 256];
     config.model.init_checkpoint = Some(PathBuf::from("w/init.safetensors"));
@@ -586,6 +689,8 @@ fn json_round_trip_through_toml_text() {
         serde_json::json!([0.9, 0.999])
     );
     assert_eq!(json["model"]["init_checkpoint"], "w/init.safetensors");
+    assert_eq!(json["data"]["manifest"], "tiles/manifest.csv");
+    assert_eq!(json["data"]["loader"]["prefetch"], 5);
 
     let text = toml::to_string(&toml::Value::try_from(&json).unwrap()).unwrap();
     let reloaded = Config::from_toml_str(&text).unwrap();
@@ -619,6 +724,10 @@ fn default_json_is_the_raw_layout() {
     assert_eq!(training["scheduler"]["which"], "cos_warmup");
     assert!(training["scheduler"]["params"]["num_warmup_steps"].is_f64());
     assert_eq!(json["model"]["init_checkpoint"], "");
+    assert_eq!(json["data"]["source"], "synthetic");
+    assert_eq!(json["data"]["db_root"], "");
+    assert_eq!(json["data"]["manifest"], "");
+    assert_eq!(json["data"]["loader"]["threads"], 0);
     assert!(Config::from_json_value(&serde_json::json!([1, 2])).is_err());
 }
 
@@ -672,6 +781,8 @@ fn paper_examples_differ_only_in_the_attack() {
     let hsat = Config::from_toml_str(include_str!("../../../examples/hsat_paper.toml")).unwrap();
     assert_eq!(hsat.model.backbone, Backbone::ResNet50);
     assert_eq!(hsat.data.image_size, 300);
+    assert_eq!(hsat.data.source, DataSource::OpenSrh);
+    assert_eq!(hsat.data.db_root, PathBuf::from("data/opensrh"));
     assert_eq!(
         (hsat.training.batch_size, hsat.training.num_epochs),
         (10, 40000)
@@ -696,6 +807,21 @@ fn paper_examples_differ_only_in_the_attack() {
     assert_eq!(without_attack, hidisc);
 }
 
+#[test]
+fn manifest_example_is_the_paper_run_on_a_manifest() {
+    let config = Config::from_toml_str(include_str!("../../../examples/manifest.toml")).unwrap();
+    assert_eq!(config.data.source, DataSource::Manifest);
+    assert_eq!(
+        config.data.manifest,
+        Some(PathBuf::from("data/tiles/manifest.csv"))
+    );
+    assert_eq!(config.data.image_size, 224);
+    let hsat = Config::from_toml_str(include_str!("../../../examples/hsat_paper.toml")).unwrap();
+    assert_eq!(config.training, hsat.training);
+    assert_eq!(config.model, hsat.model);
+    assert_eq!(config.data.hidisc, hsat.data.hidisc);
+}
+
 /// Every leaf key of the schema, dotted.
 fn leaf_keys(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
     for (name, value) in table {
@@ -716,7 +842,7 @@ fn docs_describe_every_key() {
     let docs = include_str!("../../../docs/config.md");
     let mut keys = Vec::new();
     leaf_keys(&layers::schema().unwrap(), "", &mut keys);
-    assert_eq!(keys.len(), 45);
+    assert_eq!(keys.len(), 51);
     for key in keys {
         assert!(
             docs.contains(&format!("`{key}`")),

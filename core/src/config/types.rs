@@ -137,6 +137,12 @@ named_enum! {
     pub enum DataSource ("data source") {
         /// Generated in memory from the seed; for tests and smoke runs.
         Synthetic => "synthetic",
+        /// OpenSRH on disk: `<db_root>/meta/<meta_json>` lists patients, slides and
+        /// patches, `<db_root>/meta/<meta_split_json>` the train/val split.
+        OpenSrh => "opensrh",
+        /// Any patient -> slide -> patch dataset listed in a CSV file
+        /// (`patient,slide,path,label,split`), e.g. H&E tiles.
+        Manifest => "manifest",
     }
 }
 
@@ -160,6 +166,33 @@ pub struct DataConfig {
     pub hidisc: HidiscSampling,
     /// Size of the generated dataset when `source` is synthetic.
     pub synthetic: SyntheticConfig,
+    /// Dataset folder (default empty). Never empty when `source` is opensrh: patch
+    /// paths of the metadata are relative to it. With `source` manifest, relative tile
+    /// paths resolve against it when it is set, else against the manifest's folder.
+    /// Relative values are relative to the working directory.
+    pub db_root: PathBuf,
+    /// OpenSRH metadata file, relative to `<db_root>/meta/` (default "opensrh.json");
+    /// never empty.
+    pub meta_json: String,
+    /// OpenSRH split file, relative to `<db_root>/meta/` (default
+    /// "train_val_split.json"); never empty.
+    pub meta_split_json: String,
+    /// The CSV manifest (default None); `Some` when `source` is manifest. Raw value
+    /// `""` means `None`.
+    pub manifest: Option<PathBuf>,
+    /// How the workers read and augment patches.
+    pub loader: LoaderConfig,
+}
+
+/// The workers' data loading pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoaderConfig {
+    /// Threads decoding and augmenting patches per worker; 0 = one per core
+    /// (default 0).
+    pub threads: usize,
+    /// Batches prepared ahead of the training step (default 2); in 1..=64. Each one
+    /// holds `batch_size * S * P * V` images in memory.
+    pub prefetch: usize,
 }
 
 /// Shape of one patient's sample: `[S, P, V]` in the batch tensor `[B, S, P, V, C, H, W]`.
@@ -492,6 +525,14 @@ impl Default for Config {
                 synthetic: SyntheticConfig {
                     num_patients: 8,
                     num_classes: 2,
+                },
+                db_root: PathBuf::new(),
+                meta_json: "opensrh.json".to_owned(),
+                meta_split_json: "train_val_split.json".to_owned(),
+                manifest: None,
+                loader: LoaderConfig {
+                    threads: 0,
+                    prefetch: 2,
                 },
             },
             model: ModelConfig {

@@ -10,8 +10,8 @@ use std::str::FromStr;
 use super::raw::{RawConfig, RawWarmup};
 use super::types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, HidiscSampling,
-    InfraConfig, LossType, ModelConfig, ObjectiveConfig, OptimizerConfig, ParseNameError,
-    ScheduleKind, SchedulerConfig, SyntheticConfig, TrainingConfig, WarmupSteps,
+    InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig, OptimizerConfig,
+    ParseNameError, ScheduleKind, SchedulerConfig, SyntheticConfig, TrainingConfig, WarmupSteps,
 };
 
 /// One thing wrong with the configuration.
@@ -241,6 +241,7 @@ fn data(c: &mut Checker, raw: &RawConfig) -> DataConfig {
             "",
         )
     };
+    let files = data_files(c, raw, source);
     DataConfig {
         source,
         image_size,
@@ -253,6 +254,91 @@ fn data(c: &mut Checker, raw: &RawConfig) -> DataConfig {
             num_patients,
             num_classes,
         },
+        db_root: files.db_root,
+        meta_json: files.meta_json,
+        meta_split_json: files.meta_split_json,
+        manifest: files.manifest,
+        loader: loader(c, raw),
+    }
+}
+
+/// Where a dataset on disk is: the checked file keys of `[data]`.
+struct DataFiles {
+    db_root: PathBuf,
+    meta_json: String,
+    meta_split_json: String,
+    manifest: Option<PathBuf>,
+}
+
+/// The file keys of `[data]`, with the rules that tie them to `data.source`.
+fn data_files(c: &mut Checker, raw: &RawConfig, source: DataSource) -> DataFiles {
+    let r = &raw.data;
+    let when = |name: &str| format!(" when data.source = {name:?}");
+    if source == DataSource::OpenSrh && r.db_root.trim().is_empty() {
+        c.problem(
+            "data.db_root",
+            format!(
+                "data.db_root = {:?}: must be the OpenSRH folder (the one holding meta/{}){}",
+                r.db_root,
+                r.meta_json,
+                when("opensrh")
+            ),
+        );
+    }
+    for (key, value, what) in [
+        ("data.meta_json", &r.meta_json, "the patient metadata"),
+        (
+            "data.meta_split_json",
+            &r.meta_split_json,
+            "the train/val split",
+        ),
+    ] {
+        if value.trim().is_empty() {
+            c.problem(
+                key,
+                format!(
+                    "{key} = {value:?}: must not be empty (the file under <data.db_root>/meta/ \
+                     holding {what})"
+                ),
+            );
+        }
+    }
+    if source == DataSource::Manifest && r.manifest.trim().is_empty() {
+        c.problem(
+            "data.manifest",
+            format!(
+                "data.manifest = {:?}: must be the path of the CSV file listing the patches \
+                 (header patient,slide,path,label,split){}",
+                r.manifest,
+                when("manifest")
+            ),
+        );
+    }
+    DataFiles {
+        db_root: PathBuf::from(&r.db_root),
+        meta_json: r.meta_json.clone(),
+        meta_split_json: r.meta_split_json.clone(),
+        manifest: (!r.manifest.is_empty()).then(|| PathBuf::from(&r.manifest)),
+    }
+}
+
+fn loader(c: &mut Checker, raw: &RawConfig) -> LoaderConfig {
+    let r = &raw.data.loader;
+    LoaderConfig {
+        threads: c.count(
+            "data.loader.threads",
+            r.threads,
+            0,
+            None,
+            " (decoding and augmentation threads per worker; 0 = one per core)",
+        ),
+        prefetch: c.count(
+            "data.loader.prefetch",
+            r.prefetch,
+            1,
+            Some(64),
+            " (batches prepared ahead of the training step)",
+        ),
     }
 }
 
@@ -758,16 +844,90 @@ mod tests {
         let mut raw = raw_default();
         raw.training.optimizer = "sgd".to_owned();
         raw.training.objective.which = "simclr".to_owned();
-        raw.data.source = "opensrh".to_owned();
+        raw.data.source = "tcga".to_owned();
         assert_eq!(
             messages(&raw),
             [
-                "data.source = \"opensrh\": must be one of \"synthetic\"",
+                "data.source = \"tcga\": must be one of \"synthetic\", \"opensrh\", \"manifest\"",
                 "training.optimizer = \"sgd\": must be \"adamw\" (the only optimizer implemented; \
                  tune it under [training.adamw])",
                 "training.objective.which = \"simclr\": must be \"hidisc\" (the only objective \
                  implemented)",
             ]
+        );
+    }
+
+    #[test]
+    fn opensrh_needs_its_folder() {
+        let mut raw = raw_default();
+        raw.data.source = "opensrh".to_owned();
+        assert_eq!(
+            messages(&raw),
+            [
+                "data.db_root = \"\": must be the OpenSRH folder (the one holding \
+                 meta/opensrh.json) when data.source = \"opensrh\""
+            ]
+        );
+        raw.data.db_root = "/data/opensrh".to_owned();
+        let data = validate(&raw).unwrap().data;
+        assert_eq!(data.source, DataSource::OpenSrh);
+        assert_eq!(data.db_root, PathBuf::from("/data/opensrh"));
+        assert_eq!(data.manifest, None);
+        raw.data.meta_json = String::new();
+        raw.data.meta_split_json = " ".to_owned();
+        assert_eq!(
+            messages(&raw),
+            [
+                "data.meta_json = \"\": must not be empty (the file under <data.db_root>/meta/ \
+                 holding the patient metadata)",
+                "data.meta_split_json = \" \": must not be empty (the file under \
+                 <data.db_root>/meta/ holding the train/val split)",
+            ]
+        );
+    }
+
+    #[test]
+    fn manifest_needs_its_csv_file() {
+        let mut raw = raw_default();
+        raw.data.source = "manifest".to_owned();
+        assert_eq!(
+            messages(&raw),
+            [
+                "data.manifest = \"\": must be the path of the CSV file listing the patches \
+                 (header patient,slide,path,label,split) when data.source = \"manifest\""
+            ]
+        );
+        raw.data.manifest = "tiles/manifest.csv".to_owned();
+        let data = validate(&raw).unwrap().data;
+        assert_eq!(data.source, DataSource::Manifest);
+        assert_eq!(data.manifest, Some(PathBuf::from("tiles/manifest.csv")));
+        // db_root is optional for a manifest (tile paths then resolve against its folder).
+        assert_eq!(data.db_root, PathBuf::new());
+    }
+
+    #[test]
+    fn loader_ranges() {
+        let mut raw = raw_default();
+        raw.data.loader.threads = -1;
+        raw.data.loader.prefetch = 0;
+        assert_eq!(
+            messages(&raw),
+            [
+                "data.loader.threads = -1: must be >= 0 (decoding and augmentation threads per \
+                 worker; 0 = one per core)",
+                "data.loader.prefetch = 0: must be in [1, 64] (batches prepared ahead of the \
+                 training step)",
+            ]
+        );
+        raw.data.loader.threads = 6;
+        raw.data.loader.prefetch = 64;
+        let loader = validate(&raw).unwrap().data.loader;
+        assert_eq!(
+            loader,
+            LoaderConfig {
+                threads: 6,
+                prefetch: 64
+            }
         );
     }
 

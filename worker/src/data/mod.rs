@@ -5,9 +5,11 @@
 //!   engine is usable without files.
 //! - [`image`]: decoding (TIFF incl. 2-channel 16-bit, PNG, JPEG), base processing
 //!   and the HiDisc augmentations, in plain Rust on CPU.
+//! - [`loader`]: the file-backed source: sampler plan, thread pool, prefetch queue.
 //! - [`synth`]: `hsat synth`, a generator of realistic datasets on disk.
 
 pub mod image;
+pub mod loader;
 pub mod synth;
 pub mod synthetic;
 

@@ -1,0 +1,166 @@
+//! `hsat synth` and `hsat data check`: making and checking datasets on disk.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hsat_core::config::{self, ConfigSources};
+use hsat_core::dataset::{DatasetIndex, check};
+use hsat_worker::data::image::decode_file;
+use hsat_worker::data::synth::{SynthFormat, SynthSpec, synthesize};
+
+/// Options of `hsat synth`.
+#[derive(Debug, clap::Args)]
+pub struct SynthArgs {
+    /// Directory to create (must be empty or absent).
+    #[arg(long)]
+    out: PathBuf,
+    /// `opensrh` (2-channel 16-bit TIFF + meta JSON) or `manifest` (RGB PNG + CSV).
+    #[arg(long, default_value = "opensrh")]
+    format: SynthFormat,
+    /// Number of classes (2 to 7).
+    #[arg(long, default_value_t = 3)]
+    classes: usize,
+    /// Patients per class.
+    #[arg(long, default_value_t = 4)]
+    patients_per_class: usize,
+    /// Of those, patients per class in the validation split.
+    #[arg(long, default_value_t = 1)]
+    val_patients_per_class: usize,
+    /// Slides per patient.
+    #[arg(long, default_value_t = 2)]
+    slides: usize,
+    /// Patches per slide.
+    #[arg(long, default_value_t = 4)]
+    patches: usize,
+    /// Patch side in pixels.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Seed: the same options and seed give byte-identical files.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Writes a synthetic dataset and prints how to train on it.
+pub fn synth(args: SynthArgs) -> anyhow::Result<()> {
+    let spec = SynthSpec {
+        out: args.out.clone(),
+        format: args.format,
+        classes: args.classes,
+        patients_per_class: args.patients_per_class,
+        val_patients_per_class: args.val_patients_per_class,
+        slides_per_patient: args.slides,
+        patches_per_slide: args.patches,
+        size: args.size,
+        seed: args.seed,
+    };
+    let started = Instant::now();
+    let mut progress = Progress::new("writing patches");
+    let summary = synthesize(&spec, &mut |done, total| progress.update(done, total))?;
+    progress.finish();
+    println!(
+        "hsat synth: {} patients, {} slides, {} patches ({:.1} MB) in {} in {:.1} s",
+        summary.patients,
+        summary.slides,
+        summary.patches,
+        summary.bytes as f64 / 1e6,
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "train on it with these config lines:\n{}",
+        summary.config_hint
+    );
+    Ok(())
+}
+
+/// Options of `hsat data check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The training config whose `data` section names the dataset.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override one key, e.g. `--set data.db_root=/data/opensrh`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+/// Indexes the dataset, decodes every patch, prints the summary table and the problems.
+/// Fails (non-zero exit) when the dataset has errors.
+pub fn check_dataset(args: CheckArgs) -> anyhow::Result<()> {
+    let cfg = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
+    let index = DatasetIndex::load(&cfg.data).context("cannot index the dataset")?;
+    println!(
+        "hsat data check: {} patients, {} patches, fingerprint {}",
+        index.patients.len(),
+        index.num_patches(),
+        index.fingerprint
+    );
+    let mut progress = Progress::new("decoding patches");
+    let mut probe =
+        |path: &std::path::Path| decode_file(path).map(|_| ()).map_err(|e| e.to_string());
+    let report = check::check(&index, &mut probe, &mut |done, total| {
+        progress.update(done, total)
+    });
+    progress.finish();
+    println!("{}", report.render());
+    if !report.is_ok() {
+        bail!("the dataset has errors (listed above); fix them before training");
+    }
+    println!("hsat data check: ok");
+    Ok(())
+}
+
+/// A progress line on stderr, redrawn at most every 200 ms.
+pub struct Progress {
+    what: &'static str,
+    started: Instant,
+    last_draw: Option<Instant>,
+    drawn: bool,
+}
+
+impl Progress {
+    /// Starts a progress line for `what`.
+    pub fn new(what: &'static str) -> Self {
+        Progress {
+            what,
+            started: Instant::now(),
+            last_draw: None,
+            drawn: false,
+        }
+    }
+
+    /// Reports `done` of `total`.
+    pub fn update(&mut self, done: usize, total: usize) {
+        let now = Instant::now();
+        if self
+            .last_draw
+            .is_some_and(|t| now - t < Duration::from_millis(200))
+            && done < total
+        {
+            return;
+        }
+        self.last_draw = Some(now);
+        self.drawn = true;
+        let elapsed = (now - self.started).as_secs_f64();
+        let rate = done as f64 / elapsed.max(1e-9);
+        let eta = if done > 0 {
+            (total - done) as f64 / rate
+        } else {
+            f64::NAN
+        };
+        eprint!(
+            "\r{}: {done}/{total} ({:.0}/s, eta {:.0} s)   ",
+            self.what, rate, eta
+        );
+        let _ = std::io::stderr().flush();
+    }
+
+    /// Ends the line.
+    pub fn finish(&mut self) {
+        if self.drawn {
+            eprintln!();
+        }
+    }
+}
