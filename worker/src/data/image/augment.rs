@@ -15,7 +15,7 @@ use super::Image;
 use super::ops;
 
 /// How views are augmented.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AugmentConfig {
     /// Probability of each augmentation step (`rand_aug_prob`, [0.3]); in [0, 1].
     pub rand_aug_prob: f64,
@@ -309,15 +309,15 @@ pub fn augment(image: &Image, cfg: &AugmentConfig, rng: &mut SplitMix64) -> Imag
 
 /// `RandomErasing(p, scale, ratio, value=0)`.
 fn random_erasing(image: &mut Image, plan: &Plan, rng: &mut SplitMix64) {
-    if chance(rng, plan.p_erase) {
-        if let Some((i, j, h, w)) = erasing_box(
+    if chance(rng, plan.p_erase)
+        && let Some((i, j, h, w)) = erasing_box(
             rng,
             (image.height, image.width),
             plan.erase_scale,
             plan.erase_ratio,
-        ) {
-            ops::erase_in_place(image, i, j, h, w);
-        }
+        )
+    {
+        ops::erase_in_place(image, i, j, h, w);
     }
 }
 

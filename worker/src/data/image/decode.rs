@@ -339,20 +339,21 @@ fn decode_tiff(bytes: &[u8], origin: &Path) -> Result<Decoded, ImageError> {
     }
 
     // tifffile's `(H, W, 2)` minisblack layout: H pages of W x 2.
-    if let Some([h, w, 2]) = description.as_deref().and_then(tifffile_shape) {
-        if pages.len() == h && pages.iter().all(|p| p.height == w && p.width == 2) {
-            let (ch2, ch3) = pages
-                .iter()
-                .flat_map(|p| p.samples.chunks_exact(2))
-                .map(|pair| (pair[0], pair[1]))
-                .unzip();
-            return Ok(Decoded::Srh {
-                height: h,
-                width: w,
-                ch2,
-                ch3,
-            });
-        }
+    if let Some([h, w, 2]) = description.as_deref().and_then(tifffile_shape)
+        && pages.len() == h
+        && pages.iter().all(|p| p.height == w && p.width == 2)
+    {
+        let (ch2, ch3) = pages
+            .iter()
+            .flat_map(|p| p.samples.chunks_exact(2))
+            .map(|pair| (pair[0], pair[1]))
+            .unzip();
+        return Ok(Decoded::Srh {
+            height: h,
+            width: w,
+            ch2,
+            ch3,
+        });
     }
     match pages.as_mut_slice() {
         [a, b] if (a.height, a.width) == (b.height, b.width) => Ok(Decoded::Srh {

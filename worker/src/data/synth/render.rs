@@ -212,7 +212,7 @@ pub(super) fn render_rgb(
     rgb
 }
 
-/// `exp(-d)` for `d >= 0` (clamped to 80), to a relative 5e-6, branch-free so that
+/// `exp(-d)` for `d >= 0` (clamped to 80), to a relative 5e-6 + 4e-8 d, branch-free so that
 /// loops over it vectorize: `2^y` with `y = -d log2(e)` split into an integer `i`
 /// (put straight into the exponent bits) and `f` in [-1/2, 1/2] (a degree-5 Taylor
 /// polynomial of `e^(f ln 2)`).
@@ -246,7 +246,8 @@ mod tests {
             let d = i as f32 * 0.001;
             let exact = (-f64::from(d)).exp();
             let relative = (f64::from(exp_neg(d)) - exact).abs() / exact;
-            assert!(relative < 5e-6, "{d}: {relative}");
+            // Rounding y = -d log2(e) to f32 adds about 4e-8 d.
+            assert!(relative < 5e-6 + 4e-8 * f64::from(d), "{d}: {relative}");
         }
         assert_eq!(exp_neg(0.0), 1.0);
         assert!(exp_neg(1e9) > 0.0 && exp_neg(1e9) < 1e-30);
