@@ -244,3 +244,193 @@ impl Reference {
         let _ = self.child.wait();
     }
 }
+
+/// Options of `hsat bench data`.
+#[derive(Debug, clap::Args)]
+pub struct DataArgs {
+    /// Patch side of the generated dataset, in pixels.
+    #[arg(long, default_value_t = 300)]
+    size: usize,
+    /// Timed passes over the files per implementation.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Patches per slide of the generated dataset (3 classes x 3 patients x 2 slides).
+    #[arg(long, default_value_t = 8)]
+    patches: usize,
+    /// Optimiser steps of the training run that measures data wait (0 skips it).
+    #[arg(long, default_value_t = 6)]
+    train_steps: usize,
+    /// Python interpreter with torch 2.13 (default: $HSAT_PYTHON, else setup's venv).
+    #[arg(long)]
+    python: Option<PathBuf>,
+}
+
+/// Runs the data benchmark.
+pub fn data(args: DataArgs) -> anyhow::Result<()> {
+    use hsat_core::rng::{SplitMix64, derive_seed};
+    use hsat_worker::data::image::{AugmentConfig, augment, base_process, decode_file};
+    use hsat_worker::data::synth::{SynthFormat, SynthSpec, synthesize};
+
+    let dir = tempfile::tempdir().context("creating a scratch directory")?;
+    let root = dir.path().join("srh");
+    let spec = SynthSpec {
+        out: root.clone(),
+        format: SynthFormat::OpenSrh,
+        classes: 3,
+        patients_per_class: 3,
+        val_patients_per_class: 1,
+        slides_per_patient: 2,
+        patches_per_slide: args.patches,
+        size: args.size,
+        seed: 0,
+    };
+    synthesize(&spec, &mut |_, _| {})?;
+    let mut files = Vec::new();
+    collect_files(&root.join("studies"), "tif", &mut files)?;
+    files.sort();
+    println!(
+        "hsat bench data: {} OpenSRH-style patches of {}x{} px, decode + base processing + full augmentation (p = 0.3), one thread each",
+        files.len(),
+        args.size,
+        args.size
+    );
+
+    let cfg = AugmentConfig {
+        rand_aug_prob: 0.3,
+        dynamic: false,
+        strength: 1.0,
+        out_size: args.size,
+    };
+    let ours = |round: u64| -> anyhow::Result<f64> {
+        let started = Instant::now();
+        for (i, path) in files.iter().enumerate() {
+            let base = base_process(&decode_file(path)?);
+            let mut rng = SplitMix64::new(derive_seed(round, &[i as u64]));
+            let view = augment(&base, &cfg, &mut rng);
+            anyhow::ensure!(
+                view.width == args.size,
+                "augmentation returned {} px",
+                view.width
+            );
+        }
+        Ok(files.len() as f64 / started.elapsed().as_secs_f64())
+    };
+    let python = args.python.clone().unwrap_or_else(default_python);
+    let script = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../bench/augment_reference.py"
+    ));
+    let theirs = || -> anyhow::Result<f64> {
+        let out = Command::new(&python)
+            .arg(&script)
+            .args(["--size", &args.size.to_string()])
+            .args(&files)
+            .env("OMP_NUM_THREADS", "1")
+            .output()
+            .with_context(|| {
+                format!(
+                    "starting {} with {}; run `bash scripts/setup.sh` or pass --python",
+                    script.display(),
+                    python.display()
+                )
+            })?;
+        anyhow::ensure!(
+            out.status.success(),
+            "the torchvision reference failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (n, secs) = text
+            .trim()
+            .split_once('/')
+            .context("unexpected reference output")?;
+        Ok(n.parse::<f64>()? / secs.parse::<f64>()?)
+    };
+    let (mut ours_rates, mut their_rates) = (Vec::new(), Vec::new());
+    ours(u64::MAX)?; // warm-up: page cache, allocator
+    for round in 0..args.rounds {
+        ours_rates.push(ours(round as u64)?);
+        their_rates.push(theirs()?);
+    }
+    let (o, t) = (median(&mut ours_rates), median(&mut their_rates));
+    println!("{:<28} {:>12}", "pipeline", "patches/s/core");
+    println!("{:<28} {:>12.1}", "hsat (Rust)", o);
+    println!("{:<28} {:>12.1}", "torchvision 0.28", t);
+    println!("speedup per core: {:.2}x", o / t);
+
+    if args.train_steps > 0 {
+        data_wait(&root, args.size, args.train_steps)?;
+    }
+    Ok(())
+}
+
+/// Trains ResNet-18 with PGD-5 from the generated files and reports the share of time
+/// the training loop waited for the loader (after the first step, which includes
+/// start-up).
+fn data_wait(root: &std::path::Path, size: usize, steps: usize) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use hsat_core::config::{AttackKind, Config, DataSource};
+    use hsat_core::dataset::{DatasetIndex, Split};
+    use hsat_core::sampler::balanced_patients;
+    use hsat_worker::data::loader::{FileSource, LoaderSpec};
+    use hsat_worker::train::trainer::Trainer;
+
+    let train_size = size.min(96);
+    let mut cfg = Config::default();
+    cfg.data.source = DataSource::OpenSrh;
+    cfg.data.db_root = root.to_path_buf();
+    cfg.data.image_size = train_size;
+    cfg.model.backbone = Backbone::ResNet18;
+    cfg.training.batch_size = 3;
+    cfg.training.attack.kind = AttackKind::Pgd;
+    cfg.training.only_adv = true;
+    cfg.training.save_checkpoint_interval = 0;
+    let scratch = tempfile::tempdir()?;
+    cfg.infra.out_dir = scratch.path().to_path_buf();
+    let index = DatasetIndex::load(&cfg.data)?;
+    let balanced = balanced_patients(&index, Split::Train, cfg.infra.seed, true);
+    let steps_per_epoch =
+        hsat_core::sampler::steps_per_epoch(balanced.len(), cfg.training.batch_size) as usize;
+    cfg.training.num_epochs = steps.div_ceil(steps_per_epoch).max(1);
+    let spec = LoaderSpec {
+        seed: cfg.infra.seed,
+        batch_size: cfg.training.batch_size,
+        sampling: cfg.data.hidisc.clone(),
+        image_size: train_size,
+        rand_aug_prob: cfg.data.rand_aug_prob,
+        dynamic_aug: true,
+        num_epochs: cfg.training.num_epochs,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        prefetch: 2,
+    };
+    let mut source = FileSource::start(Arc::new(index), Arc::new(balanced), spec, 0)?;
+    let mut trainer = Trainer::new(cfg, Device::Cpu)?;
+    let (mut busy, mut waiting, mut counted) = (0.0, 0.0, 0);
+    trainer.fit(&mut source, |r| {
+        if r.step > 0 {
+            busy += r.step_seconds;
+            waiting += r.data_seconds;
+            counted += 1;
+        }
+    })?;
+    println!(
+        "training run (ResNet-18, PGD-5, 3 patients x 2 x 2 x 2 views at {train_size} px, {counted} steps after the first): waited for data {:.2}% of step time ({:.3} s of {:.2} s)",
+        100.0 * waiting / (busy + waiting),
+        waiting,
+        busy + waiting
+    );
+    Ok(())
+}
+
+fn collect_files(dir: &std::path::Path, ext: &str, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_files(&path, ext, out)?;
+        } else if path.extension().is_some_and(|e| e == ext) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}

@@ -77,6 +77,15 @@ enum BenchCommand {
     ///   hsat bench step --backbone resnet18 --image-size 64 --rounds 10
     #[command(verbatim_doc_comment)]
     Step(bench::StepArgs),
+
+    /// Patches per second per core for decode + base processing + the full
+    /// augmentation set, against torchvision's pipeline on the same files in the same
+    /// run; then the share of step time a training run spends waiting for data.
+    ///
+    /// Example:
+    ///   hsat bench data --size 300 --rounds 3
+    #[command(verbatim_doc_comment)]
+    Data(bench::DataArgs),
 }
 
 /// Where the config comes from.
@@ -104,6 +113,7 @@ fn main() -> std::process::ExitCode {
         Command::Synth(args) => data::synth(args),
         Command::Data(DataCommand::Check(args)) => data::check_dataset(args),
         Command::Bench(BenchCommand::Step(args)) => bench::step(args),
+        Command::Bench(BenchCommand::Data(args)) => bench::data(args),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -9,7 +9,13 @@ fn hsat() -> Command {
 
 #[test]
 fn every_subcommand_explains_itself_with_an_example() {
-    for args in [vec!["run", "--help"], vec!["bench", "step", "--help"]] {
+    for args in [
+        vec!["run", "--help"],
+        vec!["bench", "step", "--help"],
+        vec!["bench", "data", "--help"],
+        vec!["synth", "--help"],
+        vec!["data", "check", "--help"],
+    ] {
         let out = hsat().args(&args).output().expect("run hsat");
         assert!(out.status.success(), "{args:?}");
         let text = String::from_utf8_lossy(&out.stdout);

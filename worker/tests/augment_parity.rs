@@ -453,6 +453,9 @@ fn truncated_files_are_errors_never_panics() {
     }
 }
 
+/// An op under measurement.
+type Timed<'a> = Box<dyn Fn() -> Image + 'a>;
+
 /// Median throughput of `augment` on 300x300 patches, one thread, reference settings.
 #[test]
 #[ignore = "benchmark: run with --release -- --ignored --nocapture"]
@@ -478,7 +481,7 @@ fn augment_throughput_on_300x300_patches() {
     // Each op alone, median microseconds per call.
     let x = &patches[0];
     let noise_rng = std::cell::RefCell::new(SplitMix64::new(9));
-    let timed: Vec<(&str, Box<dyn Fn() -> Image + '_>)> = vec![
+    let timed: Vec<(&str, Timed<'_>)> = vec![
         ("clone", Box::new(|| x.clone())),
         ("hflip", Box::new(|| ops::hflip(x))),
         ("vflip", Box::new(|| ops::vflip(x))),

@@ -444,7 +444,8 @@ fn a_previous_output_is_replaced_but_not_one_with_foreign_files() {
 fn invalid_specs_are_rejected_with_the_rule() {
     let dir = tempfile::tempdir().unwrap();
     let base = spec_in(dir.path(), SynthFormat::OpenSrh);
-    let cases: [(fn(&mut SynthSpec), &str); 6] = [
+    type Change = fn(&mut SynthSpec);
+    let cases: [(Change, &str); 6] = [
         (|s| s.classes = 8, "classes = 8: must be 2 to 7"),
         (|s| s.classes = 1, "classes = 1: must be 2 to 7"),
         (

@@ -77,106 +77,111 @@ pub(super) struct Morphology {
 /// hgg, lgg, mening, metast, pituita, schwan). Loosely modelled on the tissues, but
 /// what matters is that every pair of classes differs in several of these traits.
 pub(super) fn class_morphology(class: usize) -> Morphology {
-    let m = |radius,
-             pleomorphism,
-             elongation,
-             variability,
-             arrangement,
-             orientation,
-             fibre_wavelength,
-             fibre_spread,
-             whorls,
-             fibre_share,
-             blob_scale| Morphology {
-        radius,
-        pleomorphism,
-        elongation,
-        variability,
-        arrangement,
-        orientation,
-        fibre_wavelength,
-        fibre_spread,
-        whorls,
-        fibre_share,
-        blob_scale,
-    };
-    use Arrangement::*;
-    use Orientation::*;
     match class {
         // Normal brain: small regular round nuclei, fine isotropic neuropil.
-        0 => m(
-            2.0, 0.08, 1.1, 0.15, Scattered, Random, 4.0, 1.6, false, 0.75, 24.0,
-        ),
+        0 => Morphology {
+            radius: 2.0,
+            pleomorphism: 0.08,
+            elongation: 1.1,
+            variability: 0.15,
+            arrangement: Arrangement::Scattered,
+            orientation: Orientation::Random,
+            fibre_wavelength: 4.0,
+            fibre_spread: 1.6,
+            whorls: false,
+            fibre_share: 0.75,
+            blob_scale: 24.0,
+        },
         // High-grade glioma: large pleomorphic nuclei in crowded clumps, coarse blobs.
-        1 => m(
-            3.3,
-            0.40,
-            1.35,
-            0.45,
-            Nested {
+        1 => Morphology {
+            radius: 3.3,
+            pleomorphism: 0.4,
+            elongation: 1.35,
+            variability: 0.45,
+            arrangement: Arrangement::Nested {
                 spread: 9.0,
                 per_nest: 7.0,
             },
-            Random,
-            9.0,
-            1.6,
-            false,
-            0.3,
-            7.0,
-        ),
+            orientation: Orientation::Random,
+            fibre_wavelength: 9.0,
+            fibre_spread: 1.6,
+            whorls: false,
+            fibre_share: 0.3,
+            blob_scale: 7.0,
+        },
         // Low-grade glioma: elongated nuclei along coherent medium fibres.
-        2 => m(
-            2.5,
-            0.12,
-            2.0,
-            0.2,
-            Scattered,
-            Aligned { spread: 0.3 },
-            6.5,
-            0.3,
-            false,
-            0.7,
-            16.0,
-        ),
+        2 => Morphology {
+            radius: 2.5,
+            pleomorphism: 0.12,
+            elongation: 2.0,
+            variability: 0.2,
+            arrangement: Arrangement::Scattered,
+            orientation: Orientation::Aligned { spread: 0.3 },
+            fibre_wavelength: 6.5,
+            fibre_spread: 0.3,
+            whorls: false,
+            fibre_share: 0.7,
+            blob_scale: 16.0,
+        },
         // Meningioma: oval nuclei wrapped around whorls of concentric fibres.
-        3 => m(
-            2.8, 0.12, 1.6, 0.2, Scattered, Whorled, 5.5, 0.8, true, 0.7, 18.0,
-        ),
+        3 => Morphology {
+            radius: 2.8,
+            pleomorphism: 0.12,
+            elongation: 1.6,
+            variability: 0.2,
+            arrangement: Arrangement::Scattered,
+            orientation: Orientation::Whorled,
+            fibre_wavelength: 5.5,
+            fibre_spread: 0.8,
+            whorls: true,
+            fibre_share: 0.7,
+            blob_scale: 18.0,
+        },
         // Metastasis: big nuclei in tight nests, smooth stroma between them.
-        4 => m(
-            4.2,
-            0.25,
-            1.2,
-            0.3,
-            Nested {
+        4 => Morphology {
+            radius: 4.2,
+            pleomorphism: 0.25,
+            elongation: 1.2,
+            variability: 0.3,
+            arrangement: Arrangement::Nested {
                 spread: 6.0,
                 per_nest: 10.0,
             },
-            Random,
-            8.0,
-            1.0,
-            false,
-            0.2,
-            12.0,
-        ),
+            orientation: Orientation::Random,
+            fibre_wavelength: 8.0,
+            fibre_spread: 1.0,
+            whorls: false,
+            fibre_share: 0.2,
+            blob_scale: 12.0,
+        },
         // Pituitary adenoma: a regular sheet of round monotonous nuclei, granular background.
-        5 => m(
-            2.7, 0.06, 1.0, 0.1, Sheet, Random, 11.0, 1.2, false, 0.15, 5.0,
-        ),
+        5 => Morphology {
+            radius: 2.7,
+            pleomorphism: 0.06,
+            elongation: 1.0,
+            variability: 0.1,
+            arrangement: Arrangement::Sheet,
+            orientation: Orientation::Random,
+            fibre_wavelength: 11.0,
+            fibre_spread: 1.2,
+            whorls: false,
+            fibre_share: 0.15,
+            blob_scale: 5.0,
+        },
         // Schwannoma: long spindle nuclei and long parallel fibres.
-        _ => m(
-            2.2,
-            0.12,
-            3.2,
-            0.2,
-            Scattered,
-            Aligned { spread: 0.15 },
-            5.0,
-            0.12,
-            false,
-            0.9,
-            20.0,
-        ),
+        _ => Morphology {
+            radius: 2.2,
+            pleomorphism: 0.12,
+            elongation: 3.2,
+            variability: 0.2,
+            arrangement: Arrangement::Scattered,
+            orientation: Orientation::Aligned { spread: 0.15 },
+            fibre_wavelength: 5.0,
+            fibre_spread: 0.12,
+            whorls: false,
+            fibre_share: 0.9,
+            blob_scale: 20.0,
+        },
     }
 }
 
@@ -763,64 +768,5 @@ mod tests {
             .flat_map(|y| (4..60).map(move |x| (x, y)))
             .fold(0f32, |m, (x, y)| m.max(values[y * 64 + x].abs()));
         assert!(worst < 0.01, "{worst}");
-    }
-}
-
-#[cfg(test)]
-mod stage_timing {
-    use super::*;
-    use std::time::Instant;
-
-    #[test]
-    #[ignore]
-    fn stage_timing() {
-        let size = 300;
-        let reps = 40;
-        for class in 0..7 {
-            let m = class_morphology(class);
-            let mut out = vec![0.0f32; size * size];
-            let mut rng = SplitMix64::new(1);
-            let t = Instant::now();
-            for _ in 0..reps {
-                out.fill(0.0);
-                render_nuclei(&m, 0.3, (10.0, 10.0), size, &mut rng, &mut out);
-            }
-            let nuclei = t.elapsed().as_secs_f64() / reps as f64 * 1e3;
-            let t = Instant::now();
-            for _ in 0..reps {
-                out.fill(0.0);
-                if m.whorls {
-                    add_rings(&mut out, size, (10.0, 10.0), m.fibre_wavelength, &mut rng)
-                } else {
-                    add_gratings(&mut out, size, 0.3, &m, &mut rng)
-                }
-            }
-            let fibres = t.elapsed().as_secs_f64() / reps as f64 * 1e3;
-            let t = Instant::now();
-            for _ in 0..reps {
-                add_value_noise(&mut out, size, m.blob_scale, 1.0, &mut rng);
-            }
-            let noise = t.elapsed().as_secs_f64() / reps as f64 * 1e3;
-            let t = Instant::now();
-            for _ in 0..reps {
-                standardize(&mut out);
-            }
-            let stdz = t.elapsed().as_secs_f64() / reps as f64 * 1e3;
-            let mut scratch = Vec::new();
-            let t = Instant::now();
-            for _ in 0..reps {
-                blur(&mut out, size, 1.0, &mut scratch);
-            }
-            let bl = t.elapsed().as_secs_f64() / reps as f64 * 1e3;
-            let mut fields = Fields::default();
-            let t = Instant::now();
-            for _ in 0..reps {
-                render(&m, 0.3, size, &mut rng, &mut fields);
-            }
-            let all = t.elapsed().as_secs_f64() / reps as f64 * 1e3;
-            println!(
-                "class {class}: nuclei {nuclei:.3} fibres {fibres:.3} noise {noise:.3} standardize {stdz:.3} blur {bl:.3} render {all:.3} ms"
-            );
-        }
     }
 }

@@ -130,7 +130,7 @@ fn page_entries(width: u32, height: u32, strip_offset: u32, first: bool) -> Vec<
 /// Appends the IFD of `entries` at the end of `out` (which must be at an even offset),
 /// followed by its out-of-line values, each padded to an even length.
 fn write_ifd(out: &mut Vec<u8>, entries: &[Entry], next_ifd: u32) {
-    debug_assert!(out.len() % 2 == 0);
+    debug_assert!(out.len().is_multiple_of(2));
     let ifd_len = 2 + 12 * entries.len() + 4;
     let mut extra_offset = out.len() + ifd_len;
     let mut extras = Vec::new();
@@ -144,7 +144,7 @@ fn write_ifd(out: &mut Vec<u8>, entries: &[Entry], next_ifd: u32) {
             Value::OutOfLine(bytes) => {
                 out.extend_from_slice(&(extra_offset as u32).to_le_bytes());
                 extras.extend_from_slice(bytes);
-                if bytes.len() % 2 == 1 {
+                if !bytes.len().is_multiple_of(2) {
                     extras.push(0);
                 }
                 extra_offset += bytes.len().next_multiple_of(2);
