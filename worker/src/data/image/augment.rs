@@ -375,6 +375,39 @@ mod tests {
     }
 
     #[test]
+    fn extreme_images_stay_in_unit_range_with_every_step_applied() {
+        let size = 40;
+        let checker: Vec<f32> = (0..3 * size * size)
+            .map(|i| ((i / size + i % size) % 2) as f32)
+            .collect();
+        let images = [
+            Image::new(3, size, size, vec![1.0; 3 * size * size]),
+            Image::zeros(3, size, size),
+            Image::new(3, size, size, checker),
+        ];
+        for (dynamic, strength) in [(false, 1.0), (true, 0.7)] {
+            for out_size in [24, 40, 56] {
+                let cfg = AugmentConfig {
+                    rand_aug_prob: 1.0,
+                    dynamic,
+                    strength,
+                    out_size,
+                };
+                for image in &images {
+                    for seed in 0..30 {
+                        let view = augment(image, &cfg, &mut SplitMix64::new(seed));
+                        assert_eq!(view.width, out_size);
+                        assert!(
+                            view.data.iter().all(|x| (0.0..=1.0).contains(x)),
+                            "{cfg:?} seed {seed}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn probability_zero_only_resizes() {
         let image = patch(20, 4);
         let cfg = AugmentConfig {

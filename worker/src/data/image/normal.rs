@@ -1,27 +1,31 @@
 //! Fast standard normal draws for the noise augmentation: the ziggurat method
 //! (Marsaglia and Tsang, "The Ziggurat Method for Generating Random Variables", 2000)
-//! with 128 layers, fed by a [`SplitMix64`] stream.
+//! with 256 layers, fed by a [`SplitMix64`] stream.
 //!
 //! A 300x300x3 noise field is 270,000 draws; Box-Muller (`SplitMix64::normal`) costs
 //! a logarithm, a square root and a cosine per draw, the ziggurat one table look-up and
-//! one comparison for 98.8% of them. Each 64-bit output gives two 32-bit draws: 7 bits
-//! pick the layer, 1 bit the sign and 24 bits the position in the layer, so draws are
-//! exact to f32 precision. (After a rejection the retry uses the low half of a fresh
-//! 64-bit output and the sign of the first draw: the sign is independent of the
-//! magnitude either way.)
+//! one comparison for 98.5% of them. Each 64-bit output gives two 32-bit draws: 8 bits
+//! pick the layer, 1 bit the sign and 23 bits the position in the layer (as many as an
+//! f32 mantissa holds). After a rejection the retry uses the low half of a fresh
+//! 64-bit output and keeps the first draw's sign: the sign is independent of the
+//! magnitude either way.
 
 use std::sync::OnceLock;
 
 use hsat_core::rng::SplitMix64;
 
 /// Number of layers (including the base strip with the tail).
-const LAYERS: usize = 128;
-/// Where the tail starts, for 128 layers.
-const TAIL_START: f64 = 3.442_619_855_899;
+const LAYERS: usize = 256;
+/// Where the tail starts, for 256 layers.
+const TAIL_START: f64 = 3.654_152_885_361_009;
 /// Area of every layer under the unnormalised density `exp(-x^2 / 2)`.
-const LAYER_AREA: f64 = 9.912_563_035_262_17e-3;
-/// 2^24: the resolution of the position inside a layer.
-const POSITION_SCALE: f64 = 16_777_216.0;
+const LAYER_AREA: f64 = 4.928_673_233_99e-3;
+/// 2^23: the resolution of the position inside a layer.
+const POSITION_SCALE: f64 = 8_388_608.0;
+/// Bits of a 32-bit draw that pick the layer, and the sign bit above them.
+const LAYER_MASK: u32 = 0xff;
+const SIGN_BIT: u32 = 0x100;
+const POSITION_SHIFT: u32 = 9;
 
 fn density(x: f64) -> f64 {
     (-0.5 * x * x).exp()
@@ -29,10 +33,10 @@ fn density(x: f64) -> f64 {
 
 /// Precomputed layer geometry.
 struct Tables {
-    /// A 24-bit position below `accept[i]` lies under the curve in every layer above:
-    /// `floor(edge[i + 1] / edge[i] * 2^24)`.
+    /// A 23-bit position below `accept[i]` lies under the curve in every layer above:
+    /// `floor(edge[i + 1] / edge[i] * 2^23)`.
     accept: [u32; LAYERS],
-    /// `edge[i] / 2^24`: position to x.
+    /// `edge[i] / 2^23`: position to x.
     scale: [f32; LAYERS],
     /// `density(edge[i])`, with `density(edge[LAYERS]) = 1`.
     height: [f64; LAYERS + 1],
@@ -62,7 +66,7 @@ fn tables() -> &'static Tables {
             height: [0.0; LAYERS + 1],
         };
         for i in 0..LAYERS {
-            // In [0, 2^24): fits u32.
+            // In [0, 2^23): fits u32.
             tables.accept[i] = (edge[i + 1] / edge[i] * POSITION_SCALE).floor() as u32;
             tables.scale[i] = (edge[i] / POSITION_SCALE) as f32;
         }
@@ -87,13 +91,13 @@ pub(crate) fn fill_standard_normal(rng: &mut SplitMix64, out: &mut [f32]) {
     }
 }
 
-/// One draw from 32 random bits: 7 pick the layer, 1 the sign, 24 the position.
-/// The fast path (98.8% of draws) is a table look-up, a compare and a multiply.
+/// One draw from 32 random bits: 8 pick the layer, 1 the sign, 23 the position.
+/// The fast path (98.5% of draws) is a table look-up, a compare and a multiply.
 #[inline(always)]
 fn sample(tables: &Tables, draw: u32, rng: &mut SplitMix64) -> f32 {
-    let layer = (draw & 0x7f) as usize;
-    let sign = (draw & 0x80) << 24;
-    let position = draw >> 8;
+    let layer = (draw & LAYER_MASK) as usize;
+    let sign = (draw & SIGN_BIT) << (31 - 8);
+    let position = draw >> POSITION_SHIFT;
     if position < tables.accept[layer] {
         let x = position as f32 * tables.scale[layer];
         return f32::from_bits(x.to_bits() | sign);
@@ -122,8 +126,8 @@ fn sample_slow(tables: &Tables, mut layer: usize, mut position: u32, rng: &mut S
             return x;
         }
         let draw = rng.next_u64() as u32;
-        layer = (draw & 0x7f) as usize;
-        position = draw >> 8;
+        layer = (draw & LAYER_MASK) as usize;
+        position = draw >> POSITION_SHIFT;
     }
 }
 
@@ -173,14 +177,13 @@ mod tests {
         assert!(mean.abs() < 0.005, "mean {mean}");
         assert!((var - 1.0).abs() < 0.005, "variance {var}");
         assert!((kurtosis - 3.0).abs() < 0.03, "kurtosis {kurtosis}");
-        // P(|X| > 2) = 0.0455, P(|X| > 3.4426) = 5.76e-4 (the tail).
+        // P(|X| > 2) = 0.0455, P(|X| > 3) = 2.70e-3, P(|X| > 3.6542) = 2.58e-4 (the
+        // tail).
         let beyond = |t: f32| out.iter().filter(|x| x.abs() > t).count() as f64 / n;
         assert!((beyond(2.0) - 0.0455).abs() < 0.001, "{}", beyond(2.0));
-        assert!(
-            (beyond(3.442_62) - 5.76e-4).abs() < 1e-4,
-            "{}",
-            beyond(3.442_62)
-        );
+        assert!((beyond(3.0) - 2.70e-3).abs() < 2e-4, "{}", beyond(3.0));
+        let tail = beyond(3.654_15);
+        assert!((tail - 2.58e-4).abs() < 6e-5, "{tail}");
         assert!((beyond(1.0) - 0.3173).abs() < 0.002, "{}", beyond(1.0));
         let positive = out.iter().filter(|&&x| x > 0.0).count() as f64 / n;
         assert!((positive - 0.5).abs() < 0.002, "{positive}");

@@ -469,7 +469,8 @@ fn gaussian_kernel(kernel_size: usize, sigma: f64) -> Vec<f32> {
     pdf.into_iter().map(|p| p / sum).collect()
 }
 
-/// `F.gaussian_blur(image, [k, k], [sigma, sigma])`: separable, reflect padding.
+/// `F.gaussian_blur(image, [k, k], [sigma, sigma])`: separable, reflect padding; the
+/// result is clamped to [0, 1] (torchvision's can exceed 1 by an ulp).
 ///
 /// `kernel_size` must be odd and `sigma` positive.
 pub fn gaussian_blur(image: &Image, kernel_size: usize, sigma: f64) -> Image {
@@ -515,6 +516,10 @@ pub(crate) fn gaussian_blur_into(image: &Image, kernel_size: usize, sigma: f64, 
             weighted_sum(orow, &kernel, |t| {
                 &horizontal[taps[t] * w..(taps[t] + 1) * w]
             });
+            // The normalised f32 kernel can sum to one ulp above 1: keep [0, 1].
+            for o in orow.iter_mut() {
+                *o = o.clamp(0.0, 1.0);
+            }
         }
     }
 }
@@ -753,6 +758,9 @@ impl AxisFilter {
 /// Crops `(top, left, crop_h, crop_w)` and resizes it to `out_h x out_w` with
 /// antialiased bilinear (`F.resized_crop(..., BILINEAR, antialias=True)`): horizontal
 /// pass, then vertical, an axis whose size does not change is copied.
+///
+/// The result is clamped to [0, 1]: the normalised f32 weights can sum to one ulp
+/// above 1, so torchvision's output can overshoot 1 by 1.2e-7; here it does not.
 fn resample_into(
     image: &Image,
     (top, left, crop_h, crop_w): (usize, usize, usize, usize),
@@ -783,7 +791,11 @@ fn resample_into(
             }
         }
         match &vertical {
-            None => dst.copy_from_slice(&mid),
+            None => {
+                for (o, &v) in dst.iter_mut().zip(&mid) {
+                    *o = v.clamp(0.0, 1.0);
+                }
+            }
             Some(filter) => {
                 for (y, orow) in dst.chunks_exact_mut(out_w).enumerate() {
                     let weights = filter.weights(y);
@@ -801,6 +813,9 @@ fn resample_into(
                         for (o, &v) in orow.iter_mut().zip(mrow) {
                             *o += v * wt;
                         }
+                    }
+                    for o in orow.iter_mut() {
+                        *o = o.clamp(0.0, 1.0);
                     }
                 }
             }

@@ -30,8 +30,8 @@ pub(super) struct Scratch {
     blur: Vec<f32>,
     /// Illumination factor of each pixel.
     light: Vec<f32>,
-    /// H&E only: stain concentrations, sensor noise (three planes) and one output
-    /// plane.
+    /// Sensor noise (a plane per channel); H&E only: stain concentrations and one
+    /// output plane.
     hematoxylin: Vec<f32>,
     eosin: Vec<f32>,
     noise: Vec<f32>,
@@ -119,21 +119,33 @@ pub(super) fn render_srh(
     let mut rng = prepare(patient, slide, seed, size, scratch);
     let stain = &patient.stain;
     let (nuclear, tissue) = (stain.nuclear, stain.tissue);
-    let mut ch2 = vec![0u16; size * size];
-    let mut ch3 = vec![0u16; size * size];
-    let fields = &scratch.fields;
-    let pixels = fields.nuclei.iter().zip(&fields.tissue).zip(&scratch.light);
-    for (((&n, &t), &light), (c2, c3)) in pixels.zip(ch2.iter_mut().zip(ch3.iter_mut())) {
+    let pixels = size * size;
+    let Scratch {
+        fields,
+        light,
+        noise: noises,
+        ..
+    } = scratch;
+    // The noise first (the stream is sequential), then a branch-free loop that
+    // vectorizes.
+    noises.clear();
+    noises.resize(2 * pixels, 0.0);
+    let (noise2, noise3) = noises.split_at_mut(pixels);
+    for (n2, n3) in noise2.iter_mut().zip(noise3.iter_mut()) {
+        let bits = rng.next_u64();
+        *n2 = noise(bits as u32);
+        *n3 = noise((bits >> 32) as u32);
+    }
+    let mut ch2 = vec![0u16; pixels];
+    let mut ch3 = vec![0u16; pixels];
+    let inputs = fields.nuclei.iter().zip(&fields.tissue).zip(light.iter());
+    let noises = noise2.iter().zip(noise3.iter());
+    let outputs = ch2.iter_mut().zip(ch3.iter_mut());
+    for ((((&n, &t), &light), (&n2, &n3)), (c2, c3)) in inputs.zip(noises).zip(outputs) {
         let lipid = 0.30 + 0.045 * tissue * t - 0.012 * nuclear * n;
         let protein = 0.36 + 0.03 * tissue * t + 0.06 * nuclear * n;
-        let bits = rng.next_u64();
-        *c2 = quantize_u16(
-            (stain.gain[0] * lipid + stain.offset[0]) * light + 0.004 * noise(bits as u32),
-        );
-        *c3 = quantize_u16(
-            (stain.gain[1] * protein + stain.offset[1]) * light
-                + 0.004 * noise((bits >> 32) as u32),
-        );
+        *c2 = quantize_u16((stain.gain[0] * lipid + stain.offset[0]) * light + 0.004 * n2);
+        *c3 = quantize_u16((stain.gain[1] * protein + stain.offset[1]) * light + 0.004 * n3);
     }
     (ch2, ch3)
 }
@@ -226,19 +238,32 @@ fn exp_neg(d: f32) -> f32 {
     e_x * f32::from_bits(((i + 127) as u32) << 23)
 }
 
-/// Rounds to the nearest level (values are >= 0 after the clamp, so adding one half
-/// and truncating rounds; `f32::round` is a slow library call).
+/// Rounds to the nearest level: values are >= 0 after the clamp, so adding one half
+/// and truncating rounds (`f32::round` is a library call). Going through `i32` keeps
+/// the loops vectorized: `f32 as u16` saturates lane by lane, `i32 as u16` truncates,
+/// and the clamp already keeps the value in range.
 fn quantize_u16(value: f32) -> u16 {
-    (value.clamp(0.0, 1.0) * 65535.0 + 0.5) as u16
+    (value.clamp(0.0, 1.0) * 65535.0 + 0.5) as i32 as u16
 }
 
 fn quantize_u8(value: f32) -> u8 {
-    (value.clamp(0.0, 1.0) * 255.0 + 0.5) as u8
+    (value.clamp(0.0, 1.0) * 255.0 + 0.5) as i32 as u8
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantization_rounds_and_saturates() {
+        assert_eq!(quantize_u8(-1.0), 0);
+        assert_eq!(quantize_u8(0.5 / 255.0 - 1e-6), 0);
+        assert_eq!(quantize_u8(0.5 / 255.0 + 1e-6), 1);
+        assert_eq!(quantize_u8(2.0), 255);
+        assert_eq!(quantize_u16(1.0), 65535);
+        assert_eq!(quantize_u16(f32::NAN), 0);
+        assert_eq!(quantize_u16(0.5), 32768);
+    }
 
     #[test]
     fn exp_neg_matches_exp() {

@@ -175,10 +175,11 @@ pub(super) fn encode_two_channel_u16(width: u32, height: u32, ch2: &[u16], ch3: 
         second_ifd as u32,
     );
     debug_assert!(out.len() <= DATA_OFFSET, "IFD 0 overflows its 256 bytes");
-    out.resize(DATA_OFFSET, 0);
-    for plane in [ch2, ch3] {
-        for &sample in plane {
-            out.extend_from_slice(&sample.to_le_bytes());
+    out.resize(DATA_OFFSET + 2 * plane_bytes, 0);
+    let (first, second) = out[DATA_OFFSET..].split_at_mut(plane_bytes);
+    for (bytes, plane) in [(first, ch2), (second, ch3)] {
+        for (pair, &sample) in bytes.chunks_exact_mut(2).zip(plane) {
+            pair.copy_from_slice(&sample.to_le_bytes());
         }
     }
     write_ifd(
