@@ -7,6 +7,7 @@
 
 use std::f64::consts::PI;
 
+use hsat_core::rng::{SplitMix64, derive_seed};
 use tch::{Device, Kind, Tensor};
 
 use super::{Batch, BatchSource};
@@ -68,9 +69,9 @@ impl SyntheticSource {
     /// The epoch's patient order: a seeded permutation.
     pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.spec.num_patients).collect();
-        let mut rng = SplitMix::new(mix(self.spec.seed, &[0x5eed_0001, epoch]));
+        let mut rng = SplitMix64::new(derive_seed(self.spec.seed, &[0x5eed_0001, epoch]));
         for i in (1..order.len()).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            let j = (rng.below(i as u64 + 1)) as usize;
             order.swap(i, j);
         }
         order
@@ -85,13 +86,13 @@ impl SyntheticSource {
         grid: &(Tensor, Tensor),
     ) -> Result<Tensor> {
         let class = self.class_of(patient) as usize;
-        let mut patient_rng = SplitMix::new(mix(self.spec.seed, &[1, patient as u64]));
-        let mut slide_rng = SplitMix::new(mix(self.spec.seed, &[2, patient as u64, slide as u64]));
-        let mut patch_rng = SplitMix::new(mix(
+        let mut patient_rng = SplitMix64::new(derive_seed(self.spec.seed, &[1, patient as u64]));
+        let mut slide_rng = SplitMix64::new(derive_seed(self.spec.seed, &[2, patient as u64, slide as u64]));
+        let mut patch_rng = SplitMix64::new(derive_seed(
             self.spec.seed,
             &[3, patient as u64, slide as u64, patch as u64],
         ));
-        let mut view_rng = SplitMix::new(view_seed);
+        let mut view_rng = SplitMix64::new(view_seed);
 
         let hue = 2.0 * PI * class as f64 / self.spec.num_classes as f64;
         let base = [
@@ -99,8 +100,8 @@ impl SyntheticSource {
             0.5 + 0.2 * (hue + 2.0).cos(),
             0.5 + 0.2 * (hue + 4.0).cos(),
         ];
-        let shift: Vec<f64> = (0..3).map(|_| 0.08 * patient_rng.symmetric()).collect();
-        let brightness = 0.06 * slide_rng.symmetric() + 0.04 * view_rng.symmetric();
+        let shift: Vec<f64> = (0..3).map(|_| 0.08 * (2.0 * patient_rng.unit() - 1.0)).collect();
+        let brightness = 0.06 * (2.0 * slide_rng.unit() - 1.0) + 0.04 * (2.0 * view_rng.unit() - 1.0);
         let frequency = 2.0 * PI * (2.0 + 1.5 * class as f64) / self.spec.image_size as f64;
         let angle = PI * patch_rng.unit();
         let phase = 2.0 * PI * patch_rng.unit();
@@ -149,7 +150,7 @@ impl BatchSource for SyntheticSource {
             for slide in 0..s {
                 for patch in 0..p {
                     for view in 0..v {
-                        let view_seed = mix(
+                        let view_seed = derive_seed(
                             self.spec.seed,
                             &[
                                 4,
@@ -180,43 +181,6 @@ impl BatchSource for SyntheticSource {
             images,
             labels: patients.iter().map(|&pt| self.class_of(pt)).collect(),
         })
-    }
-}
-
-/// Derives a seed from a base seed and a path of integers (splitmix64 chaining).
-pub fn mix(seed: u64, path: &[u64]) -> u64 {
-    path.iter().fold(SplitMix::new(seed).next_u64(), |acc, &x| {
-        SplitMix::new(acc ^ x.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64()
-    })
-}
-
-/// splitmix64: tiny, fast, and good enough for choosing synthetic parameters.
-#[derive(Debug, Clone)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    /// Starts a stream at `seed`.
-    pub fn new(seed: u64) -> Self {
-        SplitMix(seed)
-    }
-
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in [-1, 1).
-    pub fn symmetric(&mut self) -> f64 {
-        2.0 * self.unit() - 1.0
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use hsat_core::config::{AttackKind, Config};
+use hsat_core::rng::derive_seed;
 use hsat_core::schedule::{attack_eps, dynamic_strength, dynamic_weight};
 use tch::Device;
 
@@ -15,7 +16,6 @@ use super::optim::AdamW;
 use super::step::{OuterObjective, StepLosses, StepPlan, train_step};
 use crate::checkpoint::{CheckpointMeta, FORMAT_VERSION, write_checkpoint};
 use crate::data::BatchSource;
-use crate::data::synthetic::mix;
 use crate::error::Result;
 use crate::model::Encoder;
 
@@ -151,7 +151,7 @@ impl Trainer {
                     loss_type: training.attack.loss_type,
                 };
                 // The random start depends on (seed, step) only.
-                tch::manual_seed(mix(self.config.infra.seed, &[0x00a7_7ac4, self.step]) as i64);
+                tch::manual_seed(derive_seed(self.config.infra.seed, &[0x00a7_7ac4, self.step]) as i64);
                 let delta0 = pgd.random_start(images)?;
                 Some((pgd, delta0))
             }

