@@ -396,7 +396,7 @@ fn data_wait(root: &std::path::Path, size: usize, steps: usize) -> anyhow::Resul
     let spec = LoaderSpec {
         seed: cfg.infra.seed,
         batch_size: cfg.training.batch_size,
-        sampling: cfg.data.hidisc.clone(),
+        sampling: cfg.data.hidisc,
         image_size: train_size,
         rand_aug_prob: cfg.data.rand_aug_prob,
         dynamic_aug: true,

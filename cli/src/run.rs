@@ -70,7 +70,7 @@ pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> 
 /// The configured source of training batches; file datasets are indexed and checked
 /// for missing files before any training starts.
 fn batch_source(cfg: &Config, device: Device) -> anyhow::Result<Box<dyn BatchSource>> {
-    let sampling = cfg.data.hidisc.clone();
+    let sampling = cfg.data.hidisc;
     if let DataSource::Synthetic = cfg.data.source {
         let spec = SyntheticSpec {
             num_patients: cfg.data.synthetic.num_patients,
