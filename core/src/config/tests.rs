@@ -750,14 +750,9 @@ fn process_env_keeps_only_hsat_variables() {
 fn quickstart_example_is_a_tiny_hsat_run() {
     let config = Config::from_toml_str(include_str!("../../../examples/quickstart.toml")).unwrap();
     assert_eq!(config.model.backbone, Backbone::ResNet18);
-    assert_eq!(config.data.image_size, 32);
-    assert_eq!(
-        (
-            config.data.synthetic.num_patients,
-            config.data.synthetic.num_classes
-        ),
-        (8, 2)
-    );
+    assert_eq!(config.data.image_size, 64);
+    assert_eq!(config.data.source, DataSource::OpenSrh);
+    assert_eq!(config.data.db_root, PathBuf::from("runs/quickstart-data"));
     assert_eq!(
         (config.training.batch_size, config.training.num_epochs),
         (4, 3)

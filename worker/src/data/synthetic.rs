@@ -87,7 +87,10 @@ impl SyntheticSource {
     ) -> Result<Tensor> {
         let class = self.class_of(patient) as usize;
         let mut patient_rng = SplitMix64::new(derive_seed(self.spec.seed, &[1, patient as u64]));
-        let mut slide_rng = SplitMix64::new(derive_seed(self.spec.seed, &[2, patient as u64, slide as u64]));
+        let mut slide_rng = SplitMix64::new(derive_seed(
+            self.spec.seed,
+            &[2, patient as u64, slide as u64],
+        ));
         let mut patch_rng = SplitMix64::new(derive_seed(
             self.spec.seed,
             &[3, patient as u64, slide as u64, patch as u64],
@@ -100,8 +103,11 @@ impl SyntheticSource {
             0.5 + 0.2 * (hue + 2.0).cos(),
             0.5 + 0.2 * (hue + 4.0).cos(),
         ];
-        let shift: Vec<f64> = (0..3).map(|_| 0.08 * (2.0 * patient_rng.unit() - 1.0)).collect();
-        let brightness = 0.06 * (2.0 * slide_rng.unit() - 1.0) + 0.04 * (2.0 * view_rng.unit() - 1.0);
+        let shift: Vec<f64> = (0..3)
+            .map(|_| 0.08 * (2.0 * patient_rng.unit() - 1.0))
+            .collect();
+        let brightness =
+            0.06 * (2.0 * slide_rng.unit() - 1.0) + 0.04 * (2.0 * view_rng.unit() - 1.0);
         let frequency = 2.0 * PI * (2.0 + 1.5 * class as f64) / self.spec.image_size as f64;
         let angle = PI * patch_rng.unit();
         let phase = 2.0 * PI * patch_rng.unit();

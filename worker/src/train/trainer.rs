@@ -151,7 +151,9 @@ impl Trainer {
                     loss_type: training.attack.loss_type,
                 };
                 // The random start depends on (seed, step) only.
-                tch::manual_seed(derive_seed(self.config.infra.seed, &[0x00a7_7ac4, self.step]) as i64);
+                tch::manual_seed(
+                    derive_seed(self.config.infra.seed, &[0x00a7_7ac4, self.step]) as i64,
+                );
                 let delta0 = pgd.random_start(images)?;
                 Some((pgd, delta0))
             }

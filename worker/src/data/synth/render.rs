@@ -30,11 +30,13 @@ pub(super) struct Scratch {
     blur: Vec<f32>,
     /// Illumination factor of each pixel.
     light: Vec<f32>,
-    /// Sensor noise (a plane per channel); H&E only: stain concentrations and one
-    /// output plane.
+    /// Hematoxylin concentration of each pixel (H&E only).
     hematoxylin: Vec<f32>,
+    /// Eosin concentration of each pixel (H&E only).
     eosin: Vec<f32>,
+    /// Sensor noise, one plane per channel.
     noise: Vec<f32>,
+    /// One output channel before interleaving (H&E only).
     plane: Vec<u8>,
 }
 
@@ -97,8 +99,8 @@ fn prepare(
 /// Approximately standard normal sensor noise: a triangular draw from 32 random bits
 /// (cheaper than Box-Muller, and bounded by ±2.45).
 fn noise(bits: u32) -> f32 {
-    // Two uniforms in [0, 2] summed, minus their mean: triangular on [-1, 1] with
-    // variance 1/6 (multiplications only: a division per pixel is slow).
+    // Two uniforms in [0, 1] summed and centred: triangular on [-1, 1] with variance
+    // 1/6, scaled by sqrt(6). Multiplications only: a division per pixel is slow.
     const SCALE: f32 = 1.0 / 65535.0;
     let sum = (bits & 0xffff) as f32 * SCALE + (bits >> 16) as f32 * SCALE;
     (sum - 1.0) * 2.449_489_7

@@ -205,7 +205,6 @@ impl Morphology {
 /// The two fields of a patch, row-major, `size * size` each.
 #[derive(Debug, Default)]
 pub(super) struct Fields {
-    pub size: usize,
     /// Nuclei, in [0, 1].
     pub nuclei: Vec<f32>,
     /// Tissue, zero mean and unit variance over the patch (or all zero).
@@ -216,7 +215,6 @@ pub(super) struct Fields {
 
 impl Fields {
     fn reset(&mut self, size: usize) {
-        self.size = size;
         for field in [&mut self.nuclei, &mut self.tissue, &mut self.scratch] {
             field.clear();
             field.resize(size * size, 0.0);
@@ -303,9 +301,9 @@ fn render_nuclei(
     let mean_area = PI * m.radius * m.radius * (2.0 * m.pleomorphism * m.pleomorphism).exp();
     let count = ((NUCLEAR_COVERAGE * extent * extent / mean_area).round() as usize).max(1);
 
-    // Several times the expected number of centres, in a random order; nuclei are drawn until
-    // they cover NUCLEAR_COVERAGE of the patch, so crowding (nests) and size do not
-    // change how much of it is nuclear.
+    // Several times the expected number of centres, in a random order; nuclei are
+    // drawn until they cover NUCLEAR_COVERAGE of the patch, so crowding (nests) and
+    // size do not change how much of it is nuclear.
     let candidates = 4 * count;
     let mut centres = Vec::with_capacity(candidates);
     match m.arrangement {
@@ -415,7 +413,8 @@ impl Ellipse {
         if x0 >= x1 {
             return 0;
         }
-        // Normalized coordinates are linear in x: along = dx * ax + by, across = ...
+        // The pixel's coordinates along and across the long axis, in units of the
+        // semi-axes, are linear in dx and dy.
         let (along_x, along_y) = (cos / semi_major, sin / semi_major);
         let (across_x, across_y) = (-sin / semi_minor, cos / semi_minor);
         let mut newly_covered = 0;
