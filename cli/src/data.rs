@@ -145,15 +145,15 @@ impl Progress {
         self.drawn = true;
         let elapsed = (now - self.started).as_secs_f64();
         let rate = done as f64 / elapsed.max(1e-9);
-        let eta = if done > 0 {
-            (total - done) as f64 / rate
+        if done == 0 {
+            eprint!("\r{}: 0/{total}   ", self.what);
         } else {
-            f64::NAN
-        };
-        eprint!(
-            "\r{}: {done}/{total} ({:.0}/s, eta {:.0} s)   ",
-            self.what, rate, eta
-        );
+            let eta = total.saturating_sub(done) as f64 / rate;
+            eprint!(
+                "\r{}: {done}/{total} ({rate:.0}/s, eta {eta:.0} s)   ",
+                self.what
+            );
+        }
         let _ = std::io::stderr().flush();
     }
 
