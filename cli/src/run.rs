@@ -19,7 +19,7 @@ use tch::Device;
 pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> {
     let cfg = config::load(&ConfigSources::from_process_env(file, overrides))?;
     let device = Device::cuda_if_available();
-    let mut source = batch_source(&cfg, device)?;
+    let (mut source, fingerprint) = batch_source(&cfg, device)?;
     let log_every = cfg.infra.log_every.max(1) as u64;
     println!(
         "hsat: training {} ({} attack) on {:?}, {} patients per step, {} steps per epoch, out_dir {}",
@@ -34,6 +34,9 @@ pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> 
         cfg.infra.out_dir.display()
     );
     let mut trainer = Trainer::new(cfg, device)?;
+    if let Some(fingerprint) = fingerprint {
+        trainer.set_dataset_fingerprint(fingerprint);
+    }
     println!(
         "hsat: model has {} trainable parameters",
         trainer.model().num_parameters()
@@ -68,8 +71,11 @@ pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> 
 }
 
 /// The configured source of training batches; file datasets are indexed and checked
-/// for missing files before any training starts.
-fn batch_source(cfg: &Config, device: Device) -> anyhow::Result<Box<dyn BatchSource>> {
+/// for missing files before any training starts. Returns the index fingerprint too.
+fn batch_source(
+    cfg: &Config,
+    device: Device,
+) -> anyhow::Result<(Box<dyn BatchSource>, Option<String>)> {
     let sampling = cfg.data.hidisc;
     if let DataSource::Synthetic = cfg.data.source {
         let spec = SyntheticSpec {
@@ -82,7 +88,7 @@ fn batch_source(cfg: &Config, device: Device) -> anyhow::Result<Box<dyn BatchSou
             image_size: cfg.data.image_size,
             seed: cfg.infra.seed,
         };
-        return Ok(Box::new(SyntheticSource::new(spec, device)?));
+        return Ok((Box::new(SyntheticSource::new(spec, device)?), None));
     }
     let index = DatasetIndex::load(&cfg.data).context("cannot index the dataset")?;
     let report = check::quick_check(&index);
@@ -118,12 +124,9 @@ fn batch_source(cfg: &Config, device: Device) -> anyhow::Result<Box<dyn BatchSou
         threads,
         prefetch: cfg.data.loader.prefetch,
     };
-    Ok(Box::new(FileSource::start(
-        Arc::new(index),
-        Arc::new(balanced),
-        spec,
-        0,
-    )?))
+    let fingerprint = index.fingerprint.clone();
+    let source = FileSource::start(Arc::new(index), Arc::new(balanced), spec, 0)?;
+    Ok((Box::new(source), Some(fingerprint)))
 }
 
 /// `step 3/12 epoch 1 lr 1.00e-3 eps 4.50/255 | loss 5.1234 (adv: patient 2.1 slide 1.9 patch 1.1) | step 1.23 s data 0.01 s`

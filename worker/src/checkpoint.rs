@@ -39,6 +39,10 @@ pub struct CheckpointMeta {
     pub last_step: Option<StepLosses>,
     /// Mean optimised loss over the steps since the previous checkpoint.
     pub mean_total_loss: Option<f64>,
+    /// Fingerprint of the dataset index trained on (absent for in-memory data), so a
+    /// later run or evaluation can tell that the dataset changed.
+    #[serde(default)]
+    pub dataset_fingerprint: Option<String>,
 }
 
 /// Directory name of the checkpoint of `step`.

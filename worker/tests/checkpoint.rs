@@ -18,6 +18,7 @@ fn meta(step: u64) -> CheckpointMeta {
         config: serde_json::json!({"model": {"backbone": "small_cnn"}}),
         last_step: None,
         mean_total_loss: Some(1.5),
+        dataset_fingerprint: Some("abc".into()),
     }
 }
 

@@ -49,6 +49,7 @@ pub struct Trainer {
     optimizer: AdamW,
     loss: HierarchicalLoss,
     step: u64,
+    dataset_fingerprint: Option<String>,
 }
 
 impl Trainer {
@@ -67,7 +68,13 @@ impl Trainer {
             optimizer,
             loss,
             step: 0,
+            dataset_fingerprint: None,
         })
+    }
+
+    /// Records the fingerprint of the dataset index in every checkpoint.
+    pub fn set_dataset_fingerprint(&mut self, fingerprint: String) {
+        self.dataset_fingerprint = Some(fingerprint);
     }
 
     /// The model being trained.
@@ -202,6 +209,7 @@ impl Trainer {
             config: self.config.to_json_value(),
             last_step,
             mean_total_loss,
+            dataset_fingerprint: self.dataset_fingerprint.clone(),
         };
         write_checkpoint(&self.checkpoint_root(), &self.model, &meta)
     }
