@@ -52,7 +52,12 @@ pub fn checkpoint_dir_name(step: u64) -> String {
 
 /// Writes a checkpoint of `model` under `root` and returns its directory.
 pub fn write_checkpoint(root: &Path, model: &Encoder, meta: &CheckpointMeta) -> Result<PathBuf> {
-    fs::create_dir_all(root).map_err(WorkerError::io("creating", root))?;
+    if !root.exists() {
+        fs::create_dir_all(root).map_err(WorkerError::io("creating", root))?;
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync(parent)?;
+        }
+    }
     let name = checkpoint_dir_name(meta.step);
     let target = root.join(&name);
     let staging = root.join(format!(".{name}.tmp-{}", std::process::id()));
@@ -73,12 +78,19 @@ pub fn write_checkpoint(root: &Path, model: &Encoder, meta: &CheckpointMeta) -> 
         sync(&path)?;
     }
     sync(&staging)?;
-    if target.exists() {
-        // Same step saved again (e.g. the final save coincides with an interval save).
-        fs::remove_dir_all(&target).map_err(WorkerError::io("replacing", &target))?;
+    // A run started again in the same out_dir saves the same steps again. Move the old
+    // checkpoint aside with one rename, so that at every instant `step-N` is either the
+    // complete old one or the complete new one, and delete it only afterwards.
+    let retired = root.join(format!(".{name}.old-{}", std::process::id()));
+    let replaced = target.exists();
+    if replaced {
+        fs::rename(&target, &retired).map_err(WorkerError::io("moving aside", &target))?;
     }
     fs::rename(&staging, &target).map_err(WorkerError::io("renaming into place", &target))?;
     sync(root)?;
+    if replaced {
+        fs::remove_dir_all(&retired).map_err(WorkerError::io("removing", &retired))?;
+    }
     Ok(target)
 }
 

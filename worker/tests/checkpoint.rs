@@ -81,3 +81,26 @@ fn a_torn_write_is_not_listed_and_a_wrong_backbone_is_refused_clearly() {
         .to_string();
     assert!(err.contains("cannot read it as safetensors"), "{err}");
 }
+
+#[test]
+fn saving_a_step_again_replaces_it_whole_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tch::manual_seed(3);
+    let first = Encoder::new(Backbone::SmallCnn, &[], 8, Device::Cpu).expect("model");
+    write_checkpoint(dir.path(), &first, &meta(5)).expect("write");
+    tch::manual_seed(4);
+    let second = Encoder::new(Backbone::SmallCnn, &[], 8, Device::Cpu).expect("model");
+    let written = write_checkpoint(dir.path(), &second, &meta(5)).expect("rewrite");
+
+    let mut reloaded = Encoder::new(Backbone::SmallCnn, &[], 8, Device::Cpu).expect("model");
+    reloaded.load(&written).expect("load");
+    for ((name, a), (_, b)) in second.state().iter().zip(reloaded.state().iter()) {
+        assert!(a.equal(b), "{name} is not the second save's");
+    }
+    let entries: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(entries, vec!["step-00000005".to_string()]);
+}

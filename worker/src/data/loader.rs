@@ -14,8 +14,8 @@
 //!
 //! Pixels depend only on (seed, step, patient, slide, patch, view), never on which
 //! thread did the work. A missing or corrupt patch is replaced by another patch of the
-//! same slide (counted); a slide that yields nothing is replaced by another slide of
-//! the same patient; a patient that yields nothing is dropped from that step. All of
+//! same slide (counted); a slide that yields nothing is filled with a copy of another
+//! drawn slide of the same patient; a patient that yields nothing is dropped from that step. All of
 //! it is reported in [`LoadStats`].
 
 use std::path::PathBuf;
@@ -252,25 +252,46 @@ impl Drop for FileSource {
     }
 }
 
+/// Decodes the first readable candidate of a job and makes its views.
+fn make_views(job: &Job) -> (Option<Vec<f32>>, Vec<String>) {
+    let mut failures = Vec::new();
+    for path in &job.candidates {
+        match decode_file(path) {
+            Ok(decoded) => {
+                let base = base_process(&decoded);
+                let mut data = Vec::new();
+                for &seed in &job.view_seeds {
+                    let mut rng = SplitMix64::new(seed);
+                    data.extend_from_slice(&augment(&base, &job.augment, &mut rng).data);
+                }
+                return (Some(data), failures);
+            }
+            Err(err) => failures.push(format!("{}: {err}", path.display())),
+        }
+    }
+    (None, failures)
+}
+
 fn decode_loop(jobs: &Receiver<Job>, results: &Sender<JobResult>) {
     for job in jobs.iter() {
-        let mut failures = Vec::new();
-        let mut views = None;
-        for path in &job.candidates {
-            match decode_file(path) {
-                Ok(decoded) => {
-                    let base = base_process(&decoded);
-                    let mut data = Vec::new();
-                    for &seed in &job.view_seeds {
-                        let mut rng = SplitMix64::new(seed);
-                        data.extend_from_slice(&augment(&base, &job.augment, &mut rng).data);
-                    }
-                    views = Some(data);
-                    break;
-                }
-                Err(err) => failures.push(format!("{}: {err}", path.display())),
-            }
-        }
+        // A panic in decoding or augmentation must not leave the planner waiting for a
+        // result that never comes: it becomes a failed candidate like any bad file.
+        let (views, failures) =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make_views(&job)))
+                .unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_default();
+                    (
+                        None,
+                        vec![format!(
+                            "{}: decoding panicked: {what}",
+                            job.candidates[0].display()
+                        )],
+                    )
+                });
         let sent = results.send(JobResult {
             slot: job.slot,
             slide_pos: job.slide_pos,
