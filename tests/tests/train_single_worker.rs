@@ -120,3 +120,82 @@ fn without_an_attack_hsat_trains_plain_hidisc() {
     );
     assert!(stdout.contains("eps 0.00/255"), "{stdout}");
 }
+
+/// `kill -9` while a run writes checkpoints every step: every checkpoint directory
+/// that is visible afterwards is complete, and a new run in the same out_dir works.
+#[test]
+fn a_killed_run_leaves_only_complete_checkpoints_and_can_be_run_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "pgd");
+    let args = [
+        "run",
+        "--config",
+        &config,
+        "--set",
+        "training.num_epochs=200",
+        "--set",
+        "training.save_checkpoint_interval=1",
+    ];
+    let mut child = std::process::Command::new(hsat_tests::hsat_binary())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start hsat");
+    let root = dir.path().join("run/checkpoints");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while hsat_worker_checkpoints(&root) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoints appeared"
+        );
+        assert!(
+            child.try_wait().expect("poll").is_none(),
+            "hsat exited before it was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("reap");
+
+    for entry in std::fs::read_dir(&root)
+        .expect("list")
+        .filter_map(Result::ok)
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("step-") {
+            continue; // staging directories are hidden (dot-prefixed) and ignored
+        }
+        let ckpt = entry.path();
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ckpt.join("checkpoint.json")).expect("meta"))
+                .expect("complete json");
+        assert!(meta["step"].as_u64().is_some(), "{name}");
+        assert!(
+            !tensor_names(&ckpt.join("backbone.safetensors")).is_empty(),
+            "{name}"
+        );
+        assert!(
+            !tensor_names(&ckpt.join("head.safetensors")).is_empty(),
+            "{name}"
+        );
+    }
+
+    let again = run_hsat(&["run", "--config", &config, "--set", "training.num_epochs=1"]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+fn hsat_worker_checkpoints(root: &Path) -> usize {
+    std::fs::read_dir(root)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("step-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
