@@ -1,0 +1,72 @@
+//! kNN class scores (method.md §7.2).
+
+use super::l1_normalise;
+
+/// Smallest norm a feature row is divided by (as `torch.nn.functional.normalize`).
+const NORM_EPS: f64 = 1e-12;
+
+/// kNN class scores of query features against a train bank (method.md §7.2).
+///
+/// Both sides are L2-normalised (rows of norm below `1e-12` are divided by `1e-12`,
+/// as `F.normalize` does), similarities are cosines, each query keeps its top `k`
+/// bank rows (`k` clipped to the bank size; equal similarities keep the lower bank
+/// index first), weights them by `exp(sim / t)`, sums the weights per class and
+/// L1-normalises. Returns `[n_query][n_classes]`; a query with no neighbour (`k = 0`
+/// or an empty bank) gets all zeros.
+///
+/// # Panics
+///
+/// If `bank_labels` is not as long as `bank`, a label is `>= n_classes`, or rows
+/// differ in length: all are caller bugs, not data conditions.
+pub fn knn_scores(
+    bank: &[Vec<f32>],
+    bank_labels: &[usize],
+    queries: &[Vec<f32>],
+    n_classes: usize,
+    k: usize,
+    t: f64,
+) -> Vec<Vec<f64>> {
+    assert_eq!(bank.len(), bank_labels.len(), "one label per bank row");
+    assert!(
+        bank_labels.iter().all(|&label| label < n_classes),
+        "bank labels must be below n_classes = {n_classes}"
+    );
+    let bank: Vec<Vec<f64>> = bank.iter().map(|row| unit(row)).collect();
+    let k = k.min(bank.len());
+    queries
+        .iter()
+        .map(|query| {
+            let query = unit(query);
+            let sims: Vec<f64> = bank.iter().map(|row| dot(&query, row)).collect();
+            let mut order: Vec<usize> = (0..sims.len()).collect();
+            // Stable sort: equal similarities keep the lower bank index first.
+            order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
+            let mut scores = vec![0.0; n_classes];
+            for &index in &order[..k] {
+                scores[bank_labels[index]] += (sims[index] / t).exp();
+            }
+            l1_normalise(&mut scores);
+            scores
+        })
+        .collect()
+}
+
+/// The row in f64, divided by its L2 norm (at least [`NORM_EPS`]).
+fn unit(row: &[f32]) -> Vec<f64> {
+    let norm = row
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+        .max(NORM_EPS);
+    row.iter().map(|&x| f64::from(x) / norm).collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "feature rows must all have the same length"
+    );
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
