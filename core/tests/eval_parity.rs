@@ -96,7 +96,8 @@ fn assert_metrics(what: &str, got: &Metrics, want: &Level) {
 fn knn_scores_match_torch() {
     let f = fixture();
     for k in &f.ks {
-        let got = knn_scores(&f.bank, &f.bank_labels, &f.queries, f.n_classes, *k, f.t);
+        let got = knn_scores(&f.bank, &f.bank_labels, &f.queries, f.n_classes, *k, f.t)
+            .expect("valid input");
         assert_rows_close(&format!("knn k={k}"), &got, &f.knn[&k.to_string()]);
     }
 }
@@ -105,12 +106,13 @@ fn knn_scores_match_torch() {
 fn patch_slide_and_patient_metrics_match_reference() {
     let f = fixture();
     // The reference feeds the k = 10 scores (with exact zeros: tied AP thresholds).
-    let patch = knn_scores(&f.bank, &f.bank_labels, &f.queries, f.n_classes, 10, f.t);
+    let patch =
+        knn_scores(&f.bank, &f.bank_labels, &f.queries, f.n_classes, 10, f.t).expect("valid input");
 
     let want = &f.levels["patch"];
     assert_eq!(want.labels, f.query_labels);
     assert_rows_close("patch scores", &patch, &want.scores);
-    let got = metrics(&patch, &f.query_labels, f.n_classes);
+    let got = metrics(&patch, &f.query_labels, f.n_classes).expect("valid input");
     assert_metrics("patch", &got, want);
 
     for (level, groups) in [("slide", &f.query_slides), ("patient", &f.query_patients)] {
@@ -119,7 +121,7 @@ fn patch_slide_and_patient_metrics_match_reference() {
         assert_eq!(Some(&agg.groups), want.groups.as_ref(), "{level} ids");
         assert_eq!(agg.labels, want.labels, "{level} labels");
         assert_rows_close(&format!("{level} scores"), &agg.scores, &want.scores);
-        let got = metrics(&agg.scores, &agg.labels, f.n_classes);
+        let got = metrics(&agg.scores, &agg.labels, f.n_classes).expect("valid input");
         assert_metrics(level, &got, want);
     }
 }

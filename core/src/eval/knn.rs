@@ -1,6 +1,6 @@
 //! kNN class scores (method.md §7.2).
 
-use super::l1_normalise;
+use super::{EvalError, l1_normalise};
 
 /// Smallest norm a feature row is divided by (as `torch.nn.functional.normalize`).
 const NORM_EPS: f64 = 1e-12;
@@ -14,10 +14,10 @@ const NORM_EPS: f64 = 1e-12;
 /// L1-normalises. Returns `[n_query][n_classes]`; a query with no neighbour (`k = 0`
 /// or an empty bank) gets all zeros.
 ///
-/// # Panics
+/// # Errors
 ///
-/// If `bank_labels` is not as long as `bank`, a label is `>= n_classes`, or rows
-/// differ in length: all are caller bugs, not data conditions.
+/// [`EvalError::BadInput`] if `bank_labels` is not as long as `bank`, a label is
+/// `>= n_classes`, or a row's width differs from the first bank row's.
 pub fn knn_scores(
     bank: &[Vec<f32>],
     bank_labels: &[usize],
@@ -25,15 +25,34 @@ pub fn knn_scores(
     n_classes: usize,
     k: usize,
     t: f64,
-) -> Vec<Vec<f64>> {
-    assert_eq!(bank.len(), bank_labels.len(), "one label per bank row");
-    assert!(
-        bank_labels.iter().all(|&label| label < n_classes),
-        "bank labels must be below n_classes = {n_classes}"
-    );
+) -> Result<Vec<Vec<f64>>, EvalError> {
+    if bank.len() != bank_labels.len() {
+        return Err(EvalError::BadInput(format!(
+            "the bank has {} rows but {} labels: pass one label per bank row",
+            bank.len(),
+            bank_labels.len()
+        )));
+    }
+    if let Some(label) = bank_labels.iter().find(|&&label| label >= n_classes) {
+        return Err(EvalError::BadInput(format!(
+            "bank label {label} is not below n_classes = {n_classes}"
+        )));
+    }
+    let width = bank.first().map(Vec::len);
+    if let Some(row) = bank
+        .iter()
+        .chain(queries)
+        .find(|row| Some(row.len()) != width && width.is_some())
+    {
+        return Err(EvalError::BadInput(format!(
+            "feature rows differ in width ({} vs {}): bank and queries must come from one backbone",
+            row.len(),
+            width.unwrap_or_default()
+        )));
+    }
     let bank: Vec<Vec<f64>> = bank.iter().map(|row| unit(row)).collect();
     let k = k.min(bank.len());
-    queries
+    Ok(queries
         .iter()
         .map(|query| {
             let query = unit(query);
@@ -48,7 +67,7 @@ pub fn knn_scores(
             l1_normalise(&mut scores);
             scores
         })
-        .collect()
+        .collect())
 }
 
 /// The row in f64, divided by its L2 norm (at least [`NORM_EPS`]).

@@ -1,5 +1,7 @@
 //! The metrics of the paper's tables (method.md §7.4).
 
+use super::EvalError;
+
 /// The metrics of one level (patch, slide or patient).
 ///
 /// Rates are fractions in `[0, 1]`; with no samples (or, for the class averages, no
@@ -33,20 +35,32 @@ pub fn ranked_classes(row: &[f64]) -> Vec<usize> {
 
 /// All metrics of `scores` (`[n][n_classes]`) against `labels` (method.md §7.4).
 ///
-/// # Panics
+/// # Errors
 ///
-/// If `labels` is not as long as `scores`, a label is `>= n_classes` or a score row
-/// is not `n_classes` long: caller bugs, not data conditions.
-pub fn metrics(scores: &[Vec<f64>], labels: &[usize], n_classes: usize) -> Metrics {
-    assert_eq!(scores.len(), labels.len(), "one label per score row");
-    assert!(
-        scores.iter().all(|row| row.len() == n_classes),
-        "score rows must have n_classes = {n_classes} entries"
-    );
-    assert!(
-        labels.iter().all(|&label| label < n_classes),
-        "labels must be below n_classes = {n_classes}"
-    );
+/// [`EvalError::BadInput`] if `labels` is not as long as `scores`, a label is
+/// `>= n_classes` or a score row is not `n_classes` long.
+pub fn metrics(
+    scores: &[Vec<f64>],
+    labels: &[usize],
+    n_classes: usize,
+) -> Result<Metrics, EvalError> {
+    if scores.len() != labels.len() {
+        return Err(EvalError::BadInput(format!(
+            "{} score rows but {} labels: pass one label per row",
+            scores.len(),
+            labels.len()
+        )));
+    }
+    if scores.iter().any(|row| row.len() != n_classes) {
+        return Err(EvalError::BadInput(format!(
+            "every score row must have n_classes = {n_classes} entries"
+        )));
+    }
+    if let Some(label) = labels.iter().find(|&&label| label >= n_classes) {
+        return Err(EvalError::BadInput(format!(
+            "label {label} is not below n_classes = {n_classes}"
+        )));
+    }
     let n = scores.len() as f64;
     let mut confusion = vec![vec![0_usize; n_classes]; n_classes];
     let mut hits = [0_usize; 3];
@@ -73,14 +87,14 @@ pub fn metrics(scores: &[Vec<f64>], labels: &[usize], n_classes: usize) -> Metri
         let column: Vec<f64> = scores.iter().map(|row| row[class]).collect();
         average_precision(&positives, &column)
     });
-    Metrics {
+    Ok(Metrics {
         accuracy: hits[0] as f64 / n,
         top2: hits[1] as f64 / n,
         top3: hits[2] as f64 / n,
         mean_class_accuracy: mean(recalls),
         mean_average_precision: mean(precisions),
         confusion,
-    }
+    })
 }
 
 /// Average precision of binary `positives` ranked by `scores`, as scikit-learn's

@@ -29,6 +29,9 @@ pub use metrics::{Metrics, average_precision, metrics, ranked_classes};
 /// Why scores cannot be aggregated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EvalError {
+    /// Inputs that do not fit together (lengths, label range, row widths).
+    #[error("{0}")]
+    BadInput(String),
     /// The per-patch inputs do not have one entry per patch.
     #[error("{what} has {got} entries but there are {expected} patch scores: pass one per patch")]
     LengthMismatch {

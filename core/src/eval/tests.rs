@@ -17,7 +17,7 @@ fn perfect_scores_give_every_metric_one() {
             row
         })
         .collect();
-    let m = metrics(&scores, &labels, 4);
+    let m = metrics(&scores, &labels, 4).expect("valid input");
     for value in [
         m.accuracy,
         m.top2,
@@ -34,9 +34,9 @@ fn perfect_scores_give_every_metric_one() {
 fn top_k_ties_rank_the_lower_class_first() {
     assert_eq!(ranked_classes(&[0.2, 0.4, 0.2, 0.2]), vec![1, 0, 2, 3]);
     // Label 3 ties with 0 and 2 for second place and loses both ties.
-    let m = metrics(&[vec![0.2, 0.4, 0.2, 0.2]], &[3], 4);
+    let m = metrics(&[vec![0.2, 0.4, 0.2, 0.2]], &[3], 4).expect("valid input");
     assert_eq!((m.accuracy, m.top2, m.top3), (0.0, 0.0, 0.0));
-    let m = metrics(&[vec![0.2, 0.4, 0.2, 0.2]], &[2], 4);
+    let m = metrics(&[vec![0.2, 0.4, 0.2, 0.2]], &[2], 4).expect("valid input");
     assert_eq!((m.accuracy, m.top2, m.top3), (0.0, 0.0, 1.0));
     assert_eq!(m.confusion[2][1], 1);
 }
@@ -49,7 +49,7 @@ fn mean_class_accuracy_skips_absent_classes() {
         vec![0.1, 0.8, 0.1],
         vec![0.1, 0.1, 0.8],
     ];
-    let m = metrics(&scores, &[0, 0, 2], 3);
+    let m = metrics(&scores, &[0, 0, 2], 3).expect("valid input");
     assert!(close(m.mean_class_accuracy, 0.75));
     assert!(close(m.accuracy, 2.0 / 3.0));
 }
@@ -76,20 +76,20 @@ fn knn_weights_neighbours_by_exp_similarity() {
     let bank = vec![vec![1.0, 0.0], vec![0.0, 2.0], vec![3.0, 0.0]];
     let labels = [0, 1, 1];
     // Query along x: sims 1, 0, 1 -> k = 2 takes banks 0 and 2 (equal weight).
-    let scores = knn_scores(&bank, &labels, &[vec![5.0, 0.0]], 2, 2, 0.5);
+    let scores = knn_scores(&bank, &labels, &[vec![5.0, 0.0]], 2, 2, 0.5).expect("valid input");
     assert!(
         close(scores[0][0], 0.5) && close(scores[0][1], 0.5),
         "{scores:?}"
     );
     // k clipped to the bank: all three neighbours, weights e^2, 1, e^2.
-    let scores = knn_scores(&bank, &labels, &[vec![5.0, 0.0]], 2, 200, 0.5);
+    let scores = knn_scores(&bank, &labels, &[vec![5.0, 0.0]], 2, 200, 0.5).expect("valid input");
     let e2 = 2.0_f64.exp();
     assert!(close(scores[0][0], e2 / (2.0 * e2 + 1.0)), "{scores:?}");
     // Tie for the single slot: the lower bank index wins.
-    let scores = knn_scores(&bank, &labels, &[vec![1.0, 0.0]], 2, 1, 0.07);
+    let scores = knn_scores(&bank, &labels, &[vec![1.0, 0.0]], 2, 1, 0.07).expect("valid input");
     assert_eq!(scores[0], vec![1.0, 0.0]);
     // No neighbour: zeros.
-    let scores = knn_scores(&bank, &labels, &[vec![1.0, 0.0]], 2, 0, 0.07);
+    let scores = knn_scores(&bank, &labels, &[vec![1.0, 0.0]], 2, 0, 0.07).expect("valid input");
     assert_eq!(scores[0], vec![0.0, 0.0]);
 }
 
@@ -123,4 +123,16 @@ fn aggregate_rejects_mixed_labels_and_bad_lengths() {
         aggregate(&scores, &groups[..1], &[0, 0]),
         Err(EvalError::LengthMismatch { what: "groups", .. })
     ));
+}
+
+#[test]
+fn mismatched_inputs_are_errors_not_panics() {
+    let bank = vec![vec![1.0_f32, 0.0], vec![0.0, 1.0]];
+    let err = knn_scores(&bank, &[0], &[vec![1.0, 0.0]], 2, 1, 0.07).expect_err("one label short");
+    assert!(err.to_string().contains("2 rows but 1 labels"), "{err}");
+    assert!(knn_scores(&bank, &[0, 5], &[vec![1.0, 0.0]], 2, 1, 0.07).is_err());
+    assert!(knn_scores(&bank, &[0, 1], &[vec![1.0, 0.0, 3.0]], 2, 1, 0.07).is_err());
+    assert!(metrics(&[vec![0.5, 0.5]], &[], 2).is_err());
+    assert!(metrics(&[vec![0.5, 0.5]], &[2], 2).is_err());
+    assert!(metrics(&[vec![1.0]], &[0], 2).is_err());
 }
