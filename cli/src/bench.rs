@@ -8,7 +8,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use hsat_core::config::{Backbone, LossType, OptimizerConfig};
+use hsat_core::config::{Backbone, LossType};
 use hsat_worker::model::Encoder;
 use hsat_worker::train::attack::Pgd;
 use hsat_worker::train::loss::HierarchicalLoss;
@@ -132,23 +132,10 @@ impl OurStep {
     fn new(backbone: Backbone, size: usize, iters: usize) -> anyhow::Result<Self> {
         tch::manual_seed(0);
         let model = Encoder::new(backbone, &[], 128, Device::Cpu)?;
-        let optimizer = AdamW::new(
-            model.parameters(),
-            &OptimizerConfig {
-                learn_rate: 1e-3,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.01,
-            },
-        )?;
-        let loss = HierarchicalLoss {
-            lambda_patient: 1.0,
-            lambda_slide: 1.0,
-            lambda_patch: 1.0,
-            temperature: 0.07,
-            base_temperature: 0.07,
-        };
+        // The paper's optimiser and loss settings, as the config defaults hold them.
+        let defaults = hsat_core::config::Config::default().training;
+        let optimizer = AdamW::new(model.parameters(), &defaults.optimizer)?;
+        let loss = HierarchicalLoss::from(&defaults.objective);
         let s = size as i64;
         let images = Tensor::f_rand([2, 2, 2, 2, 3, s, s], (Kind::Float, Device::Cpu))?;
         let pgd = Pgd {
