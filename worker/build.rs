@@ -1,5 +1,6 @@
 //! Makes every binary and test of this package find libtorch at run time without
-//! `LD_LIBRARY_PATH`, and refuses to build against a libtorch other than 2.13.0.
+//! `LD_LIBRARY_PATH`, refuses to build against a libtorch other than 2.13.0, and
+//! compiles the c10d shim (`csrc/`, the collectives) against that libtorch's headers.
 
 use std::path::PathBuf;
 
@@ -20,6 +21,54 @@ fn main() {
     println!("cargo:rustc-link-arg=-L{}", lib_dir.display());
     println!("cargo:rustc-link-arg=-ltorch");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    compile_c10d_shim(&lib_dir);
+}
+
+/// Compiles `csrc/c10d_shim.cpp` (TCPStore, PrefixStore, ProcessGroupGloo and, with the
+/// `nccl` feature, ProcessGroupNCCL). Its symbols live in libtorch_cpu/libc10 (and
+/// libtorch_cuda for NCCL), which torch-sys already links.
+fn compile_c10d_shim(lib_dir: &std::path::Path) {
+    let torch_dir = lib_dir.parent().unwrap_or(lib_dir);
+    let include = torch_dir.join("include");
+    for file in ["csrc/c10d_shim.cpp", "csrc/c10d_shim.h", "csrc/gloo_decls"] {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        // The wheel ships no gloo headers: our declarations of the few gloo types.
+        .include("csrc/gloo_decls")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", None)
+        // PyTorch's headers use a few C++20 niceties that g++ accepts in C++17 mode.
+        .flag_if_supported("-Wno-c++20-extensions")
+        .flag_if_supported("-Wno-unused-parameter")
+        .file("csrc/c10d_shim.cpp");
+    if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
+        // The CUDA and NCCL headers come from the wheel's nvidia-* pip packages
+        // (nvidia-cuda-crt and nvidia-cuda-cccl are added by scripts/setup.sh).
+        let nvidia = torch_dir.parent().unwrap_or(torch_dir).join("nvidia");
+        for dir in ["cu13/include", "cu13/include/cccl", "nccl/include"] {
+            let dir = nvidia.join(dir);
+            if !dir.is_dir() {
+                panic!(
+                    "the nccl feature needs the CUDA/NCCL headers of the torch wheel's nvidia pip packages, and {} is missing; run `bash scripts/setup.sh`",
+                    dir.display()
+                );
+            }
+            build.include(dir);
+        }
+        build
+            .define("USE_C10D_NCCL", None)
+            .define("HSAT_WITH_NCCL", None);
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-lc10_cuda");
+    }
+    build.compile("hsat_c10d");
 }
 
 /// The wheel has no `build-version` file, so torch-sys checks nothing; `version.py` does.

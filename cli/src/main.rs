@@ -6,9 +6,12 @@
 //! - [`run`]: `hsat run`, a training job.
 //! - [`data`]: `hsat synth` and `hsat data check`.
 //! - [`bench`]: `hsat bench step|data`, benchmarks against PyTorch.
+//! - [`eval`] (+ [`report`]): `hsat eval`, the paper's kNN and robustness tables.
 
 mod bench;
 mod data;
+mod eval;
+mod report;
 mod run;
 
 use std::path::PathBuf;
@@ -46,6 +49,15 @@ enum Command {
     ///   hsat synth --out data/synth --format opensrh --classes 3 --size 64
     #[command(verbatim_doc_comment)]
     Synth(data::SynthArgs),
+
+    /// Evaluate checkpoints as the paper does: kNN accuracy at patch, slide and patient
+    /// level, clean and under white-box attacks (PGD, BIM, MI-FGSM, FGSM), plus transfer
+    /// between models. Writes results.json, table.md, table.csv and PNG plots into --out.
+    ///
+    /// Example:
+    ///   hsat eval --config examples/quickstart.toml --checkpoint hsat=runs/quickstart --out runs/eval
+    #[command(verbatim_doc_comment)]
+    Eval(eval::EvalArgs),
 
     /// Datasets on disk.
     #[command(subcommand)]
@@ -111,6 +123,7 @@ fn main() -> std::process::ExitCode {
     let outcome = match cli.command {
         Command::Run(args) => run::run(args.config, args.set),
         Command::Synth(args) => data::synth(args),
+        Command::Eval(args) => eval::eval(args),
         Command::Data(DataCommand::Check(args)) => data::check_dataset(args),
         Command::Bench(BenchCommand::Step(args)) => bench::step(args),
         Command::Bench(BenchCommand::Data(args)) => bench::data(args),

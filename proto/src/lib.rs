@@ -1,5 +1,35 @@
-//! hsat-proto: the wire protocol between coordinator and workers (package `hsat.v1`),
-//! generated code, and the one place where wire messages become domain types.
+//! hsat-proto: the control plane between the coordinator and the workers (gRPC
+//! package `hsat.v1`, `proto/hsat/v1/hsat.proto`), and the one place where wire
+//! messages become domain types. Nothing outside this crate sees generated code.
 //!
-//! Not built yet: it arrives with the distributed-training issue, which defines the
-//! services; nothing else may see generated types.
+//! Layout:
+//!
+//! - [`domain`]: the messages as validated domain types (`Registration`,
+//!   `Assignment`, `StepReport`, `JobStatus`, ...).
+//! - [`error`]: [`ApiError`], the one error of the control plane, and its
+//!   `tonic::Code` table.
+//! - [`client`]: [`client::CoordinatorClient`], async methods over domain types.
+//! - [`server`]: [`server::CoordinatorHandler`], the trait the coordinator
+//!   implements, and [`server::routes`], the gRPC services over it (with
+//!   `grpc.health.v1`).
+//! - `convert` (private): `TryFrom` wire -> domain with validation, `From` back.
+//!
+//! The protocol flow is documented at the top of the `.proto` file.
+
+pub mod client;
+mod convert;
+pub mod domain;
+pub mod error;
+pub mod server;
+
+pub use convert::StorePublication;
+pub use error::ApiError;
+
+/// The hsat version of this build; workers and coordinator must agree on it.
+pub const HSAT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Generated code; private to this crate.
+#[allow(missing_docs, clippy::all, clippy::unwrap_used)]
+mod pb {
+    tonic::include_proto!("hsat.v1");
+}

@@ -56,6 +56,11 @@ pub enum WorkerError {
     /// The config asks for something this build cannot do.
     #[error("{0}")]
     Unsupported(String),
+
+    /// A collective (rendezvous, all-reduce, broadcast) failed; distributed workers
+    /// answer it by asking the coordinator to regroup.
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
 }
 
 /// Result alias of the worker crate.

@@ -9,13 +9,19 @@
 //! - [`train`]: hierarchical loss, PGD, AdamW, the training step and loop.
 //! - [`data`]: the batch source trait and an in-memory synthetic source.
 //! - [`checkpoint`]: atomic checkpoint directories.
+//! - [`cluster`]: the worker process of a distributed job (coordinator client loop).
+//! - [`collective`]: c10d process groups, bucketed gradient averaging, state broadcast.
+//! - [`eval`]: features, white-box and transfer attacks for `hsat eval`.
 //! - [`error`]: the crate's error type.
 //!
 //! Library code uses tch's fallible `f_*` calls and returns [`error::WorkerError`].
 
 pub mod checkpoint;
+pub mod cluster;
+pub mod collective;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod model;
 pub mod train;
 

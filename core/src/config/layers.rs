@@ -38,9 +38,10 @@ enum Element {
 
 /// The keys holding lists, with their element type (the default of `model.mlp_hidden`
 /// is empty, so the defaults cannot tell).
-const LIST_KEYS: [(&str, Element); 2] = [
+const LIST_KEYS: [(&str, Element); 3] = [
     ("model.mlp_hidden", Element::Integer),
     ("training.adamw.betas", Element::Float),
+    ("eval.eps", Element::Float),
 ];
 
 /// A parsed TOML document and where it came from (`config file runs/a.toml`).

@@ -39,9 +39,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub use types::{
-    AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, HidiscSampling,
-    InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig, OptimizerConfig,
-    ParseNameError, ScheduleKind, SchedulerConfig, SyntheticConfig, TrainingConfig, WarmupSteps,
+    AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
+    EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,
+    OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig, SyntheticConfig,
+    TrainingConfig, WarmupSteps,
 };
 
 use layers::TomlLayer;

@@ -22,6 +22,28 @@ pub(crate) struct RawConfig {
     pub data: RawData,
     pub model: RawModel,
     pub training: RawTraining,
+    pub eval: RawEval,
+}
+
+/// `[eval]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEval {
+    pub knn_k: i64,
+    pub knn_temperature: f64,
+    pub batch_size: i64,
+    pub threads: i64,
+    /// Comma-separated attack names; `""` = none.
+    pub attacks: String,
+    /// Units of 1/255.
+    pub eps: Vec<f64>,
+    /// Units of 1/255.
+    pub alpha: f64,
+    pub steps: i64,
+    /// Units of 1/255.
+    pub fgsm_alpha: f64,
+    pub mifgsm_decay: f64,
+    pub attack_target: String,
 }
 
 /// `[infra]`
@@ -240,6 +262,7 @@ impl From<&Config> for RawConfig {
             data,
             model,
             training,
+            eval,
         } = config;
         let attack = &training.attack;
         let objective = &training.objective;
@@ -330,6 +353,24 @@ impl From<&Config> for RawConfig {
                         num_cycles: scheduler.num_cycles,
                     },
                 },
+            },
+            eval: RawEval {
+                knn_k: int(eval.knn_k),
+                knn_temperature: eval.knn_temperature,
+                batch_size: int(eval.batch_size),
+                threads: int(eval.threads),
+                attacks: eval
+                    .attacks
+                    .iter()
+                    .map(|attack| attack.name())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                eps: eval.eps_255.clone(),
+                alpha: eval.alpha_255,
+                steps: int(eval.steps),
+                fgsm_alpha: eval.fgsm_alpha_255,
+                mifgsm_decay: eval.mifgsm_decay,
+                attack_target: eval.attack_target.name().to_owned(),
             },
         }
     }

@@ -117,6 +117,8 @@ pub struct Config {
     pub model: ModelConfig,
     /// Optimisation: batch, epochs, loss, attack, optimizer, schedule.
     pub training: TrainingConfig,
+    /// `hsat eval`: kNN, attacks and batching of the robustness evaluation.
+    pub eval: EvalConfig,
 }
 
 /// Process-level settings.
@@ -464,6 +466,61 @@ named_enum! {
     }
 }
 
+named_enum! {
+    /// A white-box attack of `hsat eval` on the encoder's features (method.md §7.5;
+    /// raw key `eval.attacks`, a comma-separated list of these names).
+    pub enum EvalAttack ("eval attack") {
+        /// PGD with a uniform random start in the eps ball.
+        Pgd => "pgd",
+        /// BIM (iterative FGSM) with a random start, clipped as the reference's BIM.
+        Bim => "bim",
+        /// MI-FGSM: momentum on the L1-normalised gradient, random start.
+        MiFgsm => "mifgsm",
+        /// FGSM with a random start ("fast" FGSM): one step of `fgsm_alpha`.
+        Fgsm => "fgsm",
+    }
+}
+
+named_enum! {
+    /// Which output of the encoder the evaluation attacks (raw key `eval.attack_target`).
+    pub enum EvalTarget ("attack target") {
+        /// The backbone features kNN uses (method.md §7.5).
+        Backbone => "backbone",
+        /// The L2-normalised projection (what the reference's attack code calls).
+        Projection => "projection",
+    }
+}
+
+/// `hsat eval` settings (method.md §7). Attack sizes are in pixel units, with the
+/// values as written (units of 1/255) kept beside them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalConfig {
+    /// Neighbours per query (default 200); >= 1, clipped to the train bank size.
+    pub knn_k: usize,
+    /// kNN temperature: weights `exp(sim / t)` (default 0.07); finite and > 0.
+    pub knn_temperature: f64,
+    /// Patches per forward pass (and per attack batch) (default 64); >= 1.
+    pub batch_size: usize,
+    /// Threads decoding patches; 0 = one per core (default 0).
+    pub threads: usize,
+    /// White-box attacks to run, in table order (default pgd, bim, mifgsm, fgsm);
+    /// empty = clean evaluation only; no repeats.
+    pub attacks: Vec<EvalAttack>,
+    /// L-infinity budgets in units of 1/255 (default [4, 8]); each in (0, 255].
+    pub eps_255: Vec<f64>,
+    /// Step size of PGD, BIM and MI-FGSM in units of 1/255 (default 2); in (0, 255].
+    pub alpha_255: f64,
+    /// Steps of PGD, BIM and MI-FGSM (default 10); >= 1.
+    pub steps: usize,
+    /// FGSM's single step in units of 1/255 (default 10, the reference's FFGSM);
+    /// in (0, 255].
+    pub fgsm_alpha_255: f64,
+    /// MI-FGSM momentum decay (default 1.0); finite and >= 0.
+    pub mifgsm_decay: f64,
+    /// Which output the attacks push away from the clean one (default backbone).
+    pub attack_target: EvalTarget,
+}
+
 /// Learning-rate schedule settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SchedulerConfig {
@@ -576,6 +633,19 @@ impl Default for Config {
                     num_cycles: 0.5,
                 },
                 save_checkpoint_interval: 1000,
+            },
+            eval: EvalConfig {
+                knn_k: 200,
+                knn_temperature: 0.07,
+                batch_size: 64,
+                threads: 0,
+                attacks: EvalAttack::ALL.to_vec(),
+                eps_255: vec![4.0, 8.0],
+                alpha_255: 2.0,
+                steps: 10,
+                fgsm_alpha_255: 10.0,
+                mifgsm_decay: 1.0,
+                attack_target: EvalTarget::Backbone,
             },
         }
     }

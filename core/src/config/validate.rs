@@ -9,9 +9,10 @@ use std::str::FromStr;
 
 use super::raw::{RawConfig, RawWarmup};
 use super::types::{
-    AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, HidiscSampling,
-    InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig, OptimizerConfig,
-    ParseNameError, ScheduleKind, SchedulerConfig, SyntheticConfig, TrainingConfig, WarmupSteps,
+    AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
+    EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,
+    OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig, SyntheticConfig,
+    TrainingConfig, WarmupSteps,
 };
 
 /// One thing wrong with the configuration.
@@ -35,6 +36,8 @@ enum Range {
     Positive,
     /// finite and `>= 0`
     NonNegative,
+    /// `(0, hi]`
+    PositiveAtMost(f64),
 }
 
 impl Range {
@@ -45,6 +48,7 @@ impl Range {
                 Self::HalfOpen(lo, hi) => lo <= value && value < hi,
                 Self::Positive => value > 0.0,
                 Self::NonNegative => value >= 0.0,
+                Self::PositiveAtMost(hi) => 0.0 < value && value <= hi,
             }
     }
 
@@ -54,6 +58,7 @@ impl Range {
             Self::HalfOpen(lo, hi) => format!("in [{lo}, {hi})"),
             Self::Positive => "a finite number > 0".to_owned(),
             Self::NonNegative => "a finite number >= 0".to_owned(),
+            Self::PositiveAtMost(hi) => format!("in (0, {hi}]"),
         }
     }
 }
@@ -123,12 +128,14 @@ pub(crate) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let model = model(&mut checker, raw);
     let training = training(&mut checker, raw);
     check_positive_pairs(&mut checker, raw, &training.attack);
+    let eval = eval(&mut checker, raw);
     if checker.problems.is_empty() {
         Ok(Config {
             infra,
             data,
             model,
             training,
+            eval,
         })
     } else {
         Err(checker.problems)
@@ -649,6 +656,66 @@ fn scheduler(c: &mut Checker, raw: &RawConfig) -> SchedulerConfig {
 /// A loss level whose groups have a single member has no positive pair. The training
 /// loss always uses all three levels (as the reference); the attack uses its
 /// `loss_type`, a subset, so one message per level names both users.
+fn eval(c: &mut Checker, raw: &RawConfig) -> EvalConfig {
+    let r = &raw.eval;
+    let mut attacks = Vec::new();
+    for name in r
+        .attacks
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
+        match c.choice::<EvalAttack>("eval.attacks", name) {
+            Some(attack) if attacks.contains(&attack) => c.problem(
+                "eval.attacks",
+                format!(
+                    "eval.attacks = {:?}: names {name:?} twice; list each attack once",
+                    r.attacks
+                ),
+            ),
+            Some(attack) => attacks.push(attack),
+            None => {}
+        }
+    }
+    let budget = Range::PositiveAtMost(255.0);
+    let in_255 = " (units of 1/255)";
+    for (i, &eps) in r.eps.iter().enumerate() {
+        c.number(&format!("eval.eps[{i}]"), eps, budget, in_255);
+    }
+    if r.eps.is_empty() && !attacks.is_empty() {
+        c.problem(
+            "eval.eps",
+            "eval.eps = []: list at least one budget, e.g. [4, 8], or set eval.attacks = \"\" for a clean evaluation only".to_owned(),
+        );
+    }
+    EvalConfig {
+        knn_k: c.count("eval.knn_k", r.knn_k, 1, None, " (neighbours per query)"),
+        knn_temperature: c.number(
+            "eval.knn_temperature",
+            r.knn_temperature,
+            Range::Positive,
+            "",
+        ),
+        batch_size: c.count(
+            "eval.batch_size",
+            r.batch_size,
+            1,
+            None,
+            " (patches per forward pass)",
+        ),
+        threads: c.count("eval.threads", r.threads, 0, None, " (0 = all cores)"),
+        attacks,
+        eps_255: r.eps.clone(),
+        alpha_255: c.number("eval.alpha", r.alpha, budget, in_255),
+        steps: c.count("eval.steps", r.steps, 1, None, " (attack iterations)"),
+        fgsm_alpha_255: c.number("eval.fgsm_alpha", r.fgsm_alpha, budget, in_255),
+        mifgsm_decay: c.number("eval.mifgsm_decay", r.mifgsm_decay, Range::NonNegative, ""),
+        attack_target: c
+            .choice::<EvalTarget>("eval.attack_target", &r.attack_target)
+            .unwrap_or(EvalTarget::Backbone),
+    }
+}
+
 fn check_positive_pairs(c: &mut Checker, raw: &RawConfig, attack: &AttackConfig) {
     let h = &raw.data.hidisc;
     let (s, p, v) = (h.num_slide_samples, h.num_patch_samples, h.num_transforms);

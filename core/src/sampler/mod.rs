@@ -21,6 +21,9 @@
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests;
+mod shard;
+
+pub use shard::{shard_of, shard_range};
 
 use crate::config::HidiscSampling;
 use crate::dataset::{DatasetIndex, Split};

@@ -73,8 +73,9 @@ pub struct LoadStats {
 /// One unit of work: a patch and its views.
 #[derive(Debug, Clone)]
 struct Job {
-    /// Patient's position in the step.
-    slot: usize,
+    /// Row of the patient in the batch being assembled: its position in the plan (a
+    /// rank's shard of the step in distributed runs).
+    row: usize,
     slide_pos: usize,
     patch_pos: usize,
     /// Candidate files: the planned patch first, then the rest of the slide.
@@ -86,7 +87,7 @@ struct Job {
 /// What a decode thread sends back.
 #[derive(Debug)]
 struct JobResult {
-    slot: usize,
+    row: usize,
     slide_pos: usize,
     patch_pos: usize,
     /// `V x C x H x W` floats, or `None` if no candidate could be read.
@@ -110,7 +111,9 @@ struct HostBatch {
 pub struct FileSource {
     batches: Receiver<Result<HostBatch>>,
     steps_per_epoch: u64,
-    next_step: u64,
+    /// The step the next batch must be (sampler-planned sources produce steps in
+    /// order); `None` when plans come from outside and arrive in their own order.
+    next_step: Option<u64>,
     last_stats: LoadStats,
     planner: Option<JoinHandle<()>>,
     stop: Sender<()>,
@@ -133,6 +136,46 @@ impl FileSource {
             ));
         }
         let steps_per_epoch = steps_per_epoch(balanced.len(), spec.batch_size);
+        let (seed, batch_size, sampling) = (spec.seed, spec.batch_size, spec.sampling);
+        let planner_index = Arc::clone(&index);
+        let mut step = start_step;
+        let plans = move || {
+            let plan = plan_step(
+                &planner_index,
+                &balanced,
+                seed,
+                step,
+                batch_size,
+                &sampling,
+            );
+            step += 1;
+            Some(plan)
+        };
+        Self::spawn(index, spec, steps_per_epoch, start_step, plans)
+    }
+
+    /// Starts the loader threads on plans decided elsewhere: each plan received on
+    /// `plans` (a rank's shard of a step, from the coordinator) becomes one batch, in
+    /// the order received. The loader stops when `plans` is closed.
+    ///
+    /// Pixels still depend only on the seed and the draws' global positions (`slot`),
+    /// so a patient looks the same whichever rank loads it.
+    pub fn start_with_plans(
+        index: Arc<DatasetIndex>,
+        spec: LoaderSpec,
+        steps_per_epoch: u64,
+        plans: Receiver<StepPlan>,
+    ) -> Result<Self> {
+        Self::spawn(index, spec, steps_per_epoch, 0, move || plans.recv().ok())
+    }
+
+    fn spawn(
+        index: Arc<DatasetIndex>,
+        spec: LoaderSpec,
+        steps_per_epoch: u64,
+        start_step: u64,
+        mut next_plan: impl FnMut() -> Option<StepPlan> + Send + 'static,
+    ) -> Result<Self> {
         let (batch_tx, batches) = bounded(spec.prefetch.max(1));
         let (stop, stop_rx) = bounded::<()>(1);
         let (job_tx, job_rx) = unbounded::<Job>();
@@ -153,25 +196,17 @@ impl FileSource {
         let planner = std::thread::Builder::new()
             .name("hsat-planner".into())
             .spawn(move || {
-                let mut step = start_step;
                 loop {
                     if stop_rx.try_recv().is_ok() {
                         break;
                     }
-                    let batch = produce_step(
-                        &index,
-                        &balanced,
-                        &spec,
-                        steps_per_epoch,
-                        step,
-                        &job_tx,
-                        &result_rx,
-                    );
+                    let Some(plan) = next_plan() else { break };
+                    let batch =
+                        produce_step(&index, &spec, steps_per_epoch, plan, &job_tx, &result_rx);
                     let failed = batch.is_err();
                     if batch_tx.send(batch).is_err() || failed {
                         break;
                     }
-                    step += 1;
                 }
                 drop(job_tx);
                 for handle in decoders {
@@ -184,7 +219,7 @@ impl FileSource {
         Ok(FileSource {
             batches,
             steps_per_epoch,
-            next_step: start_step,
+            next_step: Some(start_step),
             last_stats: LoadStats::default(),
             planner: Some(planner),
             stop,
@@ -203,17 +238,23 @@ impl BatchSource for FileSource {
     }
 
     fn batch(&mut self, step: u64) -> Result<Batch> {
-        if step != self.next_step {
+        if let Some(next) = self.next_step
+            && step != next
+        {
             return Err(WorkerError::Unsupported(format!(
-                "the file loader produces steps in order: asked for step {step}, next is {}",
-                self.next_step
+                "the file loader produces steps in order: asked for step {step}, next is {next}"
             )));
         }
         let host = self.batches.recv().map_err(|_| {
             WorkerError::Unsupported("the loader threads stopped unexpectedly".into())
         })??;
-        debug_assert_eq!(host.step, step);
-        self.next_step += 1;
+        if host.step != step {
+            return Err(WorkerError::Unsupported(format!(
+                "the loader holds step {} but step {step} was asked for: plans must be fed in the order they are trained",
+                host.step
+            )));
+        }
+        self.next_step = self.next_step.map(|next| next + 1);
         if host.stats != LoadStats::default() {
             tracing::warn!(
                 step,
@@ -293,7 +334,7 @@ fn decode_loop(jobs: &Receiver<Job>, results: &Sender<JobResult>) {
                     )
                 });
         let sent = results.send(JobResult {
-            slot: job.slot,
+            row: job.row,
             slide_pos: job.slide_pos,
             patch_pos: job.patch_pos,
             views,
@@ -308,22 +349,14 @@ fn decode_loop(jobs: &Receiver<Job>, results: &Sender<JobResult>) {
 /// Plans step `step`, has the decode threads make its views, and assembles the batch.
 fn produce_step(
     index: &DatasetIndex,
-    balanced: &[usize],
     spec: &LoaderSpec,
     steps_per_epoch: u64,
-    step: u64,
+    plan: StepPlan,
     jobs: &Sender<Job>,
     results: &Receiver<JobResult>,
 ) -> Result<HostBatch> {
-    let plan: StepPlan = plan_step(
-        index,
-        balanced,
-        spec.seed,
-        step,
-        spec.batch_size,
-        &spec.sampling,
-    );
-    let epoch = step / steps_per_epoch;
+    let step = plan.step;
+    let epoch = step / steps_per_epoch.max(1);
     let augment_cfg = AugmentConfig {
         rand_aug_prob: spec.rand_aug_prob,
         dynamic: spec.dynamic_aug,
@@ -340,7 +373,7 @@ fn produce_step(
         spec.sampling.num_transforms,
     );
     let mut expected = 0usize;
-    for draw in &plan.patients {
+    for (row, draw) in plan.patients.iter().enumerate() {
         let patient = &index.patients[draw.patient];
         let patient_key = stable_id(&patient.id);
         for (slide_pos, slide_draw) in draw.slides.iter().enumerate() {
@@ -382,7 +415,7 @@ fn produce_step(
                     })
                     .collect();
                 jobs.send(Job {
-                    slot: draw.slot,
+                    row,
                     slide_pos,
                     patch_pos,
                     candidates,
@@ -399,7 +432,7 @@ fn produce_step(
     let patch_len = v * view_len;
     let slot_len = s * p * patch_len;
     let mut pixels = vec![0f32; plan.patients.len() * slot_len];
-    // slot -> slide_pos -> number of patches that produced views.
+    // row -> slide_pos -> number of patches that produced views.
     let mut produced = vec![vec![0usize; s]; plan.patients.len()];
     let mut stats = LoadStats::default();
     for _ in 0..expected {
@@ -423,9 +456,9 @@ fn produce_step(
                 views.len()
             )));
         }
-        let offset = result.slot * slot_len + (result.slide_pos * p + result.patch_pos) * patch_len;
+        let offset = result.row * slot_len + (result.slide_pos * p + result.patch_pos) * patch_len;
         pixels[offset..offset + patch_len].copy_from_slice(&views);
-        produced[result.slot][result.slide_pos] += 1;
+        produced[result.row][result.slide_pos] += 1;
     }
 
     // A slide is usable when all its planned patches produced views (each failed patch
@@ -453,7 +486,9 @@ fn produce_step(
         }
         kept_slots.push(slot);
     }
-    if kept_slots.is_empty() {
+    // An empty plan is a rank with no patients this step (more ranks than patients):
+    // it still takes part in the all-reduce, with weight 0.
+    if kept_slots.is_empty() && !plan.patients.is_empty() {
         return Err(WorkerError::Unsupported(format!(
             "step {step}: no patient yielded a readable patch ({}); run `hsat data check`",
             stats.messages.first().map_or("no detail", String::as_str)

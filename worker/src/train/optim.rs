@@ -54,6 +54,22 @@ impl AdamW {
         self.step
     }
 
+    /// The moment tensors (`exp_avg`, `exp_avg_sq` of each parameter, in update
+    /// order), sharing storage with the optimiser: what a new process group
+    /// broadcasts, with the parameters, so that every rank continues identically.
+    pub fn moment_tensors(&self) -> Vec<Tensor> {
+        self.moments
+            .iter()
+            .flat_map(|m| [m.exp_avg.shallow_clone(), m.exp_avg_sq.shallow_clone()])
+            .collect()
+    }
+
+    /// Sets the number of updates taken (the bias corrections depend on it), after
+    /// the moments were taken from another rank.
+    pub fn set_steps_taken(&mut self, steps: u64) {
+        self.step = steps;
+    }
+
     /// The parameters, in update order.
     pub fn params(&self) -> &[(String, Tensor)] {
         &self.params

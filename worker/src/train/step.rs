@@ -55,6 +55,44 @@ pub fn train_step(
     optimizer: &mut AdamW,
     plan: StepPlan<'_>,
 ) -> Result<StepLosses> {
+    train_step_synced(model, loss, optimizer, plan, &mut |_| Ok(()))
+        .map(|losses| losses.unwrap_or_else(|| unreachable_empty()))
+}
+
+/// A single-process batch is never empty (the loader refuses a step without patients).
+fn unreachable_empty() -> StepLosses {
+    StepLosses {
+        total: f64::NAN,
+        clean: None,
+        adv: None,
+    }
+}
+
+/// Runs one step with `sync` called between the backward pass and the optimiser
+/// update: in distributed runs it replaces each rank's gradients by the weighted mean
+/// over ranks, so every rank applies the same update.
+///
+/// An empty batch (a rank with no patients in this step) computes nothing, gives
+/// zero gradients to `sync` and returns `None`; it still updates, like every rank.
+pub fn train_step_synced(
+    model: &Encoder,
+    loss: &HierarchicalLoss,
+    optimizer: &mut AdamW,
+    plan: StepPlan<'_>,
+    sync: &mut dyn FnMut(&[(String, Tensor)]) -> Result<()>,
+) -> Result<Option<StepLosses>> {
+    optimizer.zero_grad()?;
+    if plan.images.size().first() == Some(&0) {
+        // A zero-weight contribution that still defines every parameter's gradient.
+        let mut zero = Tensor::f_zeros(&[], (tch::Kind::Float, model.device()))?;
+        for (_, param) in optimizer.params() {
+            zero = zero.f_add(&param.f_sum(tch::Kind::Float)?.f_mul_scalar(0.0)?)?;
+        }
+        zero.f_backward()?;
+        sync(optimizer.params())?;
+        optimizer.step(plan.lr)?;
+        return Ok(None);
+    }
     let StepPlan {
         images,
         attack,
@@ -97,12 +135,12 @@ pub fn train_step(
             ));
         }
     };
-    optimizer.zero_grad()?;
     total.f_backward()?;
+    sync(optimizer.params())?;
     optimizer.step(lr)?;
-    Ok(StepLosses {
+    Ok(Some(StepLosses {
         total: total.f_double_value(&[])?,
         clean: clean.as_ref().map(|c| c.values()).transpose()?,
         adv: adv.as_ref().map(|a| a.values()).transpose()?,
-    })
+    }))
 }

@@ -13,7 +13,7 @@ use tch::Device;
 use super::attack::Pgd;
 use super::loss::HierarchicalLoss;
 use super::optim::AdamW;
-use super::step::{OuterObjective, StepLosses, StepPlan, train_step};
+use super::step::{OuterObjective, StepLosses, StepPlan, train_step_synced};
 use crate::checkpoint::{CheckpointMeta, FORMAT_VERSION, write_checkpoint};
 use crate::data::BatchSource;
 use crate::error::Result;
@@ -40,6 +40,23 @@ pub struct StepReport {
     pub data_seconds: f64,
     /// Checkpoint written after this step, if any.
     pub checkpoint: Option<PathBuf>,
+}
+
+/// A rank's share of one global step.
+#[derive(Debug)]
+pub struct ShardStep<'a> {
+    /// Global step, 0-based.
+    pub step: u64,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Total steps of the job (the learning-rate schedule needs it).
+    pub total_steps: u64,
+    /// This rank's images `[b, S, P, V, C, H, W]`; `b` may be 0.
+    pub images: &'a tch::Tensor,
+    /// Patients in the whole step over all ranks.
+    pub global_patients: i64,
+    /// Row of this shard's first patient in the whole step.
+    pub first_row: i64,
 }
 
 /// Model, optimiser and schedules of one training run.
@@ -82,6 +99,56 @@ impl Trainer {
         &self.model
     }
 
+    /// Every tensor that must be equal on all ranks: parameters, buffers (batch-norm
+    /// statistics) and optimiser moments, in a fixed order (shallow clones).
+    pub fn replicated_state(&self) -> Vec<tch::Tensor> {
+        let mut tensors: Vec<tch::Tensor> = self
+            .model
+            .state()
+            .into_iter()
+            .map(|(_, tensor)| tensor)
+            .collect();
+        tensors.extend(self.optimizer.moment_tensors());
+        tensors
+    }
+
+    /// The model's buffers (batch-norm running statistics), which each rank updates
+    /// from its own shard: distributed runs take rank 0's after every step, as
+    /// PyTorch DDP does (`broadcast_buffers=True`).
+    pub fn buffers(&self) -> Vec<tch::Tensor> {
+        let params: Vec<tch::Tensor> = self.optimizer.params().iter().map(|(_, p)| p.shallow_clone()).collect();
+        self.model
+            .state()
+            .into_iter()
+            .map(|(_, tensor)| tensor)
+            .filter(|tensor| !params.iter().any(|p| p.data_ptr() == tensor.data_ptr()))
+            .collect()
+    }
+
+    /// Moves the trainer to `step` (steps already applied) after its state was
+    /// replaced by another rank's.
+    pub fn set_position(&mut self, step: u64) {
+        self.step = step;
+        self.optimizer.set_steps_taken(step);
+    }
+
+    /// Steps applied so far.
+    pub fn position(&self) -> u64 {
+        self.step
+    }
+
+    /// Loads the model (backbone and head) of a checkpoint directory. The optimiser
+    /// moments are not in checkpoints: they restart from zero.
+    pub fn load_checkpoint(&mut self, dir: &std::path::Path) -> Result<()> {
+        tracing::warn!(checkpoint = %dir.display(), "resuming from a checkpoint: AdamW moments restart from zero");
+        self.model.load(dir)
+    }
+
+    /// Writes a checkpoint of the current state (see [`crate::checkpoint`]).
+    pub fn write_checkpoint(&self, epoch: u64, last_step: Option<StepLosses>) -> Result<PathBuf> {
+        self.save(epoch, last_step, last_step.map(|l| l.total))
+    }
+
     /// Where checkpoints go: `<infra.out_dir>/checkpoints`.
     pub fn checkpoint_root(&self) -> PathBuf {
         self.config.infra.out_dir.join("checkpoints")
@@ -105,7 +172,6 @@ impl Trainer {
             let data_seconds = started.elapsed().as_secs_f64();
             let (losses, lr, eps) = self.step_on(&images, batch.epoch, total_steps)?;
             let step_seconds = started.elapsed().as_secs_f64() - data_seconds;
-            self.step += 1;
             since_checkpoint = (since_checkpoint.0 + losses.total, since_checkpoint.1 + 1);
             let due =
                 (interval > 0 && self.step.is_multiple_of(interval)) || self.step == total_steps;
@@ -141,6 +207,43 @@ impl Trainer {
         epoch: u64,
         total_steps: u64,
     ) -> Result<(StepLosses, f64, f64)> {
+        let rows = images.size().first().copied().unwrap_or(0);
+        let shard = ShardStep {
+            step: self.step,
+            epoch,
+            total_steps,
+            images,
+            global_patients: rows,
+            first_row: 0,
+        };
+        let (losses, lr, eps) = self.train_shard(shard, &mut |_| Ok(()))?;
+        let losses = losses.ok_or_else(|| {
+            crate::error::WorkerError::Unsupported(format!(
+                "step {} has no patients to train on",
+                self.step
+            ))
+        })?;
+        Ok((losses, lr, eps))
+    }
+
+    /// One step on this rank's share of a global step; `sync` averages the gradients
+    /// across ranks between backward and update (see [`train_step_synced`]). Returns
+    /// the local losses (`None` for an empty shard), the learning rate and eps used.
+    /// Afterwards the trainer's position is `shard.step + 1`.
+    pub fn train_shard(
+        &mut self,
+        shard: ShardStep<'_>,
+        sync: &mut dyn FnMut(&[(String, tch::Tensor)]) -> Result<()>,
+    ) -> Result<(Option<StepLosses>, f64, f64)> {
+        let ShardStep {
+            step,
+            epoch,
+            total_steps,
+            images,
+            global_patients,
+            first_row,
+        } = shard;
+        self.step = step;
         let training = &self.config.training;
         let epoch_index = epoch as usize;
         let lr = training.lr_at(self.step as usize, total_steps as usize);
@@ -157,11 +260,23 @@ impl Trainer {
                     iters: training.attack.iters,
                     loss_type: training.attack.loss_type,
                 };
-                // The random start depends on (seed, step) only.
+                // The random start depends on (seed, step) only: it is drawn for the
+                // whole step and each rank takes its rows, so it does not depend on
+                // the number of ranks either.
                 tch::manual_seed(
                     derive_seed(self.config.infra.seed, &[0x00a7_7ac4, self.step]) as i64,
                 );
-                let delta0 = pgd.random_start(images)?;
+                let mut whole = images.size();
+                if let Some(rows) = whole.first_mut() {
+                    *rows = global_patients.max(first_row + images.size()[0]);
+                }
+                let template =
+                    tch::Tensor::f_zeros(&whole, (tch::Kind::Float, images.device()))?;
+                let delta0 = pgd.random_start(&template)?.f_narrow(
+                    0,
+                    first_row,
+                    images.size()[0],
+                )?;
                 Some((pgd, delta0))
             }
         };
@@ -180,7 +295,7 @@ impl Trainer {
                 }
             }
         };
-        let losses = train_step(
+        let losses = train_step_synced(
             &self.model,
             &self.loss,
             &mut self.optimizer,
@@ -190,7 +305,9 @@ impl Trainer {
                 objective,
                 lr,
             },
+            sync,
         )?;
+        self.step = step + 1;
         Ok((losses, lr, eps))
     }
 

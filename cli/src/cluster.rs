@@ -1,0 +1,203 @@
+//! Distributed jobs: `hsat worker` (one worker process), `hsat coordinator` (the job's
+//! coordinator) and `hsat run --workers N` (both on this machine: the coordinator
+//! in this process and N worker processes).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use hsat_core::config::{self, Config, ConfigSources};
+use hsat_worker::cluster::{WorkerOptions, run_worker};
+use tch::Device;
+
+/// `hsat worker` arguments.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The coordinator, `host:port` or `http://host:port`.
+    #[arg(long)]
+    pub coordinator: String,
+    /// The job's TOML config; it must match the coordinator's (loader settings and
+    /// data.db_root may differ).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. `--set data.loader.threads=4`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Name shown by the coordinator (default: host name and process id).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Address other workers reach this one at (it may host the rendezvous store);
+    /// default: this machine's address on the route to the coordinator.
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+    /// Seconds a rendezvous or a collective may take before the group is given up.
+    #[arg(long, default_value_t = 300)]
+    pub collective_timeout: u64,
+    /// Seconds to keep trying to reach the coordinator at start-up.
+    #[arg(long, default_value_t = 120)]
+    pub connect_timeout: u64,
+    /// Gradient bucket size in MB (PyTorch DDP's default is 25).
+    #[arg(long, default_value_t = 25)]
+    pub bucket_mb: usize,
+}
+
+/// Runs one worker until the job ends; SIGINT/SIGTERM make it leave after the
+/// current step.
+pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let cfg = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&shutdown))
+            .context("cannot install the signal handler")?;
+    }
+    let name = args
+        .name
+        .unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()));
+    let options = WorkerOptions {
+        coordinator: args.coordinator,
+        config: cfg,
+        name: name.clone(),
+        advertise_host: args.advertise_host,
+        device: Device::cuda_if_available(),
+        collective_timeout: Duration::from_secs(args.collective_timeout.max(1)),
+        bucket_bytes: args.bucket_mb.max(1) << 20,
+        connect_deadline: Duration::from_secs(args.connect_timeout),
+    };
+    let summary = run_worker(options, shutdown).with_context(|| format!("worker {name}"))?;
+    eprintln!(
+        "hsat worker {name}: {} ({} step shards trained in {} generation(s))",
+        summary.reason, summary.steps_trained, summary.generations
+    );
+    Ok(())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "worker".to_owned())
+}
+
+/// Worker processes of a local job.
+struct LocalWorkers {
+    children: Vec<(String, Child)>,
+}
+
+impl LocalWorkers {
+    /// Starts `count` `hsat worker` processes of this executable against `address`,
+    /// with the job's config file and overrides; torch threads are split between them.
+    fn spawn(
+        count: usize,
+        address: &str,
+        file: Option<&PathBuf>,
+        overrides: &[String],
+        cfg: &Config,
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the hsat executable")?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut children = Vec::with_capacity(count);
+        for k in 0..count {
+            let name = format!("worker-{k}");
+            let mut command = Command::new(&exe);
+            command
+                .arg("worker")
+                .arg("--coordinator")
+                .arg(address)
+                .arg("--name")
+                .arg(&name);
+            if let Some(file) = file {
+                command.arg("--config").arg(file);
+            }
+            for set in overrides {
+                command.arg("--set").arg(set);
+            }
+            // Share the cores: N workers each using every core would thrash.
+            if cfg.infra.threads == 0 {
+                command
+                    .arg("--set")
+                    .arg(format!("infra.threads={}", (cores / count).max(1)));
+            }
+            if cfg.data.loader.threads == 0 {
+                command
+                    .arg("--set")
+                    .arg(format!("data.loader.threads={}", (cores / count).max(1)));
+            }
+            if std::env::var_os("RUST_LOG").is_none() {
+                command.env("RUST_LOG", "warn");
+            }
+            command.stdin(Stdio::null());
+            let child = command
+                .spawn()
+                .with_context(|| format!("cannot start {name} ({})", exe.display()))?;
+            children.push((name, child));
+        }
+        Ok(LocalWorkers { children })
+    }
+
+    /// Workers that exited with a failure since the last call, with their status.
+    fn failed(&mut self) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (name, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait()
+                && !status.success()
+                && !name.ends_with(" (reported)")
+            {
+                failed.push(format!("{name} exited with {status}"));
+                name.push_str(" (reported)");
+            }
+        }
+        failed
+    }
+
+    /// Waits up to `grace` for every worker to exit, then kills the rest.
+    fn finish(mut self, grace: Duration) -> Vec<String> {
+        let deadline = Instant::now() + grace;
+        let mut problems = Vec::new();
+        for (name, child) in &mut self.children {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        if !status.success() && !name.ends_with(" (reported)") {
+                            problems.push(format!("{name} exited with {status}"));
+                        }
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        problems.push(format!("{name} did not exit in time and was killed"));
+                        break;
+                    }
+                }
+            }
+        }
+        self.children.clear();
+        problems
+    }
+}
+
+impl Drop for LocalWorkers {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn unused(_: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let flag = AtomicBool::new(false);
+    if flag.load(Ordering::SeqCst) {
+        bail!("never");
+    }
+    Ok(())
+}

@@ -1,0 +1,516 @@
+//! The results of `hsat eval` and how they are written: JSON for machines, Markdown
+//! and CSV tables laid out like the paper's Table 1, PNG plots ([`plot`]).
+//!
+//! Everything here is plain data; the numbers come from `hsat_core::eval`.
+
+pub mod plot;
+
+use std::fmt::Write as _;
+
+use hsat_core::eval::{EvalError, Metrics, aggregate, knn_scores, metrics};
+use serde::Serialize;
+
+/// The three levels of the paper's tables, in table order.
+pub const LEVELS: [&str; 3] = ["patch", "slide", "patient"];
+
+/// The metrics of one level, as fractions in [0, 1] (`null` in JSON when undefined).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LevelResult {
+    /// `patch`, `slide` or `patient`.
+    pub level: String,
+    /// Number of samples at this level.
+    pub n: usize,
+    /// Top-1 accuracy.
+    pub accuracy: f64,
+    /// Top-2 accuracy.
+    pub top2: f64,
+    /// Top-3 accuracy.
+    pub top3: f64,
+    /// Mean class accuracy (macro recall).
+    pub mean_class_accuracy: f64,
+    /// Mean average precision (one-vs-rest, macro over present classes).
+    pub mean_average_precision: f64,
+    /// `[true class][predicted class]` counts.
+    pub confusion: Vec<Vec<usize>>,
+}
+
+/// The three levels of one evaluation (clean or one attack).
+pub type Levels = Vec<LevelResult>;
+
+/// One attack's result on one model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttackResult {
+    /// `pgd`, `bim`, `mifgsm` or `fgsm`.
+    pub attack: String,
+    /// Budget in units of 1/255.
+    pub eps_255: f64,
+    /// Patch, slide and patient metrics.
+    pub levels: Levels,
+}
+
+/// One evaluated model (a row of the table).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelResult {
+    /// The row label.
+    pub name: String,
+    /// The checkpoint directory evaluated.
+    pub checkpoint: String,
+    /// Backbone name.
+    pub backbone: String,
+    /// Training step of the checkpoint, when known.
+    pub step: Option<u64>,
+    /// Clean metrics.
+    pub clean: Levels,
+    /// White-box results, in attack then eps order.
+    pub attacks: Vec<AttackResult>,
+}
+
+/// One level of a transfer result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TransferLevel {
+    /// `patch`, `slide` or `patient`.
+    pub level: String,
+    /// The target's clean accuracy.
+    pub clean_accuracy: f64,
+    /// The target's accuracy on the source's adversarial images.
+    pub accuracy: f64,
+    /// `clean_accuracy - accuracy`.
+    pub drop: f64,
+    /// The full metrics on the adversarial images.
+    pub metrics: LevelResult,
+}
+
+/// Images crafted on one model, evaluated on another (black-box).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TransferResult {
+    /// The model the attack saw.
+    pub source: String,
+    /// The model evaluated.
+    pub target: String,
+    /// Attack name.
+    pub attack: String,
+    /// Budget in units of 1/255.
+    pub eps_255: f64,
+    /// Patch, slide and patient.
+    pub levels: Vec<TransferLevel>,
+}
+
+/// Settings the numbers depend on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalSettings {
+    /// kNN neighbours.
+    pub knn_k: usize,
+    /// kNN temperature.
+    pub knn_temperature: f64,
+    /// Attack step (units of 1/255).
+    pub alpha_255: f64,
+    /// Attack iterations.
+    pub steps: usize,
+    /// FGSM step (units of 1/255).
+    pub fgsm_alpha_255: f64,
+    /// MI-FGSM decay.
+    pub mifgsm_decay: f64,
+    /// `backbone` or `projection`.
+    pub attack_target: String,
+    /// Seed of the random starts.
+    pub seed: u64,
+    /// Side of the model input in pixels.
+    pub image_size: usize,
+}
+
+/// The dataset evaluated on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatasetSummary {
+    /// Class names, index order.
+    pub classes: Vec<String>,
+    /// Train (bank) patches.
+    pub train_patches: usize,
+    /// Val (query) patches.
+    pub val_patches: usize,
+    /// Val slides.
+    pub val_slides: usize,
+    /// Val patients.
+    pub val_patients: usize,
+    /// Fingerprint of the dataset index.
+    pub fingerprint: String,
+}
+
+/// Everything `hsat eval` measured (`results.json`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalReport {
+    /// Settings.
+    pub settings: EvalSettings,
+    /// Dataset.
+    pub dataset: DatasetSummary,
+    /// One entry per model, in command-line order.
+    pub models: Vec<ModelResult>,
+    /// Every (source, target) pair of distinct models, per attack and eps.
+    pub transfer: Vec<TransferResult>,
+}
+
+/// Per-patch labels and group ids of the val set.
+#[derive(Debug, Clone)]
+pub struct ValGroups {
+    /// Label per patch.
+    pub labels: Vec<usize>,
+    /// Slide id per patch.
+    pub slides: Vec<String>,
+    /// Patient id per patch.
+    pub patients: Vec<String>,
+}
+
+/// The kNN inputs fixed for one model: its clean train bank.
+#[derive(Debug, Clone, Copy)]
+pub struct Bank<'a> {
+    /// Train features.
+    pub features: &'a [Vec<f32>],
+    /// Train labels.
+    pub labels: &'a [usize],
+    /// Number of classes.
+    pub n_classes: usize,
+    /// kNN neighbours.
+    pub k: usize,
+    /// kNN temperature.
+    pub t: f64,
+    /// Threads the queries are spread over.
+    pub threads: usize,
+}
+
+/// kNN, patch -> slide -> patient aggregation and metrics (method.md §7.2-7.4) of
+/// `queries` (one row per val patch) against `bank`.
+pub fn evaluate_levels(
+    bank: Bank<'_>,
+    queries: &[Vec<f32>],
+    groups: &ValGroups,
+) -> Result<Levels, EvalError> {
+    let scores = parallel_knn(bank, queries)?;
+    let patch = metrics(&scores, &groups.labels, bank.n_classes)?;
+    let slides = aggregate(&scores, &groups.slides, &groups.labels)?;
+    let slide = metrics(&slides.scores, &slides.labels, bank.n_classes)?;
+    let patients = aggregate(&scores, &groups.patients, &groups.labels)?;
+    let patient = metrics(&patients.scores, &patients.labels, bank.n_classes)?;
+    Ok(vec![
+        level_result("patch", scores.len(), patch),
+        level_result("slide", slides.groups.len(), slide),
+        level_result("patient", patients.groups.len(), patient),
+    ])
+}
+
+/// [`knn_scores`] with the queries split over `bank.threads` threads (each query is
+/// independent, so the result is the same as one call).
+fn parallel_knn(bank: Bank<'_>, queries: &[Vec<f32>]) -> Result<Vec<Vec<f64>>, EvalError> {
+    let threads = bank.threads.clamp(1, queries.len().max(1));
+    let per_thread = queries.len().div_ceil(threads).max(1);
+    let parts: Vec<Result<Vec<Vec<f64>>, EvalError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = queries
+            .chunks(per_thread)
+            .map(|part| {
+                scope.spawn(move || {
+                    knn_scores(
+                        bank.features,
+                        bank.labels,
+                        part,
+                        bank.n_classes,
+                        bank.k,
+                        bank.t,
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(EvalError::BadInput("a kNN thread panicked".to_owned()))
+                })
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(queries.len());
+    for part in parts {
+        out.extend(part?);
+    }
+    Ok(out)
+}
+
+fn level_result(level: &str, n: usize, m: Metrics) -> LevelResult {
+    LevelResult {
+        level: level.to_owned(),
+        n,
+        accuracy: m.accuracy,
+        top2: m.top2,
+        top3: m.top3,
+        mean_class_accuracy: m.mean_class_accuracy,
+        mean_average_precision: m.mean_average_precision,
+        confusion: m.confusion,
+    }
+}
+
+/// The transfer entry of a target's clean and adversarial levels.
+pub fn transfer_levels(clean: &Levels, adversarial: Levels) -> Vec<TransferLevel> {
+    clean
+        .iter()
+        .zip(adversarial)
+        .map(|(clean, adv)| TransferLevel {
+            level: adv.level.clone(),
+            clean_accuracy: clean.accuracy,
+            accuracy: adv.accuracy,
+            drop: clean.accuracy - adv.accuracy,
+            metrics: adv,
+        })
+        .collect()
+}
+
+/// Display name of an attack, as in the paper.
+pub fn attack_title(name: &str) -> &str {
+    match name {
+        "pgd" => "PGD",
+        "bim" => "BIM",
+        "mifgsm" => "MI-FGSM",
+        "fgsm" => "FGSM",
+        other => other,
+    }
+}
+
+/// `8/255`, `4.5/255`.
+fn eps_title(eps_255: f64) -> String {
+    format!("{eps_255}/255")
+}
+
+/// A percentage with two decimals; `n/a` when undefined.
+fn pct(value: f64) -> String {
+    if value.is_finite() {
+        format!("{:.2}", 100.0 * value)
+    } else {
+        "n/a".to_owned()
+    }
+}
+
+/// The attack columns of the table: `(attack, eps)` in the order of the first
+/// model's results.
+fn columns(report: &EvalReport) -> Vec<(String, f64)> {
+    report.models.first().map_or_else(Vec::new, |m| {
+        m.attacks
+            .iter()
+            .map(|a| (a.attack.clone(), a.eps_255))
+            .collect()
+    })
+}
+
+fn find<'a>(model: &'a ModelResult, attack: &str, eps: f64) -> Option<&'a AttackResult> {
+    model
+        .attacks
+        .iter()
+        .find(|a| a.attack == attack && a.eps_255 == eps)
+}
+
+fn level<'a>(levels: &'a Levels, name: &str) -> Option<&'a LevelResult> {
+    levels.iter().find(|l| l.level == name)
+}
+
+/// One Markdown table per level: rows models; columns clean, then each attack at
+/// each eps; Acc and MCA in percent (the paper's Table 1 layout).
+pub fn markdown_table(report: &EvalReport) -> String {
+    let cols = columns(report);
+    let mut out = String::new();
+    for name in LEVELS {
+        let _ = writeln!(
+            out,
+            "**{} level** (accuracy and mean class accuracy, %)\n",
+            capitalise(name)
+        );
+        let mut header = "| Model | Clean Acc | Clean MCA |".to_owned();
+        let mut rule = "|---|---:|---:|".to_owned();
+        for (attack, eps) in &cols {
+            let title = format!("{} {}", attack_title(attack), eps_title(*eps));
+            let _ = write!(header, " {title} Acc | {title} MCA |");
+            rule.push_str("---:|---:|");
+        }
+        let _ = writeln!(out, "{header}\n{rule}");
+        for model in &report.models {
+            let mut row = format!("| {} |", model.name);
+            let clean = level(&model.clean, name);
+            let _ = write!(
+                row,
+                " {} | {} |",
+                clean.map_or("n/a".into(), |l| pct(l.accuracy)),
+                clean.map_or("n/a".into(), |l| pct(l.mean_class_accuracy))
+            );
+            for (attack, eps) in &cols {
+                let result = find(model, attack, *eps).and_then(|a| level(&a.levels, name));
+                let _ = write!(
+                    row,
+                    " {} | {} |",
+                    result.map_or("n/a".into(), |l| pct(l.accuracy)),
+                    result.map_or("n/a".into(), |l| pct(l.mean_class_accuracy))
+                );
+            }
+            let _ = writeln!(out, "{row}");
+        }
+        out.push('\n');
+    }
+    if !report.transfer.is_empty() {
+        out.push_str("**Transfer (black-box)**: crafted on the source, evaluated on the target; accuracy %, drop from the target's clean accuracy in points\n\n");
+        out.push_str("| Source -> Target | Attack | Patch Acc (drop) | Slide Acc (drop) | Patient Acc (drop) |\n|---|---|---:|---:|---:|\n");
+        for t in &report.transfer {
+            let mut row = format!(
+                "| {} -> {} | {} {} |",
+                t.source,
+                t.target,
+                attack_title(&t.attack),
+                eps_title(t.eps_255)
+            );
+            for l in &t.levels {
+                let _ = write!(row, " {} ({}) |", pct(l.accuracy), pct(l.drop));
+            }
+            let _ = writeln!(out, "{row}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The same numbers as CSV, one line per (model, level): `model,level,clean_acc,
+/// clean_mca,<attack>_<eps>_acc,<attack>_<eps>_mca,...`, in percent.
+pub fn csv_table(report: &EvalReport) -> String {
+    let cols = columns(report);
+    let mut out = "model,level,clean_acc,clean_mca".to_owned();
+    for (attack, eps) in &cols {
+        let _ = write!(out, ",{attack}_{eps}_acc,{attack}_{eps}_mca");
+    }
+    out.push('\n');
+    for model in &report.models {
+        for name in LEVELS {
+            let mut cells = vec![csv_cell(&model.name), name.to_owned()];
+            let clean = level(&model.clean, name);
+            cells.push(clean.map_or(String::new(), |l| csv_pct(l.accuracy)));
+            cells.push(clean.map_or(String::new(), |l| csv_pct(l.mean_class_accuracy)));
+            for (attack, eps) in &cols {
+                let result = find(model, attack, *eps).and_then(|a| level(&a.levels, name));
+                cells.push(result.map_or(String::new(), |l| csv_pct(l.accuracy)));
+                cells.push(result.map_or(String::new(), |l| csv_pct(l.mean_class_accuracy)));
+            }
+            let _ = writeln!(out, "{}", cells.join(","));
+        }
+    }
+    out
+}
+
+fn csv_pct(value: f64) -> String {
+    if value.is_finite() {
+        format!("{:.4}", 100.0 * value)
+    } else {
+        String::new()
+    }
+}
+
+/// Quotes a CSV cell when it needs it.
+fn csv_cell(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
+fn capitalise(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |first| {
+        first.to_uppercase().chain(chars).collect()
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn levels(acc: f64) -> Levels {
+        LEVELS
+            .iter()
+            .map(|name| LevelResult {
+                level: (*name).to_owned(),
+                n: 4,
+                accuracy: acc,
+                top2: 1.0,
+                top3: 1.0,
+                mean_class_accuracy: acc / 2.0,
+                mean_average_precision: f64::NAN,
+                confusion: vec![vec![1, 0], vec![0, 1]],
+            })
+            .collect()
+    }
+
+    fn report() -> EvalReport {
+        let model = |name: &str, clean: f64, robust: f64| ModelResult {
+            name: name.to_owned(),
+            checkpoint: "runs/x".to_owned(),
+            backbone: "resnet18".to_owned(),
+            step: Some(9),
+            clean: levels(clean),
+            attacks: vec![AttackResult {
+                attack: "pgd".to_owned(),
+                eps_255: 8.0,
+                levels: levels(robust),
+            }],
+        };
+        EvalReport {
+            settings: EvalSettings {
+                knn_k: 200,
+                knn_temperature: 0.07,
+                alpha_255: 2.0,
+                steps: 10,
+                fgsm_alpha_255: 10.0,
+                mifgsm_decay: 1.0,
+                attack_target: "backbone".to_owned(),
+                seed: 0,
+                image_size: 64,
+            },
+            dataset: DatasetSummary {
+                classes: vec!["a".into(), "b".into()],
+                train_patches: 8,
+                val_patches: 4,
+                val_slides: 2,
+                val_patients: 2,
+                fingerprint: "f".into(),
+            },
+            models: vec![model("HiDisc", 0.9, 0.05), model("HSAT, adv", 0.7, 0.6)],
+            transfer: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn markdown_has_a_row_per_model_and_paper_columns() {
+        let md = markdown_table(&report());
+        assert!(
+            md.contains("| Model | Clean Acc | Clean MCA | PGD 8/255 Acc | PGD 8/255 MCA |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| HiDisc | 90.00 | 45.00 | 5.00 | 2.50 |"),
+            "{md}"
+        );
+        assert_eq!(md.matches("**").count(), 6, "three level tables: {md}");
+    }
+
+    #[test]
+    fn csv_quotes_names_and_leaves_undefined_cells_empty() {
+        let csv = csv_table(&report());
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "model,level,clean_acc,clean_mca,pgd_8_acc,pgd_8_mca"
+        );
+        assert_eq!(lines.len(), 1 + 2 * 3);
+        assert!(
+            lines[4].starts_with("\"HSAT, adv\",patch,70.0000,35.0000,60.0000,30.0000"),
+            "{csv}"
+        );
+    }
+
+    #[test]
+    fn json_writes_undefined_metrics_as_null() {
+        let text = serde_json::to_string(&report()).unwrap();
+        assert!(text.contains("\"mean_average_precision\":null"));
+    }
+}

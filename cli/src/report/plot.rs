@@ -1,0 +1,292 @@
+//! PNG plots of an [`EvalReport`], drawn with `plotters` into an RGB buffer and
+//! encoded with `png`. Text uses DejaVu Sans from the `dejavu` crate, registered with
+//! plotters' `ab_glyph` backend: no system font is needed on a fresh machine.
+//!
+//! - [`accuracy_vs_eps`]: per level, accuracy against eps (0 = clean), one line per
+//!   model and attack.
+//! - [`clean_vs_robust`]: per level, clean and strongest-PGD accuracy of each model
+//!   side by side.
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{Context, anyhow};
+use plotters::prelude::*;
+use plotters::style::{FontStyle, register_font};
+
+use super::{EvalReport, LEVELS, attack_title, level};
+
+/// The family name the embedded font is registered under.
+const FONT: &str = "sans-serif";
+const PANEL: (u32, u32) = (560, 480);
+
+/// One colour per model (Okabe-Ito, readable for colour-blind readers).
+const MODEL_COLOURS: [RGBColor; 6] = [
+    RGBColor(213, 94, 0),
+    RGBColor(0, 114, 178),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(230, 159, 0),
+    RGBColor(86, 180, 233),
+];
+
+fn register_fonts() -> anyhow::Result<()> {
+    static ONCE: Once = Once::new();
+    let mut outcome = Ok(());
+    ONCE.call_once(|| {
+        for (style, bytes) in [
+            (FontStyle::Normal, dejavu::sans::regular()),
+            (FontStyle::Bold, dejavu::sans::bold()),
+        ] {
+            if register_font(FONT, style, bytes).is_err() {
+                outcome = Err(anyhow!("the embedded DejaVu Sans font did not load"));
+            }
+        }
+    });
+    outcome
+}
+
+fn colour(model: usize) -> RGBColor {
+    MODEL_COLOURS[model % MODEL_COLOURS.len()]
+}
+
+/// Writes an RGB buffer of `size` as a PNG file.
+fn write_png(path: &Path, size: (u32, u32), rgb: &[u8]) -> anyhow::Result<()> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), size.0, size.1);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder
+        .write_header()
+        .with_context(|| format!("writing {}", path.display()))?;
+    writer
+        .write_image_data(rgb)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writer
+        .finish()
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Draws `draw` on a white canvas of `size` and saves it as PNG at `path`.
+fn render(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    register_fonts()?;
+    let mut rgb = vec![0u8; (size.0 * size.1 * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        draw(&root)?;
+        root.present().map_err(plot_error)?;
+    }
+    write_png(path, size, &rgb)
+}
+
+fn plot_error<E: std::fmt::Debug>(err: E) -> anyhow::Error {
+    anyhow!("drawing the plot failed: {err:?}")
+}
+
+/// Accuracy (%) against eps (units of 1/255, 0 = clean) at each level: a line per
+/// model and attack, colour = model, marker = attack.
+pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
+    let max_eps = report
+        .models
+        .iter()
+        .flat_map(|m| m.attacks.iter().map(|a| a.eps_255))
+        .fold(1.0_f64, f64::max);
+    let size = (PANEL.0 * 3, PANEL.1 + 60);
+    render(path, size, |root| {
+        let (title, body) = root.split_vertically(60);
+        title
+            .titled(
+                "kNN accuracy under white-box attacks (0 = clean)",
+                (FONT, 26).into_font().style(FontStyle::Bold),
+            )
+            .map_err(plot_error)?;
+        for (panel, level_name) in body.split_evenly((1, 3)).iter().zip(LEVELS) {
+            let mut chart = ChartBuilder::on(panel)
+                .caption(format!("{level_name} level"), (FONT, 22))
+                .margin(12)
+                .x_label_area_size(48)
+                .y_label_area_size(56)
+                .build_cartesian_2d(-0.3..max_eps + 0.3, 0.0..100.0)
+                .map_err(plot_error)?;
+            chart
+                .configure_mesh()
+                .x_desc("eps (x/255)")
+                .y_desc("accuracy (%)")
+                .label_style((FONT, 15))
+                .axis_desc_style((FONT, 16))
+                .draw()
+                .map_err(plot_error)?;
+            for (m, model) in report.models.iter().enumerate() {
+                let clean = level(&model.clean, level_name).map_or(f64::NAN, |l| l.accuracy);
+                let mut attacks: Vec<&str> = Vec::new();
+                for a in &model.attacks {
+                    if !attacks.contains(&a.attack.as_str()) {
+                        attacks.push(&a.attack);
+                    }
+                }
+                for (n, attack) in attacks.iter().enumerate() {
+                    let mut points = vec![(0.0, 100.0 * clean)];
+                    points.extend(
+                        model
+                            .attacks
+                            .iter()
+                            .filter(|a| a.attack == *attack)
+                            .filter_map(|a| {
+                                level(&a.levels, level_name)
+                                    .map(|l| (a.eps_255, 100.0 * l.accuracy))
+                            }),
+                    );
+                    points.retain(|p| p.1.is_finite());
+                    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    let style = colour(m).stroke_width(2);
+                    chart
+                        .draw_series(LineSeries::new(points.clone(), style))
+                        .map_err(plot_error)?
+                        .label(format!("{} {}", model.name, attack_title(attack)))
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 20, y)], colour(m).stroke_width(2))
+                        });
+                    let fill = colour(m).filled();
+                    chart
+                        .draw_series(points.iter().map(
+                            |&p| -> DynElement<'static, BitMapBackend<'_>, (f64, f64)> {
+                                match n % 4 {
+                                    0 => Circle::new(p, 5, fill).into_dyn(),
+                                    1 => TriangleMarker::new(p, 6, fill).into_dyn(),
+                                    2 => Cross::new(p, 5, colour(m).stroke_width(2)).into_dyn(),
+                                    _ => Rectangle::new(
+                                        [(p.0 - 0.08, p.1 - 1.5), (p.0 + 0.08, p.1 + 1.5)],
+                                        fill,
+                                    )
+                                    .into_dyn(),
+                                }
+                            },
+                        ))
+                        .map_err(plot_error)?;
+                }
+            }
+            chart
+                .configure_series_labels()
+                .label_font((FONT, 13))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.3))
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()
+                .map_err(plot_error)?;
+        }
+        Ok(())
+    })
+}
+
+/// Clean accuracy and accuracy under the strongest PGD of the report (largest eps; the
+/// first attack when PGD was not run) for each model, at each level.
+pub fn clean_vs_robust(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
+    let strongest = report
+        .models
+        .first()
+        .and_then(|m| {
+            let pgd = m.attacks.iter().filter(|a| a.attack == "pgd");
+            pgd.max_by(|a, b| a.eps_255.total_cmp(&b.eps_255))
+                .or_else(|| m.attacks.first())
+        })
+        .map(|a| (a.attack.clone(), a.eps_255));
+    let robust_label = strongest
+        .as_ref()
+        .map_or("(no attack)".to_owned(), |(a, e)| {
+            format!("{} {e}/255", attack_title(a))
+        });
+    let size = (PANEL.0 * 3, PANEL.1 + 60);
+    let n_models = report.models.len().max(1);
+    render(path, size, |root| {
+        let (title, body) = root.split_vertically(60);
+        title
+            .titled(
+                &format!("Clean vs robust kNN accuracy ({robust_label})"),
+                (FONT, 26).into_font().style(FontStyle::Bold),
+            )
+            .map_err(plot_error)?;
+        for (panel, level_name) in body.split_evenly((1, 3)).iter().zip(LEVELS) {
+            let mut chart = ChartBuilder::on(panel)
+                .caption(format!("{level_name} level"), (FONT, 22))
+                .margin(12)
+                .x_label_area_size(48)
+                .y_label_area_size(56)
+                .build_cartesian_2d(-0.5..n_models as f64 - 0.5, 0.0..110.0)
+                .map_err(plot_error)?;
+            let names: Vec<String> = report.models.iter().map(|m| m.name.clone()).collect();
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .x_labels(n_models)
+                .x_label_formatter(&|x| {
+                    let i = x.round();
+                    if (x - i).abs() < 1e-6 && i >= 0.0 {
+                        names.get(i as usize).cloned().unwrap_or_default()
+                    } else {
+                        String::new()
+                    }
+                })
+                .y_desc("accuracy (%)")
+                .label_style((FONT, 15))
+                .axis_desc_style((FONT, 16))
+                .draw()
+                .map_err(plot_error)?;
+            for (m, model) in report.models.iter().enumerate() {
+                let clean =
+                    level(&model.clean, level_name).map_or(f64::NAN, |l| 100.0 * l.accuracy);
+                let robust = strongest
+                    .as_ref()
+                    .and_then(|(a, e)| super::find(model, a, *e))
+                    .and_then(|a| level(&a.levels, level_name))
+                    .map_or(f64::NAN, |l| 100.0 * l.accuracy);
+                let x = m as f64;
+                for (offset, value, filled) in [(-0.2, clean, false), (0.2, robust, true)] {
+                    if !value.is_finite() {
+                        continue;
+                    }
+                    let corners = [(x + offset - 0.18, 0.0), (x + offset + 0.18, value)];
+                    let style = if filled {
+                        colour(m).filled()
+                    } else {
+                        colour(m).mix(0.35).filled()
+                    };
+                    chart
+                        .draw_series([Rectangle::new(corners, style)])
+                        .map_err(plot_error)?;
+                    chart
+                        .draw_series([Text::new(
+                            format!("{value:.1}"),
+                            (x + offset - 0.12, value + 6.0),
+                            (FONT, 14),
+                        )])
+                        .map_err(plot_error)?;
+                }
+            }
+            let legend = [("clean", 0.35), (robust_label.as_str(), 1.0)];
+            for (label, alpha) in legend {
+                chart
+                    .draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())
+                    .map_err(plot_error)?
+                    .label(label)
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 6), (x + 16, y + 6)], BLACK.mix(alpha).filled())
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .label_font((FONT, 13))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.3))
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()
+                .map_err(plot_error)?;
+        }
+        Ok(())
+    })
+}

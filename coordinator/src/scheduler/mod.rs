@@ -1,0 +1,1084 @@
+//! The scheduler: membership, generations, step issuing and committing, as one pure
+//! state machine. [`Scheduler::on_event`] takes an [`Event`] (an RPC, a timer tick)
+//! and the time since the coordinator started, and returns [`Action`]s for the
+//! async shell to carry out (the reply, ledger records, waking long polls). No I/O,
+//! no clock: tests drive it with any interleaving they like. The invariants it keeps
+//! are listed in `README.md` beside this file.
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hsat_core::config::HidiscSampling;
+use hsat_core::dataset::DatasetIndex;
+use hsat_core::sampler::{StepPlan, plan_step, shard_range};
+use hsat_proto::domain::{
+    Assignment, AssignmentRequest, GroupAssignment, HeartbeatReply, JobState, JobStatus,
+    Registered, Registration, StepLosses, StepReport, StoreRole, TrainAssignment, WorkerId,
+    WorkerStatus,
+};
+use hsat_proto::{ApiError, StorePublication};
+use serde::Serialize;
+
+use crate::identity::JobIdentity;
+
+/// Steps that may be issued beyond the last committed one (a rank gets step s + 1
+/// while it trains s, to prefetch its data).
+pub const WINDOW: u64 = 2;
+
+/// Membership and timing settings of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// Workers to wait for before the first generation forms; >= 1.
+    pub expected_workers: usize,
+    /// Fewest live workers a later generation may have; >= 1.
+    pub min_workers: usize,
+    /// How often workers heartbeat.
+    pub heartbeat: Duration,
+    /// A worker not heard from for this long is dropped; > `heartbeat`.
+    pub lease: Duration,
+    /// After a generation breaks, how long to wait for every live worker to check
+    /// in before forming the next one without the missing ones.
+    pub regroup_wait: Duration,
+    /// How long a `NextAssignment` call may be held before answering `Wait`.
+    pub long_poll: Duration,
+    /// After the job ended, how long to wait for every worker to get its `Stop`
+    /// (and on a shutdown signal, the drain deadline).
+    pub shutdown_grace: Duration,
+}
+
+impl ClusterSettings {
+    /// Defaults for `expected_workers` workers: heartbeat 1 s, lease 10 s, regroup
+    /// wait = lease, long poll 1 s, shutdown grace 30 s, min_workers 1.
+    pub fn new(expected_workers: usize) -> Self {
+        Self {
+            expected_workers: expected_workers.max(1),
+            min_workers: 1,
+            heartbeat: Duration::from_secs(1),
+            lease: Duration::from_secs(10),
+            regroup_wait: Duration::from_secs(10),
+            long_poll: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+
+    /// Problems with the settings, each naming the flag to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.expected_workers == 0 || self.min_workers == 0 {
+            return Err("--workers and --min-workers must be >= 1".to_owned());
+        }
+        if self.min_workers > self.expected_workers {
+            return Err(format!(
+                "--min-workers {} is more than --workers {}: lower it",
+                self.min_workers, self.expected_workers
+            ));
+        }
+        if self.heartbeat.is_zero() || self.lease <= self.heartbeat {
+            return Err(format!(
+                "the lease ({} ms) must be longer than the heartbeat interval ({} ms)",
+                self.lease.as_millis(),
+                self.heartbeat.as_millis()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The data plan of a job: what every step trains, as pure functions of the step.
+#[derive(Debug, Clone)]
+pub struct JobPlan {
+    /// The dataset.
+    pub index: Arc<DatasetIndex>,
+    /// `balanced_patients(index, Train, seed, balance)`.
+    pub balanced: Arc<Vec<usize>>,
+    /// The job seed.
+    pub seed: u64,
+    /// Patients per step (whole job).
+    pub batch_size: usize,
+    /// Slides / patches per patient.
+    pub sampling: HidiscSampling,
+    /// `steps_per_epoch(balanced.len(), batch_size)`.
+    pub steps_per_epoch: u64,
+    /// `steps_per_epoch * num_epochs`.
+    pub total_steps: u64,
+}
+
+impl JobPlan {
+    /// The plan of `step`.
+    pub fn plan(&self, step: u64) -> StepPlan {
+        plan_step(
+            &self.index,
+            &self.balanced,
+            self.seed,
+            step,
+            self.batch_size,
+            &self.sampling,
+        )
+    }
+}
+
+/// Something that happened; fed to [`Scheduler::on_event`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// `Register`.
+    Register(Registration),
+    /// `Heartbeat`.
+    Heartbeat(WorkerId),
+    /// `NextAssignment`.
+    Assignment(AssignmentRequest),
+    /// `PublishStore`.
+    PublishStore(StorePublication),
+    /// `ReportStep`.
+    Report(StepReport),
+    /// `Leave`.
+    Leave(WorkerId, String),
+    /// `Admin.GetStatus`.
+    Status,
+    /// Timer: expire leases, form a generation whose regroup wait is over.
+    Tick,
+    /// Stop the job (SIGTERM): every worker gets `Stop { success: false }`.
+    Shutdown(String),
+}
+
+/// The reply to an RPC event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// To `Register`.
+    Registered(Registered),
+    /// To `Heartbeat`.
+    Heartbeat(HeartbeatReply),
+    /// To `NextAssignment`.
+    Assignment(Assignment),
+    /// To `PublishStore`, `ReportStep`, `Leave`.
+    Done,
+    /// To `GetStatus`.
+    Status(JobStatus),
+    /// The RPC fails.
+    Error(ApiError),
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Answer the RPC that caused the event (exactly one per RPC event).
+    Reply(Reply),
+    /// Append this committed step to the ledger (in order).
+    Commit(LedgerEntry),
+    /// Committed steps from `to_step` on are void: no live worker holds them and the
+    /// job resumes from a checkpoint (or the start). Append to the ledger.
+    Rollback {
+        /// The first voided step; training resumes there.
+        to_step: u64,
+        /// The checkpoint resumed from, if any.
+        checkpoint: Option<PathBuf>,
+    },
+    /// Something long-polling `NextAssignment` calls wait for changed: retry them.
+    Wake,
+}
+
+/// One rank's part of a committed step in the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RankRecord {
+    /// Rank in the step's generation.
+    pub rank: u32,
+    /// The worker.
+    pub worker: u64,
+    /// Its name.
+    pub worker_name: String,
+    /// Dataset indices of its shard's patients, in slot order.
+    pub patients: Vec<usize>,
+    /// Their ids.
+    pub patient_ids: Vec<String>,
+    /// Its parameter checksum (absent when a recovered step lacks its report).
+    pub checksum: Option<u64>,
+    /// Its loss total.
+    pub loss: Option<f64>,
+    /// Its step time in seconds.
+    pub step_seconds: Option<f64>,
+}
+
+/// One committed step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LedgerEntry {
+    /// The global step.
+    pub step: u64,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Steps of the job.
+    pub total_steps: u64,
+    /// The generation that trained it.
+    pub generation: u64,
+    /// Committed at a regroup because a surviving rank held its update, without
+    /// every rank's report.
+    pub recovered: bool,
+    /// Patients of the whole step.
+    pub global_patients: usize,
+    /// Per rank, in rank order.
+    pub ranks: Vec<RankRecord>,
+    /// Rank-weighted mean losses (for the progress line).
+    #[serde(skip)]
+    pub losses: Option<StepLosses>,
+    /// Slowest rank's step time.
+    #[serde(skip)]
+    pub step_seconds: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Worker {
+    name: String,
+    host: String,
+    last_seen: Duration,
+    /// Steps whose update its model holds, as last told.
+    next_step: Option<u64>,
+    /// Asked for an assignment since it last left a generation (or registered).
+    checked_in: bool,
+    /// Got a `Stop`.
+    stopped: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GenStatus {
+    Active,
+    /// Regroup at `until`: steps from there on are not issued.
+    Draining { until: u64 },
+    /// Over (broken or drained); kept for its reports.
+    Ended,
+}
+
+#[derive(Debug, Clone)]
+struct Generation {
+    number: u64,
+    members: Vec<WorkerId>,
+    names: Vec<String>,
+    start_step: u64,
+    broadcast_root: u32,
+    store_port: Option<u16>,
+    resume_checkpoint: Option<PathBuf>,
+    status: GenStatus,
+    /// One past the highest step issued.
+    issued_end: u64,
+    reports: BTreeMap<u64, BTreeMap<u32, StepReport>>,
+}
+
+impl Generation {
+    fn rank_of(&self, worker: WorkerId) -> Option<u32> {
+        self.members
+            .iter()
+            .position(|&m| m == worker)
+            .map(|r| r as u32)
+    }
+
+    fn is_live(&self) -> bool {
+        self.status != GenStatus::Ended
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Waiting,
+    Running,
+    Regrouping { since: Duration },
+    Finished,
+    Failed(String),
+}
+
+/// The coordinator's decisions; see the [module docs](self).
+#[derive(Debug)]
+pub struct Scheduler {
+    settings: ClusterSettings,
+    plan: JobPlan,
+    identity: JobIdentity,
+    workers: BTreeMap<WorkerId, Worker>,
+    next_id: u64,
+    generation: Option<Generation>,
+    committed: u64,
+    phase: Phase,
+    latest_checkpoint: Option<(PathBuf, u64)>,
+    plans: BTreeMap<u64, Arc<StepPlan>>,
+    recent: VecDeque<(Duration, usize)>,
+    last_losses: Option<StepLosses>,
+}
+
+fn unknown(worker: WorkerId) -> ApiError {
+    ApiError::UnknownWorker(format!(
+        "worker {worker} is unknown or its lease expired: register again"
+    ))
+}
+
+impl Scheduler {
+    /// A job that has committed nothing yet.
+    pub fn new(settings: ClusterSettings, plan: JobPlan, identity: JobIdentity) -> Self {
+        let phase = if plan.total_steps == 0 {
+            Phase::Finished
+        } else {
+            Phase::Waiting
+        };
+        Self {
+            settings,
+            plan,
+            identity,
+            workers: BTreeMap::new(),
+            next_id: 1,
+            generation: None,
+            committed: 0,
+            phase,
+            latest_checkpoint: None,
+            plans: BTreeMap::new(),
+            recent: VecDeque::new(),
+            last_losses: None,
+        }
+    }
+
+    /// Committed steps.
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    /// The job's plan.
+    pub fn plan(&self) -> &JobPlan {
+        &self.plan
+    }
+
+    /// Where the job is.
+    pub fn state(&self) -> JobState {
+        match self.phase {
+            Phase::Waiting => JobState::WaitingForWorkers,
+            Phase::Running => JobState::Running,
+            Phase::Regrouping { .. } => JobState::Regrouping,
+            Phase::Finished => JobState::Finished,
+            Phase::Failed(_) => JobState::Failed,
+        }
+    }
+
+    /// The error of a failed job.
+    pub fn failure(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Failed(message) => Some(message),
+            _ => None,
+        }
+    }
+
+    /// The newest checkpoint rank 0 reported, and the steps it holds.
+    pub fn latest_checkpoint(&self) -> Option<&(PathBuf, u64)> {
+        self.latest_checkpoint.as_ref()
+    }
+
+    /// The job is over and every live worker was told to stop.
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Finished | Phase::Failed(_))
+            && self.workers.values().all(|w| w.stopped)
+    }
+
+    /// Applies `event` at `now` (time since the coordinator started) and says what
+    /// to do. RPC events always yield exactly one [`Action::Reply`].
+    pub fn on_event(&mut self, event: Event, now: Duration) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let reply = match event {
+            Event::Register(registration) => self.register(registration, now, &mut actions),
+            Event::Heartbeat(worker) => self.heartbeat(worker, now),
+            Event::Assignment(request) => self.assignment(request, now, &mut actions),
+            Event::PublishStore(publication) => self.publish_store(publication, now, &mut actions),
+            Event::Report(report) => self.report(report, now, &mut actions),
+            Event::Leave(worker, reason) => self.leave(worker, &reason, now, &mut actions),
+            Event::Status => Some(Reply::Status(self.status(now))),
+            Event::Tick => {
+                self.expire(now, &mut actions);
+                None
+            }
+            Event::Shutdown(reason) => {
+                if !matches!(self.phase, Phase::Finished | Phase::Failed(_)) {
+                    self.phase = Phase::Failed(format!("cancelled: {reason}"));
+                    actions.push(Action::Wake);
+                }
+                None
+            }
+        };
+        self.try_form(now, &mut actions);
+        if let Some(reply) = reply {
+            actions.push(Action::Reply(reply));
+        }
+        actions
+    }
+
+    fn touch(&mut self, worker: WorkerId, now: Duration) -> Result<&mut Worker, ApiError> {
+        let record = self.workers.get_mut(&worker).ok_or_else(|| unknown(worker))?;
+        record.last_seen = now;
+        Ok(record)
+    }
+
+    fn register(
+        &mut self,
+        registration: Registration,
+        now: Duration,
+        actions: &mut Vec<Action>,
+    ) -> Option<Reply> {
+        if let Phase::Finished | Phase::Failed(_) = self.phase {
+            return Some(Reply::Error(ApiError::Refused(format!(
+                "the job is over ({}): nothing to join",
+                self.state().describe()
+            ))));
+        }
+        if let Err(message) = self.identity.check(&registration) {
+            return Some(Reply::Error(ApiError::Refused(message)));
+        }
+        let id = WorkerId(self.next_id);
+        self.next_id += 1;
+        tracing::info!(worker = %id, name = %registration.worker_name, host = %registration.advertise_host, "worker registered");
+        self.workers.insert(
+            id,
+            Worker {
+                name: registration.worker_name,
+                host: registration.advertise_host,
+                last_seen: now,
+                next_step: None,
+                checked_in: false,
+                stopped: false,
+            },
+        );
+        if let Some(generation) = &mut self.generation
+            && generation.status == GenStatus::Active
+        {
+            // Admit the newcomer at the next commit boundary: issue nothing new,
+            // let the issued steps commit, then form the next generation.
+            generation.status = GenStatus::Draining {
+                until: generation.issued_end,
+            };
+            tracing::info!(generation = generation.number, until = generation.issued_end, "draining to admit a new worker");
+            actions.push(Action::Wake);
+            self.end_drained(now, actions);
+        }
+        Some(Reply::Registered(Registered {
+            worker_id: id,
+            heartbeat: self.settings.heartbeat,
+            lease: self.settings.lease,
+        }))
+    }
+
+    fn heartbeat(&mut self, worker: WorkerId, now: Duration) -> Option<Reply> {
+        let state = self.state();
+        let generation = self.generation.as_ref().map_or(0, |g| g.number);
+        Some(match self.touch(worker, now) {
+            Ok(_) => Reply::Heartbeat(HeartbeatReply { generation, state }),
+            Err(err) => Reply::Error(err),
+        })
+    }
+
+    fn wait(&self, reason: impl Into<String>) -> Reply {
+        Reply::Assignment(Assignment::Wait {
+            retry: self.settings.long_poll.max(Duration::from_millis(50)),
+            reason: reason.into(),
+        })
+    }
+
+    fn assignment(
+        &mut self,
+        request: AssignmentRequest,
+        now: Duration,
+        actions: &mut Vec<Action>,
+    ) -> Option<Reply> {
+        let phase = self.phase.clone();
+        let record = match self.touch(request.worker_id, now) {
+            Ok(record) => record,
+            Err(err) => return Some(Reply::Error(err)),
+        };
+        record.next_step = Some(request.next_step);
+        match phase {
+            Phase::Finished => {
+                record.stopped = true;
+                return Some(Reply::Assignment(Assignment::Stop {
+                    success: true,
+                    reason: "every step is committed".to_owned(),
+                }));
+            }
+            Phase::Failed(message) => {
+                record.stopped = true;
+                return Some(Reply::Assignment(Assignment::Stop {
+                    success: false,
+                    reason: message,
+                }));
+            }
+            _ => {}
+        }
+        let worker = request.worker_id;
+        let member_rank = self
+            .generation
+            .as_ref()
+            .filter(|g| g.is_live())
+            .and_then(|g| g.rank_of(worker).map(|rank| (g.number, rank)));
+        if let (Some(error), Some((number, _))) = (&request.group_error, member_rank)
+            && request.generation == number
+        {
+            self.break_generation(
+                now,
+                &format!("worker {worker} reported its collective failed: {error}"),
+                actions,
+            );
+            return Some(self.checked_in_wait(worker));
+        }
+        let Some((number, rank)) = member_rank else {
+            return Some(self.checked_in_wait(worker));
+        };
+        if request.generation != number {
+            return Some(self.group_for(rank));
+        }
+        let Some(generation) = self.generation.as_mut() else {
+            return Some(self.wait("no generation"));
+        };
+        let step = request.want_step;
+        if step >= self.plan.total_steps {
+            return Some(self.wait("waiting for the last steps to commit"));
+        }
+        if step < self.committed {
+            return Some(Reply::Error(ApiError::Refused(format!(
+                "step {step} is already committed (next is {}): ask for a step after the ones your model holds",
+                self.committed
+            ))));
+        }
+        if let GenStatus::Draining { until } = generation.status
+            && step >= until
+        {
+            return Some(self.wait(format!("regrouping at step {until} to admit new workers")));
+        }
+        if step >= self.committed + WINDOW {
+            return Some(self.wait(format!(
+                "step {step} waits for step {} to commit",
+                self.committed
+            )));
+        }
+        generation.issued_end = generation.issued_end.max(step + 1);
+        let world = generation.members.len();
+        let generation_number = generation.number;
+        let plan = self.plan_of(step);
+        let range = shard_range(plan.patients.len(), world, rank as usize);
+        Some(Reply::Assignment(Assignment::Train(TrainAssignment {
+            generation: generation_number,
+            step,
+            epoch: plan.epoch,
+            global_patients: plan.patients.len() as u64,
+            shard: plan.patients[range].to_vec(),
+            total_steps: self.plan.total_steps,
+        })))
+    }
+
+    /// A non-member asked: it is checked in (its model state is known) and waits.
+    fn checked_in_wait(&mut self, worker: WorkerId) -> Reply {
+        if let Some(record) = self.workers.get_mut(&worker) {
+            record.checked_in = true;
+        }
+        let reason = match (&self.phase, &self.generation) {
+            (Phase::Waiting, _) => format!(
+                "waiting for workers: {} of {} registered",
+                self.workers.len(),
+                self.settings.expected_workers
+            ),
+            (Phase::Regrouping { .. }, _) => "regrouping".to_owned(),
+            (_, Some(g)) if g.is_live() => {
+                "admitted at the next regroup (next commit boundary)".to_owned()
+            }
+            _ => "waiting".to_owned(),
+        };
+        self.wait(reason)
+    }
+
+    fn group_for(&self, rank: u32) -> Reply {
+        let Some(generation) = &self.generation else {
+            return self.wait("no generation");
+        };
+        let store = if rank == 0 {
+            StoreRole::Host
+        } else {
+            let host = generation
+                .members
+                .first()
+                .and_then(|w| self.workers.get(w))
+                .map(|w| w.host.clone());
+            match (host, generation.store_port) {
+                (Some(host), Some(port)) => StoreRole::Connect { host, port },
+                _ => return self.wait("waiting for rank 0 to publish its store"),
+            }
+        };
+        Reply::Assignment(Assignment::Group(GroupAssignment {
+            generation: generation.number,
+            rank,
+            world_size: generation.members.len() as u32,
+            store,
+            broadcast_root: generation.broadcast_root,
+            start_step: generation.start_step,
+            total_steps: self.plan.total_steps,
+            steps_per_epoch: self.plan.steps_per_epoch,
+            resume_checkpoint: generation.resume_checkpoint.clone(),
+        }))
+    }
+
+    fn plan_of(&mut self, step: u64) -> Arc<StepPlan> {
+        if let Some(plan) = self.plans.get(&step) {
+            return Arc::clone(plan);
+        }
+        let plan = Arc::new(self.plan.plan(step));
+        self.plans.insert(step, Arc::clone(&plan));
+        plan
+    }
+
+    fn publish_store(
+        &mut self,
+        publication: StorePublication,
+        now: Duration,
+        actions: &mut Vec<Action>,
+    ) -> Option<Reply> {
+        if let Err(err) = self.touch(publication.worker_id, now) {
+            return Some(Reply::Error(err));
+        }
+        let Some(generation) = self.generation.as_mut().filter(|g| g.is_live()) else {
+            return Some(Reply::Error(ApiError::Refused(format!(
+                "generation {} is over: ask for an assignment",
+                publication.generation
+            ))));
+        };
+        if generation.number != publication.generation
+            || generation.rank_of(publication.worker_id) != Some(0)
+        {
+            return Some(Reply::Error(ApiError::Refused(format!(
+                "worker {} is not rank 0 of generation {} (current generation {}): only rank 0 publishes the store",
+                publication.worker_id, publication.generation, generation.number
+            ))));
+        }
+        generation.store_port = Some(publication.port);
+        actions.push(Action::Wake);
+        Some(Reply::Done)
+    }
+
+    fn report(
+        &mut self,
+        report: StepReport,
+        now: Duration,
+        actions: &mut Vec<Action>,
+    ) -> Option<Reply> {
+        let record = match self.touch(report.worker_id, now) {
+            Ok(record) => record,
+            Err(err) => return Some(Reply::Error(err)),
+        };
+        record.next_step = Some(record.next_step.unwrap_or(0).max(report.step + 1));
+        if matches!(self.phase, Phase::Finished | Phase::Failed(_)) {
+            return Some(Reply::Done);
+        }
+        let Some(generation) = self.generation.as_mut() else {
+            return Some(Reply::Done);
+        };
+        if generation.number != report.generation {
+            return Some(Reply::Done); // a report of an older generation: nothing to do
+        }
+        if generation.rank_of(report.worker_id) != Some(report.rank) {
+            return Some(Reply::Error(ApiError::Refused(format!(
+                "worker {} is not rank {} of generation {}",
+                report.worker_id, report.rank, report.generation
+            ))));
+        }
+        if report.step >= generation.issued_end {
+            return Some(Reply::Error(ApiError::Refused(format!(
+                "step {} was not assigned in generation {}: report only steps you were given",
+                report.step, report.generation
+            ))));
+        }
+        if let Some(dir) = &report.checkpoint_dir {
+            let holds = report.step + 1;
+            if self.latest_checkpoint.as_ref().is_none_or(|(_, s)| *s <= holds) {
+                self.latest_checkpoint = Some((dir.clone(), holds));
+            }
+        }
+        if report.step < self.committed {
+            return Some(Reply::Done);
+        }
+        let live = generation.is_live();
+        generation
+            .reports
+            .entry(report.step)
+            .or_default()
+            .insert(report.rank, report);
+        if live {
+            self.commit_ready(now, actions);
+        }
+        Some(Reply::Done)
+    }
+
+    /// Commits every step, in order, that all ranks of the live generation reported.
+    fn commit_ready(&mut self, now: Duration, actions: &mut Vec<Action>) {
+        loop {
+            let Some(generation) = self.generation.as_ref() else {
+                return;
+            };
+            let world = generation.members.len();
+            let complete = generation
+                .reports
+                .get(&self.committed)
+                .is_some_and(|reports| reports.len() == world);
+            if !complete || self.committed >= self.plan.total_steps {
+                break;
+            }
+            let step = self.committed;
+            if let Err(message) = self.check_checksums(step) {
+                tracing::error!(step, "{message}");
+                self.phase = Phase::Failed(message);
+                actions.push(Action::Wake);
+                return;
+            }
+            self.commit(step, false, now, actions);
+        }
+        self.end_drained(now, actions);
+    }
+
+    fn check_checksums(&self, step: u64) -> Result<(), String> {
+        let Some(reports) = self
+            .generation
+            .as_ref()
+            .and_then(|g| g.reports.get(&step))
+        else {
+            return Ok(());
+        };
+        let mut values = reports.values().map(|r| r.param_checksum);
+        let Some(first) = values.next() else {
+            return Ok(());
+        };
+        if values.all(|v| v == first) {
+            return Ok(());
+        }
+        let listed = reports
+            .values()
+            .map(|r| format!("rank {} {:016x}", r.rank, r.param_checksum))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(format!(
+            "parameters diverged at step {step}: the ranks' parameter checksums differ ({listed}); \
+             the all-reduce or the optimizer is not deterministic across ranks: the job stops, \
+             resume from the last checkpoint"
+        ))
+    }
+
+    /// Records `step` as committed (with whatever reports the generation has).
+    fn commit(&mut self, step: u64, recovered: bool, now: Duration, actions: &mut Vec<Action>) {
+        let plan = self.plan_of(step);
+        let Some(generation) = self.generation.as_ref() else {
+            return;
+        };
+        let world = generation.members.len();
+        let empty = BTreeMap::new();
+        let reports = generation.reports.get(&step).unwrap_or(&empty);
+        let ranks: Vec<RankRecord> = (0..world)
+            .map(|rank| {
+                let range = shard_range(plan.patients.len(), world, rank);
+                let patients: Vec<usize> =
+                    plan.patients[range].iter().map(|p| p.patient).collect();
+                let report = reports.get(&(rank as u32));
+                RankRecord {
+                    rank: rank as u32,
+                    worker: generation.members[rank].0,
+                    worker_name: generation.names[rank].clone(),
+                    patient_ids: patients
+                        .iter()
+                        .map(|&p| self.plan.index.patients[p].id.clone())
+                        .collect(),
+                    patients,
+                    checksum: report.map(|r| r.param_checksum),
+                    loss: report.map(|r| r.losses.total),
+                    step_seconds: report.map(|r| r.step_seconds),
+                }
+            })
+            .collect();
+        let losses = mean_losses(reports.values());
+        let step_seconds = reports
+            .values()
+            .map(|r| r.step_seconds)
+            .fold(0.0, f64::max);
+        let entry = LedgerEntry {
+            step,
+            epoch: plan.epoch,
+            total_steps: self.plan.total_steps,
+            generation: generation.number,
+            recovered,
+            global_patients: plan.patients.len(),
+            ranks,
+            losses,
+            step_seconds,
+        };
+        if let Some(generation) = self.generation.as_mut() {
+            generation.reports.remove(&step);
+        }
+        self.plans.remove(&step);
+        self.committed = step + 1;
+        self.last_losses = losses.or(self.last_losses);
+        self.recent.push_back((now, plan.patients.len()));
+        while self.recent.len() > 64 {
+            self.recent.pop_front();
+        }
+        actions.push(Action::Commit(entry));
+        actions.push(Action::Wake);
+        if self.committed >= self.plan.total_steps {
+            tracing::info!(steps = self.committed, "every step committed: the job is finished");
+            self.phase = Phase::Finished;
+        }
+    }
+
+    /// Ends a draining generation once everything it issued is committed.
+    fn end_drained(&mut self, now: Duration, actions: &mut Vec<Action>) {
+        let Some(generation) = self.generation.as_mut() else {
+            return;
+        };
+        if let GenStatus::Draining { until } = generation.status
+            && self.committed >= until
+            && !matches!(self.phase, Phase::Finished | Phase::Failed(_))
+        {
+            generation.status = GenStatus::Ended;
+            let members = generation.members.clone();
+            for member in members {
+                if let Some(record) = self.workers.get_mut(&member) {
+                    record.checked_in = false;
+                }
+            }
+            self.phase = Phase::Regrouping { since: now };
+            actions.push(Action::Wake);
+        }
+    }
+
+    fn break_generation(&mut self, now: Duration, why: &str, actions: &mut Vec<Action>) {
+        let Some(generation) = self.generation.as_mut().filter(|g| g.is_live()) else {
+            return;
+        };
+        tracing::warn!(generation = generation.number, committed = self.committed, "generation broken: {why}");
+        generation.status = GenStatus::Ended;
+        let members = generation.members.clone();
+        for member in members {
+            if let Some(record) = self.workers.get_mut(&member) {
+                record.checked_in = false;
+            }
+        }
+        if !matches!(self.phase, Phase::Finished | Phase::Failed(_)) {
+            self.phase = Phase::Regrouping { since: now };
+        }
+        actions.push(Action::Wake);
+    }
+
+    fn leave(
+        &mut self,
+        worker: WorkerId,
+        reason: &str,
+        now: Duration,
+        actions: &mut Vec<Action>,
+    ) -> Option<Reply> {
+        if self.workers.remove(&worker).is_none() {
+            return Some(Reply::Done);
+        }
+        tracing::info!(worker = %worker, reason, "worker left");
+        self.drop_member(worker, &format!("worker {worker} left: {reason}"), now, actions);
+        Some(Reply::Done)
+    }
+
+    fn drop_member(&mut self, worker: WorkerId, why: &str, now: Duration, actions: &mut Vec<Action>) {
+        let member = self
+            .generation
+            .as_ref()
+            .filter(|g| g.is_live())
+            .is_some_and(|g| g.rank_of(worker).is_some());
+        if member {
+            self.break_generation(now, why, actions);
+        }
+    }
+
+    fn expire(&mut self, now: Duration, actions: &mut Vec<Action>) {
+        let lease = self.settings.lease;
+        let expired: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.saturating_sub(w.last_seen) > lease)
+            .map(|(&id, _)| id)
+            .collect();
+        for worker in expired {
+            self.workers.remove(&worker);
+            tracing::warn!(worker = %worker, "lease expired");
+            self.drop_member(worker, &format!("worker {worker}'s lease expired"), now, actions);
+        }
+    }
+
+    /// Forms the next generation when the rules allow (see README.md).
+    fn try_form(&mut self, now: Duration, actions: &mut Vec<Action>) {
+        let since = match self.phase {
+            Phase::Waiting => None,
+            Phase::Regrouping { since } => Some(since),
+            _ => return,
+        };
+        if self.generation.as_ref().is_some_and(|g| g.is_live()) {
+            return;
+        }
+        let candidates: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.checked_in && w.next_step.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        let ready = match since {
+            None => candidates.len() >= self.settings.expected_workers,
+            Some(since) => {
+                candidates.len() >= self.settings.min_workers
+                    && (candidates.len() == self.workers.len()
+                        || now.saturating_sub(since) >= self.settings.regroup_wait)
+            }
+        };
+        if !ready {
+            return;
+        }
+        // The newest state any candidate holds, within what was ever issued.
+        let issued_end = self.generation.as_ref().map_or(0, |g| g.issued_end);
+        let holds = |id: &WorkerId| self.workers[id].next_step.unwrap_or(0);
+        let best = candidates
+            .iter()
+            .map(holds)
+            .filter(|&s| s >= self.committed && s <= issued_end.max(self.committed))
+            .max();
+        let (start_step, resume_checkpoint) = match best {
+            Some(step) => (step, None),
+            None => {
+                // Nobody holds the committed state: resume from the newest checkpoint
+                // (or the start) and void the steps after it.
+                let (step, checkpoint) = match &self.latest_checkpoint {
+                    Some((dir, step)) if *step <= self.committed => (*step, Some(dir.clone())),
+                    _ => (0, None),
+                };
+                tracing::warn!(committed = self.committed, resume = step, "no live worker holds the committed state: rolling back");
+                actions.push(Action::Rollback {
+                    to_step: step,
+                    checkpoint: checkpoint.clone(),
+                });
+                self.committed = step;
+                (step, checkpoint)
+            }
+        };
+        // Steps a survivor holds were fully all-reduced: commit them now.
+        while self.committed < start_step {
+            let step = self.committed;
+            if let Err(message) = self.check_checksums(step) {
+                self.phase = Phase::Failed(message);
+                actions.push(Action::Wake);
+                return;
+            }
+            self.commit(step, true, now, actions);
+        }
+        if self.committed >= self.plan.total_steps {
+            self.phase = Phase::Finished;
+            return;
+        }
+        let broadcast_root = candidates
+            .iter()
+            .position(|id| resume_checkpoint.is_some() || holds(id) == start_step)
+            .unwrap_or(0) as u32;
+        let number = self.generation.as_ref().map_or(0, |g| g.number) + 1;
+        let names = candidates
+            .iter()
+            .map(|id| self.workers[id].name.clone())
+            .collect();
+        for id in &candidates {
+            if let Some(record) = self.workers.get_mut(id) {
+                record.checked_in = false;
+            }
+        }
+        tracing::info!(generation = number, world_size = candidates.len(), start_step, broadcast_root, "generation formed");
+        self.generation = Some(Generation {
+            number,
+            members: candidates,
+            names,
+            start_step,
+            broadcast_root,
+            store_port: None,
+            resume_checkpoint,
+            status: GenStatus::Active,
+            issued_end: start_step,
+            reports: BTreeMap::new(),
+        });
+        self.phase = Phase::Running;
+        actions.push(Action::Wake);
+    }
+
+    fn status(&self, now: Duration) -> JobStatus {
+        let generation = self.generation.as_ref();
+        let workers = self
+            .workers
+            .iter()
+            .map(|(&id, w)| {
+                let rank = generation
+                    .filter(|g| g.is_live())
+                    .and_then(|g| g.rank_of(id));
+                WorkerStatus {
+                    worker_id: id,
+                    name: w.name.clone(),
+                    rank,
+                    last_heartbeat_age: now.saturating_sub(w.last_seen),
+                    state: if w.stopped {
+                        "stopped"
+                    } else if rank.is_some() {
+                        "member"
+                    } else {
+                        "waiting"
+                    }
+                    .to_owned(),
+                }
+            })
+            .collect();
+        let (steps_per_second, patients_per_second) = match (self.recent.front(), self.recent.back()) {
+            (Some(first), Some(last)) if self.recent.len() >= 2 && last.0 > first.0 => {
+                let seconds = (last.0 - first.0).as_secs_f64();
+                let patients: usize = self.recent.iter().skip(1).map(|(_, p)| p).sum();
+                ((self.recent.len() - 1) as f64 / seconds, patients as f64 / seconds)
+            }
+            _ => (0.0, 0.0),
+        };
+        JobStatus {
+            state: self.state(),
+            message: self.failure().unwrap_or_default().to_owned(),
+            step: self.committed,
+            total_steps: self.plan.total_steps,
+            epoch: self.committed / self.plan.steps_per_epoch.max(1),
+            generation: generation.map_or(0, |g| g.number),
+            workers,
+            steps_per_second,
+            patients_per_second,
+            last_losses: self.last_losses,
+        }
+    }
+}
+
+/// Patient-weighted mean of the ranks' losses (plain mean when no rank had patients).
+fn mean_losses<'a>(reports: impl Iterator<Item = &'a StepReport>) -> Option<StepLosses> {
+    let reports: Vec<&StepReport> = reports.collect();
+    if reports.is_empty() {
+        return None;
+    }
+    let total_weight: u64 = reports.iter().map(|r| r.local_patients).sum();
+    let weight = |r: &StepReport| {
+        if total_weight == 0 {
+            1.0 / reports.len() as f64
+        } else {
+            r.local_patients as f64 / total_weight as f64
+        }
+    };
+    let levels = |pick: fn(&StepLosses) -> Option<hsat_proto::domain::LevelLosses>| {
+        let mut any = false;
+        let mut sum = hsat_proto::domain::LevelLosses::default();
+        for r in &reports {
+            if let Some(l) = pick(&r.losses) {
+                any = true;
+                let w = weight(r);
+                sum.patient += w * l.patient;
+                sum.slide += w * l.slide;
+                sum.patch += w * l.patch;
+            }
+        }
+        any.then_some(sum)
+    };
+    Some(StepLosses {
+        total: reports.iter().map(|r| weight(r) * r.losses.total).sum(),
+        clean: levels(|l| l.clean),
+        adversarial: levels(|l| l.adversarial),
+    })
+}
