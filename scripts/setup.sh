@@ -31,6 +31,15 @@ if [[ ! -f "$stamp" ]]; then
   touch "$stamp"
 fi
 
+# Headers for hsat-worker's `nccl` feature (c10d's ProcessGroupNCCL): the wheel's nvidia
+# packages lack two (crt/, cccl/; about 20 MB); own stamp so existing venvs get them.
+nccl_stamp="$venv/.hsat-nccl-headers-v1"
+if [[ ! -f "$nccl_stamp" ]]; then
+  log "installing the CUDA headers the nccl feature needs (nvidia-cuda-crt, nvidia-cuda-cccl)"
+  "$venv/bin/python" -m pip install --quiet nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
+  touch "$nccl_stamp"
+fi
+
 libtorch="$("$venv/bin/python" - <<'PY'
 import os, torch
 print(os.path.dirname(torch.__file__))

@@ -5,14 +5,16 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use hsat_coordinator::{ClusterSettings, JobOutcome, OutcomeKind, load_job, serve};
 use hsat_core::config::{self, Config, ConfigSources};
 use hsat_worker::cluster::{WorkerOptions, run_worker};
 use tch::Device;
+use tokio::net::TcpListener;
 
 /// `hsat worker` arguments.
 #[derive(Debug, Args)]
@@ -193,11 +195,261 @@ impl Drop for LocalWorkers {
     }
 }
 
-#[allow(dead_code)]
-fn unused(_: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let flag = AtomicBool::new(false);
-    if flag.load(Ordering::SeqCst) {
-        bail!("never");
+
+/// Membership settings shared by `hsat coordinator` and `hsat run --workers`.
+#[derive(Debug, Args)]
+pub struct MembershipArgs {
+    /// Fewest live workers the job continues with after losing some (default 1).
+    #[arg(long, default_value_t = 1)]
+    pub min_workers: usize,
+    /// Milliseconds between worker heartbeats.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Milliseconds without a heartbeat after which a worker is dropped.
+    #[arg(long, default_value_t = 10_000)]
+    pub lease_ms: u64,
+}
+
+impl MembershipArgs {
+    fn settings(&self, workers: usize) -> ClusterSettings {
+        let mut settings = ClusterSettings::new(workers);
+        settings.min_workers = self.min_workers.max(1);
+        settings.heartbeat = Duration::from_millis(self.heartbeat_ms);
+        settings.lease = Duration::from_millis(self.lease_ms);
+        settings.regroup_wait = settings.lease;
+        settings
+    }
+}
+
+/// `hsat coordinator` arguments.
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// The job's TOML config (workers must use the same).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override one key; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Address to serve gRPC on; port 0 picks a free one (printed at start).
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub listen: String,
+    /// Workers to wait for before training starts.
+    #[arg(long)]
+    pub workers: usize,
+    /// Membership and lease settings.
+    #[command(flatten)]
+    pub membership: MembershipArgs,
+}
+
+/// Runs the coordinator of a job until it finishes, fails, or SIGINT/SIGTERM.
+pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let cfg = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
+    let settings = args.membership.settings(args.workers);
+    let job = load_job(cfg)?;
+    let runtime = runtime()?;
+    let outcome = runtime.block_on(async {
+        let listener = TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}: is the port free?", args.listen))?;
+        let address = listener.local_addr()?;
+        println!("hsat coordinator: listening on {address}");
+        anyhow::Ok(serve(job, settings, listener, termination()).await?)
+    })?;
+    finish(&outcome)
+}
+
+/// `hsat run --workers N`: the coordinator in this process, N worker processes.
+pub fn run_local(
+    file: Option<PathBuf>,
+    overrides: Vec<String>,
+    workers: usize,
+    membership: &MembershipArgs,
+) -> anyhow::Result<()> {
+    if workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let cfg = config::load(&ConfigSources::from_process_env(
+        file.clone(),
+        overrides.clone(),
+    ))?;
+    let job = load_job(cfg.clone())?;
+    println!(
+        "hsat: training {} on {} local worker processes, {} patients per step (all workers together), {} steps, out_dir {}",
+        cfg.model.backbone,
+        workers,
+        cfg.training.batch_size,
+        job.plan.total_steps,
+        cfg.infra.out_dir.display()
+    );
+    let runtime = runtime()?;
+    let listener = runtime
+        .block_on(TcpListener::bind("127.0.0.1:0"))
+        .context("cannot open a local port for the coordinator")?;
+    let address = format!("http://{}", listener.local_addr()?);
+    let mut children = LocalWorkers::spawn(workers, &address, file.as_ref(), &overrides, &cfg)?;
+    let settings = membership.settings(workers);
+    let grace = settings.shutdown_grace;
+    let (crashed_tx, crashed_rx) = tokio::sync::oneshot::channel::<()>();
+    let outcome = runtime.block_on(async {
+        let server = serve(job, settings, listener, async {
+            tokio::select! {
+                () = termination() => {}
+                _ = crashed_rx => {}
+            }
+        });
+        tokio::pin!(server);
+        let mut crashed_tx = Some(crashed_tx);
+        let mut alive = workers;
+        let mut ticker = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                outcome = &mut server => break outcome,
+                _ = ticker.tick() => {
+                    for failure in children.failed() {
+                        eprintln!("hsat: {failure}");
+                        alive -= 1;
+                    }
+                    // Without any worker left nothing can finish: stop instead of waiting.
+                    if alive == 0
+                        && let Some(tx) = crashed_tx.take()
+                    {
+                        eprintln!("hsat: every worker process failed; stopping the job");
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        }
+    })?;
+    for problem in children.finish(grace) {
+        eprintln!("hsat: {problem}");
+    }
+    finish(&outcome)
+}
+
+fn finish(outcome: &JobOutcome) -> anyhow::Result<()> {
+    match &outcome.kind {
+        OutcomeKind::Finished => {
+            match &outcome.last_checkpoint {
+                Some(dir) => println!(
+                    "hsat: done, {} steps committed; final checkpoint {}; ledger {}",
+                    outcome.committed_steps,
+                    dir.display(),
+                    outcome.ledger.display()
+                ),
+                None => println!(
+                    "hsat: done, {} steps committed; ledger {}",
+                    outcome.committed_steps,
+                    outcome.ledger.display()
+                ),
+            }
+            Ok(())
+        }
+        OutcomeKind::Failed(message) => bail!(
+            "the job failed after {} of {} steps: {message}",
+            outcome.committed_steps,
+            outcome.total_steps
+        ),
+        OutcomeKind::Cancelled(message) => bail!(
+            "the job was stopped after {} of {} steps ({message}); checkpoints are in the ledger {}",
+            outcome.committed_steps,
+            outcome.total_steps,
+            outcome.ledger.display()
+        ),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends).
+async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("hsat: stopping (signal received); finishing the current step");
+}
+
+/// `hsat status` arguments.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The coordinator, `host:port` or `http://host:port`.
+    #[arg(long)]
+    pub coordinator: String,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints the job's status.
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let status = runtime.block_on(async {
+        let client = hsat_proto::client::CoordinatorClient::connect(&args.coordinator).await?;
+        anyhow::Ok(client.status().await?)
+    })?;
+    if args.json {
+        let workers: Vec<serde_json::Value> = status
+            .workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "id": w.worker_id.0,
+                    "name": w.name,
+                    "rank": w.rank,
+                    "last_heartbeat_ms": w.last_heartbeat_age.as_millis() as u64,
+                    "state": w.state,
+                })
+            })
+            .collect();
+        let value = serde_json::json!({
+            "state": status.state.describe(),
+            "message": status.message,
+            "step": status.step,
+            "total_steps": status.total_steps,
+            "epoch": status.epoch,
+            "generation": status.generation,
+            "steps_per_second": status.steps_per_second,
+            "patients_per_second": status.patients_per_second,
+            "workers": workers,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let message = if status.message.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", status.message)
+    };
+    println!(
+        "job {}{message}: step {}/{} epoch {} generation {}, {:.2} steps/s, {:.1} patients/s",
+        status.state.describe(),
+        status.step,
+        status.total_steps,
+        status.epoch,
+        status.generation,
+        status.steps_per_second,
+        status.patients_per_second
+    );
+    for w in &status.workers {
+        println!(
+            "  {:<6} {:<24} rank {:<4} {:<10} last heartbeat {:.1} s ago",
+            w.worker_id.to_string(),
+            w.name,
+            w.rank.map_or("-".to_owned(), |r| r.to_string()),
+            w.state,
+            w.last_heartbeat_age.as_secs_f64()
+        );
     }
     Ok(())
 }

@@ -3,12 +3,15 @@
 //! `main` parses the command line, starts tracing and hands over to one module per
 //! subcommand:
 //!
-//! - [`run`]: `hsat run`, a training job.
+//! - [`run`]: `hsat run`, a training job on this machine (one process).
+//! - [`cluster`]: `hsat run --workers N`, `hsat coordinator`, `hsat worker`,
+//!   `hsat status`: distributed jobs.
 //! - [`data`]: `hsat synth` and `hsat data check`.
 //! - [`bench`]: `hsat bench step|data`, benchmarks against PyTorch.
 //! - [`eval`] (+ [`report`]): `hsat eval`, the paper's kNN and robustness tables.
 
 mod bench;
+mod cluster;
 mod data;
 mod eval;
 mod report;
@@ -31,13 +34,40 @@ enum Command {
     /// Train an encoder with HSAT (or plain HiDisc when the attack is off).
     ///
     /// Loads the config (defaults < FILE < HSAT__SECTION__KEY environment variables <
-    /// --set), trains on one worker, prints one progress line per step and writes
-    /// checkpoints under <infra.out_dir>/checkpoints.
+    /// --set), trains, prints one progress line per step and writes checkpoints under
+    /// <infra.out_dir>/checkpoints. Without --workers it trains in this process; with
+    /// --workers N it runs a coordinator here and N worker processes on this machine
+    /// that split every step and average gradients (Gloo all-reduce); Ctrl-C stops all.
     ///
     /// Example:
-    ///   hsat run --config examples/quickstart.toml --set training.num_epochs=1
+    ///   hsat run --config examples/quickstart.toml --workers 2
     #[command(verbatim_doc_comment)]
-    Run(ConfigArgs),
+    Run(RunArgs),
+
+    /// Run the coordinator of a distributed job: it waits for --workers workers,
+    /// hands out the steps, commits them in <infra.out_dir>/coordinator/ledger.jsonl
+    /// and exits when the job is done. Serves gRPC (with grpc.health.v1).
+    ///
+    /// Example:
+    ///   hsat coordinator --config job.toml --listen 0.0.0.0:50051 --workers 4
+    #[command(verbatim_doc_comment)]
+    Coordinator(cluster::CoordinatorArgs),
+
+    /// Run one worker of a distributed job: joins the coordinator, trains the steps
+    /// it is given, averages gradients with the other workers, exits when the job
+    /// is done. SIGTERM makes it finish the current step and leave.
+    ///
+    /// Example:
+    ///   hsat worker --coordinator http://coordinator:50051 --config job.toml
+    #[command(verbatim_doc_comment)]
+    Worker(cluster::WorkerArgs),
+
+    /// Show a running job: state, committed step, generation, workers, throughput.
+    ///
+    /// Example:
+    ///   hsat status --coordinator http://127.0.0.1:50051
+    #[command(verbatim_doc_comment)]
+    Status(cluster::StatusArgs),
 
     /// Write a synthetic dataset with patient -> slide -> patch structure to disk.
     ///
@@ -100,6 +130,19 @@ enum BenchCommand {
     Data(bench::DataArgs),
 }
 
+/// `hsat run` arguments.
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Worker processes to train with (coordinator in this process); without it,
+    /// one process trains alone.
+    #[arg(long)]
+    workers: Option<usize>,
+    #[command(flatten)]
+    membership: cluster::MembershipArgs,
+}
+
 /// Where the config comes from.
 #[derive(Debug, Args)]
 struct ConfigArgs {
@@ -121,7 +164,15 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Run(args) => run::run(args.config, args.set),
+        Command::Run(RunArgs {
+            config,
+            workers: Some(workers),
+            membership,
+        }) => cluster::run_local(config.config, config.set, workers, &membership),
+        Command::Run(args) => run::run(args.config.config, args.config.set),
+        Command::Coordinator(args) => cluster::coordinator(args),
+        Command::Worker(args) => cluster::worker(args),
+        Command::Status(args) => cluster::status(args),
         Command::Synth(args) => data::synth(args),
         Command::Eval(args) => eval::eval(args),
         Command::Data(DataCommand::Check(args)) => data::check_dataset(args),

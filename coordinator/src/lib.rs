@@ -1,6 +1,129 @@
 //! hsat-coordinator: owns a distributed job (membership, the data plan, the step
-//! ledger, checkpoints) and hands hierarchical batches to workers over gRPC.
+//! ledger, checkpoints) and hands hierarchical batches to workers over gRPC. It
+//! never links libtorch: the coordinator image runs anywhere.
 //!
-//! Not built yet: the single-worker engine in `hsat-worker` runs without it. The
-//! distributed-training issue fills this crate (scheduler state machine, leases, the
-//! gRPC service); it must never depend on libtorch.
+//! Stage in the pipeline: dataset index -> sampler -> **scheduler** -> gRPC
+//! assignment -> worker ... -> step report -> **scheduler** (commit, ledger).
+//!
+//! Layout:
+//!
+//! - [`scheduler`]: the pure state machine (`on_event(Event, now) -> Vec<Action>`):
+//!   generations, leases, step issuing, commits, checksum checks. Its invariants
+//!   are listed in `src/scheduler/README.md`.
+//! - [`identity`]: the config / dataset / version check of a registering worker.
+//! - [`ledger`]: `<out_dir>/coordinator/ledger.jsonl`, fsynced per commit.
+//! - [`service`]: the async shell: the gRPC handler over the scheduler, leases on
+//!   tokio time, long polls, graceful shutdown ([`serve`]).
+//!
+//! Use: `let job = load_job(config)?; serve(job, settings, listener, shutdown).await`.
+
+pub mod identity;
+pub mod ledger;
+pub mod scheduler;
+pub mod service;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hsat_core::config::{Config, DataSource};
+use hsat_core::dataset::{DatasetError, DatasetIndex, Split, check};
+use hsat_core::sampler::{balanced_patients, steps_per_epoch};
+
+pub use scheduler::{ClusterSettings, JobPlan, Scheduler};
+pub use service::{JobOutcome, OutcomeKind, serve};
+
+/// Why the coordinator cannot run a job.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// `data.source` is synthetic.
+    #[error(
+        "distributed runs need a dataset on disk (data.source is \"synthetic\"); make one with \
+         `hsat synth` and set data.source to \"opensrh\" or \"manifest\""
+    )]
+    SyntheticData,
+    /// The dataset could not be indexed.
+    #[error("cannot index the dataset")]
+    Dataset(#[from] DatasetError),
+    /// The dataset has errors.
+    #[error("the dataset has errors; `hsat data check` gives the full report:\n{0}")]
+    DatasetCheck(String),
+    /// Invalid cluster settings.
+    #[error("invalid cluster settings: {0}")]
+    Settings(String),
+    /// The ledger cannot be created.
+    #[error("cannot open the ledger {} (check that infra.out_dir is writable)", path.display())]
+    Ledger {
+        /// The file.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// The ledger could not be written.
+    #[error("cannot write the ledger {}: {message} (check free space and permissions)", path.display())]
+    LedgerWrite {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The gRPC server failed.
+    #[error("the gRPC server failed: {0}")]
+    Server(String),
+}
+
+/// A job: its validated config and data plan.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The job's config (workers must present an equal one).
+    pub config: Config,
+    /// What each step trains.
+    pub plan: JobPlan,
+}
+
+impl Job {
+    /// The job over an already loaded index (tests build indexes in memory).
+    pub fn from_index(config: Config, index: DatasetIndex) -> Self {
+        let balanced = balanced_patients(
+            &index,
+            Split::Train,
+            config.infra.seed,
+            config.data.balance_study_per_class,
+        );
+        let per_epoch = steps_per_epoch(balanced.len(), config.training.batch_size);
+        let plan = JobPlan {
+            index: Arc::new(index),
+            balanced: Arc::new(balanced),
+            seed: config.infra.seed,
+            batch_size: config.training.batch_size,
+            sampling: config.data.hidisc,
+            steps_per_epoch: per_epoch,
+            total_steps: per_epoch * config.training.num_epochs as u64,
+        };
+        Self { config, plan }
+    }
+
+    /// The dataset fingerprint workers must match.
+    pub fn dataset_fingerprint(&self) -> &str {
+        &self.plan.index.fingerprint
+    }
+
+    /// Where the ledger goes: `<infra.out_dir>/coordinator`.
+    pub fn coordinator_dir(&self) -> PathBuf {
+        self.config.infra.out_dir.join("coordinator")
+    }
+}
+
+/// Indexes and checks the config's dataset (as `hsat run` does) and computes the
+/// plan: total steps = `steps_per_epoch(balanced, batch_size) * num_epochs`, as the
+/// single-process trainer.
+pub fn load_job(config: Config) -> Result<Job, CoordinatorError> {
+    if config.data.source == DataSource::Synthetic {
+        return Err(CoordinatorError::SyntheticData);
+    }
+    let index = DatasetIndex::load(&config.data)?;
+    let report = check::quick_check(&index);
+    if !report.is_ok() {
+        return Err(CoordinatorError::DatasetCheck(report.render()));
+    }
+    Ok(Job::from_index(config, index))
+}

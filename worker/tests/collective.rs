@@ -355,6 +355,7 @@ fn broadcast_state_makes_all_ranks_bitwise_identical() {
 /// sleeps until the parent kills it), or, with the prefix `again`, completes one.
 fn faulty_child(role: &Role) {
     let store = Store::connect("127.0.0.1", role.port, role.world, TIMEOUT).unwrap();
+    warm_up(&store, &role.prefix, role.rank);
     let timeout = Duration::from_secs(3);
     let pg = ProcessGroup::new(
         &store,
@@ -373,6 +374,21 @@ fn faulty_child(role: &Role) {
     std::thread::sleep(Duration::from_secs(60));
 }
 
+/// A first group with a generous timeout, so that the short-timeout group under test
+/// forms between two processes that are both already up.
+fn warm_up(store: &Store, prefix: &str, rank: usize) {
+    let pg = ProcessGroup::new(
+        store,
+        &format!("{prefix}-warm"),
+        rank,
+        2,
+        Backend::Gloo,
+        TIMEOUT,
+    )
+    .unwrap();
+    pg.barrier().unwrap();
+}
+
 fn start_faulty_pair(
     test: &str,
     store: &Store,
@@ -386,6 +402,7 @@ fn start_faulty_pair(
         prefix: prefix.to_owned(),
     };
     let child = spawn_rank(test, &role);
+    warm_up(store, prefix, 0);
     let pg = ProcessGroup::new(store, prefix, 0, 2, Backend::Gloo, timeout).unwrap();
     let mut t = vec![Tensor::ones([1000], (Kind::Float, Device::Cpu))];
     pg.all_reduce_sum(&mut t).unwrap();
@@ -474,4 +491,18 @@ fn unreachable_store_names_the_address() {
         text.contains("127.0.0.1:1") && text.contains("rank 0"),
         "{text}"
     );
+}
+
+/// With the `nccl` feature on a machine without a GPU, constructing the NCCL group
+/// fails with libtorch's message instead of crashing (CI builds this feature).
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_without_a_gpu_is_an_error_not_a_crash() {
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let store = Store::host("127.0.0.1", 0, 1, TIMEOUT).unwrap();
+    let err = ProcessGroup::new(&store, "g", 0, 1, Backend::Nccl, TIMEOUT).unwrap_err();
+    eprintln!("nccl on a cpu machine: {err}");
+    assert!(err.to_string().to_lowercase().contains("gpu"), "{err}");
 }

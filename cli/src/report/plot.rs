@@ -90,13 +90,20 @@ fn plot_error<E: std::fmt::Debug>(err: E) -> anyhow::Error {
 }
 
 /// Accuracy (%) against eps (units of 1/255, 0 = clean) at each level: a line per
-/// model and attack, colour = model, marker = attack.
+/// model and attack: colour = attack; line style and marker = model (solid and
+/// circles for the first model, dashed and triangles for the second).
 pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
     let max_eps = report
         .models
         .iter()
         .flat_map(|m| m.attacks.iter().map(|a| a.eps_255))
         .fold(1.0_f64, f64::max);
+    let mut attacks: Vec<&str> = Vec::new();
+    for a in report.models.iter().flat_map(|m| &m.attacks) {
+        if !attacks.contains(&a.attack.as_str()) {
+            attacks.push(&a.attack);
+        }
+    }
     let size = (PANEL.0 * 3, PANEL.1 + 60);
     render(path, size, |root| {
         let (title, body) = root.split_vertically(60);
@@ -117,6 +124,8 @@ pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
             chart
                 .configure_mesh()
                 .x_desc("eps (x/255)")
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.0}"))
                 .y_desc("accuracy (%)")
                 .label_style((FONT, 15))
                 .axis_desc_style((FONT, 16))
@@ -124,12 +133,6 @@ pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
                 .map_err(plot_error)?;
             for (m, model) in report.models.iter().enumerate() {
                 let clean = level(&model.clean, level_name).map_or(f64::NAN, |l| l.accuracy);
-                let mut attacks: Vec<&str> = Vec::new();
-                for a in &model.attacks {
-                    if !attacks.contains(&a.attack.as_str()) {
-                        attacks.push(&a.attack);
-                    }
-                }
                 for (n, attack) in attacks.iter().enumerate() {
                     let mut points = vec![(0.0, 100.0 * clean)];
                     points.extend(
@@ -144,30 +147,31 @@ pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
                     );
                     points.retain(|p| p.1.is_finite());
                     points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    let style = colour(m).stroke_width(2);
-                    chart
-                        .draw_series(LineSeries::new(points.clone(), style))
+                    let style = colour(n).stroke_width(2);
+                    let label = format!("{} {}", model.name, attack_title(attack));
+                    // Solid lines for the first model, dashed for the second, dotted after.
+                    let drawn = match m {
+                        0 => chart.draw_series(LineSeries::new(points.clone(), style)),
+                        1 => chart.draw_series(DashedLineSeries::new(points.clone(), 10, 6, style)),
+                        _ => chart.draw_series(DashedLineSeries::new(points.clone(), 3, 5, style)),
+                    };
+                    drawn
                         .map_err(plot_error)?
-                        .label(format!("{} {}", model.name, attack_title(attack)))
+                        .label(label)
                         .legend(move |(x, y)| {
-                            PathElement::new(vec![(x, y), (x + 20, y)], colour(m).stroke_width(2))
+                            let dash = if m == 0 { 20 } else { 8 };
+                            PathElement::new(vec![(x, y), (x + dash, y)], colour(n).stroke_width(2))
                         });
-                    let fill = colour(m).filled();
+                    let marker =
+                        |p: (f64, f64)| -> DynElement<'static, BitMapBackend<'_>, (f64, f64)> {
+                            match m % 3 {
+                                0 => Circle::new(p, 5, colour(n).filled()).into_dyn(),
+                                1 => TriangleMarker::new(p, 7, colour(n).filled()).into_dyn(),
+                                _ => Cross::new(p, 5, colour(n).stroke_width(2)).into_dyn(),
+                            }
+                        };
                     chart
-                        .draw_series(points.iter().map(
-                            |&p| -> DynElement<'static, BitMapBackend<'_>, (f64, f64)> {
-                                match n % 4 {
-                                    0 => Circle::new(p, 5, fill).into_dyn(),
-                                    1 => TriangleMarker::new(p, 6, fill).into_dyn(),
-                                    2 => Cross::new(p, 5, colour(m).stroke_width(2)).into_dyn(),
-                                    _ => Rectangle::new(
-                                        [(p.0 - 0.08, p.1 - 1.5), (p.0 + 0.08, p.1 + 1.5)],
-                                        fill,
-                                    )
-                                    .into_dyn(),
-                                }
-                            },
-                        ))
+                        .draw_series(points.iter().map(|&p| marker(p)))
                         .map_err(plot_error)?;
                 }
             }

@@ -931,10 +931,13 @@ impl Scheduler {
         }
         // The newest state any candidate holds, within what was ever issued.
         let issued_end = self.generation.as_ref().map_or(0, |g| g.issued_end);
-        let holds = |id: &WorkerId| self.workers[id].next_step.unwrap_or(0);
-        let best = candidates
+        let holds: Vec<u64> = candidates
             .iter()
-            .map(holds)
+            .map(|id| self.workers.get(id).and_then(|w| w.next_step).unwrap_or(0))
+            .collect();
+        let best = holds
+            .iter()
+            .copied()
             .filter(|&s| s >= self.committed && s <= issued_end.max(self.committed))
             .max();
         let (start_step, resume_checkpoint) = match best {
@@ -969,14 +972,14 @@ impl Scheduler {
             self.phase = Phase::Finished;
             return;
         }
-        let broadcast_root = candidates
+        let broadcast_root = holds
             .iter()
-            .position(|id| resume_checkpoint.is_some() || holds(id) == start_step)
+            .position(|&held| resume_checkpoint.is_some() || held == start_step)
             .unwrap_or(0) as u32;
         let number = self.generation.as_ref().map_or(0, |g| g.number) + 1;
         let names = candidates
             .iter()
-            .map(|id| self.workers[id].name.clone())
+            .map(|id| self.workers.get(id).map(|w| w.name.clone()).unwrap_or_default())
             .collect();
         for id in &candidates {
             if let Some(record) = self.workers.get_mut(id) {

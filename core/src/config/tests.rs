@@ -837,7 +837,7 @@ fn docs_describe_every_key() {
     let docs = include_str!("../../../docs/config.md");
     let mut keys = Vec::new();
     leaf_keys(&layers::schema().unwrap(), "", &mut keys);
-    assert_eq!(keys.len(), 51);
+    assert_eq!(keys.len(), 62);
     for key in keys {
         assert!(
             docs.contains(&format!("`{key}`")),
@@ -846,4 +846,39 @@ fn docs_describe_every_key() {
         let env_name = layers::env_var_name(&key);
         assert!(docs.contains(&env_name), "docs/config.md lacks {env_name}");
     }
+}
+
+#[test]
+fn eval_section_defaults_layers_and_checks() {
+    let cfg = Config::default();
+    assert_eq!((cfg.eval.knn_k, cfg.eval.knn_temperature), (200, 0.07));
+    assert_eq!(cfg.eval.attacks, EvalAttack::ALL.to_vec());
+    assert_eq!(cfg.eval.eps_255, vec![4.0, 8.0]);
+    assert_eq!((cfg.eval.alpha_255, cfg.eval.steps), (2.0, 10));
+    let file = toml_file("[eval]\nattacks = \"mifgsm, pgd\"\neps = [2, 8]\n");
+    let cfg = load_with(
+        Some(&file),
+        &[("HSAT__EVAL__KNN_K", "20")],
+        &["eval.attack_target=projection"],
+    )
+    .unwrap();
+    assert_eq!(cfg.eval.attacks, vec![EvalAttack::MiFgsm, EvalAttack::Pgd]);
+    assert_eq!(cfg.eval.eps_255, vec![2.0, 8.0]);
+    assert_eq!(cfg.eval.knn_k, 20);
+    assert_eq!(cfg.eval.attack_target, EvalTarget::Projection);
+    let env_list = load_with(None, &[("HSAT__EVAL__EPS", "1,2.5")], &["eval.attacks="]).unwrap();
+    assert_eq!(env_list.eval.eps_255, vec![1.0, 2.5]);
+    assert!(env_list.eval.attacks.is_empty());
+    let found = problems(load_with(
+        None,
+        &[],
+        &["eval.attacks=pgd,cw,pgd", "eval.eps=[0, 300]", "eval.knn_k=0"],
+    ));
+    let text = found.join("\n");
+    for needle in ["\"cw\"", "twice", "eval.eps[0] = 0", "eval.eps[1] = 300", "eval.knn_k = 0"] {
+        assert!(text.contains(needle), "{needle} missing from {text}");
+    }
+    // Round trip through the raw form (checkpoints store it).
+    let back = Config::from_json_value(&cfg.to_json_value()).unwrap();
+    assert_eq!(back.eval, cfg.eval);
 }

@@ -178,13 +178,16 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
 }
 
 /// One generation's collective and loader, and the steps fed to that loader.
+///
+/// Fields drop in order: the plan sender before the loader (whose planner thread
+/// waits on it), the group before the store it rendezvoused through.
 struct Session {
     group: GroupAssignment,
+    plans: Sender<StepPlan>,
+    loader: FileSource,
     process_group: ProcessGroup,
     /// Kept alive for the group's lifetime (rank 0 hosts it).
     _store: Store,
-    loader: FileSource,
-    plans: Sender<StepPlan>,
     queued: VecDeque<TrainAssignment>,
     gradients: GradientSync,
 }
@@ -217,7 +220,12 @@ impl Worker<'_> {
                 ));
             }
             let queued = self.session.as_ref().map_or(0, |s| s.queued.len());
-            if queued < LOOKAHEAD {
+            // Past the job's last step there is nothing to prefetch: asking would
+            // only be held by the coordinator's long poll.
+            let beyond_end = self.session.as_ref().is_some_and(|s| {
+                self.trainer.position() + queued as u64 >= s.group.total_steps
+            });
+            if queued < LOOKAHEAD && !(queued > 0 && beyond_end) {
                 let request = AssignmentRequest {
                     worker_id: self.worker_id,
                     generation: self.session.as_ref().map_or(0, |s| s.group.generation),

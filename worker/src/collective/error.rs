@@ -65,8 +65,8 @@ pub enum CollectiveError {
         context.timeout
     )]
     Rendezvous {
-        /// Where.
-        context: GroupContext,
+        /// Where (boxed: keeps the error, and every `Result` carrying it, small).
+        context: Box<GroupContext>,
         /// libtorch's message.
         message: String,
     },
@@ -76,8 +76,8 @@ pub enum CollectiveError {
         "{context}: a peer is gone: {message}; drop this group and build a new one with a new prefix from the ranks that remain"
     )]
     PeerLost {
-        /// Where.
-        context: GroupContext,
+        /// Where (boxed: keeps the error, and every `Result` carrying it, small).
+        context: Box<GroupContext>,
         /// libtorch's message (names the peer's address).
         message: String,
     },
@@ -88,8 +88,8 @@ pub enum CollectiveError {
         context.timeout
     )]
     Timeout {
-        /// Where.
-        context: GroupContext,
+        /// Where (boxed: keeps the error, and every `Result` carrying it, small).
+        context: Box<GroupContext>,
         /// libtorch's message.
         message: String,
     },
@@ -97,8 +97,8 @@ pub enum CollectiveError {
     /// Any other failure inside c10d.
     #[error("{context}: {message}")]
     Backend {
-        /// Where.
-        context: GroupContext,
+        /// Where (boxed: keeps the error, and every `Result` carrying it, small).
+        context: Box<GroupContext>,
         /// libtorch's message.
         message: String,
     },
@@ -139,6 +139,7 @@ impl CollectiveError {
             .iter()
             .any(|needle| lower.contains(needle));
         let message = raw.message;
+        let context = Box::new(context);
         if context.op == "rendezvous" && (timed_out || raw.kind == RawKind::Store) {
             CollectiveError::Rendezvous { context, message }
         } else if timed_out {

@@ -1,0 +1,605 @@
+//! Scheduler tests: scripted scenarios for each rule, and a property test that
+//! drives the state machine with simulated workers (collectives as barriers) under
+//! random joins, leaves, crashes and lease expiries, then checks the ledger.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use hsat_core::config::Config;
+use hsat_core::dataset::{DatasetFormat, DatasetIndex, IndexNotes, Patient, Slide, Split};
+use hsat_core::sampler::epoch_order;
+use hsat_proto::HSAT_VERSION;
+use hsat_proto::domain::*;
+use proptest::prelude::*;
+
+use super::*;
+use crate::Job;
+
+fn index(patients: usize) -> DatasetIndex {
+    DatasetIndex {
+        format: DatasetFormat::Manifest,
+        root: PathBuf::from("/data"),
+        classes: vec!["a".into(), "b".into()],
+        patients: (0..patients)
+            .map(|p| Patient {
+                id: format!("p{p:03}"),
+                class: p % 3 % 2,
+                split: if p % 5 == 4 { Split::Val } else { Split::Train },
+                slides: (0..1 + p % 2)
+                    .map(|s| Slide {
+                        id: format!("s{s}"),
+                        patches: (0..2).map(|k| PathBuf::from(format!("{p}/{s}/{k}.png"))).collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        fingerprint: "fp".into(),
+        notes: IndexNotes::default(),
+    }
+}
+
+fn config(batch: usize, epochs: usize) -> Config {
+    Config::from_toml_str(&format!(
+        "[training]\nbatch_size = {batch}\nnum_epochs = {epochs}\n[data.hidisc]\nnum_slide_samples = 1\nnum_patch_samples = 1\n"
+    ))
+    .unwrap()
+}
+
+fn scheduler(patients: usize, batch: usize, epochs: usize, settings: ClusterSettings) -> (Scheduler, Config) {
+    let config = config(batch, epochs);
+    let job = Job::from_index(config.clone(), index(patients));
+    let identity = JobIdentity {
+        config: config.to_json_value(),
+        dataset_fingerprint: "fp".into(),
+        hsat_version: HSAT_VERSION.into(),
+    };
+    (Scheduler::new(settings, job.plan, identity), config)
+}
+
+fn settings(expected: usize) -> ClusterSettings {
+    let mut s = ClusterSettings::new(expected);
+    s.heartbeat = Duration::from_millis(100);
+    s.lease = Duration::from_millis(1000);
+    s.regroup_wait = Duration::from_millis(1000);
+    s
+}
+
+fn registration(config: &Config, name: &str) -> Registration {
+    Registration {
+        worker_name: name.into(),
+        config: config.to_json_value(),
+        dataset_fingerprint: "fp".into(),
+        advertise_host: format!("{name}.local"),
+        hsat_version: HSAT_VERSION.into(),
+    }
+}
+
+fn reply(actions: &[Action]) -> Reply {
+    let replies: Vec<&Reply> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reply(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replies.len(), 1, "{actions:?}");
+    replies[0].clone()
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn register(s: &mut Scheduler, config: &Config, name: &str, now: u64) -> WorkerId {
+    match reply(&s.on_event(Event::Register(registration(config, name)), ms(now))) {
+        Reply::Registered(r) => r.worker_id,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn ask(s: &mut Scheduler, worker: WorkerId, generation: u64, next_step: u64, want: u64, now: u64) -> Assignment {
+    let request = AssignmentRequest {
+        worker_id: worker,
+        generation,
+        next_step,
+        want_step: want,
+        group_error: None,
+    };
+    match reply(&s.on_event(Event::Assignment(request), ms(now))) {
+        Reply::Assignment(a) => a,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn report(worker: WorkerId, generation: u64, rank: u32, step: u64, checksum: u64) -> StepReport {
+    StepReport {
+        worker_id: worker,
+        generation,
+        step,
+        rank,
+        local_patients: 1,
+        losses: StepLosses {
+            total: 1.0,
+            clean: Some(LevelLosses::default()),
+            adversarial: None,
+        },
+        param_checksum: checksum,
+        step_seconds: 0.1,
+        data_wait_seconds: 0.0,
+        checkpoint_dir: None,
+    }
+}
+
+fn commits(actions: &[Action]) -> Vec<LedgerEntry> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Commit(e) => Some(e.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Two workers, generation 1: returns their ids (rank order).
+fn formed_pair(s: &mut Scheduler, config: &Config) -> (WorkerId, WorkerId) {
+    let a = register(s, config, "a", 0);
+    let b = register(s, config, "b", 0);
+    assert!(matches!(ask(s, a, 0, 0, 0, 1), Assignment::Wait { .. }));
+    assert_eq!(s.state(), JobState::WaitingForWorkers);
+    // b checks in: the generation forms; rank 1 waits for rank 0's store.
+    assert!(matches!(ask(s, b, 0, 0, 0, 1), Assignment::Wait { .. }));
+    assert_eq!(s.state(), JobState::Running);
+    match ask(s, a, 0, 0, 0, 2) {
+        Assignment::Group(g) => {
+            assert_eq!((g.rank, g.world_size, g.store.clone()), (0, 2, StoreRole::Host));
+        }
+        other => panic!("{other:?}"),
+    }
+    match ask(s, b, 0, 0, 0, 2) {
+        Assignment::Wait { reason, .. } => assert!(reason.contains("rank 0"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let publication = StorePublication {
+        worker_id: a,
+        generation: 1,
+        port: 4242,
+    };
+    assert_eq!(reply(&s.on_event(Event::PublishStore(publication), ms(3))), Reply::Done);
+    match ask(s, b, 0, 0, 0, 3) {
+        Assignment::Group(g) => assert_eq!(
+            g.store,
+            StoreRole::Connect {
+                host: "a.local".into(),
+                port: 4242
+            }
+        ),
+        other => panic!("{other:?}"),
+    }
+    (a, b)
+}
+
+#[test]
+fn first_generation_waits_for_the_expected_workers_and_ranks_by_registration() {
+    let (mut s, config) = scheduler(10, 4, 1, settings(2));
+    formed_pair(&mut s, &config);
+}
+
+#[test]
+fn steps_are_issued_two_ahead_and_committed_when_every_rank_reported() {
+    let (mut s, config) = scheduler(10, 4, 2, settings(2));
+    let (a, b) = formed_pair(&mut s, &config);
+    let Assignment::Train(t0) = ask(&mut s, a, 1, 0, 0, 4) else { panic!() };
+    assert_eq!((t0.step, t0.shard.len(), t0.global_patients), (0, 2, 4));
+    let Assignment::Train(t1) = ask(&mut s, a, 1, 0, 1, 4) else { panic!() };
+    assert_eq!(t1.step, 1);
+    // Step 2 is beyond the window until step 0 commits.
+    assert!(matches!(ask(&mut s, a, 1, 0, 2, 4), Assignment::Wait { .. }));
+    assert!(commits(&s.on_event(Event::Report(report(a, 1, 0, 0, 7)), ms(5))).is_empty());
+    let done = commits(&s.on_event(Event::Report(report(b, 1, 1, 0, 7)), ms(5)));
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].ranks.iter().map(|r| r.patients.len()).sum::<usize>(), 4);
+    assert!(matches!(ask(&mut s, a, 1, 1, 2, 6), Assignment::Train(_)));
+}
+
+#[test]
+fn checksum_mismatch_fails_the_job_loudly() {
+    let (mut s, config) = scheduler(10, 4, 2, settings(2));
+    let (a, b) = formed_pair(&mut s, &config);
+    ask(&mut s, a, 1, 0, 0, 4);
+    s.on_event(Event::Report(report(a, 1, 0, 0, 0xaa)), ms(5));
+    s.on_event(Event::Report(report(b, 1, 1, 0, 0xbb)), ms(5));
+    assert_eq!(s.state(), JobState::Failed);
+    let message = s.failure().unwrap().to_owned();
+    assert!(message.contains("step 0"), "{message}");
+    assert!(message.contains("rank 0 00000000000000aa") && message.contains("rank 1 00000000000000bb"), "{message}");
+    match ask(&mut s, a, 1, 1, 1, 6) {
+        Assignment::Stop { success, reason } => {
+            assert!(!success);
+            assert_eq!(reason, message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.committed(), 0);
+}
+
+#[test]
+fn a_lost_worker_regroups_from_the_newest_state_a_survivor_holds() {
+    let (mut s, config) = scheduler(10, 4, 3, settings(2));
+    let (a, b) = formed_pair(&mut s, &config);
+    ask(&mut s, a, 1, 0, 0, 4);
+    ask(&mut s, b, 1, 0, 0, 4);
+    // Both all-reduced step 0; only a reports before b dies.
+    s.on_event(Event::Report(report(a, 1, 0, 0, 7)), ms(5));
+    for t in (100..=1200).step_by(100) {
+        s.on_event(Event::Heartbeat(a), ms(t));
+        s.on_event(Event::Tick, ms(t));
+    }
+    assert_eq!(s.state(), JobState::Regrouping);
+    // a checks in holding step 0's update: generation 2 starts at step 1, step 0 is
+    // committed as recovered.
+    let actions = s.on_event(
+        Event::Assignment(AssignmentRequest {
+            worker_id: a,
+            generation: 1,
+            next_step: 1,
+            want_step: 1,
+            group_error: None,
+        }),
+        ms(1250),
+    );
+    let recovered = commits(&actions);
+    assert_eq!(recovered.len(), 1);
+    assert!(recovered[0].recovered && recovered[0].step == 0);
+    match ask(&mut s, a, 1, 1, 1, 1260) {
+        Assignment::Group(g) => {
+            assert_eq!((g.generation, g.world_size, g.start_step, g.broadcast_root), (2, 1, 1, 0));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unknown_workers_are_told_to_register_again() {
+    let (mut s, _) = scheduler(10, 4, 1, settings(1));
+    match reply(&s.on_event(Event::Heartbeat(WorkerId(9)), ms(0))) {
+        Reply::Error(ApiError::UnknownWorker(m)) => assert!(m.contains("register again"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_worker_with_another_config_is_refused_with_the_key() {
+    let (mut s, config) = scheduler(10, 4, 1, settings(1));
+    let mut other = config.clone();
+    other.training.batch_size = 5;
+    match reply(&s.on_event(Event::Register(registration(&other, "x")), ms(0))) {
+        Reply::Error(ApiError::Refused(m)) => {
+            assert!(m.contains("training.batch_size: worker 5, coordinator 4"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+// ---- the simulation ----
+
+#[derive(Debug, Clone, Default)]
+struct SimWorker {
+    id: Option<WorkerId>,
+    dead: bool,
+    left: bool,
+    stopped: bool,
+    generation: u64,
+    rank: u32,
+    next_step: u64,
+    /// Train assignments held, in step order.
+    queue: Vec<TrainAssignment>,
+    /// Arrived at the all-reduce of (generation, step).
+    arrived: Option<(u64, u64)>,
+    /// Steps applied but not reported yet.
+    unreported: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    /// Let worker i take its next action.
+    Act(usize),
+    /// Time passes (ms); live workers heartbeat, then a tick.
+    Advance(u64),
+    /// Worker i crashes (stops talking).
+    Kill(usize),
+    /// Worker i leaves politely.
+    Leave(usize),
+    /// A new worker starts.
+    Spawn,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        20 => (0usize..8).prop_map(Op::Act),
+        4 => (50u64..400).prop_map(Op::Advance),
+        1 => (0usize..8).prop_map(Op::Kill),
+        1 => (0usize..8).prop_map(Op::Leave),
+        1 => Just(Op::Spawn),
+    ]
+}
+
+struct Sim {
+    s: Scheduler,
+    config: Config,
+    now: u64,
+    workers: Vec<SimWorker>,
+    /// (generation, step) -> ranks arrived.
+    barriers: BTreeMap<(u64, u64), BTreeSet<u32>>,
+    /// generation -> members (sim indices) in rank order.
+    members: BTreeMap<u64, Vec<usize>>,
+    ledger: Vec<Action>,
+    expected: usize,
+}
+
+impl Sim {
+    fn feed(&mut self, event: Event) -> Option<Reply> {
+        let actions = self.s.on_event(event, ms(self.now));
+        let mut reply = None;
+        for action in actions {
+            match action {
+                Action::Reply(r) => reply = Some(r),
+                Action::Commit(_) | Action::Rollback { .. } => self.ledger.push(action),
+                Action::Wake => {}
+            }
+        }
+        reply
+    }
+
+    fn live(&self, i: usize) -> bool {
+        let w = &self.workers[i];
+        !w.dead && !w.left && !w.stopped
+    }
+
+    fn act(&mut self, i: usize) {
+        if i >= self.workers.len() || !self.live(i) {
+            return;
+        }
+        let Some(id) = self.workers[i].id else {
+            let registration = registration(&self.config, &format!("w{i}"));
+            match self.feed(Event::Register(registration)) {
+                Some(Reply::Registered(r)) => self.workers[i].id = Some(r.worker_id),
+                _ => self.workers[i].stopped = true, // the job is over
+            }
+            return;
+        };
+        // Report applied steps first.
+        if let Some(step) = self.workers[i].unreported.first().copied() {
+            self.workers[i].unreported.remove(0);
+            let w = &self.workers[i];
+            let checksum = 1000 + step; // identical parameters on every rank
+            let r = report(id, w.generation, w.rank, step, checksum);
+            if let Some(Reply::Error(ApiError::UnknownWorker(_))) = self.feed(Event::Report(r)) {
+                self.forget(i);
+            }
+            return;
+        }
+        // Waiting in an all-reduce: it completes when every rank arrived; a dead
+        // rank makes it fail (sometimes reported at once, sometimes not).
+        if let Some((generation, step)) = self.workers[i].arrived {
+            let world = self.members[&generation].len();
+            if self.barriers[&(generation, step)].len() == world {
+                let w = &mut self.workers[i];
+                w.arrived = None;
+                w.next_step = step + 1;
+                w.unreported.push(step);
+                w.queue.retain(|t| t.step > step);
+                return;
+            }
+            let peer_dead = self.members[&generation]
+                .iter()
+                .any(|&m| self.workers[m].dead || self.workers[m].left || self.workers[m].id.is_none());
+            if peer_dead {
+                let w = &mut self.workers[i];
+                w.arrived = None;
+                w.queue.clear();
+                let error = (step % 2 == 0).then(|| "peer closed the connection".to_owned());
+                self.request(i, id, error);
+            }
+            return;
+        }
+        // Train the first held step.
+        if let Some(train) = self.workers[i].queue.first().cloned()
+            && train.step == self.workers[i].next_step
+            && train.generation == self.workers[i].generation
+        {
+            let rank = self.workers[i].rank;
+            self.barriers
+                .entry((train.generation, train.step))
+                .or_default()
+                .insert(rank);
+            self.workers[i].arrived = Some((train.generation, train.step));
+            return;
+        }
+        self.request(i, id, None);
+    }
+
+    fn forget(&mut self, i: usize) {
+        let w = &mut self.workers[i];
+        // Re-register as a fresh process would (its model state is lost).
+        *w = SimWorker::default();
+    }
+
+    fn request(&mut self, i: usize, id: WorkerId, group_error: Option<String>) {
+        let w = &self.workers[i];
+        let want = w.next_step + w.queue.len() as u64;
+        if w.queue.len() >= 2 {
+            return;
+        }
+        let request = AssignmentRequest {
+            worker_id: id,
+            generation: w.generation,
+            next_step: w.next_step,
+            want_step: want,
+            group_error,
+        };
+        match self.feed(Event::Assignment(request)) {
+            Some(Reply::Assignment(Assignment::Group(g))) => {
+                let members = self.members.entry(g.generation).or_default();
+                if members.len() <= g.rank as usize {
+                    members.resize(g.rank as usize + 1, usize::MAX);
+                }
+                members[g.rank as usize] = i;
+                let w = &mut self.workers[i];
+                w.generation = g.generation;
+                w.rank = g.rank;
+                // The broadcast gives every rank the root's state.
+                w.next_step = g.start_step;
+                w.queue.clear();
+                w.arrived = None;
+                w.unreported.clear();
+                if g.store == StoreRole::Host {
+                    self.feed(Event::PublishStore(StorePublication {
+                        worker_id: id,
+                        generation: g.generation,
+                        port: 1,
+                    }));
+                }
+            }
+            Some(Reply::Assignment(Assignment::Train(t))) => {
+                assert_eq!(t.step, want, "a train for the wanted step");
+                self.workers[i].queue.push(t);
+            }
+            Some(Reply::Assignment(Assignment::Stop { success, reason })) => {
+                assert!(success, "{reason}");
+                self.workers[i].stopped = true;
+            }
+            Some(Reply::Assignment(Assignment::Wait { .. })) => {}
+            Some(Reply::Error(ApiError::UnknownWorker(_))) => self.forget(i),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Act(i) => self.act(i),
+            Op::Advance(dt) => {
+                self.now += dt;
+                for i in 0..self.workers.len() {
+                    if self.live(i)
+                        && let Some(id) = self.workers[i].id
+                        && let Some(Reply::Error(_)) = self.feed(Event::Heartbeat(id))
+                    {
+                        self.forget(i);
+                    }
+                }
+                self.feed(Event::Tick);
+            }
+            Op::Kill(i) => {
+                if i < self.workers.len() {
+                    self.workers[i].dead = true;
+                }
+            }
+            Op::Leave(i) => {
+                if i < self.workers.len() && self.live(i) {
+                    if let Some(id) = self.workers[i].id {
+                        self.feed(Event::Leave(id, "scaled down".into()));
+                    }
+                    self.workers[i].left = true;
+                }
+            }
+            Op::Spawn => {
+                if self.workers.len() < 8 {
+                    self.workers.push(SimWorker::default());
+                }
+            }
+        }
+    }
+
+    /// Runs without faults until the job ends (bounded); spawns a worker if none is
+    /// left alive.
+    fn finish(&mut self) {
+        for round in 0..4000 {
+            if matches!(self.s.state(), JobState::Finished | JobState::Failed) {
+                return;
+            }
+            // The first generation needs the expected number of workers: start more.
+            while (0..self.workers.len()).filter(|&i| self.live(i)).count() < self.expected {
+                self.workers.push(SimWorker::default());
+            }
+            for i in 0..self.workers.len() {
+                self.act(i);
+            }
+            if round % 4 == 3 {
+                self.apply(Op::Advance(300));
+            }
+        }
+        panic!(
+            "the job did not finish: state {:?}, committed {}/{}",
+            self.s.state(),
+            self.s.committed(),
+            self.s.plan().total_steps
+        );
+    }
+}
+
+/// The ledger after rollbacks, checking that between rollbacks every step is
+/// committed once, in order.
+fn effective_ledger(actions: &[Action]) -> Vec<LedgerEntry> {
+    let mut entries: Vec<LedgerEntry> = Vec::new();
+    for action in actions {
+        match action {
+            Action::Commit(entry) => {
+                assert_eq!(entry.step, entries.len() as u64, "steps commit once, in order");
+                entries.push(entry.clone());
+            }
+            Action::Rollback { to_step, .. } => entries.truncate(*to_step as usize),
+            _ => {}
+        }
+    }
+    entries
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_patient_once_per_epoch_whatever_happens_to_membership(
+        patients in 3usize..20,
+        batch in 1usize..7,
+        epochs in 1usize..3,
+        start in 1usize..4,
+        ops in proptest::collection::vec(op(), 0..250),
+    ) {
+        let mut cluster = settings(start);
+        cluster.min_workers = 1;
+        let (s, config) = scheduler(patients, batch, epochs, cluster);
+        let mut sim = Sim {
+            s,
+            config,
+            now: 0,
+            workers: vec![SimWorker::default(); start],
+            barriers: BTreeMap::new(),
+            members: BTreeMap::new(),
+            ledger: Vec::new(),
+            expected: start,
+        };
+        for op in ops {
+            sim.apply(op);
+        }
+        sim.finish();
+        prop_assert_eq!(sim.s.state(), JobState::Finished, "{:?}", sim.s.failure());
+        let plan = sim.s.plan().clone();
+        let ledger = effective_ledger(&sim.ledger);
+        prop_assert_eq!(ledger.len() as u64, plan.total_steps);
+        let mut by_epoch: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for entry in &ledger {
+            let step_plan = plan.plan(entry.step);
+            prop_assert_eq!(entry.epoch, step_plan.epoch);
+            let sizes: Vec<usize> = entry.ranks.iter().map(|r| r.patients.len()).collect();
+            prop_assert_eq!(sizes.iter().sum::<usize>(), step_plan.patients.len());
+            prop_assert!(sizes.windows(2).all(|w| w[0] >= w[1] && w[0] - w[1] <= 1), "{:?}", sizes);
+            let consumed: Vec<usize> = entry.ranks.iter().flat_map(|r| r.patients.clone()).collect();
+            let planned: Vec<usize> = step_plan.patients.iter().map(|p| p.patient).collect();
+            prop_assert_eq!(&consumed, &planned);
+            by_epoch.entry(entry.epoch).or_default().extend(consumed);
+        }
+        for (epoch, consumed) in by_epoch {
+            prop_assert_eq!(consumed, epoch_order(&plan.balanced, plan.seed, epoch));
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The async shell around the [`Scheduler`]: gRPC handlers feed events into it and
+//! carry out its actions (reply, ledger, waking long polls); a timer feeds lease
+//! ticks; [`serve`] runs the job until it ends or `shutdown` fires, then drains.
+//!
+//! The scheduler sits behind a std mutex: every event is a few microseconds of pure
+//! work and nothing awaits while holding it. Ledger lines are queued under the lock
+//! (so they keep commit order) and written by the ledger thread.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hsat_proto::domain::{
+    Assignment, AssignmentRequest, HeartbeatReply, JobStatus, LevelLosses, Registered,
+    Registration, StepReport, WorkerId,
+};
+use hsat_proto::server::{CoordinatorHandler, routes};
+use hsat_proto::{ApiError, HSAT_VERSION, StorePublication};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::instrument;
+
+use crate::identity::JobIdentity;
+use crate::ledger::LedgerWriter;
+use crate::scheduler::{Action, ClusterSettings, Event, LedgerEntry, Reply, Scheduler};
+use crate::{CoordinatorError, Job};
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutcomeKind {
+    /// Every step committed.
+    Finished,
+    /// The job failed (checksum mismatch, ...); the message says why.
+    Failed(String),
+    /// Stopped by the shutdown signal before it finished.
+    Cancelled(String),
+}
+
+/// The end of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOutcome {
+    /// How it ended.
+    pub kind: OutcomeKind,
+    /// Committed steps.
+    pub committed_steps: u64,
+    /// Steps of the job.
+    pub total_steps: u64,
+    /// The newest checkpoint rank 0 reported.
+    pub last_checkpoint: Option<PathBuf>,
+    /// The ledger file.
+    pub ledger: PathBuf,
+}
+
+impl JobOutcome {
+    /// Every step committed.
+    pub fn is_success(&self) -> bool {
+        self.kind == OutcomeKind::Finished
+    }
+}
+
+struct Shared {
+    scheduler: Mutex<Scheduler>,
+    wake: Notify,
+    ledger: LedgerWriter,
+    started: Instant,
+    long_poll: Duration,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Scheduler> {
+        // A panic while holding the lock leaves a scheduler that is still
+        // consistent data; keep serving.
+        self.scheduler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Feeds `event` to the scheduler and carries out its actions; returns the reply.
+    fn apply(&self, event: Event) -> Option<Reply> {
+        let now = self.started.elapsed();
+        let mut wake = false;
+        let mut reply = None;
+        {
+            let mut scheduler = self.lock();
+            for action in scheduler.on_event(event, now) {
+                match action {
+                    Action::Reply(r) => reply = Some(r),
+                    Action::Wake => wake = true,
+                    Action::Commit(entry) => {
+                        self.ledger.append(&ledger_record(&entry));
+                        tracing::info!("{}", progress_line(&entry));
+                    }
+                    Action::Rollback {
+                        to_step,
+                        checkpoint,
+                    } => {
+                        self.ledger.append(&serde_json::json!({
+                            "rollback_to": to_step,
+                            "checkpoint": checkpoint,
+                        }));
+                    }
+                }
+            }
+        }
+        if wake {
+            self.wake.notify_waiters();
+        }
+        reply
+    }
+}
+
+fn ledger_record(entry: &LedgerEntry) -> serde_json::Value {
+    let mut record = serde_json::to_value(entry).unwrap_or_default();
+    if let (Some(object), Some(losses)) = (record.as_object_mut(), &entry.losses) {
+        object.insert("loss".into(), serde_json::json!(losses.total));
+    }
+    record
+}
+
+/// `step 3/12 epoch 0 gen 1 world 2 | loss 5.1234 (clean: patient 1.1 slide 1.2 patch 1.3) | step 1.234 s`
+fn progress_line(entry: &LedgerEntry) -> String {
+    let levels = |name: &str, l: &LevelLosses| {
+        format!(
+            "{name}: patient {:.4} slide {:.4} patch {:.4}",
+            l.patient, l.slide, l.patch
+        )
+    };
+    let mut line = format!(
+        "step {}/{} epoch {} gen {} world {}",
+        entry.step + 1,
+        entry.total_steps,
+        entry.epoch,
+        entry.generation,
+        entry.ranks.len()
+    );
+    if let Some(losses) = &entry.losses {
+        let mut parts = Vec::new();
+        if let Some(adv) = &losses.adversarial {
+            parts.push(levels("adv", adv));
+        }
+        if let Some(clean) = &losses.clean {
+            parts.push(levels("clean", clean));
+        }
+        line.push_str(&format!(" | loss {:.4} ({})", losses.total, parts.join("; ")));
+    }
+    line.push_str(&format!(" | step {:.3} s", entry.step_seconds));
+    if entry.recovered {
+        line.push_str(" | recovered at regroup");
+    }
+    line
+}
+
+fn expect<T>(reply: Option<Reply>, pick: impl FnOnce(Reply) -> Option<T>) -> Result<T, ApiError> {
+    match reply {
+        Some(Reply::Error(err)) => Err(err),
+        Some(reply) => pick(reply)
+            .ok_or_else(|| ApiError::Internal("the scheduler gave the wrong kind of reply".into())),
+        None => Err(ApiError::Internal("the scheduler gave no reply".into())),
+    }
+}
+
+struct Handler(Arc<Shared>);
+
+impl CoordinatorHandler for Handler {
+    #[instrument(level = "debug", skip_all, fields(name = %registration.worker_name))]
+    async fn register(&self, registration: Registration) -> Result<Registered, ApiError> {
+        expect(self.0.apply(Event::Register(registration)), |r| match r {
+            Reply::Registered(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    #[instrument(level = "debug", skip_all, fields(worker = worker.0))]
+    async fn heartbeat(&self, worker: WorkerId) -> Result<HeartbeatReply, ApiError> {
+        expect(self.0.apply(Event::Heartbeat(worker)), |r| match r {
+            Reply::Heartbeat(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    #[instrument(level = "debug", skip_all, fields(worker = request.worker_id.0, want = request.want_step))]
+    async fn next_assignment(&self, request: AssignmentRequest) -> Result<Assignment, ApiError> {
+        let deadline = Instant::now() + self.0.long_poll;
+        loop {
+            let notified = self.0.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let assignment = expect(self.0.apply(Event::Assignment(request.clone())), |r| match r {
+                Reply::Assignment(a) => Some(a),
+                _ => None,
+            })?;
+            if !matches!(assignment, Assignment::Wait { .. }) || Instant::now() >= deadline {
+                return Ok(assignment);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                // One last look after the long poll ran out.
+                continue;
+            }
+        }
+    }
+
+    #[instrument(level = "debug", skip_all, fields(worker = publication.worker_id.0, port = publication.port))]
+    async fn publish_store(&self, publication: StorePublication) -> Result<(), ApiError> {
+        expect(self.0.apply(Event::PublishStore(publication)), |r| {
+            matches!(r, Reply::Done).then_some(())
+        })
+    }
+
+    #[instrument(level = "debug", skip_all, fields(worker = report.worker_id.0, step = report.step))]
+    async fn report_step(&self, report: StepReport) -> Result<(), ApiError> {
+        expect(self.0.apply(Event::Report(report)), |r| {
+            matches!(r, Reply::Done).then_some(())
+        })
+    }
+
+    #[instrument(level = "debug", skip_all, fields(worker = worker.0))]
+    async fn leave(&self, worker: WorkerId, reason: String) -> Result<(), ApiError> {
+        expect(self.0.apply(Event::Leave(worker, reason)), |r| {
+            matches!(r, Reply::Done).then_some(())
+        })
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn status(&self) -> Result<JobStatus, ApiError> {
+        expect(self.0.apply(Event::Status), |r| match r {
+            Reply::Status(s) => Some(s),
+            _ => None,
+        })
+    }
+}
+
+/// Runs `job` on `listener` until every step is committed (or the job fails) and
+/// every worker was told to stop, or until `shutdown` completes; then drains: the
+/// health service turns NOT_SERVING, workers get `Stop`, and the server waits up to
+/// `settings.shutdown_grace` for them before it returns.
+///
+/// The ledger goes to `<out_dir>/coordinator/ledger.jsonl`.
+pub async fn serve(
+    job: Job,
+    settings: ClusterSettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<JobOutcome, CoordinatorError> {
+    settings.validate().map_err(CoordinatorError::Settings)?;
+    let ledger = LedgerWriter::open(&job.coordinator_dir())?;
+    let ledger_path = ledger.path().to_owned();
+    let identity = JobIdentity {
+        config: job.config.to_json_value(),
+        dataset_fingerprint: job.dataset_fingerprint().to_owned(),
+        hsat_version: HSAT_VERSION.to_owned(),
+    };
+    let total_steps = job.plan.total_steps;
+    let address = listener.local_addr().ok();
+    tracing::info!(
+        address = ?address,
+        total_steps,
+        steps_per_epoch = job.plan.steps_per_epoch,
+        patients_per_step = job.plan.batch_size,
+        expected_workers = settings.expected_workers,
+        "coordinator listening"
+    );
+    let shared = Arc::new(Shared {
+        scheduler: Mutex::new(Scheduler::new(settings.clone(), job.plan, identity)),
+        wake: Notify::new(),
+        ledger,
+        started: Instant::now(),
+        long_poll: settings.long_poll,
+    });
+    let (routes, health) = routes(Arc::new(Handler(Arc::clone(&shared)))).await;
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = server_stopped.await;
+                },
+            ),
+    );
+    let tick_every = (settings.heartbeat / 2).min(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval(tick_every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    let mut cancelled: Option<String> = None;
+    let mut ended_at: Option<Instant> = None;
+    let mut server_error = None;
+    loop {
+        tokio::select! {
+            () = &mut shutdown, if cancelled.is_none() => {
+                tracing::info!("shutdown requested: telling workers to stop");
+                health.set_serving(false).await;
+                cancelled = Some("the coordinator was asked to shut down".to_owned());
+                shared.apply(Event::Shutdown("the coordinator was asked to shut down".into()));
+            }
+            _ = ticker.tick() => {
+                shared.apply(Event::Tick);
+            }
+            result = &mut server => {
+                server_error = Some(match result {
+                    Ok(Ok(())) => "the server stopped unexpectedly".to_owned(),
+                    Ok(Err(err)) => err.to_string(),
+                    Err(err) => err.to_string(),
+                });
+                break;
+            }
+        }
+        let (terminal, done) = {
+            let scheduler = shared.lock();
+            (
+                scheduler.failure().is_some()
+                    || scheduler.state() == hsat_proto::domain::JobState::Finished,
+                scheduler.is_done(),
+            )
+        };
+        if terminal {
+            let since = *ended_at.get_or_insert_with(Instant::now);
+            if done {
+                break;
+            }
+            if since.elapsed() >= settings.shutdown_grace {
+                tracing::warn!(
+                    grace_s = settings.shutdown_grace.as_secs_f64(),
+                    "not every worker got its stop before the deadline; exiting anyway"
+                );
+                break;
+            }
+        }
+    }
+    health.set_serving(false).await;
+    let _ = stop_server.send(());
+    if server_error.is_none()
+        && tokio::time::timeout(Duration::from_secs(5), &mut server)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the gRPC server did not stop within 5 s");
+        server.abort();
+    }
+    let (kind, committed_steps, last_checkpoint) = {
+        let scheduler = shared.lock();
+        let kind = match (scheduler.state(), scheduler.failure(), &cancelled) {
+            (hsat_proto::domain::JobState::Finished, _, _) => OutcomeKind::Finished,
+            (_, _, Some(reason)) => OutcomeKind::Cancelled(reason.clone()),
+            (_, Some(message), None) => OutcomeKind::Failed(message.to_owned()),
+            _ => OutcomeKind::Failed("the server stopped".to_owned()),
+        };
+        (
+            kind,
+            scheduler.committed(),
+            scheduler.latest_checkpoint().map(|(dir, _)| dir.clone()),
+        )
+    };
+    let shared = Arc::into_inner(shared);
+    if let Some(shared) = shared {
+        shared.ledger.close()?;
+    }
+    if let Some(message) = server_error {
+        return Err(CoordinatorError::Server(message));
+    }
+    match &kind {
+        OutcomeKind::Finished => tracing::info!(committed_steps, "job finished"),
+        OutcomeKind::Failed(m) => tracing::error!(committed_steps, "job failed: {m}"),
+        OutcomeKind::Cancelled(m) => tracing::warn!(committed_steps, "job cancelled: {m}"),
+    }
+    Ok(JobOutcome {
+        kind,
+        committed_steps,
+        total_steps,
+        last_checkpoint,
+        ledger: ledger_path,
+    })
+}
