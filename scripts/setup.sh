@@ -40,6 +40,15 @@ if [[ ! -f "$nccl_stamp" ]]; then
   touch "$nccl_stamp"
 fi
 
+# scikit-learn: the real reference the eval fixtures cross-check their metrics with
+# (scripts/fixtures/eval_fixtures.py); own stamp so existing venvs get it.
+sklearn_stamp="$venv/.hsat-sklearn-v1"
+if [[ ! -f "$sklearn_stamp" ]]; then
+  log "installing scikit-learn (eval fixture reference)"
+  "$venv/bin/python" -m pip install --quiet scikit-learn
+  touch "$sklearn_stamp"
+fi
+
 libtorch="$("$venv/bin/python" - <<'PY'
 import os, torch
 print(os.path.dirname(torch.__file__))

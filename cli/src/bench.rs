@@ -92,7 +92,7 @@ pub fn step(args: StepArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn default_python() -> PathBuf {
+pub(crate) fn default_python() -> PathBuf {
     if let Some(p) = std::env::var_os("HSAT_PYTHON") {
         return PathBuf::from(p);
     }

@@ -8,9 +8,12 @@
 //!   `hsat status`: distributed jobs.
 //! - [`data`]: `hsat synth` and `hsat data check`.
 //! - [`bench`]: `hsat bench step|data`, benchmarks against PyTorch.
+//! - [`bench_sync`]: `hsat bench sync`, gradient synchronisation against PyTorch DDP.
 //! - [`eval`] (+ [`report`]): `hsat eval`, the paper's kNN and robustness tables.
 
 mod bench;
+mod bench_control;
+mod bench_sync;
 mod cluster;
 mod data;
 mod eval;
@@ -128,6 +131,24 @@ enum BenchCommand {
     ///   hsat bench data --size 300 --rounds 3
     #[command(verbatim_doc_comment)]
     Data(bench::DataArgs),
+
+    /// Gradient synchronisation of the ResNet-50 encoder's gradients between 2 local
+    /// processes (GradientSync over c10d Gloo) against PyTorch DDP with Gloo, same
+    /// shapes, alternating rounds; prints medians and the ratio.
+    ///
+    /// Example:
+    ///   hsat bench sync --rounds 9
+    #[command(verbatim_doc_comment)]
+    Sync(bench_sync::SyncArgs),
+
+    /// Control-plane load: N simulated workers (no libtorch) drive a separate
+    /// `hsat-coordinator` process over gRPC at a step rate, with heartbeats; prints
+    /// p50/p99 latency per RPC, coordinator CPU, and a no-op RPC as reference.
+    ///
+    /// Example:
+    ///   hsat bench control-plane --workers 256,1024 --rate 10
+    #[command(verbatim_doc_comment)]
+    ControlPlane(bench_control::ControlPlaneArgs),
 }
 
 /// `hsat run` arguments.
@@ -178,6 +199,8 @@ fn main() -> std::process::ExitCode {
         Command::Data(DataCommand::Check(args)) => data::check_dataset(args),
         Command::Bench(BenchCommand::Step(args)) => bench::step(args),
         Command::Bench(BenchCommand::Data(args)) => bench::data(args),
+        Command::Bench(BenchCommand::Sync(args)) => bench_sync::sync(args),
+        Command::Bench(BenchCommand::ControlPlane(args)) => bench_control::control_plane(args),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

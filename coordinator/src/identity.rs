@@ -40,7 +40,12 @@ impl JobIdentity {
         if !differences.is_empty() {
             let listed = differences
                 .iter()
-                .map(|d| format!("{}: worker {}, coordinator {}", d.key, d.worker, d.coordinator))
+                .map(|d| {
+                    format!(
+                        "{}: worker {}, coordinator {}",
+                        d.key, d.worker, d.coordinator
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("; ");
             return Err(format!(
@@ -78,9 +83,12 @@ pub fn config_differences(worker: &Value, coordinator: &Value) -> Vec<Difference
 }
 
 fn is_local(key: &str) -> bool {
-    WORKER_LOCAL_KEYS
-        .iter()
-        .any(|local| key == *local || key.strip_prefix(local).is_some_and(|rest| rest.starts_with('.')))
+    WORKER_LOCAL_KEYS.iter().any(|local| {
+        key == *local
+            || key
+                .strip_prefix(local)
+                .is_some_and(|rest| rest.starts_with('.'))
+    })
 }
 
 fn text(value: Option<&Value>) -> String {

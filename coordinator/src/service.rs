@@ -143,7 +143,11 @@ fn progress_line(entry: &LedgerEntry) -> String {
         if let Some(clean) = &losses.clean {
             parts.push(levels("clean", clean));
         }
-        line.push_str(&format!(" | loss {:.4} ({})", losses.total, parts.join("; ")));
+        line.push_str(&format!(
+            " | loss {:.4} ({})",
+            losses.total,
+            parts.join("; ")
+        ));
     }
     line.push_str(&format!(" | step {:.3} s", entry.step_seconds));
     if entry.recovered {
@@ -187,10 +191,13 @@ impl CoordinatorHandler for Handler {
             let notified = self.0.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let assignment = expect(self.0.apply(Event::Assignment(request.clone())), |r| match r {
-                Reply::Assignment(a) => Some(a),
-                _ => None,
-            })?;
+            let assignment = expect(
+                self.0.apply(Event::Assignment(request.clone())),
+                |r| match r {
+                    Reply::Assignment(a) => Some(a),
+                    _ => None,
+                },
+            )?;
             if !matches!(assignment, Assignment::Wait { .. }) || Instant::now() >= deadline {
                 return Ok(assignment);
             }

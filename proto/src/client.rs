@@ -95,7 +95,10 @@ impl CoordinatorClient {
     }
 
     /// What to do next (the call may be held about a second before a `Wait`).
-    pub async fn next_assignment(&self, request: AssignmentRequest) -> Result<Assignment, ApiError> {
+    pub async fn next_assignment(
+        &self,
+        request: AssignmentRequest,
+    ) -> Result<Assignment, ApiError> {
         let response = self
             .coordinator
             .clone()

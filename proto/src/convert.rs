@@ -14,12 +14,15 @@ fn invalid(message: impl Into<String>) -> ApiError {
 }
 
 fn usize_of(value: u64, field: &str) -> Result<usize, ApiError> {
-    usize::try_from(value).map_err(|_| invalid(format!("{field} {value} does not fit this machine")))
+    usize::try_from(value)
+        .map_err(|_| invalid(format!("{field} {value} does not fit this machine")))
 }
 
 fn worker_id(raw: u64) -> Result<WorkerId, ApiError> {
     if raw == 0 {
-        return Err(invalid("worker_id is 0: register first and use the id it returns"));
+        return Err(invalid(
+            "worker_id is 0: register first and use the id it returns",
+        ));
     }
     Ok(WorkerId(raw))
 }
@@ -32,7 +35,9 @@ fn finite_non_negative(value: f64, field: &str) -> Result<f64, ApiError> {
     if value.is_finite() && value >= 0.0 {
         Ok(value)
     } else {
-        Err(invalid(format!("{field} is {value}: expected a finite number >= 0")))
+        Err(invalid(format!(
+            "{field} is {value}: expected a finite number >= 0"
+        )))
     }
 }
 
@@ -60,7 +65,9 @@ impl TryFrom<pb::RegisterRequest> for Registration {
         let config: serde_json::Value = serde_json::from_str(&r.config_json)
             .map_err(|err| invalid(format!("config_json is not JSON: {err}")))?;
         if !config.is_object() {
-            return Err(invalid("config_json must be a JSON object (Config::to_json_value)"));
+            return Err(invalid(
+                "config_json must be a JSON object (Config::to_json_value)",
+            ));
         }
         if r.advertise_host.trim().is_empty() {
             return Err(invalid(
@@ -308,7 +315,9 @@ impl TryFrom<pb::Assignment> for Assignment {
                     let port = u16::try_from(g.store_port)
                         .ok()
                         .filter(|&p| p > 0)
-                        .ok_or_else(|| invalid(format!("store_port {} is not a port", g.store_port)))?;
+                        .ok_or_else(|| {
+                            invalid(format!("store_port {} is not a port", g.store_port))
+                        })?;
                     if g.store_host.is_empty() {
                         return Err(invalid("store_host is empty for a rank that connects"));
                     }
@@ -426,7 +435,9 @@ impl TryFrom<pb::StepReport> for StepReport {
     type Error = ApiError;
     fn try_from(r: pb::StepReport) -> Result<Self, ApiError> {
         if r.generation == 0 {
-            return Err(invalid("step report of generation 0: train only what a Train assignment names"));
+            return Err(invalid(
+                "step report of generation 0: train only what a Train assignment names",
+            ));
         }
         Ok(Self {
             worker_id: worker_id(r.worker_id)?,

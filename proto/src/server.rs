@@ -84,7 +84,9 @@ pub async fn routes<H: CoordinatorHandler>(
     health.set_serving(true).await;
     let adapter = Adapter(handler);
     let routes = tonic::service::Routes::new(health_service)
-        .add_service(pb::coordinator_server::CoordinatorServer::new(adapter.clone()))
+        .add_service(pb::coordinator_server::CoordinatorServer::new(
+            adapter.clone(),
+        ))
         .add_service(pb::admin_server::AdminServer::new(adapter));
     (routes, health)
 }
@@ -98,7 +100,9 @@ impl<H> Clone for Adapter<H> {
 }
 
 fn reply<T, W: From<T>>(result: Result<T, ApiError>) -> Result<Response<W>, Status> {
-    result.map(|value| Response::new(W::from(value))).map_err(Status::from)
+    result
+        .map(|value| Response::new(W::from(value)))
+        .map_err(Status::from)
 }
 
 #[tonic::async_trait]

@@ -7,7 +7,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{bail, ensure};
 use hsat_core::config::Backbone;
 use hsat_worker::collective::{
     Backend, CollectiveError, GradientSync, ProcessGroup, Store, broadcast_state,

@@ -148,7 +148,7 @@ pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
                     points.retain(|p| p.1.is_finite());
                     points.sort_by(|a, b| a.0.total_cmp(&b.0));
                     let style = colour(n).stroke_width(2);
-                    let label = format!("{} {}", model.name, attack_title(attack));
+                    let label = format!("{}: {}", model.name, attack_title(attack));
                     // Solid lines for the first model, dashed for the second, dotted after.
                     let drawn = match m {
                         0 => chart.draw_series(LineSeries::new(points.clone(), style)),

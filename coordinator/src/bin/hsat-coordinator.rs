@@ -82,7 +82,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     settings
         .validate()
         .map_err(|message| anyhow::anyhow!("invalid flags: {message}"))?;
-    let config = config::load(&ConfigSources::from_process_env(args.config.clone(), args.set.clone()))?;
+    let config = config::load(&ConfigSources::from_process_env(
+        args.config.clone(),
+        args.set.clone(),
+    ))?;
     let job = load_job(config)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -110,7 +113,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

@@ -52,7 +52,9 @@ fn defaults_are_the_papers() {
         data,
         model,
         training,
+        eval,
     } = config;
+    assert_eq!(eval.knn_k, 200);
     assert_eq!(infra.seed, 1000);
     assert_eq!(infra.out_dir, PathBuf::from("runs/hsat"));
     assert_eq!((infra.threads, infra.log_every), (0, 1));
@@ -410,7 +412,7 @@ fn unknown_keys_are_rejected_in_every_layer() {
         problems(load_with(None, &[], &["trainer.seed=1"])),
         [
             "trainer.seed: unknown key (set by --set trainer.seed=1); the top-level sections are \
-          data, infra, model, training"
+          data, eval, infra, model, training"
         ]
     );
 }
@@ -872,10 +874,20 @@ fn eval_section_defaults_layers_and_checks() {
     let found = problems(load_with(
         None,
         &[],
-        &["eval.attacks=pgd,cw,pgd", "eval.eps=[0, 300]", "eval.knn_k=0"],
+        &[
+            "eval.attacks=pgd,cw,pgd",
+            "eval.eps=[0, 300]",
+            "eval.knn_k=0",
+        ],
     ));
     let text = found.join("\n");
-    for needle in ["\"cw\"", "twice", "eval.eps[0] = 0", "eval.eps[1] = 300", "eval.knn_k = 0"] {
+    for needle in [
+        "\"cw\"",
+        "twice",
+        "eval.eps[0] = 0",
+        "eval.eps[1] = 300",
+        "eval.knn_k = 0",
+    ] {
         assert!(text.contains(needle), "{needle} missing from {text}");
     }
     // Round trip through the raw form (checkpoints store it).

@@ -201,8 +201,9 @@ struct Worker<'a> {
     trainer: Trainer,
     options: &'a WorkerOptions,
     session: Option<Session>,
-    /// A collective error to tell the coordinator with the next request.
-    group_error: Option<String>,
+    /// A collective error to tell the coordinator with the next request, and the
+    /// generation it happened in.
+    group_error: Option<(u64, String)>,
     steps_trained: u64,
     generations: u64,
 }
@@ -226,12 +227,18 @@ impl Worker<'_> {
                 self.trainer.position() + queued as u64 >= s.group.total_steps
             });
             if queued < LOOKAHEAD && !(queued > 0 && beyond_end) {
+                let failure = self.group_error.take();
+                let generation = match (&failure, &self.session) {
+                    (Some((generation, _)), _) => *generation,
+                    (None, Some(session)) => session.group.generation,
+                    (None, None) => 0,
+                };
                 let request = AssignmentRequest {
                     worker_id: self.worker_id,
-                    generation: self.session.as_ref().map_or(0, |s| s.group.generation),
+                    generation,
                     next_step: self.trainer.position(),
                     want_step: self.trainer.position() + queued as u64,
-                    group_error: self.group_error.take(),
+                    group_error: failure.map(|(_, message)| message),
                 };
                 let assignment = self
                     .runtime
@@ -317,7 +324,7 @@ impl Worker<'_> {
         let (process_group, resume) = match formed {
             Ok(formed) => formed,
             Err(err) => {
-                self.group_error = Some(err.to_string());
+                self.group_error = Some((group.generation, err.to_string()));
                 tracing::warn!(error = %err, "rendezvous failed; asking the coordinator to regroup");
                 return Ok(());
             }
@@ -332,7 +339,7 @@ impl Worker<'_> {
             group.broadcast_root as usize,
             bucket,
         ) {
-            self.group_error = Some(err.to_string());
+            self.group_error = Some((group.generation, err.to_string()));
             tracing::warn!(error = %err, "state broadcast failed; asking the coordinator to regroup");
             return Ok(());
         }
@@ -428,7 +435,7 @@ impl Worker<'_> {
             Ok(result) => result,
             Err(WorkerError::Collective(err)) => {
                 tracing::warn!(step = train.step, error = %err, "collective failed; asking the coordinator to regroup");
-                self.group_error = Some(err.to_string());
+                self.group_error = Some((session.group.generation, err.to_string()));
                 self.session = None;
                 return Ok(());
             }

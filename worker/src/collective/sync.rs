@@ -194,15 +194,16 @@ fn pack_grads(
     for m in &bucket.members {
         let mut slot = flat.f_narrow(0, m.offset, m.numel)?;
         let grad = params[m.index].f_grad()?;
-        if grad.defined() {
-            slot.f_view(m.shape.as_slice())?.f_copy_(&grad)?;
-        } else {
+        let slot_view = slot.f_view(m.shape.as_slice())?;
+        if !grad.defined() {
             let _ = slot.f_zero_()?;
             missing += 1;
+        } else if scale == 1.0 {
+            slot_view.shallow_clone().f_copy_(&grad)?;
+        } else {
+            // Scale while copying: one pass over the bucket instead of two.
+            let _ = grad.f_mul_scalar_out(&slot_view, scale)?;
         }
-    }
-    if scale != 1.0 {
-        let _ = flat.shallow_clone().f_mul_scalar_(scale)?;
     }
     Ok(missing)
 }

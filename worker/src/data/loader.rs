@@ -151,7 +151,7 @@ impl FileSource {
             step += 1;
             Some(plan)
         };
-        Self::spawn(index, spec, steps_per_epoch, start_step, plans)
+        Self::spawn(index, spec, steps_per_epoch, Some(start_step), plans)
     }
 
     /// Starts the loader threads on plans decided elsewhere: each plan received on
@@ -166,14 +166,14 @@ impl FileSource {
         steps_per_epoch: u64,
         plans: Receiver<StepPlan>,
     ) -> Result<Self> {
-        Self::spawn(index, spec, steps_per_epoch, 0, move || plans.recv().ok())
+        Self::spawn(index, spec, steps_per_epoch, None, move || plans.recv().ok())
     }
 
     fn spawn(
         index: Arc<DatasetIndex>,
         spec: LoaderSpec,
         steps_per_epoch: u64,
-        start_step: u64,
+        start_step: Option<u64>,
         mut next_plan: impl FnMut() -> Option<StepPlan> + Send + 'static,
     ) -> Result<Self> {
         let (batch_tx, batches) = bounded(spec.prefetch.max(1));
@@ -219,7 +219,7 @@ impl FileSource {
         Ok(FileSource {
             batches,
             steps_per_epoch,
-            next_step: Some(start_step),
+            next_step: start_step,
             last_stats: LoadStats::default(),
             planner: Some(planner),
             stop,

@@ -1,0 +1,432 @@
+//! `hsat bench control-plane`: N simulated workers (tokio tasks in this process, no
+//! libtorch, each its own registered member) drive a coordinator running as a
+//! separate `hsat-coordinator` process over real gRPC/TCP at a fixed step rate, with
+//! heartbeats. Prints p50/p99 latency per RPC kind, the coordinator's CPU (% of one
+//! core, from /proc/<pid>/stat) and, as a same-run reference, the latency of a
+//! health check (a no-op RPC) on the same connections.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hsat_core::config::Config;
+use hsat_proto::HSAT_VERSION;
+use hsat_proto::client::CoordinatorClient;
+use hsat_proto::domain::{
+    Assignment, AssignmentRequest, Registration, StepLosses, StepReport, StoreRole,
+};
+
+/// Options of `hsat bench control-plane`.
+#[derive(Debug, clap::Args)]
+pub struct ControlPlaneArgs {
+    /// Simulated worker counts to measure, one coordinator each.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![256usize, 1024])]
+    workers: Vec<usize>,
+    /// Training steps per second the workers drive.
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Measured seconds per worker count (after start-up).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Fraction of the step period over which the workers' reports are spread (ranks
+    /// finish at different times); 0 = all ranks report at the same instant.
+    #[arg(long, default_value_t = 0.8)]
+    spread: f64,
+    /// gRPC connections the simulated workers share.
+    #[arg(long, default_value_t = 16)]
+    channels: usize,
+    /// Heartbeat interval in ms.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// The coordinator binary (default: `hsat-coordinator` beside this executable).
+    #[arg(long)]
+    coordinator: Option<PathBuf>,
+}
+
+#[derive(Default)]
+struct Samples {
+    register: Vec<f64>,
+    heartbeat: Vec<f64>,
+    assignment: Vec<f64>,
+    report: Vec<f64>,
+    health: Vec<f64>,
+    waits: usize,
+}
+
+/// Runs the benchmark for each worker count.
+pub fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
+    let binary = match &args.coordinator {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the executable has no folder")?
+            .join("hsat-coordinator"),
+    };
+    if !binary.exists() {
+        bail!(
+            "no coordinator binary at {}: build it with `cargo build --release -p hsat-coordinator` or pass --coordinator",
+            binary.display()
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "hsat bench control-plane: {} steps/s, reports spread over {:.0}% of a step, heartbeat {} ms, {} s measured, {} shared connections, coordinator {}",
+        args.rate,
+        args.spread * 100.0,
+        args.heartbeat_ms,
+        args.seconds,
+        args.channels,
+        binary.display()
+    );
+    println!(
+        "{:>7} {:>22} {:>10} {:>10} {:>9} {:>12}",
+        "workers", "rpc", "p50 (ms)", "p99 (ms)", "calls", "coord cpu %"
+    );
+    for &workers in &args.workers {
+        runtime.block_on(one_run(&args, &binary, workers))?;
+    }
+    Ok(())
+}
+
+fn write_dataset(dir: &Path, patients: usize) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir.join("tiles"))?;
+    let mut csv = String::from("patient,slide,path,label,split\n");
+    for p in 0..patients {
+        let path = format!("tiles/p{p}.png");
+        std::fs::write(dir.join(&path), b"")?;
+        csv.push_str(&format!("P{p:05},S0,{path},{},train\n", ["a", "b"][p % 2]));
+    }
+    let manifest = dir.join("manifest.csv");
+    std::fs::write(&manifest, csv)?;
+    Ok(manifest)
+}
+
+struct Coordinator(Child);
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// utime + stime of `pid` in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or(&stat);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat; after the ")" they are at 11 and 12 (0-based).
+    let ticks: f64 = fields.get(11).context("short stat")?.parse::<f64>()?
+        + fields.get(12).context("short stat")?.parse::<f64>()?;
+    Ok(ticks / 100.0) // USER_HZ is 100 on Linux
+}
+
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let index = ((values.len() - 1) as f64 * q).round() as usize;
+    values[index]
+}
+
+async fn one_run(args: &ControlPlaneArgs, binary: &Path, workers: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let patients = workers * 2;
+    let manifest = write_dataset(dir.path(), patients)?;
+    let steps = ((args.seconds + 30.0) * args.rate) as usize + 10;
+    // batch = workers: one patient per rank; two steps per epoch.
+    let config_text = format!(
+        "[infra]\nout_dir = {:?}\n[data]\nsource = \"manifest\"\nmanifest = {:?}\n\
+         balance_study_per_class = false\n[data.hidisc]\nnum_slide_samples = 1\nnum_patch_samples = 1\n\
+         [training]\nbatch_size = {workers}\nnum_epochs = {}\nsave_checkpoint_interval = 0\n",
+        dir.path().join("out").display().to_string(),
+        manifest.display().to_string(),
+        steps / 2 + 1
+    );
+    let config_path = dir.path().join("job.toml");
+    std::fs::write(&config_path, &config_text)?;
+    let config = Config::from_toml_str(&config_text)?;
+    let fingerprint = hsat_core::dataset::DatasetIndex::load(&config.data)?.fingerprint;
+    let mut child = Command::new(binary)
+        .args(["--config"])
+        .arg(&config_path)
+        .args(["--listen", "127.0.0.1:0", "--workers", &workers.to_string()])
+        .args(["--heartbeat-ms", &args.heartbeat_ms.to_string()])
+        .args(["--lease-ms", &(args.heartbeat_ms * 10).to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let pid = child.id();
+    let coordinator = Coordinator(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let address = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .filter(|a| a.contains(':'))
+        .with_context(|| format!("unexpected first line from the coordinator: {line:?}"))?
+        .to_owned();
+    let mut clients = Vec::new();
+    for _ in 0..args.channels.max(1) {
+        clients.push(CoordinatorClient::connect(&address).await?);
+    }
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let t0: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+    // Two barriers: everyone holds its first steps; then the start time is set.
+    let ready = Arc::new((
+        tokio::sync::Barrier::new(workers + 1),
+        tokio::sync::Barrier::new(workers + 1),
+    ));
+    let measure_from = Arc::new(OnceLock::<Instant>::new());
+    let measure_until = Arc::new(OnceLock::<Instant>::new());
+    let mut tasks = Vec::new();
+    for i in 0..workers {
+        let client = clients[i % clients.len()].clone();
+        let registration = Registration {
+            worker_name: format!("sim{i}"),
+            config: config.to_json_value(),
+            dataset_fingerprint: fingerprint.clone(),
+            advertise_host: "127.0.0.1".into(),
+            hsat_version: HSAT_VERSION.into(),
+        };
+        let (samples, t0, ready, from, until) = (
+            Arc::clone(&samples),
+            Arc::clone(&t0),
+            Arc::clone(&ready),
+            Arc::clone(&measure_from),
+            Arc::clone(&measure_until),
+        );
+        let rate = args.rate;
+        // A fixed, evenly spread offset per worker (no randomness: runs repeat).
+        let offset = args.spread.clamp(0.0, 0.95) * (i as f64 * 0.618_033_988_7).fract();
+        tasks.push(tokio::spawn(async move {
+            simulated_worker(
+                client,
+                registration,
+                rate,
+                offset,
+                samples,
+                t0,
+                ready,
+                from,
+                until,
+            )
+            .await
+        }));
+    }
+    ready.0.wait().await;
+    let _ = t0.set(Instant::now());
+    ready.1.wait().await;
+    // Two seconds of warm-up, then measure.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let from = Instant::now();
+    let until = from + Duration::from_secs_f64(args.seconds);
+    let _ = measure_from.set(from);
+    let _ = measure_until.set(until);
+    let cpu_before = cpu_seconds(pid)?;
+    // The same-run reference: a no-op RPC (health check) at 100/s on the shared connections.
+    let mut k = 0;
+    while Instant::now() < until {
+        let client = &clients[k % clients.len()];
+        let begun = Instant::now();
+        client.serving().await?;
+        samples
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .health
+            .push(begun.elapsed().as_secs_f64() * 1e3);
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cpu = (cpu_seconds(pid)? - cpu_before) / from.elapsed().as_secs_f64() * 100.0;
+    let status = clients[0].status().await?;
+    let mut failed = 0;
+    for task in &tasks {
+        if task.is_finished() {
+            failed += 1;
+        }
+        task.abort();
+    }
+    for task in tasks {
+        if let Ok(Err(err)) = task.await {
+            println!("{workers:>7} a simulated worker failed: {err:#}");
+            break;
+        }
+    }
+    if failed > 0 {
+        println!("{workers:>7} {failed} simulated workers stopped early");
+    }
+    drop(coordinator);
+    let mut s = std::mem::take(&mut *samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let achieved = status.steps_per_second;
+    for (name, values) in [
+        ("Heartbeat", &mut s.heartbeat),
+        ("NextAssignment", &mut s.assignment),
+        ("ReportStep", &mut s.report),
+        ("health Check (ref)", &mut s.health),
+    ] {
+        let calls = values.len();
+        println!(
+            "{:>7} {:>22} {:>10.3} {:>10.3} {:>9} {:>12.1}",
+            workers,
+            name,
+            percentile(values, 0.5),
+            percentile(values, 0.99),
+            calls,
+            cpu
+        );
+    }
+    println!(
+        "{:>7} committed {} steps, {:.1} steps/s over the last commits; {} NextAssignment calls answered Wait; Register p99 {:.1} ms",
+        workers,
+        status.step,
+        achieved,
+        s.waits,
+        percentile(&mut s.register, 0.99)
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn simulated_worker(
+    client: CoordinatorClient,
+    registration: Registration,
+    rate: f64,
+    offset: f64,
+    samples: Arc<Mutex<Samples>>,
+    t0: Arc<OnceLock<Instant>>,
+    ready: Arc<(tokio::sync::Barrier, tokio::sync::Barrier)>,
+    from: Arc<OnceLock<Instant>>,
+    until: Arc<OnceLock<Instant>>,
+) -> anyhow::Result<()> {
+    let measuring = |now: Instant| {
+        from.get().is_some_and(|f| now >= *f) && until.get().is_some_and(|u| now < *u)
+    };
+    let record = |pick: fn(&mut Samples) -> &mut Vec<f64>, begun: Instant| {
+        if measuring(begun)
+            && let Ok(mut s) = samples.lock()
+        {
+            pick(&mut s).push(begun.elapsed().as_secs_f64() * 1e3);
+        }
+    };
+    let begun = Instant::now();
+    let registered = client.register(registration).await?;
+    if let Ok(mut s) = samples.lock() {
+        s.register.push(begun.elapsed().as_secs_f64() * 1e3);
+    }
+    let id = registered.worker_id;
+    let heartbeat = {
+        let client = client.clone();
+        let period = registered.heartbeat;
+        let (samples, from, until) = (Arc::clone(&samples), Arc::clone(&from), Arc::clone(&until));
+        tokio::spawn(async move {
+            // Spread the heartbeats over the period.
+            tokio::time::sleep(period.mul_f64((id.0 % 97) as f64 / 97.0)).await;
+            loop {
+                let begun = Instant::now();
+                if client.heartbeat(id).await.is_err() {
+                    return;
+                }
+                let measuring = from.get().is_some_and(|f| begun >= *f)
+                    && until.get().is_some_and(|u| begun < *u);
+                if measuring && let Ok(mut s) = samples.lock() {
+                    s.heartbeat.push(begun.elapsed().as_secs_f64() * 1e3);
+                }
+                tokio::time::sleep(period).await;
+            }
+        })
+    };
+    // Join generation 1 and take the first two steps.
+    let ask = |generation: u64, next_step: u64, want_step: u64| AssignmentRequest {
+        worker_id: id,
+        generation,
+        next_step,
+        want_step,
+        group_error: None,
+    };
+    let (generation, rank) = loop {
+        match client.next_assignment(ask(0, 0, 0)).await? {
+            Assignment::Group(g) => {
+                if g.store == StoreRole::Host {
+                    client.publish_store(id, g.generation, 29500).await?;
+                }
+                break (g.generation, g.rank);
+            }
+            Assignment::Stop { reason, .. } => bail!("stopped early: {reason}"),
+            _ => {}
+        }
+    };
+    let mut held = std::collections::VecDeque::new();
+    while held.len() < 2 {
+        let want = held.len() as u64;
+        if let Assignment::Train(t) = client.next_assignment(ask(generation, 0, want)).await? {
+            held.push_back(t.step);
+        }
+    }
+    ready.0.wait().await;
+    ready.1.wait().await;
+    let t0 = *t0.get().context("no start time")?;
+    let period = Duration::from_secs_f64(1.0 / rate);
+    loop {
+        let Some(step) = held.pop_front() else {
+            bail!("no step held");
+        };
+        // "Train" until the step's tick, then report.
+        tokio::time::sleep_until((t0 + period.mul_f64(step as f64 + 1.0 + offset)).into()).await;
+        let begun = Instant::now();
+        client
+            .report_step(StepReport {
+                worker_id: id,
+                generation,
+                step,
+                rank,
+                local_patients: 1,
+                losses: StepLosses::default(),
+                param_checksum: step,
+                step_seconds: period.as_secs_f64(),
+                data_wait_seconds: 0.0,
+                checkpoint_dir: None,
+            })
+            .await?;
+        record(|s| &mut s.report, begun);
+        // After every rank reported `step` (the latest at 0.95 x 0.8 of a period), so the
+        // window admits step + 2 and the call measures the RPC, not the wait.
+        let ask_at = step as f64 + 1.77 + 0.22 * (offset / 0.76).min(1.0);
+        tokio::time::sleep_until((t0 + period.mul_f64(ask_at)).into()).await;
+        let want = step + 2;
+        loop {
+            let begun = Instant::now();
+            let assignment = client
+                .next_assignment(ask(generation, step + 1, want))
+                .await?;
+            record(|s| &mut s.assignment, begun);
+            match assignment {
+                Assignment::Train(t) => {
+                    held.push_back(t.step);
+                    break;
+                }
+                Assignment::Wait { .. } => {
+                    if measuring(begun)
+                        && let Ok(mut s) = samples.lock()
+                    {
+                        s.waits += 1;
+                    }
+                }
+                Assignment::Stop { .. } | Assignment::Group(_) => {
+                    heartbeat.abort();
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! In-process cluster harness: the coordinator on 127.0.0.1:0 and fake async
+//! workers (no libtorch) over real gRPC. Fake workers model the collective as a
+//! barrier shared between them, report identical checksums, and read the ledger
+//! at the end.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hsat_coordinator::{ClusterSettings, Job, OutcomeKind, serve};
+use hsat_core::config::Config;
+use hsat_core::dataset::DatasetIndex;
+use hsat_core::sampler::epoch_order;
+use hsat_proto::client::CoordinatorClient;
+use hsat_proto::domain::*;
+use hsat_proto::{ApiError, HSAT_VERSION};
+use tokio::sync::Notify;
+
+/// A manifest dataset of `patients` patients (empty tile files; the index never
+/// opens images).
+fn dataset(dir: &Path, patients: usize) -> DatasetIndex {
+    let mut csv = String::from("patient,slide,path,label,split\n");
+    for p in 0..patients {
+        for s in 0..2 {
+            let path = format!("tiles/p{p}_s{s}.png");
+            std::fs::create_dir_all(dir.join("tiles")).unwrap();
+            std::fs::write(dir.join(&path), b"").unwrap();
+            let split = if p % 4 == 3 { "val" } else { "train" };
+            csv.push_str(&format!(
+                "P{p:02},S{s},{path},{},{split}\n",
+                ["a", "b"][p % 2]
+            ));
+        }
+    }
+    std::fs::write(dir.join("manifest.csv"), csv).unwrap();
+    DatasetIndex::load_manifest(&dir.join("manifest.csv"), None).unwrap()
+}
+
+fn job_config(out: &Path, manifest: &Path) -> Config {
+    Config::from_toml_str(&format!(
+        "[infra]\nout_dir = {:?}\n[data]\nsource = \"manifest\"\nmanifest = {:?}\n\
+         [data.hidisc]\nnum_slide_samples = 1\nnum_patch_samples = 1\n\
+         [training]\nbatch_size = 5\nnum_epochs = 3\n",
+        out.display().to_string(),
+        manifest.display().to_string()
+    ))
+    .unwrap()
+}
+
+fn settings(workers: usize) -> ClusterSettings {
+    let mut s = ClusterSettings::new(workers);
+    s.heartbeat = Duration::from_millis(50);
+    s.lease = Duration::from_millis(400);
+    s.regroup_wait = Duration::from_millis(400);
+    s.long_poll = Duration::from_millis(200);
+    s.shutdown_grace = Duration::from_secs(5);
+    s
+}
+
+/// Collectives shared by the fake workers of one test: (generation, step) ->
+/// ranks arrived; a barrier completes when every rank of the generation arrived.
+#[derive(Default)]
+struct Fabric {
+    barriers: Mutex<HashMap<(u64, u64), usize>>,
+    changed: Notify,
+}
+
+impl Fabric {
+    /// Waits until `world` ranks arrived at (generation, step), or `give_up` fires
+    /// (the worker's generation moved on, like a collective timing out).
+    async fn all_reduce(
+        &self,
+        generation: u64,
+        step: u64,
+        world: usize,
+        client: &CoordinatorClient,
+        id: WorkerId,
+    ) -> bool {
+        *self
+            .barriers
+            .lock()
+            .unwrap()
+            .entry((generation, step))
+            .or_default() += 1;
+        self.changed.notify_waiters();
+        loop {
+            let notified = self.changed.notified();
+            if self.barriers.lock().unwrap()[&(generation, step)] >= world {
+                return true;
+            }
+            match client.heartbeat(id).await {
+                Ok(h) if h.generation == generation && h.state == JobState::Running => {}
+                _ => return false,
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(20), notified).await;
+        }
+    }
+}
+
+/// A fake worker: registers, heartbeats, follows assignments, reports identical
+/// checksums. `die_after` = stop everything (no leave, no heartbeats) after that
+/// many reports.
+async fn fake_worker(
+    address: String,
+    config: Config,
+    fingerprint: String,
+    name: String,
+    fabric: Arc<Fabric>,
+    die_after: Option<usize>,
+) -> Result<bool, ApiError> {
+    let client = CoordinatorClient::connect(&address).await?;
+    let registered = client
+        .register(Registration {
+            worker_name: name.clone(),
+            config: config.to_json_value(),
+            dataset_fingerprint: fingerprint,
+            advertise_host: "127.0.0.1".into(),
+            hsat_version: HSAT_VERSION.into(),
+        })
+        .await?;
+    let id = registered.worker_id;
+    let heartbeat = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(registered.heartbeat).await;
+                if client.heartbeat(id).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let (mut generation, mut rank, mut world, mut next_step) = (0u64, 0u32, 1usize, 0u64);
+    let mut reports = 0;
+    let outcome = loop {
+        let assignment = client
+            .next_assignment(AssignmentRequest {
+                worker_id: id,
+                generation,
+                next_step,
+                want_step: next_step,
+                group_error: None,
+            })
+            .await?;
+        match assignment {
+            Assignment::Wait { .. } => {}
+            Assignment::Stop { success, .. } => break success,
+            Assignment::Group(g) => {
+                if g.store == StoreRole::Host {
+                    client.publish_store(id, g.generation, 40000).await?;
+                }
+                generation = g.generation;
+                rank = g.rank;
+                world = g.world_size as usize;
+                next_step = g.start_step; // broadcast from the root
+            }
+            Assignment::Train(t) => {
+                assert_eq!(t.step, next_step);
+                if !fabric
+                    .all_reduce(t.generation, t.step, world, &client, id)
+                    .await
+                {
+                    continue; // generation broke: ask again
+                }
+                if die_after == Some(reports) {
+                    heartbeat.abort();
+                    return Ok(false); // crash: no report, no leave
+                }
+                next_step = t.step + 1;
+                client
+                    .report_step(StepReport {
+                        worker_id: id,
+                        generation: t.generation,
+                        step: t.step,
+                        rank,
+                        local_patients: t.shard.len() as u64,
+                        losses: StepLosses {
+                            total: 1.0 / (1.0 + t.step as f64),
+                            clean: Some(LevelLosses {
+                                patient: 0.1,
+                                slide: 0.2,
+                                patch: 0.3,
+                            }),
+                            adversarial: None,
+                        },
+                        param_checksum: 0xfeed + t.step,
+                        step_seconds: 0.01,
+                        data_wait_seconds: 0.0,
+                        checkpoint_dir: None,
+                    })
+                    .await?;
+                reports += 1;
+            }
+        }
+    };
+    heartbeat.abort();
+    let _ = client.leave(id, "done").await;
+    Ok(outcome)
+}
+
+/// Reads the ledger and checks that each epoch consumed exactly its balanced order.
+fn check_ledger(path: &Path, job: &Job) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut entries: Vec<serde_json::Value> = Vec::new();
+    for line in text.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(to) = record.get("rollback_to") {
+            entries.truncate(to.as_u64().unwrap() as usize);
+        } else {
+            assert_eq!(record["step"].as_u64().unwrap(), entries.len() as u64);
+            entries.push(record);
+        }
+    }
+    assert_eq!(entries.len() as u64, job.plan.total_steps);
+    let mut by_epoch: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    for entry in &entries {
+        let patients = by_epoch
+            .entry(entry["epoch"].as_u64().unwrap())
+            .or_default();
+        for rank in entry["ranks"].as_array().unwrap() {
+            patients.extend(
+                rank["patients"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_u64().unwrap() as usize),
+            );
+        }
+    }
+    for (epoch, patients) in by_epoch {
+        assert_eq!(
+            patients,
+            epoch_order(&job.plan.balanced, job.plan.seed, epoch),
+            "epoch {epoch}"
+        );
+    }
+    entries
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    job: Job,
+    address: String,
+    server: tokio::task::JoinHandle<
+        Result<hsat_coordinator::JobOutcome, hsat_coordinator::CoordinatorError>,
+    >,
+}
+
+async fn start(workers: usize) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dataset(dir.path(), 10);
+    let config = job_config(&dir.path().join("out"), &dir.path().join("manifest.csv"));
+    let job = Job::from_index(config, index);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(serve(
+        job.clone(),
+        settings(workers),
+        listener,
+        std::future::pending(),
+    ));
+    Cluster {
+        _dir: dir,
+        job,
+        address,
+        server,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_workers_train_every_step_to_completion() {
+    let cluster = start(3).await;
+    let fabric = Arc::new(Fabric::default());
+    let workers: Vec<_> = (0..3)
+        .map(|i| {
+            tokio::spawn(fake_worker(
+                cluster.address.clone(),
+                cluster.job.config.clone(),
+                cluster.job.dataset_fingerprint().to_owned(),
+                format!("w{i}"),
+                Arc::clone(&fabric),
+                None,
+            ))
+        })
+        .collect();
+    for worker in workers {
+        assert!(
+            worker.await.unwrap().unwrap(),
+            "every worker gets Stop{{success}}"
+        );
+    }
+    let outcome = cluster.server.await.unwrap().unwrap();
+    assert_eq!(outcome.kind, OutcomeKind::Finished);
+    assert_eq!(outcome.committed_steps, cluster.job.plan.total_steps);
+    let entries = check_ledger(&outcome.ledger, &cluster.job);
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["ranks"].as_array().unwrap().len() == 3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_lease_expires_is_regrouped_out_and_the_job_completes() {
+    let cluster = start(3).await;
+    let fabric = Arc::new(Fabric::default());
+    let workers: Vec<_> = (0..3)
+        .map(|i| {
+            let die = (i == 1).then_some(2);
+            tokio::spawn(fake_worker(
+                cluster.address.clone(),
+                cluster.job.config.clone(),
+                cluster.job.dataset_fingerprint().to_owned(),
+                format!("w{i}"),
+                Arc::clone(&fabric),
+                die,
+            ))
+        })
+        .collect();
+    let results: Vec<bool> = futures_join(workers).await;
+    assert_eq!(results, vec![true, false, true]);
+    let outcome = cluster.server.await.unwrap().unwrap();
+    assert_eq!(outcome.kind, OutcomeKind::Finished);
+    let entries = check_ledger(&outcome.ledger, &cluster.job);
+    let generations: std::collections::BTreeSet<u64> = entries
+        .iter()
+        .map(|e| e["generation"].as_u64().unwrap())
+        .collect();
+    assert!(
+        generations.len() >= 2,
+        "a regroup happened: {generations:?}"
+    );
+    assert_eq!(
+        entries.last().unwrap()["ranks"].as_array().unwrap().len(),
+        2
+    );
+}
+
+async fn futures_join(handles: Vec<tokio::task::JoinHandle<Result<bool, ApiError>>>) -> Vec<bool> {
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.unwrap().unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_another_config_or_dataset_is_refused_with_a_clear_message() {
+    let cluster = start(1).await;
+    let client = CoordinatorClient::connect(&cluster.address).await.unwrap();
+    let mut other = cluster.job.config.clone();
+    other.training.optimizer.learn_rate = 0.0001;
+    let registration = |config: &Config, fingerprint: &str| Registration {
+        worker_name: "x".into(),
+        config: config.to_json_value(),
+        dataset_fingerprint: fingerprint.into(),
+        advertise_host: "127.0.0.1".into(),
+        hsat_version: HSAT_VERSION.into(),
+    };
+    let err = client
+        .register(registration(&other, cluster.job.dataset_fingerprint()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ApiError::Refused(
+            "config differs from the coordinator's at training.learn_rate: worker 0.0001, coordinator 0.001; \
+             start the worker with the job's config file"
+                .into()
+        )
+    );
+    let err = client
+        .register(registration(&cluster.job.config, "0123"))
+        .await
+        .unwrap_err();
+    let ApiError::Refused(message) = err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        message.contains("worker fingerprint 0123")
+            && message.contains(cluster.job.dataset_fingerprint()),
+        "{message}"
+    );
+    assert!(client.serving().await.unwrap());
+    let status = client.status().await.unwrap();
+    assert_eq!(status.state, JobState::WaitingForWorkers);
+    cluster.server.abort();
+}
+
+#[test]
+fn synthetic_data_is_refused_for_distributed_runs() {
+    let err = hsat_coordinator::load_job(Config::default()).unwrap_err();
+    assert!(err.to_string().contains("hsat synth"), "{err}");
+}
