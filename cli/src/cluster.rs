@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use hsat_coordinator::{ClusterSettings, JobOutcome, OutcomeKind, load_job, serve};
+use hsat_coordinator::cli::{CoordinatorArgs, MembershipArgs, run_coordinator, shutdown_signal};
+use hsat_coordinator::{JobOutcome, OutcomeKind, load_job, serve};
 use hsat_core::config::{self, Config, ConfigSources};
 use hsat_worker::cluster::{WorkerOptions, run_worker};
 use tch::Device;
@@ -196,65 +197,9 @@ impl Drop for LocalWorkers {
 }
 
 
-/// Membership settings shared by `hsat coordinator` and `hsat run --workers`.
-#[derive(Debug, Args)]
-pub struct MembershipArgs {
-    /// Fewest live workers the job continues with after losing some (default 1).
-    #[arg(long, default_value_t = 1)]
-    pub min_workers: usize,
-    /// Milliseconds between worker heartbeats.
-    #[arg(long, default_value_t = 1000)]
-    pub heartbeat_ms: u64,
-    /// Milliseconds without a heartbeat after which a worker is dropped.
-    #[arg(long, default_value_t = 10_000)]
-    pub lease_ms: u64,
-}
-
-impl MembershipArgs {
-    fn settings(&self, workers: usize) -> ClusterSettings {
-        let mut settings = ClusterSettings::new(workers);
-        settings.min_workers = self.min_workers.max(1);
-        settings.heartbeat = Duration::from_millis(self.heartbeat_ms);
-        settings.lease = Duration::from_millis(self.lease_ms);
-        settings.regroup_wait = settings.lease;
-        settings
-    }
-}
-
-/// `hsat coordinator` arguments.
-#[derive(Debug, Args)]
-pub struct CoordinatorArgs {
-    /// The job's TOML config (workers must use the same).
-    #[arg(long, short)]
-    pub config: Option<PathBuf>,
-    /// Override one key; repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    /// Address to serve gRPC on; port 0 picks a free one (printed at start).
-    #[arg(long, default_value = "0.0.0.0:50051")]
-    pub listen: String,
-    /// Workers to wait for before training starts.
-    #[arg(long)]
-    pub workers: usize,
-    /// Membership and lease settings.
-    #[command(flatten)]
-    pub membership: MembershipArgs,
-}
-
 /// Runs the coordinator of a job until it finishes, fails, or SIGINT/SIGTERM.
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let cfg = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
-    let settings = args.membership.settings(args.workers);
-    let job = load_job(cfg)?;
-    let runtime = runtime()?;
-    let outcome = runtime.block_on(async {
-        let listener = TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}: is the port free?", args.listen))?;
-        let address = listener.local_addr()?;
-        println!("hsat coordinator: listening on {address}");
-        anyhow::Ok(serve(job, settings, listener, termination()).await?)
-    })?;
+    let outcome = run_coordinator("hsat coordinator", args)?;
     finish(&outcome)
 }
 
@@ -293,7 +238,7 @@ pub fn run_local(
     let outcome = runtime.block_on(async {
         let server = serve(job, settings, listener, async {
             tokio::select! {
-                () = termination() => {}
+                () = shutdown_signal() => {}
                 _ = crashed_rx => {}
             }
         });
@@ -364,20 +309,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends).
-async fn termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    eprintln!("hsat: stopping (signal received); finishing the current step");
 }
 
 /// `hsat status` arguments.

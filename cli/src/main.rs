@@ -54,7 +54,7 @@ enum Command {
     /// Example:
     ///   hsat coordinator --config job.toml --listen 0.0.0.0:50051 --workers 4
     #[command(verbatim_doc_comment)]
-    Coordinator(cluster::CoordinatorArgs),
+    Coordinator(hsat_coordinator::cli::CoordinatorArgs),
 
     /// Run one worker of a distributed job: joins the coordinator, trains the steps
     /// it is given, averages gradients with the other workers, exits when the job
@@ -161,7 +161,7 @@ struct RunArgs {
     #[arg(long)]
     workers: Option<usize>,
     #[command(flatten)]
-    membership: cluster::MembershipArgs,
+    membership: hsat_coordinator::cli::MembershipArgs,
 }
 
 /// Where the config comes from.

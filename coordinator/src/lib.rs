@@ -10,6 +10,7 @@
 //! - [`scheduler`]: the pure state machine (`on_event(Event, now) -> Vec<Action>`):
 //!   generations, leases, step issuing, commits, checksum checks. Its invariants
 //!   are listed in `src/scheduler/README.md`.
+//! - [`cli`]: the coordinator's flags and `run_coordinator`, shared by both binaries.
 //! - [`identity`]: the config / dataset / version check of a registering worker.
 //! - [`ledger`]: `<out_dir>/coordinator/ledger.jsonl`, fsynced per commit.
 //! - [`service`]: the async shell: the gRPC handler over the scheduler, leases on
@@ -17,6 +18,7 @@
 //!
 //! Use: `let job = load_job(config)?; serve(job, settings, listener, shutdown).await`.
 
+pub mod cli;
 pub mod identity;
 pub mod ledger;
 pub mod scheduler;
