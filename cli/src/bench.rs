@@ -270,6 +270,7 @@ pub fn data(args: DataArgs) -> anyhow::Result<()> {
         patches_per_slide: args.patches,
         size: args.size,
         seed: 0,
+        stain_spread: 1.0,
     };
     synthesize(&spec, &mut |_, _| {})?;
     let mut files = Vec::new();

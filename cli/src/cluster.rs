@@ -196,7 +196,6 @@ impl Drop for LocalWorkers {
     }
 }
 
-
 /// Runs the coordinator of a job until it finishes, fails, or SIGINT/SIGTERM.
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let outcome = run_coordinator("hsat coordinator", args)?;

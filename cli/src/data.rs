@@ -40,6 +40,10 @@ pub struct SynthArgs {
     /// Seed: the same options and seed give byte-identical files.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Fraction (0 to 1) of the stain ranges patients spread over; lower values make
+    /// class morphology the strongest signal shared within a patient.
+    #[arg(long, default_value_t = 1.0)]
+    stain_spread: f64,
 }
 
 /// Writes a synthetic dataset and prints how to train on it.
@@ -54,6 +58,7 @@ pub fn synth(args: SynthArgs) -> anyhow::Result<()> {
         patches_per_slide: args.patches,
         size: args.size,
         seed: args.seed,
+        stain_spread: args.stain_spread,
     };
     let started = Instant::now();
     let mut progress = Progress::new("writing patches");

@@ -29,7 +29,9 @@ use hsat_tests::{hsat_binary, run_hsat};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A small OpenSRH-style dataset: 2 classes x 3 patients (2 train + 1 val each),
@@ -311,9 +313,13 @@ fn a_worker_with_another_config_or_dataset_is_refused() {
     let config = write_config(dir.path(), &data, 2, 1);
     let coordinator = Coordinator::start(&config, 2, &[]);
 
-    let out = worker(&coordinator, &config, &["--set", "training.learning_rate=0.5"])
-        .output()
-        .unwrap();
+    let out = worker(
+        &coordinator,
+        &config,
+        &["--set", "training.learning_rate=0.5"],
+    )
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a mismatched config must be refused");
     assert!(

@@ -194,6 +194,10 @@ fn collectives_body(pg: &ProcessGroup) -> anyhow::Result<()> {
     }
     // A second step reuses the buffers and gives the same answer for the same grads.
     let before: Vec<Tensor> = params.iter().map(|p| p.grad().copy()).collect();
+    let storage: Vec<usize> = params
+        .iter()
+        .map(|p| p.grad().data_ptr() as usize)
+        .collect();
     for (i, p) in params.iter().enumerate() {
         p.grad().copy_(&grad_of(rank, i));
         if pg.rank() == 0 && i == skip_on_rank0 {
@@ -201,8 +205,28 @@ fn collectives_body(pg: &ProcessGroup) -> anyhow::Result<()> {
         }
     }
     sync.average(pg, &params, weights[pg.rank()], total)?;
-    for (p, b) in params.iter().zip(&before) {
+    for ((p, b), ptr) in params.iter().zip(&before).zip(&storage) {
         ensure!(max_abs_diff(&p.grad(), b) <= 1e-6, "second step differs");
+        ensure!(
+            p.grad().data_ptr() as usize == *ptr,
+            "gradient moved: not a bucket view"
+        );
+    }
+    // Gradients set to none (PyTorch's default zero_grad) are copied in again.
+    let fresh: Vec<Tensor> = params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let p = p.detach().set_requires_grad(true);
+            if !(pg.rank() == 0 && i == skip_on_rank0) {
+                (&p * grad_of(rank, i)).sum(Kind::Float).backward();
+            }
+            p
+        })
+        .collect();
+    sync.average(pg, &fresh, weights[pg.rank()], total)?;
+    for (p, b) in fresh.iter().zip(&before) {
+        ensure!(max_abs_diff(&p.grad(), b) <= 1e-6, "fresh gradients differ");
     }
     pg.barrier()?;
     Ok(())

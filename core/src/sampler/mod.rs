@@ -18,10 +18,10 @@
 //! a function of the global step alone (architecture invariant 4), and the position
 //! of a resumed job is just its next step.
 
+mod shard;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests;
-mod shard;
 
 pub use shard::{shard_of, shard_range};
 

@@ -223,9 +223,10 @@ impl Worker<'_> {
             let queued = self.session.as_ref().map_or(0, |s| s.queued.len());
             // Past the job's last step there is nothing to prefetch: asking would
             // only be held by the coordinator's long poll.
-            let beyond_end = self.session.as_ref().is_some_and(|s| {
-                self.trainer.position() + queued as u64 >= s.group.total_steps
-            });
+            let beyond_end = self
+                .session
+                .as_ref()
+                .is_some_and(|s| self.trainer.position() + queued as u64 >= s.group.total_steps);
             if queued < LOOKAHEAD && !(queued > 0 && beyond_end) {
                 let failure = self.group_error.take();
                 let generation = match (&failure, &self.session) {
@@ -311,14 +312,12 @@ impl Worker<'_> {
             Backend::Gloo
         };
         let prefix = format!("gen-{}", group.generation);
-        let formed = ProcessGroup::new(&store, &prefix, rank, world, backend, timeout).and_then(
+        let formed = ProcessGroup::new(&store, &prefix, rank, world, backend, timeout).map(
             |process_group| {
-                if rank == group.broadcast_root as usize
-                    && let Some(dir) = &group.resume_checkpoint
-                {
-                    return Ok((process_group, Some(dir.clone())));
-                }
-                Ok((process_group, None))
+                let resume = (rank == group.broadcast_root as usize)
+                    .then(|| group.resume_checkpoint.clone())
+                    .flatten();
+                (process_group, resume)
             },
         );
         let (process_group, resume) = match formed {
@@ -428,7 +427,12 @@ impl Worker<'_> {
         let trained = trained.and_then(|result| {
             // Each rank's batch-norm statistics come from its own shard; take rank 0's,
             // as DDP does, so that all ranks stay identical.
-            broadcast_state(process_group, &self.trainer.buffers(), 0, self.options.bucket_bytes)?;
+            broadcast_state(
+                process_group,
+                &self.trainer.buffers(),
+                0,
+                self.options.bucket_bytes,
+            )?;
             Ok(result)
         });
         let (losses, _lr, _eps) = match trained {
@@ -524,7 +528,9 @@ async fn connect_with_backoff(
     loop {
         match CoordinatorClient::connect(address).await {
             Ok(client) => return Ok(client),
-            Err(err) if started.elapsed() + delay < deadline && !shutdown.load(Ordering::SeqCst) => {
+            Err(err)
+                if started.elapsed() + delay < deadline && !shutdown.load(Ordering::SeqCst) =>
+            {
                 tracing::info!(error = %err, retry_in = ?delay, "coordinator not reachable yet");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));

@@ -127,6 +127,11 @@ impl GradientSync {
     /// parameter without a gradient counts as zero here, and receives the mean (if it
     /// requires grad). All ranks must pass the same parameter list (shapes, order) and the
     /// same `total_weight` (e.g. the global batch size, `local_weight` summed over ranks).
+    ///
+    /// Afterwards each gradient is a view into this sync's flat buffers (as with DDP's
+    /// `gradient_as_bucket_view=True`): later backward passes accumulate into the
+    /// buckets directly and the next call copies nothing. Zero gradients in place
+    /// between steps; a gradient set to none or replaced is copied in again.
     pub fn average(
         &mut self,
         pg: &ProcessGroup,
@@ -161,15 +166,16 @@ impl GradientSync {
         let mut missing = 0usize;
         let mut bytes = 0usize;
         tch::no_grad(|| -> Result<(), CollectiveError> {
-            let mut in_flight: Vec<RawWork> = Vec::with_capacity(plan.len());
+            let mut in_flight: Vec<(RawWork, Vec<bool>)> = Vec::with_capacity(plan.len());
             for (bucket, flat) in plan.iter().zip(buffers) {
-                missing += pack_grads(bucket, flat, params, scale)?;
+                let (bucket_missing, copy_back) = pack_grads(bucket, flat, params, scale)?;
+                missing += bucket_missing;
                 bytes += bucket.numel as usize * bucket.kind.elt_size_in_bytes();
-                in_flight.push(pg.start_all_reduce_sum(&[flat])?);
+                in_flight.push((pg.start_all_reduce_sum(&[flat])?, copy_back));
             }
-            for ((bucket, flat), work) in plan.iter().zip(buffers).zip(in_flight) {
+            for ((bucket, flat), (work, copy_back)) in plan.iter().zip(buffers).zip(in_flight) {
                 pg.wait(work, "all_reduce")?;
-                unpack_grads(bucket, flat, params)?;
+                unpack_grads(bucket, flat, params, &copy_back)?;
             }
             Ok(())
         })?;
@@ -182,57 +188,70 @@ impl GradientSync {
     }
 }
 
-/// Copies `scale * grad` of each member into `flat` (zeros for a missing gradient);
-/// returns how many gradients were missing.
+/// Brings each member's gradient into `flat` and scales the bucket by `scale`; returns
+/// how many gradients were missing, and per member whether its reduced slice must be
+/// copied back after the all-reduce.
+///
+/// Like DDP's `gradient_as_bucket_view=True`, a gradient becomes a view of its slot: the
+/// first call copies it in and points the parameter's `.grad` at the slot; afterwards
+/// backward accumulates straight into the slot (autograd adds into an existing gradient
+/// in place, and zeroing in place keeps the view), so steady-state steps copy nothing
+/// and the bucket is scaled in one pass. A gradient that was replaced (set to none,
+/// reassigned) is copied in and re-pointed again.
 fn pack_grads(
     bucket: &BucketLayout,
     flat: &Tensor,
     params: &[Tensor],
     scale: f64,
-) -> Result<usize, CollectiveError> {
+) -> Result<(usize, Vec<bool>), CollectiveError> {
     let mut missing = 0;
+    let mut copy_back = Vec::with_capacity(bucket.members.len());
     for m in &bucket.members {
-        let mut slot = flat.f_narrow(0, m.offset, m.numel)?;
-        let grad = params[m.index].f_grad()?;
-        let slot_view = slot.f_view(m.shape.as_slice())?;
-        if !grad.defined() {
+        let param = &params[m.index];
+        let mut slot = flat
+            .f_narrow(0, m.offset, m.numel)?
+            .f_view(m.shape.as_slice())?;
+        let grad = param.f_grad()?;
+        if grad.defined() && grad.data_ptr() == slot.data_ptr() && grad.size() == m.shape {
+            copy_back.push(false);
+            continue;
+        }
+        if grad.defined() {
+            slot.f_copy_(&grad)?;
+        } else {
             let _ = slot.f_zero_()?;
             missing += 1;
-        } else if scale == 1.0 {
-            slot_view.shallow_clone().f_copy_(&grad)?;
+        }
+        if param.requires_grad() {
+            ffi::set_grad(param, &slot).map_err(|e| {
+                CollectiveError::InvalidArgument(format!(
+                    "cannot point the gradient of parameter {} at its bucket: {}",
+                    m.index, e.message
+                ))
+            })?;
+            copy_back.push(false);
         } else {
-            // Scale while copying: one pass over the bucket instead of two.
-            let _ = grad.f_mul_scalar_out(&slot_view, scale)?;
+            copy_back.push(grad.defined());
         }
     }
-    Ok(missing)
+    if scale != 1.0 {
+        let _ = flat.shallow_clone().f_mul_scalar_(scale)?;
+    }
+    Ok((missing, copy_back))
 }
 
-/// Copies each member's slice of the reduced `flat` back into its gradient, creating
-/// the gradient when the parameter had none.
+/// Copies the reduced slices back into the gradients that are not views of the bucket.
 fn unpack_grads(
     bucket: &BucketLayout,
     flat: &Tensor,
     params: &[Tensor],
+    copy_back: &[bool],
 ) -> Result<(), CollectiveError> {
-    for m in &bucket.members {
-        let param = &params[m.index];
+    for (m, _) in bucket.members.iter().zip(copy_back).filter(|(_, c)| **c) {
         let slot = flat
             .f_narrow(0, m.offset, m.numel)?
             .f_view(m.shape.as_slice())?;
-        let mut grad = param.f_grad()?;
-        if grad.defined() {
-            grad.f_copy_(&slot)?;
-        } else if param.requires_grad() {
-            let mut fresh = slot.f_empty_like()?;
-            fresh.f_copy_(&slot)?;
-            ffi::set_grad(param, &fresh).map_err(|e| {
-                CollectiveError::InvalidArgument(format!(
-                    "cannot give parameter {} a gradient: {}",
-                    m.index, e.message
-                ))
-            })?;
-        }
+        params[m.index].f_grad()?.f_copy_(&slot)?;
     }
     Ok(())
 }

@@ -140,14 +140,7 @@ impl FileSource {
         let planner_index = Arc::clone(&index);
         let mut step = start_step;
         let plans = move || {
-            let plan = plan_step(
-                &planner_index,
-                &balanced,
-                seed,
-                step,
-                batch_size,
-                &sampling,
-            );
+            let plan = plan_step(&planner_index, &balanced, seed, step, batch_size, &sampling);
             step += 1;
             Some(plan)
         };
@@ -166,7 +159,9 @@ impl FileSource {
         steps_per_epoch: u64,
         plans: Receiver<StepPlan>,
     ) -> Result<Self> {
-        Self::spawn(index, spec, steps_per_epoch, None, move || plans.recv().ok())
+        Self::spawn(index, spec, steps_per_epoch, None, move || {
+            plans.recv().ok()
+        })
     }
 
     fn spawn(

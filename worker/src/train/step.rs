@@ -37,6 +37,10 @@ pub struct StepPlan<'a> {
     pub lr: f64,
 }
 
+/// Called between backward and the optimiser update with the named parameters
+/// (their gradients set): distributed runs average the gradients across ranks here.
+pub type GradientHook<'a> = dyn FnMut(&[(String, Tensor)]) -> Result<()> + 'a;
+
 /// What one step measured.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepLosses {
@@ -56,7 +60,7 @@ pub fn train_step(
     plan: StepPlan<'_>,
 ) -> Result<StepLosses> {
     train_step_synced(model, loss, optimizer, plan, &mut |_| Ok(()))
-        .map(|losses| losses.unwrap_or_else(|| unreachable_empty()))
+        .map(|losses| losses.unwrap_or_else(unreachable_empty))
 }
 
 /// A single-process batch is never empty (the loader refuses a step without patients).
@@ -79,12 +83,12 @@ pub fn train_step_synced(
     loss: &HierarchicalLoss,
     optimizer: &mut AdamW,
     plan: StepPlan<'_>,
-    sync: &mut dyn FnMut(&[(String, Tensor)]) -> Result<()>,
+    sync: &mut GradientHook<'_>,
 ) -> Result<Option<StepLosses>> {
     optimizer.zero_grad()?;
     if plan.images.size().first() == Some(&0) {
         // A zero-weight contribution that still defines every parameter's gradient.
-        let mut zero = Tensor::f_zeros(&[], (tch::Kind::Float, model.device()))?;
+        let mut zero = Tensor::f_zeros([], (tch::Kind::Float, model.device()))?;
         for (_, param) in optimizer.params() {
             zero = zero.f_add(&param.f_sum(tch::Kind::Float)?.f_mul_scalar(0.0)?)?;
         }

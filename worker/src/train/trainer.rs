@@ -13,7 +13,7 @@ use tch::Device;
 use super::attack::Pgd;
 use super::loss::HierarchicalLoss;
 use super::optim::AdamW;
-use super::step::{OuterObjective, StepLosses, StepPlan, train_step_synced};
+use super::step::{GradientHook, OuterObjective, StepLosses, StepPlan, train_step_synced};
 use crate::checkpoint::{CheckpointMeta, FORMAT_VERSION, write_checkpoint};
 use crate::data::BatchSource;
 use crate::error::Result;
@@ -116,7 +116,12 @@ impl Trainer {
     /// from its own shard: distributed runs take rank 0's after every step, as
     /// PyTorch DDP does (`broadcast_buffers=True`).
     pub fn buffers(&self) -> Vec<tch::Tensor> {
-        let params: Vec<tch::Tensor> = self.optimizer.params().iter().map(|(_, p)| p.shallow_clone()).collect();
+        let params: Vec<tch::Tensor> = self
+            .optimizer
+            .params()
+            .iter()
+            .map(|(_, p)| p.shallow_clone())
+            .collect();
         self.model
             .state()
             .into_iter()
@@ -233,7 +238,7 @@ impl Trainer {
     pub fn train_shard(
         &mut self,
         shard: ShardStep<'_>,
-        sync: &mut dyn FnMut(&[(String, tch::Tensor)]) -> Result<()>,
+        sync: &mut GradientHook<'_>,
     ) -> Result<(Option<StepLosses>, f64, f64)> {
         let ShardStep {
             step,
@@ -270,13 +275,10 @@ impl Trainer {
                 if let Some(rows) = whole.first_mut() {
                     *rows = global_patients.max(first_row + images.size()[0]);
                 }
-                let template =
-                    tch::Tensor::f_zeros(&whole, (tch::Kind::Float, images.device()))?;
-                let delta0 = pgd.random_start(&template)?.f_narrow(
-                    0,
-                    first_row,
-                    images.size()[0],
-                )?;
+                let template = tch::Tensor::f_zeros(&whole, (tch::Kind::Float, images.device()))?;
+                let delta0 =
+                    pgd.random_start(&template)?
+                        .f_narrow(0, first_row, images.size()[0])?;
                 Some((pgd, delta0))
             }
         };

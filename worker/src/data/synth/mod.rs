@@ -91,7 +91,7 @@ impl FromStr for SynthFormat {
 }
 
 /// What to generate. [`SynthSpec::new`] gives the defaults.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SynthSpec {
     /// Output directory: absent, empty, or a previous complete `hsat synth` output
     /// (which is replaced).
@@ -113,6 +113,11 @@ pub struct SynthSpec {
     pub size: usize,
     /// Seed: the same spec gives byte-identical files; default 0.
     pub seed: u64,
+    /// How far patients' stains spread, as a fraction of the full ranges, 0 ..= 1;
+    /// default 1. Small values make class morphology, not the patient's stain, the
+    /// strongest signal a patient's patches share (what a kNN over learned features
+    /// then picks up).
+    pub stain_spread: f64,
 }
 
 impl SynthSpec {
@@ -129,6 +134,7 @@ impl SynthSpec {
             patches_per_slide: 4,
             size: 64,
             seed: 0,
+            stain_spread: 1.0,
         }
     }
 
@@ -167,6 +173,16 @@ impl SynthSpec {
         }
         if self.patches_per_slide == 0 {
             return problem("patches_per_slide", 0, "must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.stain_spread) {
+            return Err(SynthError::Spec {
+                field: "stain_spread",
+                value: 0,
+                rule: format!(
+                    "must be between 0 and 1 (got {}): the fraction of the stain ranges patients spread over",
+                    self.stain_spread
+                ),
+            });
         }
         if !(8..=1024).contains(&self.size) {
             return problem(

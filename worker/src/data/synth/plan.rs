@@ -208,8 +208,11 @@ pub(super) fn plan(spec: &SynthSpec) -> Plan {
             let class = i % spec.classes;
             let within = i / spec.classes;
             let id = format!("SYN_{:0width$}", i + 1);
-            let q: [f64; STAIN_PARAMETERS] =
-                std::array::from_fn(|parameter| quantiles[class][parameter][within]);
+            // `stain_spread` shrinks every range around its middle: at 0 all patients
+            // share one stain and morphology is the only thing telling them apart.
+            let q: [f64; STAIN_PARAMETERS] = std::array::from_fn(|parameter| {
+                0.5 + (quantiles[class][parameter][within] - 0.5) * spec.stain_spread
+            });
             let stain = Stain::from_quantiles(q, spec.format);
             let mut rng = SplitMix64::new(derive_seed(seed, &[TAG_MORPHOLOGY, i as u64]));
             let morphology =
