@@ -19,8 +19,10 @@ and reports ``t2 - t1``. The model's loss is ``sum_p (p * c_p).sum()`` with fixe
 runs and cancelled by the subtraction) and there is nothing for DDP to overlap its
 communication with: the number is DDP's synchronisation machinery itself (bucketing
 copies, division, Gloo all-reduce, copy-back, hook overhead). ``hsat bench sync``
-times hsat's ``GradientSync::average`` (pack, scale, all-reduce, unpack) after a
-barrier, which is the same work. Both rank processes report; the driver takes the
+times hsat's ``GradientSync::average`` after a barrier. Note the one design difference:
+after its first call hsat's gradients live in its buckets (like DDP with
+``gradient_as_bucket_view=True``), so its steady state is scale + all-reduce, while DDP
+here runs with its default (``False``: copy into buckets, copy back). Both rank processes report; the driver takes the
 slower rank per round. ``zero_grad(set_to_none=True)`` precedes every backward.
 
 Usage (each of the 2 ranks; rank 0 hosts the store on PORT):

@@ -212,6 +212,10 @@ fn collectives_body(pg: &ProcessGroup) -> anyhow::Result<()> {
             "gradient moved: not a bucket view"
         );
     }
+    // The optimiser's in-place zeroing (detach_ + zero_) works on bucket gradients.
+    for p in &params {
+        let _ = p.grad().f_detach_()?.f_zero_()?;
+    }
     // Gradients set to none (PyTorch's default zero_grad) are copied in again.
     let fresh: Vec<Tensor> = params
         .iter()

@@ -223,7 +223,7 @@ fn pack_grads(
             missing += 1;
         }
         if param.requires_grad() {
-            ffi::set_grad(param, &slot).map_err(|e| {
+            ffi::set_grad(param, &alias(flat, m)?).map_err(|e| {
                 CollectiveError::InvalidArgument(format!(
                     "cannot point the gradient of parameter {} at its bucket: {}",
                     m.index, e.message
@@ -238,6 +238,24 @@ fn pack_grads(
         let _ = flat.shallow_clone().f_mul_scalar_(scale)?;
     }
     Ok((missing, copy_back))
+}
+
+/// A tensor over `m`'s slot of `flat` that shares its memory but is not an autograd
+/// view (`set_` instead of `narrow`): optimisers may `detach_()` a gradient, which
+/// PyTorch refuses on views.
+fn alias(flat: &Tensor, m: &Member) -> Result<Tensor, CollectiveError> {
+    let mut strides = vec![1i64; m.shape.len()];
+    for i in (0..m.shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * m.shape[i + 1].max(1);
+    }
+    let mut out = Tensor::f_empty([0], (flat.kind(), flat.device()))?;
+    let _ = out.f_set_source_tensor_storage_offset_(
+        flat,
+        m.offset,
+        m.shape.as_slice(),
+        strides.as_slice(),
+    )?;
+    Ok(out)
 }
 
 /// Copies the reduced slices back into the gradients that are not views of the bucket.
