@@ -29,7 +29,7 @@ use std::collections::VecDeque;
 use std::net::{ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, bounded};
@@ -126,13 +126,11 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
     tracing::info!(%worker_id, coordinator = %options.coordinator, "registered");
 
     let lost = Arc::new(AtomicBool::new(false));
-    let latest_generation = Arc::new(AtomicU64::new(0));
     let heartbeats = runtime.spawn(heartbeat_loop(
         client.clone(),
         worker_id,
         registered.heartbeat,
         Arc::clone(&lost),
-        Arc::clone(&latest_generation),
     ));
 
     let mut worker = Worker {
@@ -550,14 +548,15 @@ async fn heartbeat_loop(
     worker: WorkerId,
     every: Duration,
     lost: Arc<AtomicBool>,
-    latest_generation: Arc<AtomicU64>,
 ) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         match client.heartbeat(worker).await {
-            Ok(reply) => latest_generation.store(reply.generation, Ordering::SeqCst),
+            // A broken generation reaches this worker through its failed collective
+            // (or the coordinator's answer to its next request), not through here.
+            Ok(_) => {}
             Err(ApiError::UnknownWorker(message)) => {
                 tracing::error!(%message, "the coordinator dropped this worker");
                 lost.store(true, Ordering::SeqCst);
