@@ -294,7 +294,7 @@ fn finish(outcome: &JobOutcome) -> anyhow::Result<()> {
             outcome.total_steps
         ),
         OutcomeKind::Cancelled(message) => bail!(
-            "the job was stopped after {} of {} steps ({message}); checkpoints are in the ledger {}",
+            "the job was stopped after {} of {} steps ({message}); committed steps are recorded in {}",
             outcome.committed_steps,
             outcome.total_steps,
             outcome.ledger.display()

@@ -253,10 +253,10 @@ fn plan_slides(
             let id = (s + 1).to_string();
             let mut rng = SplitMix64::new(derive_seed(seed, &[TAG_SLIDE, patient as u64, s as u64, 99]));
             let look = SlideLook {
-                brightness: 0.88 + 0.24 * brightness[s] as f32,
-                blur: 1.2 * blur[s] as f32,
+                brightness: 0.95 + 0.1 * brightness[s] as f32,
+                blur: 0.6 * blur[s] as f32,
                 fibre_angle: std::f32::consts::PI * rng.unit() as f32,
-                gradient: 0.04 + 0.1 * rng.unit() as f32,
+                gradient: 0.02 + 0.05 * rng.unit() as f32,
                 gradient_angle: std::f32::consts::TAU * rng.unit() as f32,
             };
             let patches = (0..spec.patches_per_slide)

@@ -144,8 +144,8 @@ pub(super) fn render_srh(
     let noises = noise2.iter().zip(noise3.iter());
     let outputs = ch2.iter_mut().zip(ch3.iter_mut());
     for ((((&n, &t), &light), (&n2, &n3)), (c2, c3)) in inputs.zip(noises).zip(outputs) {
-        let lipid = 0.30 + 0.045 * tissue * t - 0.012 * nuclear * n;
-        let protein = 0.36 + 0.03 * tissue * t + 0.06 * nuclear * n;
+        let lipid = 0.30 + 0.09 * tissue * t - 0.03 * nuclear * n;
+        let protein = 0.36 + 0.06 * tissue * t + 0.13 * nuclear * n;
         *c2 = quantize_u16((stain.gain[0] * lipid + stain.offset[0]) * light + 0.004 * n2);
         *c3 = quantize_u16((stain.gain[1] * protein + stain.offset[1]) * light + 0.004 * n3);
     }

@@ -80,13 +80,13 @@ pub(super) fn class_morphology(class: usize) -> Morphology {
     match class {
         // Normal brain: small regular round nuclei, fine isotropic neuropil.
         0 => Morphology {
-            radius: 2.0,
+            radius: 1.8,
             pleomorphism: 0.08,
             elongation: 1.1,
             variability: 0.15,
             arrangement: Arrangement::Scattered,
             orientation: Orientation::Random,
-            fibre_wavelength: 4.0,
+            fibre_wavelength: 3.5,
             fibre_spread: 1.6,
             whorls: false,
             fibre_share: 0.75,
@@ -94,7 +94,7 @@ pub(super) fn class_morphology(class: usize) -> Morphology {
         },
         // High-grade glioma: large pleomorphic nuclei in crowded clumps, coarse blobs.
         1 => Morphology {
-            radius: 3.3,
+            radius: 4.0,
             pleomorphism: 0.4,
             elongation: 1.35,
             variability: 0.45,
@@ -103,11 +103,11 @@ pub(super) fn class_morphology(class: usize) -> Morphology {
                 per_nest: 7.0,
             },
             orientation: Orientation::Random,
-            fibre_wavelength: 9.0,
+            fibre_wavelength: 12.0,
             fibre_spread: 1.6,
             whorls: false,
             fibre_share: 0.3,
-            blob_scale: 7.0,
+            blob_scale: 10.0,
         },
         // Low-grade glioma: elongated nuclei along coherent medium fibres.
         2 => Morphology {
