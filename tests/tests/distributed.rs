@@ -313,6 +313,14 @@ fn a_worker_with_another_config_or_dataset_is_refused() {
     let config = write_config(dir.path(), &data, 2, 1);
     let coordinator = Coordinator::start(&config, 2, &[]);
 
+    let status = run_hsat(&["status", "--coordinator", &coordinator.address]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && text.contains("waiting for workers") && text.contains("step 0/"),
+        "hsat status shows the job waiting:\n{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+
     let out = worker(
         &coordinator,
         &config,
