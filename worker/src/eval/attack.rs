@@ -23,6 +23,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::Result;
 use crate::model::Encoder;
+use crate::train::attack::FrozenParams;
 
 /// Smallest product of norms `cosine_similarity` divides by (PyTorch's default).
 const COSINE_EPS: f64 = 1e-8;
@@ -42,25 +43,6 @@ pub struct FeatureAttack {
     pub decay: f64,
     /// The output pushed away from the clean one.
     pub target: EvalTarget,
-}
-
-/// Turns parameter gradients off for the attack and back on afterwards, also on an
-/// error path.
-struct FrozenParams<'a>(&'a Encoder);
-
-impl<'a> FrozenParams<'a> {
-    fn new(model: &'a Encoder) -> Result<Self> {
-        model.set_requires_grad(false)?;
-        Ok(FrozenParams(model))
-    }
-}
-
-impl Drop for FrozenParams<'_> {
-    fn drop(&mut self) {
-        if let Err(err) = self.0.set_requires_grad(true) {
-            tracing::error!(%err, "could not re-enable parameter gradients after the attack");
-        }
-    }
 }
 
 /// The attacked output of `model` for images `[N, 3, H, W]`, in eval mode.

@@ -25,11 +25,13 @@ pub struct Pgd {
     pub loss_type: LossType,
 }
 
-/// Restores parameter gradients when the attack ends, also on an error path.
-struct FrozenParams<'a>(&'a Encoder);
+/// Turns parameter gradients off while an attack runs (only the input gradient is
+/// needed) and back on when dropped, also on an error path. Shared by the training
+/// PGD and the evaluation attacks.
+pub(crate) struct FrozenParams<'a>(&'a Encoder);
 
 impl<'a> FrozenParams<'a> {
-    fn new(model: &'a Encoder) -> Result<Self> {
+    pub(crate) fn new(model: &'a Encoder) -> Result<Self> {
         model.set_requires_grad(false)?;
         Ok(FrozenParams(model))
     }
