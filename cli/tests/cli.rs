@@ -15,6 +15,12 @@ fn every_subcommand_explains_itself_with_an_example() {
         vec!["bench", "data", "--help"],
         vec!["synth", "--help"],
         vec!["data", "check", "--help"],
+        vec!["eval", "--help"],
+        vec!["coordinator", "--help"],
+        vec!["worker", "--help"],
+        vec!["status", "--help"],
+        vec!["bench", "sync", "--help"],
+        vec!["bench", "control-plane", "--help"],
     ] {
         let out = hsat().args(&args).output().expect("run hsat");
         assert!(out.status.success(), "{args:?}");
