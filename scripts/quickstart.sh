@@ -11,7 +11,7 @@ bash scripts/setup.sh
 cargo build --release -p hsat
 hsat=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/hsat
 
-"$hsat" synth --out runs/quickstart-data --format opensrh --classes 3 --patients-per-class 6 --val-patients-per-class 2 --slides 2 --patches 4 --size 64 --seed 0
+"$hsat" synth --out runs/quickstart-data --format opensrh --classes 3 --patients-per-class 6 --val-patients-per-class 2 --slides 2 --patches 4 --size 64 --seed 0 --stain-spread 0.1
 "$hsat" data check --config examples/quickstart.toml
 # Both runs are distributed jobs: a coordinator and 2 worker processes on this
 # machine, each training half of every step and averaging gradients (Gloo).

@@ -258,8 +258,9 @@ fn tiff_patches_decode_as_tifffile_shaped_two_page_uint16() {
     all.sort_unstable();
     let quantile = |q: f64| all[((all.len() - 1) as f64 * q) as usize];
     let (low, high) = (quantile(0.01), quantile(0.99));
+    // Well inside the 16-bit range (no saturation), at the structures' full contrast.
     assert!(
-        low > 5_000 && high < 47_000,
+        low > 5_000 && high < 58_000,
         "1%..99% of samples: {low}..{high}"
     );
 }
