@@ -757,7 +757,7 @@ fn quickstart_example_is_a_tiny_hsat_run() {
     assert_eq!(config.data.db_root, PathBuf::from("runs/quickstart-data"));
     assert_eq!(
         (config.training.batch_size, config.training.num_epochs),
-        (4, 3)
+        (4, 15)
     );
     let attack = config.training.attack;
     assert_eq!(attack.kind, AttackKind::Pgd);
@@ -769,8 +769,10 @@ fn quickstart_example_is_a_tiny_hsat_run() {
     assert_eq!(attack.warmup_epochs, 1);
     assert!(config.training.only_adv);
     assert!(config.data.dynamic_aug);
-    assert_eq!(config.training.save_checkpoint_interval, 4);
+    assert_eq!(config.training.save_checkpoint_interval, 15);
     assert_eq!(config.infra.out_dir, PathBuf::from("runs/quickstart"));
+    // The quickstart's train bank has 96 patches: fewer than the paper's k = 200.
+    assert_eq!(config.eval.knn_k, 10);
 }
 
 #[test]
