@@ -35,3 +35,17 @@ pub fn run_hsat(args: &[&str]) -> Output {
         .output()
         .expect("start hsat")
 }
+
+/// Writes a dataset with `hsat synth --out <out> <args...>` and panics with its
+/// stderr if that fails (the scenarios need data on disk, not a synth test).
+pub fn synth_dataset(out: &std::path::Path, args: &[&str]) {
+    let out_arg = out.display().to_string();
+    let mut all = vec!["synth", "--out", out_arg.as_str()];
+    all.extend_from_slice(args);
+    let result = run_hsat(&all);
+    assert!(
+        result.status.success(),
+        "hsat synth {args:?} failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+}

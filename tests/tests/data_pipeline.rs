@@ -4,18 +4,10 @@
 
 use std::path::Path;
 
-use hsat_tests::run_hsat;
+use hsat_tests::{run_hsat, synth_dataset};
 
 fn synth(out: &Path, format: &str) {
-    let out_str = out.display().to_string();
-    let result = run_hsat(&[
-        "synth", "--out", &out_str, "--format", format, "--size", "32", "--seed", "5",
-    ]);
-    assert!(
-        result.status.success(),
-        "hsat synth failed: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    synth_dataset(out, &["--format", format, "--size", "32", "--seed", "5"]);
 }
 
 fn opensrh_args(root: &Path) -> Vec<String> {

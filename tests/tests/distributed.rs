@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use hsat_core::config::{self, ConfigSources};
 use hsat_core::dataset::{DatasetIndex, Split};
 use hsat_core::sampler::{balanced_patients, steps_per_epoch};
-use hsat_tests::{hsat_binary, run_hsat};
+use hsat_tests::{hsat_binary, run_hsat, synth_dataset};
 
 /// The scenarios start several processes each; on a small machine they run one at
 /// a time so that leases and collective timeouts measure the code, not contention.
@@ -42,29 +42,24 @@ fn synth(dir: &Path, seed: u64) -> PathBuf {
 
 fn synth_with(dir: &Path, seed: u64, patches: usize) -> PathBuf {
     let data = dir.join(format!("data-{seed}-{patches}"));
-    let out = run_hsat(&[
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--format",
-        "opensrh",
-        "--classes",
-        "2",
-        "--patients-per-class",
-        "3",
-        "--slides",
-        "2",
-        "--patches",
-        &patches.to_string(),
-        "--size",
-        "32",
-        "--seed",
-        &seed.to_string(),
-    ]);
-    assert!(
-        out.status.success(),
-        "hsat synth failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    synth_dataset(
+        &data,
+        &[
+            "--format",
+            "opensrh",
+            "--classes",
+            "2",
+            "--patients-per-class",
+            "3",
+            "--slides",
+            "2",
+            "--patches",
+            &patches.to_string(),
+            "--size",
+            "32",
+            "--seed",
+            &seed.to_string(),
+        ],
     );
     data
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use hsat_tests::run_hsat;
+use hsat_tests::{run_hsat, synth_dataset};
 
 fn write_config(dir: &Path, data: &Path, name: &str, attack: &str) -> String {
     let text = format!(
@@ -56,12 +56,9 @@ fn ok(out: &std::process::Output, what: &str) -> String {
 fn eval_writes_the_table_json_and_plots_for_two_checkpoints() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let data_arg = data.display().to_string();
-    ok(
-        &run_hsat(&[
-            "synth",
-            "--out",
-            &data_arg,
+    synth_dataset(
+        &data,
+        &[
             "--classes",
             "2",
             "--patients-per-class",
@@ -72,8 +69,7 @@ fn eval_writes_the_table_json_and_plots_for_two_checkpoints() {
             "2",
             "--size",
             "16",
-        ]),
-        "hsat synth",
+        ],
     );
     let hidisc = write_config(dir.path(), &data, "hidisc", "none");
     let hsat = write_config(dir.path(), &data, "hsat", "pgd");
@@ -203,19 +199,7 @@ fn eval_writes_the_table_json_and_plots_for_two_checkpoints() {
 fn eval_names_a_missing_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let data_arg = data.display().to_string();
-    ok(
-        &run_hsat(&[
-            "synth",
-            "--out",
-            &data_arg,
-            "--classes",
-            "2",
-            "--size",
-            "16",
-        ]),
-        "hsat synth",
-    );
+    synth_dataset(&data, &["--classes", "2", "--size", "16"]);
     let config = write_config(dir.path(), &data, "x", "none");
     let missing = dir.path().join("nothing-here").display().to_string();
     let out_arg = dir.path().join("eval").display().to_string();

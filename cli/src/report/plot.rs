@@ -89,6 +89,22 @@ fn plot_error<E: std::fmt::Debug>(err: E) -> anyhow::Error {
     anyhow!("drawing the plot failed: {err:?}")
 }
 
+/// The series legend, the same on every panel of both plots.
+fn draw_legend<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>) -> anyhow::Result<()>
+where
+    DB: DrawingBackend + 'a,
+    CT: plotters::coord::CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .label_font((FONT, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(plot_error)
+}
+
 /// Accuracy (%) against eps (units of 1/255, 0 = clean) at each level: a line per
 /// model and attack: colour = attack; line style and marker = model (solid and
 /// circles for the first model, dashed and triangles for the second).
@@ -175,14 +191,7 @@ pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
                         .map_err(plot_error)?;
                 }
             }
-            chart
-                .configure_series_labels()
-                .label_font((FONT, 13))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK.mix(0.3))
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
-                .map_err(plot_error)?;
+            draw_legend(&mut chart)?;
         }
         Ok(())
     })
@@ -282,14 +291,7 @@ pub fn clean_vs_robust(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
                         Rectangle::new([(x, y - 6), (x + 16, y + 6)], BLACK.mix(alpha).filled())
                     });
             }
-            chart
-                .configure_series_labels()
-                .label_font((FONT, 13))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK.mix(0.3))
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
-                .map_err(plot_error)?;
+            draw_legend(&mut chart)?;
         }
         Ok(())
     })
