@@ -8,7 +8,7 @@ the same array (the layout hsat's generator copies). Exits non-zero on any probl
 
 Usage:
     python scripts/check_synth.py DIR [--montage OUT.png]
-    python scripts/check_synth.py --write-tiff-fixture worker/src/data/synth/fixtures/tifffile_2x5x7.tif
+    python scripts/check_synth.py --write-tiff-fixture data/src/synth/fixtures/tifffile_2x5x7.tif
 
 `--montage` writes a picture of a few patches per class (rows) for a visual look;
 `--write-tiff-fixture` regenerates the fixture of the TIFF writer's unit test.

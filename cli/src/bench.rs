@@ -13,7 +13,7 @@ use hsat_worker::model::Encoder;
 use hsat_worker::train::attack::Pgd;
 use hsat_worker::train::loss::HierarchicalLoss;
 use hsat_worker::train::optim::AdamW;
-use hsat_worker::train::step::{OuterObjective, StepPlan, train_step};
+use hsat_worker::train::step::{OuterObjective, StepInputs, train_step};
 use tch::{Device, Kind, Tensor};
 
 /// Options of `hsat bench step`.
@@ -160,7 +160,7 @@ impl OurStep {
             &self.model,
             &self.loss,
             &mut self.optimizer,
-            StepPlan {
+            StepInputs {
                 images: &self.images,
                 attack: Some((self.pgd, delta0)),
                 objective: OuterObjective::OnlyAdv,
@@ -255,8 +255,8 @@ pub struct DataArgs {
 /// Runs the data benchmark.
 pub fn data(args: DataArgs) -> anyhow::Result<()> {
     use hsat_core::rng::{SplitMix64, derive_seed};
-    use hsat_worker::data::image::{AugmentConfig, augment, base_process, decode_file};
-    use hsat_worker::data::synth::{SynthFormat, SynthSpec, synthesize};
+    use hsat_data::image::{AugmentConfig, augment, base_process, decode_file};
+    use hsat_data::synth::{SynthFormat, SynthSpec, synthesize};
 
     let dir = tempfile::tempdir().context("creating a scratch directory")?;
     let root = dir.path().join("srh");
@@ -361,7 +361,8 @@ fn data_wait(root: &std::path::Path, size: usize, steps: usize) -> anyhow::Resul
     use hsat_core::config::{AttackKind, Config, DataSource};
     use hsat_core::dataset::{DatasetIndex, Split};
     use hsat_core::sampler::balanced_patients;
-    use hsat_worker::data::loader::{FileSource, LoaderSpec};
+    use hsat_data::loader::LoaderSpec;
+    use hsat_worker::data::FileSource;
     use hsat_worker::train::trainer::Trainer;
 
     let train_size = size.min(96);
@@ -389,7 +390,7 @@ fn data_wait(root: &std::path::Path, size: usize, steps: usize) -> anyhow::Resul
         rand_aug_prob: cfg.data.rand_aug_prob,
         dynamic_aug: true,
         num_epochs: cfg.training.num_epochs,
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        threads: hsat_core::config::available_cores(),
         prefetch: 2,
     };
     let mut source = FileSource::start(Arc::new(index), Arc::new(balanced), spec, 0)?;

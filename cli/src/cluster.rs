@@ -102,7 +102,7 @@ impl LocalWorkers {
         cfg: &Config,
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the hsat executable")?;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = hsat_core::config::available_cores();
         let mut children = Vec::with_capacity(count);
         for k in 0..count {
             let name = format!("worker-{k}");

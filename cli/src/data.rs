@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hsat_core::config::{self, ConfigSources};
 use hsat_core::dataset::{DatasetIndex, check};
-use hsat_worker::data::image::decode_file;
-use hsat_worker::data::synth::{SynthFormat, SynthSpec, synthesize};
+use hsat_data::image::decode_file;
+use hsat_data::synth::{SynthFormat, SynthSpec, synthesize};
 
 /// Options of `hsat synth`.
 #[derive(Debug, clap::Args)]

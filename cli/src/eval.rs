@@ -57,12 +57,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
              data.db_root = DIR"
         );
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let torch_threads = match cfg.infra.threads {
-        0 => cores,
-        n => n,
-    };
-    tch::set_num_threads(torch_threads as i32);
+    tch::set_num_threads(cfg.infra.torch_threads() as i32);
     let device = Device::cuda_if_available();
 
     let index = DatasetIndex::load(&cfg.data).context("cannot index the dataset")?;
@@ -153,10 +148,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let spec = BatchSpec {
         image_size: cfg.data.image_size,
         batch_size: e.batch_size,
-        threads: match e.threads {
-            0 => cores,
-            n => n,
-        },
+        threads: e.decode_threads(),
     };
     println!(
         "hsat eval: {} train patches (kNN bank), {} val patches in {} slides of {} patients; \
@@ -170,7 +162,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         e.attacks.len(),
         e.eps_255.len(),
         e.steps,
-        torch_threads
+        cfg.infra.torch_threads()
     );
 
     let mut banks = Vec::with_capacity(models.len());

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use hsat_core::config::{self, AttackKind, Config, ConfigSources, DataSource};
 use hsat_core::dataset::{DatasetIndex, Split, check};
+use hsat_core::losses::LevelLosses;
 use hsat_core::sampler::balanced_patients;
-use hsat_worker::data::BatchSource;
-use hsat_worker::data::loader::{FileSource, LoaderSpec};
+use hsat_data::loader::LoaderSpec;
 use hsat_worker::data::synthetic::{SyntheticSource, SyntheticSpec};
-use hsat_worker::train::loss::LevelValues;
-use hsat_worker::train::trainer::{StepReport, Trainer};
+use hsat_worker::data::{BatchSource, FileSource};
+use hsat_worker::train::trainer::{StepProgress, Trainer};
 use tch::Device;
 
 /// Runs a training job described by `file` and `overrides`.
@@ -109,36 +109,22 @@ fn batch_source(
         cfg.infra.seed,
         cfg.data.balance_study_per_class,
     );
-    let threads = match cfg.data.loader.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let spec = LoaderSpec {
-        seed: cfg.infra.seed,
-        batch_size: cfg.training.batch_size,
-        sampling,
-        image_size: cfg.data.image_size,
-        rand_aug_prob: cfg.data.rand_aug_prob,
-        dynamic_aug: cfg.data.dynamic_aug,
-        num_epochs: cfg.training.num_epochs,
-        threads,
-        prefetch: cfg.data.loader.prefetch,
-    };
+    let spec = LoaderSpec::from_config(cfg);
     let fingerprint = index.fingerprint.clone();
     let source = FileSource::start(Arc::new(index), Arc::new(balanced), spec, 0)?;
     Ok((Box::new(source), Some(fingerprint)))
 }
 
 /// `step 3/12 epoch 1 lr 1.00e-3 eps 4.50/255 | loss 5.1234 (adv: patient 2.1 slide 1.9 patch 1.1) | step 1.23 s data 0.01 s`
-fn progress_line(r: &StepReport) -> String {
-    let levels = |name: &str, v: &LevelValues| {
+fn progress_line(r: &StepProgress) -> String {
+    let levels = |name: &str, v: &LevelLosses| {
         format!(
             "{name}: patient {:.4} slide {:.4} patch {:.4}",
             v.patient, v.slide, v.patch
         )
     };
     let mut parts = Vec::new();
-    if let Some(adv) = &r.losses.adv {
+    if let Some(adv) = &r.losses.adversarial {
         parts.push(levels("adv", adv));
     }
     if let Some(clean) = &r.losses.clean {

@@ -123,7 +123,6 @@ fn walk(key: &str, worker: Option<&Value>, coordinator: Option<&Value>, out: &mu
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use hsat_core::config::Config;

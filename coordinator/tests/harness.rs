@@ -182,6 +182,7 @@ async fn fake_worker(
                                 patient: 0.1,
                                 slide: 0.2,
                                 patch: 0.3,
+                                total: 0.6,
                             }),
                             adversarial: None,
                         },

@@ -21,12 +21,14 @@
 //! - [`schedule`]: the training schedules as pure functions of the step or epoch:
 //!   learning-rate warm-up and cosine decay, attack epsilon warm-up, dynamic
 //!   augmentation strength and the clean/adversarial loss weight.
+//! - [`losses`]: loss values as plain numbers, shared by engine, reports and ledger.
 //! - [`eval`]: the evaluation protocol's math: kNN class scores against the train
 //!   bank, slide and patient aggregation, and the metrics of the paper's tables.
 
 pub mod config;
 pub mod dataset;
 pub mod eval;
+pub mod losses;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;

@@ -126,7 +126,6 @@ pub fn stable_id(text: &str) -> u64 {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
     use proptest::prelude::*;

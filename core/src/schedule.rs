@@ -80,7 +80,6 @@ pub fn dynamic_weight(lambda: f64, strength: f64, dynamic_aug: bool) -> f64 {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 

@@ -398,6 +398,7 @@ impl From<LevelLosses> for pb::LevelLosses {
             patient: l.patient,
             slide: l.slide,
             patch: l.patch,
+            total: l.total,
         }
     }
 }
@@ -408,6 +409,7 @@ impl From<pb::LevelLosses> for LevelLosses {
             patient: l.patient,
             slide: l.slide,
             patch: l.patch,
+            total: l.total,
         }
     }
 }
@@ -532,7 +534,6 @@ impl TryFrom<pb::JobStatus> for JobStatus {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

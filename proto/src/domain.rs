@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use hsat_core::losses::{LevelLosses, StepLosses};
 pub use hsat_core::sampler::{PatientDraw, SlideDraw};
 
 /// A registered worker, as numbered by the coordinator (never 0).
@@ -178,28 +179,6 @@ pub struct TrainAssignment {
     pub shard: Vec<PatientDraw>,
     /// Steps of the whole job (for the learning-rate schedule).
     pub total_steps: u64,
-}
-
-/// Loss values of the three levels of the hierarchical loss.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct LevelLosses {
-    /// Patient level.
-    pub patient: f64,
-    /// Slide level.
-    pub slide: f64,
-    /// Patch level.
-    pub patch: f64,
-}
-
-/// Loss values of a step, as the rank computed them on its shard.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct StepLosses {
-    /// The optimised loss.
-    pub total: f64,
-    /// Levels on the clean views, when computed.
-    pub clean: Option<LevelLosses>,
-    /// Levels on the adversarial views, when computed.
-    pub adversarial: Option<LevelLosses>,
 }
 
 /// A rank applied the update of a step.

@@ -53,6 +53,10 @@ pub enum WorkerError {
         source: std::io::Error,
     },
 
+    /// The data loader could not produce a step.
+    #[error(transparent)]
+    Data(#[from] hsat_data::DataError),
+
     /// The config asks for something this build cannot do.
     #[error("{0}")]
     Unsupported(String),

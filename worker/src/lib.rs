@@ -7,7 +7,8 @@
 //! - [`model`]: backbones (ResNet-18/34/50/101, Wide-ResNet-50-2, a small CNN),
 //!   projection head, L2 normalisation; torchvision state-dict names.
 //! - [`train`]: hierarchical loss, PGD, AdamW, the training step and loop.
-//! - [`data`]: the batch source trait and an in-memory synthetic source.
+//! - [`data`]: the batch source trait, hsat-data batches as tensors, an in-memory
+//!   synthetic source.
 //! - [`checkpoint`]: atomic checkpoint directories.
 //! - [`cluster`]: the worker process of a distributed job (coordinator client loop).
 //! - [`collective`]: c10d process groups, bucketed gradient averaging, state broadcast.

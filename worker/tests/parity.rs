@@ -19,7 +19,7 @@ use hsat_worker::model::Encoder;
 use hsat_worker::train::attack::Pgd;
 use hsat_worker::train::loss::HierarchicalLoss;
 use hsat_worker::train::optim::AdamW;
-use hsat_worker::train::step::{OuterObjective, StepPlan, train_step};
+use hsat_worker::train::step::{OuterObjective, StepInputs, train_step};
 use tch::{Device, Kind, Tensor};
 
 const LOSS_TYPES: [&str; 7] = ["p_s_pt", "s_pt", "p_pt", "p_s", "p", "s", "pt"];
@@ -279,7 +279,7 @@ fn ten_adamw_steps_with_the_schedule_match_pytorch_in_all_three_modes() {
                 &model,
                 &loss,
                 &mut optimizer,
-                StepPlan {
+                StepInputs {
                     images: fx.get("x"),
                     attack,
                     objective,

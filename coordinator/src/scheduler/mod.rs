@@ -6,7 +6,6 @@
 //! are listed in `README.md` beside this file.
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -1127,6 +1126,7 @@ fn mean_losses<'a>(reports: impl Iterator<Item = &'a StepReport>) -> Option<Step
                 sum.patient += w * l.patient;
                 sum.slide += w * l.slide;
                 sum.patch += w * l.patch;
+                sum.total += w * l.total;
             }
         }
         any.then_some(sum)

@@ -583,7 +583,6 @@ fn element_from_text(element: Element, text: &str) -> Option<toml::Value> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 

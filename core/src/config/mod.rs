@@ -32,7 +32,6 @@ mod types;
 mod validate;
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests;
 
 use std::collections::BTreeMap;
@@ -42,7 +41,7 @@ pub use types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
     EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,
     OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig, SyntheticConfig,
-    TrainingConfig, WarmupSteps,
+    TrainingConfig, WarmupSteps, available_cores,
 };
 
 use layers::TomlLayer;

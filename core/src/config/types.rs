@@ -652,7 +652,6 @@ impl Default for Config {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 
@@ -740,5 +739,39 @@ mod tests {
         assert_eq!(attack.eps_at(0), 1.0 / 255.0);
         assert_eq!(attack.eps_at(4), 8.0 / 255.0);
         assert_eq!(attack.eps_at(100), 8.0 / 255.0);
+    }
+}
+
+/// Cores this process may use (at least 1).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A thread-count setting where 0 means one per core: the one place that decides it.
+fn threads_or_cores(configured: usize) -> usize {
+    match configured {
+        0 => available_cores(),
+        n => n,
+    }
+}
+
+impl InfraConfig {
+    /// torch intra-op threads (`infra.threads`; 0 = all cores).
+    pub fn torch_threads(&self) -> usize {
+        threads_or_cores(self.threads)
+    }
+}
+
+impl LoaderConfig {
+    /// Decode/augment threads (`data.loader.threads`; 0 = one per core).
+    pub fn decode_threads(&self) -> usize {
+        threads_or_cores(self.threads)
+    }
+}
+
+impl EvalConfig {
+    /// Decode threads of the evaluation (`eval.threads`; 0 = one per core).
+    pub fn decode_threads(&self) -> usize {
+        threads_or_cores(self.threads)
     }
 }

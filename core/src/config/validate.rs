@@ -775,7 +775,6 @@ fn check_positive_pairs(c: &mut Checker, raw: &RawConfig, attack: &AttackConfig)
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 

@@ -29,7 +29,6 @@ mod manifest;
 mod opensrh;
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests;
 
 use std::collections::BTreeSet;

@@ -19,7 +19,6 @@ mod knn;
 mod metrics;
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests;
 
 pub use aggregate::{Aggregated, aggregate};

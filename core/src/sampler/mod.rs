@@ -20,7 +20,6 @@
 
 mod shard;
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests;
 
 pub use shard::{shard_of, shard_range};

@@ -39,18 +39,17 @@ use hsat_core::sampler::StepPlan;
 use hsat_proto::ApiError;
 use hsat_proto::client::CoordinatorClient;
 use hsat_proto::domain::{
-    Assignment, AssignmentRequest, GroupAssignment, LevelLosses, Registration, StepLosses,
-    StepReport, StoreRole, TrainAssignment, WorkerId,
+    Assignment, AssignmentRequest, GroupAssignment, Registration, StepReport, StoreRole,
+    TrainAssignment, WorkerId,
 };
 use tch::Device;
 use tokio::runtime::Runtime;
 
 use crate::collective::{Backend, GradientSync, ProcessGroup, Store, broadcast_state};
-use crate::data::BatchSource;
-use crate::data::loader::{FileSource, LoaderSpec};
+use crate::data::{BatchSource, FileSource};
 use crate::error::{Result, WorkerError};
-use crate::train::loss::LevelValues;
 use crate::train::trainer::{ShardStep, Trainer};
+use hsat_data::loader::LoaderSpec;
 
 /// Steps a worker holds ahead of the one it trains (the coordinator's window).
 const LOOKAHEAD: usize = 2;
@@ -344,7 +343,7 @@ impl Worker<'_> {
         let (plans, plans_rx) = bounded(LOOKAHEAD + 1);
         let loader = FileSource::start_with_plans(
             Arc::clone(&self.index),
-            loader_spec(&self.options.config),
+            LoaderSpec::from_config(&self.options.config),
             group.steps_per_epoch,
             plans_rx,
         )?;
@@ -471,7 +470,7 @@ impl Worker<'_> {
             step: train.step,
             rank,
             local_patients: local as u64,
-            losses: losses.map(wire_losses).unwrap_or_default(),
+            losses: losses.unwrap_or_default(),
             param_checksum: checksum,
             step_seconds,
             data_wait_seconds: data_wait,
@@ -481,38 +480,6 @@ impl Worker<'_> {
             .block_on(self.client.report_step(report))
             .map_err(|e| rpc_error("report a step", e))?;
         Ok(())
-    }
-}
-
-fn wire_losses(losses: crate::train::step::StepLosses) -> StepLosses {
-    let levels = |v: LevelValues| LevelLosses {
-        patient: v.patient,
-        slide: v.slide,
-        patch: v.patch,
-    };
-    StepLosses {
-        total: losses.total,
-        clean: losses.clean.map(levels),
-        adversarial: losses.adv.map(levels),
-    }
-}
-
-/// The loader settings of `config` (threads 0 = one per core).
-pub fn loader_spec(config: &Config) -> LoaderSpec {
-    let threads = match config.data.loader.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    LoaderSpec {
-        seed: config.infra.seed,
-        batch_size: config.training.batch_size,
-        sampling: config.data.hidisc,
-        image_size: config.data.image_size,
-        rand_aug_prob: config.data.rand_aug_prob,
-        dynamic_aug: config.data.dynamic_aug,
-        num_epochs: config.training.num_epochs,
-        threads,
-        prefetch: config.data.loader.prefetch,
     }
 }
 

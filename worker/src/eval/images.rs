@@ -8,7 +8,7 @@ use crossbeam_channel::{Receiver, bounded};
 use hsat_core::dataset::{DatasetIndex, Split};
 
 use super::EvalError;
-use crate::data::image::{base_process, decode_file, resize_to};
+use hsat_data::image::{base_process, decode_file, resize_to};
 
 /// One patch of the evaluation, with the ids it is aggregated under.
 #[derive(Debug, Clone, PartialEq, Eq)]

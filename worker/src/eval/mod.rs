@@ -23,9 +23,9 @@ use hsat_core::config::{Backbone, Config, ModelConfig};
 use tch::Device;
 
 use crate::checkpoint::{CheckpointMeta, META_FILE, list_checkpoints, read_meta};
-use crate::data::image::ImageError;
 use crate::error::WorkerError;
 use crate::model::{BACKBONE_FILE, Encoder};
+use hsat_data::image::ImageError;
 
 pub use attack::FeatureAttack;
 pub use features::{Rows, ValFeatures, clean_features, val_features};

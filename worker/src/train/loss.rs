@@ -2,6 +2,7 @@
 //! unsupervised form at patient, slide and patch level.
 
 use hsat_core::config::{LossType, ObjectiveConfig};
+pub use hsat_core::losses::LevelLosses;
 use tch::{Kind, Tensor};
 
 use crate::error::{Result, WorkerError};
@@ -23,7 +24,7 @@ pub struct HierarchicalLoss {
 
 /// The loss of one batch: each enabled level unweighted, and the weighted total.
 #[derive(Debug)]
-pub struct LevelLosses {
+pub struct LevelLossTensors {
     /// Patient-level loss, if the level is on.
     pub patient: Option<Tensor>,
     /// Slide-level loss, if the level is on.
@@ -34,26 +35,13 @@ pub struct LevelLosses {
     pub total: Tensor,
 }
 
-/// Plain numbers of a [`LevelLosses`], for reports and checkpoints.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LevelValues {
-    /// Patient-level loss (0 when off).
-    pub patient: f64,
-    /// Slide-level loss (0 when off).
-    pub slide: f64,
-    /// Patch-level loss (0 when off).
-    pub patch: f64,
-    /// Weighted total.
-    pub total: f64,
-}
-
-impl LevelLosses {
+impl LevelLossTensors {
     /// Reads the values back to the host.
-    pub fn values(&self) -> Result<LevelValues> {
+    pub fn values(&self) -> Result<LevelLosses> {
         let read = |t: &Option<Tensor>| -> Result<f64> {
             t.as_ref().map_or(Ok(0.0), |t| Ok(t.f_double_value(&[])?))
         };
-        Ok(LevelValues {
+        Ok(LevelLosses {
             patient: read(&self.patient)?,
             slide: read(&self.slide)?,
             patch: read(&self.patch)?,
@@ -79,7 +67,7 @@ impl HierarchicalLoss {
     /// `levels` turns on.
     ///
     /// Errors, before any computation, if an enabled level has one member per group.
-    pub fn compute(&self, emb: &Tensor, levels: LossType) -> Result<LevelLosses> {
+    pub fn compute(&self, emb: &Tensor, levels: LossType) -> Result<LevelLossTensors> {
         let shape = emb.size();
         let &[b, s, p, v, d] = shape.as_slice() else {
             return Err(WorkerError::BatchShape {
@@ -142,7 +130,7 @@ impl HierarchicalLoss {
             None => Tensor::f_zeros([], (Kind::Float, emb.device()))?,
         };
         let [patient, slide, patch] = parts;
-        Ok(LevelLosses {
+        Ok(LevelLossTensors {
             patient,
             slide,
             patch,

@@ -5,10 +5,11 @@ use hsat_core::config::LossType;
 use tch::Tensor;
 
 use super::attack::Pgd;
-use super::loss::{HierarchicalLoss, LevelValues};
+use super::loss::HierarchicalLoss;
 use super::optim::AdamW;
 use crate::error::Result;
 use crate::model::Encoder;
+pub use hsat_core::losses::StepLosses;
 
 /// What the outer minimisation optimises.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,7 +27,7 @@ pub enum OuterObjective {
 
 /// The inputs of one step besides the model state.
 #[derive(Debug)]
-pub struct StepPlan<'a> {
+pub struct StepInputs<'a> {
     /// Images `[B, S, P, V, C, H, W]` in [0, 1].
     pub images: &'a Tensor,
     /// The attack and its random start, absent for `Clean`.
@@ -41,23 +42,12 @@ pub struct StepPlan<'a> {
 /// (their gradients set): distributed runs average the gradients across ranks here.
 pub type GradientHook<'a> = dyn FnMut(&[(String, Tensor)]) -> Result<()> + 'a;
 
-/// What one step measured.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct StepLosses {
-    /// The optimised loss.
-    pub total: f64,
-    /// Level losses on clean images (when they were computed).
-    pub clean: Option<LevelValues>,
-    /// Level losses on adversarial images (when attacked).
-    pub adv: Option<LevelValues>,
-}
-
 /// Runs one full step and updates `model` through `optimizer`.
 pub fn train_step(
     model: &Encoder,
     loss: &HierarchicalLoss,
     optimizer: &mut AdamW,
-    plan: StepPlan<'_>,
+    plan: StepInputs<'_>,
 ) -> Result<StepLosses> {
     train_step_synced(model, loss, optimizer, plan, &mut |_| Ok(()))
         .map(|losses| losses.unwrap_or_else(unreachable_empty))
@@ -68,7 +58,7 @@ fn unreachable_empty() -> StepLosses {
     StepLosses {
         total: f64::NAN,
         clean: None,
-        adv: None,
+        adversarial: None,
     }
 }
 
@@ -82,7 +72,7 @@ pub fn train_step_synced(
     model: &Encoder,
     loss: &HierarchicalLoss,
     optimizer: &mut AdamW,
-    plan: StepPlan<'_>,
+    plan: StepInputs<'_>,
     sync: &mut GradientHook<'_>,
 ) -> Result<Option<StepLosses>> {
     optimizer.zero_grad()?;
@@ -97,7 +87,7 @@ pub fn train_step_synced(
         optimizer.step(plan.lr)?;
         return Ok(None);
     }
-    let StepPlan {
+    let StepInputs {
         images,
         attack,
         objective,
@@ -145,6 +135,6 @@ pub fn train_step_synced(
     Ok(Some(StepLosses {
         total: total.f_double_value(&[])?,
         clean: clean.as_ref().map(|c| c.values()).transpose()?,
-        adv: adv.as_ref().map(|a| a.values()).transpose()?,
+        adversarial: adv.as_ref().map(|a| a.values()).transpose()?,
     }))
 }

@@ -13,7 +13,7 @@ use tch::Device;
 use super::attack::Pgd;
 use super::loss::HierarchicalLoss;
 use super::optim::AdamW;
-use super::step::{GradientHook, OuterObjective, StepLosses, StepPlan, train_step_synced};
+use super::step::{GradientHook, OuterObjective, StepInputs, StepLosses, train_step_synced};
 use crate::checkpoint::{CheckpointMeta, FORMAT_VERSION, write_checkpoint};
 use crate::data::BatchSource;
 use crate::error::Result;
@@ -21,7 +21,7 @@ use crate::model::Encoder;
 
 /// What one step reports to the caller.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StepReport {
+pub struct StepProgress {
     /// Global step, 0-based.
     pub step: u64,
     /// Total steps of the run.
@@ -163,7 +163,7 @@ impl Trainer {
     pub fn fit(
         &mut self,
         source: &mut dyn BatchSource,
-        mut on_step: impl FnMut(&StepReport),
+        mut on_step: impl FnMut(&StepProgress),
     ) -> Result<Option<PathBuf>> {
         let steps_per_epoch = source.steps_per_epoch();
         let total_steps = steps_per_epoch * self.config.training.num_epochs as u64;
@@ -190,7 +190,7 @@ impl Trainer {
             if checkpoint.is_some() {
                 last_checkpoint.clone_from(&checkpoint);
             }
-            on_step(&StepReport {
+            on_step(&StepProgress {
                 step: self.step - 1,
                 total_steps,
                 epoch: batch.epoch,
@@ -301,7 +301,7 @@ impl Trainer {
             &self.model,
             &self.loss,
             &mut self.optimizer,
-            StepPlan {
+            StepInputs {
                 images,
                 attack,
                 objective,

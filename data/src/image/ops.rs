@@ -5,7 +5,7 @@
 //! `*_in_place` / `*_into` variants to reuse buffers. Arithmetic is f32 in the same
 //! order as torchvision's tensor code where that order is observable (blends, HSV,
 //! resize weights, affine grid), so most outputs match to the last bit or two; the
-//! parity test (`worker/tests/augment_parity.rs`) holds them within 1/255 and reports
+//! parity test (`data/tests/augment_parity.rs`) holds them within 1/255 and reports
 //! the actual error.
 //!
 //! Colour ops expect 1 or 3 channels, as torchvision does (saturation and hue leave a

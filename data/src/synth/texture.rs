@@ -675,7 +675,6 @@ pub(super) fn blur(values: &mut [f32], size: usize, sigma: f32, scratch: &mut Ve
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 

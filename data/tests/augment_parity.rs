@@ -1,4 +1,4 @@
-//! Parity of `hsat_worker::data::image` with the Python reference on the same inputs:
+//! Parity of `hsat_data::image` with the Python reference on the same inputs:
 //! every deterministic augmentation op against torchvision 0.28 on float32 tensors,
 //! SRH base processing against HiDisc's, TIFF decoding against tifffile (every
 //! 2-channel uint16 layout it writes, 8-bit RGB), PNG and JPEG decoding against PIL;
@@ -12,16 +12,16 @@
 //! ~/.cache/hsat/venv-torch-2.13.0/bin/python scripts/fixtures/augment_fixtures.py
 //! ```
 //!
-//! Run with `cargo test -p hsat-worker --test augment_parity -- --nocapture` to see
+//! Run with `cargo test -p hsat-data --test augment_parity -- --nocapture` to see
 //! the error of every op, and the throughput with
-//! `cargo test --release -p hsat-worker --test augment_parity -- --ignored --nocapture`.
+//! `cargo test --release -p hsat-data --test augment_parity -- --ignored --nocapture`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use hsat_core::rng::SplitMix64;
-use hsat_worker::data::image::{
+use hsat_data::image::{
     AugmentConfig, Decoded, Image, ImageError, augment, base_process, decode_bytes, decode_file,
     ops, resize_to,
 };

@@ -8,7 +8,7 @@
 //! [`SplitMix64`](hsat_core::rng::SplitMix64) stream.
 //!
 //! The numbers follow torchvision 0.28 on float tensors (what the HiDisc/HSAT
-//! reference runs); `worker/tests/augment_parity.rs` checks every deterministic op
+//! reference runs); `data/tests/augment_parity.rs` checks every deterministic op
 //! against it. `README.md` in this folder lists the ops, their probabilities and
 //! torchvision equivalents, and the known deviations.
 //!

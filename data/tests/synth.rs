@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use hsat_worker::data::synth::{
+use hsat_data::synth::{
     CLASS_NAMES, COMPLETE_MARKER, INCOMPLETE_MARKER, SynthError, SynthFormat, SynthSpec,
     SynthSummary, synthesize,
 };
