@@ -190,6 +190,8 @@ fn a_loader_fed_plans_yields_them_in_order_and_refuses_a_skipped_step() {
         }
         other => panic!("expected OutOfOrder, got {other:?}"),
     }
+    // Closing the plan channel is what ends a plan-fed loader (before it is dropped).
+    drop(plans);
 }
 
 #[test]
