@@ -1,5 +1,5 @@
 //! The single-worker training loop: schedules (learning rate, attack epsilon,
-//! dynamic augmentation strength) from the config, one [`train_step`] per batch,
+//! dynamic augmentation strength) from the config, one [`train_step`](super::step::train_step) per batch,
 //! progress reports, and checkpoints every N steps and at the end.
 
 use std::path::PathBuf;
