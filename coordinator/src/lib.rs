@@ -15,6 +15,8 @@
 //! - [`ledger`]: `<out_dir>/coordinator/ledger.jsonl`, fsynced per commit.
 //! - [`service`]: the async shell: the gRPC handler over the scheduler, leases on
 //!   tokio time, long polls, graceful shutdown ([`serve`]).
+//! - `sim` (feature `sim`): simulated workers (the worker protocol with fake
+//!   training) for the in-process harness and the control-plane benchmark.
 //!
 //! Use: `let job = load_job(config)?; serve(job, settings, listener, shutdown).await`.
 
@@ -23,6 +25,8 @@ pub mod identity;
 pub mod ledger;
 pub mod scheduler;
 pub mod service;
+#[cfg(feature = "sim")]
+pub mod sim;
 
 use std::path::PathBuf;
 use std::sync::Arc;
