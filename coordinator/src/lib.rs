@@ -75,6 +75,26 @@ pub enum CoordinatorError {
     /// The gRPC server failed.
     #[error("the gRPC server failed: {0}")]
     Server(String),
+    /// The command-line flags are inconsistent.
+    #[error("invalid flags: {0}")]
+    Flags(String),
+    /// The job's config could not be loaded.
+    #[error(transparent)]
+    Config(#[from] hsat_core::config::ConfigError),
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {address} (is the port in use?)")]
+    Listen {
+        /// The address asked for.
+        address: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The listening address could not be printed.
+    #[error("cannot print the listening address")]
+    Stdout(#[source] std::io::Error),
 }
 
 /// A job: its validated config and data plan.
