@@ -56,13 +56,20 @@ impl ApiError {
     /// `Unavailable` whatever its code: tonic reports a connection reset mid-call as
     /// `Unknown` or `Internal`, yet the call may well succeed on a new connection.
     pub fn from_status(status: &tonic::Status) -> Self {
-        let message = status.message().to_owned();
-        if let Some(source) = std::error::Error::source(status)
-            && matches!(status.code(), tonic::Code::Unknown | tonic::Code::Internal)
+        let source = std::error::Error::source(status);
+        // The status message of a transport failure is often just "tcp connect
+        // error"; its source says why ("Connection refused").
+        let message = match source.map(error_chain) {
+            Some(chain) if chain.contains(status.message()) => chain,
+            Some(chain) if !status.message().contains(&chain) => {
+                format!("{}: {chain}", status.message())
+            }
+            _ => status.message().to_owned(),
+        };
+        if source.is_some() && matches!(status.code(), tonic::Code::Unknown | tonic::Code::Internal)
         {
             return Self::Unavailable(format!(
-                "the connection to the coordinator failed: {}",
-                error_chain(source)
+                "the connection to the coordinator failed: {message}"
             ));
         }
         match status.code() {

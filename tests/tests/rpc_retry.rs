@@ -231,6 +231,10 @@ fn a_worker_retries_through_a_coordinator_outage_and_the_job_completes() {
         log.contains("retrying a coordinator call"),
         "the worker logged its retries:\n{log}"
     );
+    // What the outage looked like from the worker (shown with --nocapture).
+    for line in log.lines().filter(|l| l.contains("retrying a coordinator call")) {
+        eprintln!("{line}");
+    }
     assert!(
         proxy.accepted() >= 2,
         "the worker reconnected after the cut ({} connections)",
@@ -272,6 +276,7 @@ fn a_worker_gives_up_when_the_outage_outlasts_its_retry_deadline() {
                 || error.contains("cannot report a step")),
         "the error names the call, the retries and the cause: {error}"
     );
+    eprintln!("{error}");
     assert!(
         log.contains("retrying a coordinator call"),
         "it retried before giving up:\n{log}"
