@@ -1,5 +1,6 @@
 //! `hsat bench control-plane`: N simulated workers (tokio tasks in this process, no
-//! libtorch, each its own registered member) drive a coordinator running as a
+//! libtorch, each its own registered member: `hsat_coordinator::sim`, the worker
+//! protocol with fake training) drive a coordinator running as a
 //! separate `hsat-coordinator` process over real gRPC/TCP at a fixed step rate, with
 //! heartbeats. Prints p50/p99 latency per RPC kind, the coordinator's CPU (% of one
 //! core, from /proc/<pid>/stat) and, as a same-run reference, the latency of a
@@ -15,9 +16,8 @@ use anyhow::{Context, bail};
 use hsat_core::config::Config;
 use hsat_proto::HSAT_VERSION;
 use hsat_proto::client::CoordinatorClient;
-use hsat_proto::domain::{
-    Assignment, AssignmentRequest, Registration, StepLosses, StepReport, StoreRole,
-};
+use hsat_coordinator::sim::{Rpc, SimContext, SimHooks, SimStep, run_simulated_worker};
+use hsat_proto::domain::{AssignmentRequest, Registration, TrainAssignment, WorkerId};
 
 /// Options of `hsat bench control-plane`.
 #[derive(Debug, clap::Args)]
@@ -209,20 +209,21 @@ async fn one_run(args: &ControlPlaneArgs, binary: &Path, workers: usize) -> anyh
         let rate = args.rate;
         // A fixed, evenly spread offset per worker (no randomness: runs repeat).
         let offset = args.spread.clamp(0.0, 0.95) * (i as f64 * 0.618_033_988_7).fract();
-        tasks.push(tokio::spawn(async move {
-            simulated_worker(
-                client,
-                registration,
-                rate,
-                offset,
-                samples,
-                t0,
-                ready,
-                from,
-                until,
-            )
-            .await
-        }));
+        let hooks = Arc::new(PacedHooks {
+            period: Duration::from_secs_f64(1.0 / rate),
+            offset,
+            samples,
+            t0,
+            ready,
+            started: std::sync::atomic::AtomicBool::new(false),
+            from,
+            until,
+        });
+        tasks.push(tokio::spawn(run_simulated_worker(
+            client,
+            registration,
+            hooks,
+        )));
     }
     ready.0.wait().await;
     let _ = t0.set(Instant::now());
@@ -297,136 +298,79 @@ async fn one_run(args: &ControlPlaneArgs, binary: &Path, workers: usize) -> anyh
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn simulated_worker(
-    client: CoordinatorClient,
-    registration: Registration,
-    rate: f64,
+/// The benchmark's simulation: each step "trains" until its tick (`t0 + period x
+/// (step + 1 + offset)`), requests go out once every rank reported, and successful
+/// calls inside the measured window are recorded.
+struct PacedHooks {
+    period: Duration,
+    /// This worker's fixed share of a period by which its reports lag the tick.
     offset: f64,
     samples: Arc<Mutex<Samples>>,
     t0: Arc<OnceLock<Instant>>,
     ready: Arc<(tokio::sync::Barrier, tokio::sync::Barrier)>,
+    /// Whether this worker passed the start barriers.
+    started: std::sync::atomic::AtomicBool,
     from: Arc<OnceLock<Instant>>,
     until: Arc<OnceLock<Instant>>,
-) -> anyhow::Result<()> {
-    let measuring = |now: Instant| {
-        from.get().is_some_and(|f| now >= *f) && until.get().is_some_and(|u| now < *u)
-    };
-    let record = |pick: fn(&mut Samples) -> &mut Vec<f64>, begun: Instant| {
-        if measuring(begun)
-            && let Ok(mut s) = samples.lock()
-        {
-            pick(&mut s).push(begun.elapsed().as_secs_f64() * 1e3);
-        }
-    };
-    let begun = Instant::now();
-    let registered = client.register(registration).await?;
-    if let Ok(mut s) = samples.lock() {
-        s.register.push(begun.elapsed().as_secs_f64() * 1e3);
+}
+
+impl PacedHooks {
+    fn measuring(&self, now: Instant) -> bool {
+        self.from.get().is_some_and(|f| now >= *f) && self.until.get().is_some_and(|u| now < *u)
     }
-    let id = registered.worker_id;
-    let heartbeat = {
-        let client = client.clone();
-        let period = registered.heartbeat;
-        let (samples, from, until) = (Arc::clone(&samples), Arc::clone(&from), Arc::clone(&until));
-        tokio::spawn(async move {
-            // Spread the heartbeats over the period.
-            tokio::time::sleep(period.mul_f64((id.0 % 97) as f64 / 97.0)).await;
-            loop {
-                let begun = Instant::now();
-                if client.heartbeat(id).await.is_err() {
-                    return;
-                }
-                let measuring = from.get().is_some_and(|f| begun >= *f)
-                    && until.get().is_some_and(|u| begun < *u);
-                if measuring && let Ok(mut s) = samples.lock() {
-                    s.heartbeat.push(begun.elapsed().as_secs_f64() * 1e3);
-                }
-                tokio::time::sleep(period).await;
-            }
-        })
-    };
-    // Join generation 1 and take the first two steps.
-    let ask = |generation: u64, next_step: u64, want_step: u64| AssignmentRequest {
-        worker_id: id,
-        generation,
-        next_step,
-        want_step,
-        group_error: None,
-    };
-    let (generation, rank) = loop {
-        match client.next_assignment(ask(0, 0, 0)).await? {
-            Assignment::Group(g) => {
-                if g.store == StoreRole::Host {
-                    client.publish_store(id, g.generation, 29500).await?;
-                }
-                break (g.generation, g.rank);
-            }
-            Assignment::Stop { reason, .. } => bail!("stopped early: {reason}"),
-            _ => {}
-        }
-    };
-    let mut held = std::collections::VecDeque::new();
-    while held.len() < 2 {
-        let want = held.len() as u64;
-        if let Assignment::Train(t) = client.next_assignment(ask(generation, 0, want)).await? {
-            held.push_back(t.step);
-        }
+
+    fn at(&self, t0: Instant, periods: f64) -> tokio::time::Instant {
+        (t0 + self.period.mul_f64(periods)).into()
     }
-    ready.0.wait().await;
-    ready.1.wait().await;
-    let t0 = *t0.get().context("no start time")?;
-    let period = Duration::from_secs_f64(1.0 / rate);
-    loop {
-        let Some(step) = held.pop_front() else {
-            bail!("no step held");
+}
+
+impl SimHooks for PacedHooks {
+    async fn train(&self, _context: SimContext<'_>, step: &TrainAssignment) -> SimStep {
+        use std::sync::atomic::Ordering;
+        // Everyone holds its first steps before the clock starts.
+        if !self.started.swap(true, Ordering::SeqCst) {
+            self.ready.0.wait().await;
+            self.ready.1.wait().await;
+        }
+        let Some(&t0) = self.t0.get() else {
+            return SimStep::CollectiveFailed("no start time".into());
         };
         // "Train" until the step's tick, then report.
-        tokio::time::sleep_until((t0 + period.mul_f64(step as f64 + 1.0 + offset)).into()).await;
-        let begun = Instant::now();
-        client
-            .report_step(StepReport {
-                worker_id: id,
-                generation,
-                step,
-                rank,
-                local_patients: 1,
-                losses: StepLosses::default(),
-                param_checksum: step,
-                step_seconds: period.as_secs_f64(),
-                data_wait_seconds: 0.0,
-                checkpoint_dir: None,
-            })
-            .await?;
-        record(|s| &mut s.report, begun);
-        // After every rank reported `step` (the latest at 0.95 x 0.8 of a period), so the
-        // window admits step + 2 and the call measures the RPC, not the wait.
-        let ask_at = step as f64 + 1.77 + 0.22 * (offset / 0.76).min(1.0);
-        tokio::time::sleep_until((t0 + period.mul_f64(ask_at)).into()).await;
-        let want = step + 2;
-        loop {
-            let begun = Instant::now();
-            let assignment = client
-                .next_assignment(ask(generation, step + 1, want))
-                .await?;
-            record(|s| &mut s.assignment, begun);
-            match assignment {
-                Assignment::Train(t) => {
-                    held.push_back(t.step);
-                    break;
-                }
-                Assignment::Wait { .. } => {
-                    if measuring(begun)
-                        && let Ok(mut s) = samples.lock()
-                    {
-                        s.waits += 1;
-                    }
-                }
-                Assignment::Stop { .. } | Assignment::Group(_) => {
-                    heartbeat.abort();
-                    return Ok(());
-                }
+        tokio::time::sleep_until(self.at(t0, step.step as f64 + 1.0 + self.offset)).await;
+        SimStep::Trained
+    }
+
+    async fn before_ask(&self, request: &AssignmentRequest) {
+        // After every rank reported the last step (the latest at 0.95 x 0.8 of a
+        // period), so the window admits the step asked for and the call measures the
+        // RPC, not the wait.
+        let (Some(&t0), Some(reported)) = (self.t0.get(), request.next_step.checked_sub(1)) else {
+            return;
+        };
+        let ask_at = reported as f64 + 1.77 + 0.22 * (self.offset / 0.76).min(1.0);
+        tokio::time::sleep_until(self.at(t0, ask_at)).await;
+    }
+
+    fn observe(&self, rpc: Rpc, begun: Instant) {
+        let measuring = self.measuring(begun);
+        let Ok(mut s) = self.samples.lock() else {
+            return;
+        };
+        let elapsed_ms = begun.elapsed().as_secs_f64() * 1e3;
+        match rpc {
+            Rpc::Register => s.register.push(elapsed_ms),
+            Rpc::Heartbeat if measuring => s.heartbeat.push(elapsed_ms),
+            Rpc::Ask { waited } if measuring => {
+                s.assignment.push(elapsed_ms);
+                s.waits += usize::from(waited);
             }
+            Rpc::Report if measuring => s.report.push(elapsed_ms),
+            _ => {}
         }
+    }
+
+    fn first_heartbeat(&self, worker: WorkerId, period: Duration) -> Duration {
+        // Spread the heartbeats over the period.
+        period.mul_f64((worker.0 % 97) as f64 / 97.0)
     }
 }

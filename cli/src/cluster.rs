@@ -46,6 +46,11 @@ pub struct WorkerArgs {
     /// Gradient bucket size in MB (PyTorch DDP's default is 25).
     #[arg(long, default_value_t = 25)]
     pub bucket_mb: usize,
+    /// Seconds each call to the coordinator keeps being retried (backoff 100 ms
+    /// doubling to 5 s) while the coordinator is unreachable, restarting or too
+    /// slow; 0 = give up at the first such error.
+    #[arg(long, default_value_t = 60)]
+    pub rpc_retry_deadline: u64,
 }
 
 /// Runs one worker until the job ends; SIGINT/SIGTERM make it leave after the
@@ -69,6 +74,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         collective_timeout: Duration::from_secs(args.collective_timeout.max(1)),
         bucket_bytes: args.bucket_mb.max(1) << 20,
         connect_deadline: Duration::from_secs(args.connect_timeout),
+        rpc_retry_deadline: Duration::from_secs(args.rpc_retry_deadline),
     };
     let summary = run_worker(options, shutdown).with_context(|| format!("worker {name}"))?;
     eprintln!(

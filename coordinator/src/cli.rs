@@ -6,10 +6,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use hsat_core::config::{self, ConfigSources};
 
-use crate::{ClusterSettings, JobOutcome, load_job, serve};
+use crate::{ClusterSettings, CoordinatorError, JobOutcome, load_job, serve};
 
 /// Membership and lease flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -63,25 +62,26 @@ pub struct CoordinatorArgs {
 
 /// Loads the job, binds, prints `<name>: listening on ADDR` and serves until the job
 /// ends or SIGTERM / Ctrl-C.
-pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> anyhow::Result<JobOutcome> {
+pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, CoordinatorError> {
     let settings = args.membership.settings(args.workers);
-    settings
-        .validate()
-        .map_err(|message| anyhow::anyhow!("invalid flags: {message}"))?;
+    settings.validate().map_err(CoordinatorError::Flags)?;
     let config = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
     let job = load_job(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
+        .map_err(CoordinatorError::Runtime)?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
-            .with_context(|| format!("cannot listen on {} (is the port in use?)", args.listen))?;
-        let address = listener.local_addr()?;
+            .map_err(|source| CoordinatorError::Listen {
+                address: args.listen.clone(),
+                source,
+            })?;
+        let address = listener.local_addr().map_err(CoordinatorError::Stdout)?;
         println!("{name}: listening on {address}");
-        std::io::stdout().flush()?;
-        Ok(serve(job, settings, listener, shutdown_signal()).await?)
+        std::io::stdout().flush().map_err(CoordinatorError::Stdout)?;
+        serve(job, settings, listener, shutdown_signal()).await
     })
 }
 

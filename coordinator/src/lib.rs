@@ -15,6 +15,8 @@
 //! - [`ledger`]: `<out_dir>/coordinator/ledger.jsonl`, fsynced per commit.
 //! - [`service`]: the async shell: the gRPC handler over the scheduler, leases on
 //!   tokio time, long polls, graceful shutdown ([`serve`]).
+//! - `sim` (feature `sim`): simulated workers (the worker protocol with fake
+//!   training) for the in-process harness and the control-plane benchmark.
 //!
 //! Use: `let job = load_job(config)?; serve(job, settings, listener, shutdown).await`.
 
@@ -23,6 +25,8 @@ pub mod identity;
 pub mod ledger;
 pub mod scheduler;
 pub mod service;
+#[cfg(feature = "sim")]
+pub mod sim;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,6 +75,26 @@ pub enum CoordinatorError {
     /// The gRPC server failed.
     #[error("the gRPC server failed: {0}")]
     Server(String),
+    /// The command-line flags are inconsistent.
+    #[error("invalid flags: {0}")]
+    Flags(String),
+    /// The job's config could not be loaded.
+    #[error(transparent)]
+    Config(#[from] hsat_core::config::ConfigError),
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {address} (is the port in use?)")]
+    Listen {
+        /// The address asked for.
+        address: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The listening address could not be printed.
+    #[error("cannot print the listening address")]
+    Stdout(#[source] std::io::Error),
 }
 
 /// A job: its validated config and data plan.

@@ -1,14 +1,16 @@
 //! In-process cluster harness: the coordinator on 127.0.0.1:0 and fake async
-//! workers (no libtorch) over real gRPC. Fake workers model the collective as a
+//! workers (`hsat_coordinator::sim`, no libtorch) over real gRPC. Fake workers model the collective as a
 //! barrier shared between them, report identical checksums, and read the ledger
 //! at the end.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hsat_coordinator::sim::{SimContext, SimExit, SimHooks, SimStep, run_simulated_worker};
 use hsat_coordinator::{ClusterSettings, Job, OutcomeKind, serve};
 use hsat_core::config::Config;
 use hsat_core::dataset::DatasetIndex;
@@ -99,9 +101,35 @@ impl Fabric {
     }
 }
 
-/// A fake worker: registers, heartbeats, follows assignments, reports identical
-/// checksums. `die_after` = stop everything (no leave, no heartbeats) after that
-/// many reports.
+/// The harness's simulation: the collective is the shared [`Fabric`]; the worker
+/// crashes (no report, no leave, no heartbeats) after `die_after` reports.
+struct FabricHooks {
+    fabric: Arc<Fabric>,
+    die_after: Option<usize>,
+    reports: AtomicUsize,
+}
+
+impl SimHooks for FabricHooks {
+    async fn train(&self, context: SimContext<'_>, step: &TrainAssignment) -> SimStep {
+        let world = context.group.world_size as usize;
+        if !self
+            .fabric
+            .all_reduce(step.generation, step.step, world, context.client, context.worker)
+            .await
+        {
+            return SimStep::CollectiveFailed("the generation moved on".into());
+        }
+        if self.die_after == Some(self.reports.fetch_add(1, Ordering::SeqCst)) {
+            return SimStep::Crash;
+        }
+        SimStep::Trained
+    }
+}
+
+/// A fake worker: the shared simulated worker (registers, heartbeats, follows
+/// assignments through the worker protocol, reports identical checksums) over
+/// this test's fabric. `die_after` = stop everything (no leave, no heartbeats)
+/// after that many reports. True: the job finished.
 async fn fake_worker(
     address: String,
     config: Config,
@@ -111,94 +139,26 @@ async fn fake_worker(
     die_after: Option<usize>,
 ) -> Result<bool, ApiError> {
     let client = CoordinatorClient::connect(&address).await?;
-    let registered = client
-        .register(Registration {
-            worker_name: name.clone(),
-            config: config.to_json_value(),
-            dataset_fingerprint: fingerprint,
-            advertise_host: "127.0.0.1".into(),
-            hsat_version: HSAT_VERSION.into(),
-        })
-        .await?;
-    let id = registered.worker_id;
-    let heartbeat = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(registered.heartbeat).await;
-                if client.heartbeat(id).await.is_err() {
-                    return;
-                }
-            }
-        })
+    let registration = Registration {
+        worker_name: name,
+        config: config.to_json_value(),
+        dataset_fingerprint: fingerprint,
+        advertise_host: "127.0.0.1".into(),
+        hsat_version: HSAT_VERSION.into(),
     };
-    let (mut generation, mut rank, mut world, mut next_step) = (0u64, 0u32, 1usize, 0u64);
-    let mut reports = 0;
-    let outcome = loop {
-        let assignment = client
-            .next_assignment(AssignmentRequest {
-                worker_id: id,
-                generation,
-                next_step,
-                want_step: next_step,
-                group_error: None,
-            })
-            .await?;
-        match assignment {
-            Assignment::Wait { .. } => {}
-            Assignment::Stop { success, .. } => break success,
-            Assignment::Group(g) => {
-                if g.store == StoreRole::Host {
-                    client.publish_store(id, g.generation, 40000).await?;
-                }
-                generation = g.generation;
-                rank = g.rank;
-                world = g.world_size as usize;
-                next_step = g.start_step; // broadcast from the root
-            }
-            Assignment::Train(t) => {
-                assert_eq!(t.step, next_step);
-                if !fabric
-                    .all_reduce(t.generation, t.step, world, &client, id)
-                    .await
-                {
-                    continue; // generation broke: ask again
-                }
-                if die_after == Some(reports) {
-                    heartbeat.abort();
-                    return Ok(false); // crash: no report, no leave
-                }
-                next_step = t.step + 1;
-                client
-                    .report_step(StepReport {
-                        worker_id: id,
-                        generation: t.generation,
-                        step: t.step,
-                        rank,
-                        local_patients: t.shard.len() as u64,
-                        losses: StepLosses {
-                            total: 1.0 / (1.0 + t.step as f64),
-                            clean: Some(LevelLosses {
-                                patient: 0.1,
-                                slide: 0.2,
-                                patch: 0.3,
-                                total: 0.6,
-                            }),
-                            adversarial: None,
-                        },
-                        param_checksum: 0xfeed + t.step,
-                        step_seconds: 0.01,
-                        data_wait_seconds: 0.0,
-                        checkpoint_dir: None,
-                    })
-                    .await?;
-                reports += 1;
-            }
-        }
-    };
-    heartbeat.abort();
-    let _ = client.leave(id, "done").await;
-    Ok(outcome)
+    let hooks = Arc::new(FabricHooks {
+        fabric,
+        die_after,
+        reports: AtomicUsize::new(0),
+    });
+    match run_simulated_worker(client, registration, hooks).await {
+        Ok(SimExit::Stopped { success, .. }) => Ok(success),
+        Ok(SimExit::Crashed) => Ok(false),
+        Err(err) => match err.api_error() {
+            Some(api) => Err(api.clone()),
+            None => panic!("{err}"),
+        },
+    }
 }
 
 /// Reads the ledger and checks that each epoch consumed exactly its balanced order.

@@ -50,8 +50,28 @@ impl ApiError {
 
     /// The variant of a status received over the wire (inverse of [`Self::code`];
     /// codes without a variant of their own count as unavailable or internal).
+    ///
+    /// A status the client made itself from a transport failure (it carries the
+    /// failure as its source; a status sent by the coordinator never does) is
+    /// `Unavailable` whatever its code: tonic reports a connection reset mid-call as
+    /// `Unknown` or `Internal`, yet the call may well succeed on a new connection.
     pub fn from_status(status: &tonic::Status) -> Self {
-        let message = status.message().to_owned();
+        let source = std::error::Error::source(status);
+        // The status message of a transport failure is often just "tcp connect
+        // error"; its source says why ("Connection refused").
+        let message = match source.map(error_chain) {
+            Some(chain) if chain.contains(status.message()) => chain,
+            Some(chain) if !status.message().contains(&chain) => {
+                format!("{}: {chain}", status.message())
+            }
+            _ => status.message().to_owned(),
+        };
+        if source.is_some() && matches!(status.code(), tonic::Code::Unknown | tonic::Code::Internal)
+        {
+            return Self::Unavailable(format!(
+                "the connection to the coordinator failed: {message}"
+            ));
+        }
         match status.code() {
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => {
                 Self::InvalidArgument(message)
@@ -69,11 +89,30 @@ impl ApiError {
         }
     }
 
-    /// True when trying again later may succeed (the coordinator was unreachable or
-    /// busy).
+    /// True when trying again later may succeed: the coordinator was unreachable,
+    /// restarting, busy or too slow (`Unavailable`, which [`Self::from_status`]
+    /// gives for `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `CANCELLED`,
+    /// `RESOURCE_EXHAUSTED`, refused connections and connections reset mid-call).
+    /// Refusals, invalid requests, unknown workers and coordinator faults are not:
+    /// asking again gets the same answer.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
     }
+}
+
+/// `err: cause: cause ...`, skipping causes whose text the previous one already has.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 impl From<ApiError> for tonic::Status {
@@ -112,5 +151,47 @@ mod tests {
             assert_eq!(status.code(), err.code());
             assert_eq!(ApiError::from(status), err);
         }
+    }
+
+    #[test]
+    fn unreachable_slow_or_busy_coordinators_are_retryable() {
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::DeadlineExceeded,
+            tonic::Code::Cancelled,
+            tonic::Code::ResourceExhausted,
+        ] {
+            let err = ApiError::from(tonic::Status::new(code, "m"));
+            assert!(err.is_retryable(), "{code:?} -> {err:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_bugs_and_coordinator_faults_are_not_retryable() {
+        for code in [
+            tonic::Code::InvalidArgument,
+            tonic::Code::FailedPrecondition,
+            tonic::Code::NotFound,
+            tonic::Code::Internal,
+            tonic::Code::Unknown,
+            tonic::Code::Unimplemented,
+        ] {
+            let err = ApiError::from(tonic::Status::new(code, "m"));
+            assert!(!err.is_retryable(), "{code:?} -> {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_connection_reset_mid_call_is_retryable_and_names_its_cause() {
+        // What tonic makes of a transport failure: the code it could not tell
+        // (Unknown), the failure as the source.
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+        let status = tonic::Status::from_error(Box::new(reset));
+        assert_eq!(status.code(), tonic::Code::Unknown);
+        let err = ApiError::from(status);
+        assert!(err.is_retryable(), "{err:?}");
+        assert!(err.message().contains("connection reset by peer"), "{err}");
+        // The same code sent by the coordinator (no source) stays a fault.
+        assert!(!ApiError::from(tonic::Status::unknown("connection reset by peer")).is_retryable());
     }
 }

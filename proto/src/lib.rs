@@ -12,6 +12,9 @@
 //! - [`server`]: [`server::CoordinatorHandler`], the trait the coordinator
 //!   implements, and [`server::routes`], the gRPC services over it (with
 //!   `grpc.health.v1`).
+//! - [`worker_protocol`]: the worker's side of the protocol as a pure state
+//!   machine, driven by the real worker and the simulated ones.
+//! - [`retry`]: exponential backoff up to a deadline for retryable errors.
 //! - `convert` (private): `TryFrom` wire -> domain with validation, `From` back.
 //!
 //! The protocol flow is documented at the top of the `.proto` file.
@@ -20,7 +23,9 @@ pub mod client;
 mod convert;
 pub mod domain;
 pub mod error;
+pub mod retry;
 pub mod server;
+pub mod worker_protocol;
 
 pub use convert::StorePublication;
 pub use error::ApiError;

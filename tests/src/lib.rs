@@ -3,6 +3,8 @@
 //! This crate only holds the harness; the scenarios are in `tests/`. Later issues add
 //! the cluster harness (coordinator on port 0 plus N worker processes) here.
 
+pub mod proxy;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

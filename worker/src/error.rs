@@ -57,9 +57,80 @@ pub enum WorkerError {
     #[error(transparent)]
     Data(#[from] hsat_data::DataError),
 
-    /// The config asks for something this build cannot do.
+    /// The config asks for something this build or engine cannot do.
     #[error("{0}")]
-    Unsupported(String),
+    Config(String),
+
+    /// A step had no patients to train on.
+    #[error("step {step} has no patients to train on")]
+    EmptyStep {
+        /// The step.
+        step: u64,
+    },
+
+    /// Checkpoint metadata could not be serialised.
+    #[error("serialising checkpoint metadata")]
+    Metadata(#[source] serde_json::Error),
+
+    /// The worker's dataset could not be indexed.
+    #[error(
+        "cannot index the dataset (distributed runs need a dataset on disk: make one with `hsat synth`)"
+    )]
+    Dataset(#[source] hsat_core::dataset::DatasetError),
+
+    /// The worker's async runtime (for RPCs) could not start.
+    #[error("cannot start the RPC runtime")]
+    Runtime(#[source] std::io::Error),
+
+    /// A call to the coordinator failed with an error that retrying cannot fix
+    /// (refused, invalid, unknown worker, a coordinator fault).
+    #[error("cannot {action}")]
+    Rpc {
+        /// What the worker tried (`register with the coordinator`, ...).
+        action: &'static str,
+        /// The coordinator's error.
+        #[source]
+        source: hsat_proto::ApiError,
+    },
+
+    /// A call to the coordinator kept failing with retryable errors (unreachable,
+    /// too slow) until the retry deadline.
+    #[error(
+        "cannot {action}: gave up after retrying for {:.0} s ({attempts} attempts; check that the coordinator runs and is reachable, or raise --rpc-retry-deadline)",
+        elapsed.as_secs_f64()
+    )]
+    RetriesExhausted {
+        /// What the worker tried.
+        action: &'static str,
+        /// Attempts made.
+        attempts: u32,
+        /// From the first failure to giving up.
+        elapsed: std::time::Duration,
+        /// The last attempt's error.
+        #[source]
+        source: hsat_proto::ApiError,
+    },
+
+    /// The coordinator stopped the job (it failed or was cancelled).
+    #[error("the coordinator stopped the job: {reason}")]
+    JobFailed {
+        /// The coordinator's reason.
+        reason: String,
+    },
+
+    /// The coordinator dropped this worker (its lease expired).
+    #[error(
+        "the coordinator no longer knows this worker (its lease expired); restart the worker to join again"
+    )]
+    LeaseLost,
+
+    /// The coordinator broke the worker protocol.
+    #[error(transparent)]
+    Protocol(#[from] hsat_proto::worker_protocol::ProtocolError),
+
+    /// The loader's threads stopped while steps were still being fed to them.
+    #[error("the loader threads stopped")]
+    LoaderStopped,
 
     /// A collective (rendezvous, all-reduce, broadcast) failed; distributed workers
     /// answer it by asking the coordinator to regroup.
@@ -67,10 +138,41 @@ pub enum WorkerError {
     Collective(#[from] crate::collective::CollectiveError),
 }
 
+/// `err: cause: cause ...`: the whole story of an error in one line (for logs and
+/// the reason a worker gives the coordinator when it leaves).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}
+
 /// Result alias of the worker crate.
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
 
 impl WorkerError {
+    /// The error of a coordinator call that failed after `action`'s retries.
+    pub fn rpc(action: &'static str) -> impl FnOnce(hsat_proto::retry::RetryError) -> Self {
+        use hsat_proto::retry::RetryError;
+        move |err| match err {
+            RetryError::Fatal(source) => WorkerError::Rpc { action, source },
+            RetryError::GaveUp {
+                attempts,
+                elapsed,
+                last,
+            } => WorkerError::RetriesExhausted {
+                action,
+                attempts,
+                elapsed,
+                source: last,
+            },
+        }
+    }
+
     /// Wraps an I/O error with what was being done and to which path.
     pub fn io(
         action: &'static str,

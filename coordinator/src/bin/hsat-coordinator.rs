@@ -38,7 +38,8 @@ fn main() -> std::process::ExitCode {
             }
         }
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // anyhow prints the whole chain of causes.
+            eprintln!("error: {:#}", anyhow::Error::from(err));
             std::process::ExitCode::FAILURE
         }
     }

@@ -21,11 +21,17 @@
 //! the next generation; the model keeps the last update it applied, which the
 //! coordinator uses to pick the state everyone continues from.
 //!
+//! The protocol's rules (what to ask next, the lookahead, the group error, when to
+//! stop prefetching) are [`hsat_proto::worker_protocol`]'s, shared with the
+//! simulated workers; this module is its I/O shell. Every call to the coordinator
+//! is retried with backoff while it fails with a retryable error (unreachable,
+//! restarting, too slow), up to `WorkerOptions::rpc_retry_deadline`.
+//!
 //! - [`checksum`]: the parameter fingerprint sent with each report.
 
 pub mod checksum;
 
-use std::collections::VecDeque;
+use std::future::Future;
 use std::net::{ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,9 +45,10 @@ use hsat_core::sampler::StepPlan;
 use hsat_proto::ApiError;
 use hsat_proto::client::CoordinatorClient;
 use hsat_proto::domain::{
-    Assignment, AssignmentRequest, GroupAssignment, Registration, StepReport, StoreRole,
-    TrainAssignment, WorkerId,
+    Assignment, GroupAssignment, Registration, StoreRole, TrainAssignment, WorkerId,
 };
+use hsat_proto::retry::{Backoff, RetryError, retry};
+use hsat_proto::worker_protocol::{Action, Event, LOOKAHEAD, StepOutcome, WorkerProtocol};
 use tch::Device;
 use tokio::runtime::Runtime;
 
@@ -50,9 +57,6 @@ use crate::data::{BatchSource, FileSource};
 use crate::error::{Result, WorkerError};
 use crate::train::trainer::{ShardStep, Trainer};
 use hsat_data::loader::LoaderSpec;
-
-/// Steps a worker holds ahead of the one it trains (the coordinator's window).
-const LOOKAHEAD: usize = 2;
 
 /// How a worker process is set up.
 #[derive(Debug, Clone)]
@@ -74,6 +78,10 @@ pub struct WorkerOptions {
     pub bucket_bytes: usize,
     /// How long to keep trying to reach the coordinator at start-up.
     pub connect_deadline: Duration,
+    /// How long each call to the coordinator keeps being retried (backoff 100 ms
+    /// doubling to 5 s) while it fails with retryable errors (unreachable,
+    /// restarting, too slow); zero: fail at the first error.
+    pub rpc_retry_deadline: Duration,
 }
 
 /// What the worker did, for its exit message.
@@ -97,12 +105,8 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         .thread_name("hsat-rpc")
         .enable_all()
         .build()
-        .map_err(|e| WorkerError::Unsupported(format!("cannot start the RPC runtime: {e}")))?;
-    let index = DatasetIndex::load(&options.config.data).map_err(|e| {
-        WorkerError::Unsupported(format!(
-            "cannot index the dataset: {e}; distributed runs need a dataset on disk (make one with `hsat synth`)"
-        ))
-    })?;
+        .map_err(WorkerError::Runtime)?;
+    let index = DatasetIndex::load(&options.config.data).map_err(WorkerError::Dataset)?;
     let client = runtime.block_on(connect_with_backoff(
         &options.coordinator,
         options.connect_deadline,
@@ -112,55 +116,46 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         Some(host) => host.clone(),
         None => route_to(&options.coordinator),
     };
-    let registered = runtime
-        .block_on(client.register(Registration {
-            worker_name: options.name.clone(),
-            config: options.config.to_json_value(),
-            dataset_fingerprint: index.fingerprint.clone(),
-            advertise_host: advertise_host.clone(),
-            hsat_version: hsat_proto::HSAT_VERSION.to_owned(),
-        }))
-        .map_err(|e| rpc_error("register with the coordinator", e))?;
-    let worker_id = registered.worker_id;
-    tracing::info!(%worker_id, coordinator = %options.coordinator, "registered");
-
-    let lost = Arc::new(AtomicBool::new(false));
-    let heartbeats = runtime.spawn(heartbeat_loop(
-        client.clone(),
-        worker_id,
-        registered.heartbeat,
-        Arc::clone(&lost),
-    ));
-
+    let registration = Registration {
+        worker_name: options.name.clone(),
+        config: options.config.to_json_value(),
+        dataset_fingerprint: index.fingerprint.clone(),
+        advertise_host: advertise_host.clone(),
+        hsat_version: hsat_proto::HSAT_VERSION.to_owned(),
+    };
     let mut worker = Worker {
         runtime: &runtime,
         client: client.clone(),
-        worker_id,
         advertise_host,
         index: Arc::new(index),
         trainer: Trainer::new(options.config.clone(), options.device)?,
         options: &options,
+        protocol: WorkerProtocol::new(registration),
         session: None,
-        group_error: None,
-        steps_trained: 0,
-        generations: 0,
+        heartbeats: None,
+        lost: Arc::new(AtomicBool::new(false)),
     };
     worker
         .trainer
         .set_dataset_fingerprint(worker.index.fingerprint.clone());
-    let outcome = worker.run(&shutdown, &lost);
+    let outcome = worker.run(&shutdown);
+    let worker_id = worker.protocol.worker_id();
     let summary = WorkerSummary {
-        worker_id: worker_id.0,
-        steps_trained: worker.steps_trained,
-        generations: worker.generations,
+        worker_id: worker_id.map_or(0, |id| id.0),
+        steps_trained: worker.protocol.steps_trained(),
+        generations: worker.protocol.generations(),
         reason: match &outcome {
             Ok(reason) => reason.clone(),
-            Err(err) => err.to_string(),
+            Err(err) => crate::error::error_chain(err),
         },
     };
+    if let Some(heartbeats) = worker.heartbeats.take() {
+        heartbeats.abort();
+    }
     drop(worker);
-    heartbeats.abort();
-    if shutdown.load(Ordering::SeqCst) || outcome.is_err() {
+    if let Some(worker_id) = worker_id
+        && (shutdown.load(Ordering::SeqCst) || outcome.is_err())
+    {
         let reason = if shutdown.load(Ordering::SeqCst) {
             "worker shut down".to_owned()
         } else {
@@ -174,7 +169,8 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
     outcome.map(|_| summary)
 }
 
-/// One generation's collective and loader, and the steps fed to that loader.
+/// One generation's collective and loader (the steps fed to the loader are the
+/// protocol's queue).
 ///
 /// Fields drop in order: the plan sender before the loader (whose planner thread
 /// waits on it), the group before the store it rendezvoused through.
@@ -185,105 +181,114 @@ struct Session {
     process_group: ProcessGroup,
     /// Kept alive for the group's lifetime (rank 0 hosts it).
     _store: Store,
-    queued: VecDeque<TrainAssignment>,
     gradients: GradientSync,
 }
 
+/// The I/O shell around [`WorkerProtocol`]: RPCs (with retries), rendezvous, the
+/// loader, training, checksums and checkpoints.
 struct Worker<'a> {
     runtime: &'a Runtime,
     client: CoordinatorClient,
-    worker_id: WorkerId,
     advertise_host: String,
     index: Arc<DatasetIndex>,
     trainer: Trainer,
     options: &'a WorkerOptions,
+    protocol: WorkerProtocol,
+    /// The collective and loader of the generation the protocol is a member of;
+    /// dropped whenever the protocol leaves it.
     session: Option<Session>,
-    /// A collective error to tell the coordinator with the next request, and the
-    /// generation it happened in.
-    group_error: Option<(u64, String)>,
-    steps_trained: u64,
-    generations: u64,
+    heartbeats: Option<tokio::task::JoinHandle<()>>,
+    /// Set by the heartbeat task when the coordinator no longer knows this worker.
+    lost: Arc<AtomicBool>,
 }
 
 impl Worker<'_> {
-    /// The assignment loop; returns the coordinator's reason to stop.
-    fn run(&mut self, shutdown: &AtomicBool, lost: &AtomicBool) -> Result<String> {
+    /// The protocol loop; returns the coordinator's reason to stop.
+    fn run(&mut self, shutdown: &AtomicBool) -> Result<String> {
         loop {
             if shutdown.load(Ordering::SeqCst) {
                 return Ok("shut down on request".into());
             }
-            if lost.load(Ordering::SeqCst) {
-                return Err(WorkerError::Unsupported(
-                    "the coordinator no longer knows this worker (its lease expired); restart the worker to join again".into(),
-                ));
+            if self.lost.load(Ordering::SeqCst) {
+                return Err(WorkerError::LeaseLost);
             }
-            let queued = self.session.as_ref().map_or(0, |s| s.queued.len());
-            // Past the job's last step there is nothing to prefetch: asking would
-            // only be held by the coordinator's long poll.
-            let beyond_end = self
-                .session
-                .as_ref()
-                .is_some_and(|s| self.trainer.position() + queued as u64 >= s.group.total_steps);
-            if queued < LOOKAHEAD && !(queued > 0 && beyond_end) {
-                let failure = self.group_error.take();
-                let generation = match (&failure, &self.session) {
-                    (Some((generation, _)), _) => *generation,
-                    (None, Some(session)) => session.group.generation,
-                    (None, None) => 0,
-                };
-                let request = AssignmentRequest {
-                    worker_id: self.worker_id,
-                    generation,
-                    next_step: self.trainer.position(),
-                    want_step: self.trainer.position() + queued as u64,
-                    group_error: failure.map(|(_, message)| message),
-                };
-                let assignment = self
-                    .runtime
-                    .block_on(self.client.next_assignment(request))
-                    .map_err(|e| rpc_error("ask the coordinator for work", e))?;
-                match assignment {
-                    Assignment::Wait { retry, reason } => {
-                        if queued == 0 {
-                            tracing::debug!(%reason, "waiting");
-                            std::thread::sleep(retry.min(Duration::from_secs(1)));
-                            continue;
-                        }
-                    }
-                    Assignment::Stop { success, reason } => {
-                        self.session = None;
-                        return if success {
-                            Ok(reason)
-                        } else {
-                            Err(WorkerError::Unsupported(format!(
-                                "the coordinator stopped the job: {reason}"
-                            )))
-                        };
-                    }
-                    Assignment::Group(group) => {
-                        self.join(group)?;
-                        continue;
-                    }
-                    Assignment::Train(train) => {
-                        self.enqueue(train)?;
-                        continue;
-                    }
+            let event = match self.protocol.next_action() {
+                Action::Register(registration) => {
+                    let registered = self.call("register with the coordinator", || {
+                        self.client.register(registration.clone())
+                    })?;
+                    tracing::info!(worker_id = %registered.worker_id, coordinator = %self.options.coordinator, "registered");
+                    self.heartbeats = Some(self.runtime.spawn(heartbeat_loop(
+                        self.client.clone(),
+                        registered.worker_id,
+                        registered.heartbeat,
+                        Arc::clone(&self.lost),
+                    )));
+                    Event::Registered(registered)
                 }
+                Action::Ask(request) => Event::Assigned(
+                    self.call("ask the coordinator for work", || {
+                        self.client.next_assignment(request.clone())
+                    })?,
+                ),
+                Action::FormGroup(group) => self.join(group)?,
+                Action::Train(train) => self.train(&train)?,
+                Action::Report(report) => {
+                    self.call("report a step", || self.client.report_step(report.clone()))?;
+                    Event::Reported
+                }
+                Action::Sleep(duration) => {
+                    tracing::debug!(?duration, "waiting for work");
+                    std::thread::sleep(duration);
+                    Event::Slept
+                }
+                Action::Stop { success, reason } => {
+                    self.session = None;
+                    return if success {
+                        Ok(reason)
+                    } else {
+                        Err(WorkerError::JobFailed { reason })
+                    };
+                }
+            };
+            let given = match &event {
+                Event::Assigned(Assignment::Train(train)) => Some(train.clone()),
+                _ => None,
+            };
+            self.protocol.on_event(event)?;
+            // A new group, a stop or a failed collective: the old collective and its
+            // loader go at once (a new store may reuse their resources).
+            if self.protocol.group().is_none() {
+                self.session = None;
             }
-            self.train_next()?;
+            if let Some(train) = given {
+                self.feed_loader(&train)?;
+            }
         }
     }
 
-    /// Leaves any older generation and joins `group`: rendezvous, take the root's
-    /// state, start a loader for the plans to come.
-    fn join(&mut self, group: GroupAssignment) -> Result<()> {
-        // Drop the old loader and collective first: a new store may reuse resources.
-        self.session = None;
+    /// Runs `call` on the RPC runtime, retrying retryable errors with backoff up to
+    /// the retry deadline.
+    fn call<T, Fut>(&self, action: &'static str, call: impl FnMut() -> Fut) -> Result<T>
+    where
+        Fut: Future<Output = std::result::Result<T, ApiError>>,
+    {
+        let backoff = Backoff::until(self.options.rpc_retry_deadline);
+        self.runtime
+            .block_on(retry(action, backoff, call))
+            .map_err(WorkerError::rpc(action))
+    }
+
+    /// Joins `group` (any older generation was left when it was assigned):
+    /// rendezvous, take the root's state, start a loader for the plans to come.
+    fn join(&mut self, group: GroupAssignment) -> Result<Event> {
+        debug_assert!(self.session.is_none(), "the old generation was left first");
         let timeout = self.options.collective_timeout;
         let world = group.world_size as usize;
         let rank = group.rank as usize;
+        let generation = group.generation;
         tracing::info!(
-            generation = group.generation,
+            generation,
             rank,
             world,
             start_step = group.start_step,
@@ -292,13 +297,10 @@ impl Worker<'_> {
         let store = match &group.store {
             StoreRole::Host => {
                 let store = Store::host(&self.advertise_host, 0, world, timeout)?;
-                self.runtime
-                    .block_on(self.client.publish_store(
-                        self.worker_id,
-                        group.generation,
-                        store.port(),
-                    ))
-                    .map_err(|e| rpc_error("publish the rendezvous store", e))?;
+                let worker = self.worker_id();
+                self.call("publish the rendezvous store", || {
+                    self.client.publish_store(worker, generation, store.port())
+                })?;
                 store
             }
             StoreRole::Connect { host, port } => Store::connect(host, *port, world, timeout)?,
@@ -308,25 +310,22 @@ impl Worker<'_> {
         } else {
             Backend::Gloo
         };
-        let prefix = format!("gen-{}", group.generation);
-        let formed = ProcessGroup::new(&store, &prefix, rank, world, backend, timeout).map(
-            |process_group| {
-                let resume = (rank == group.broadcast_root as usize)
-                    .then(|| group.resume_checkpoint.clone())
-                    .flatten();
-                (process_group, resume)
-            },
-        );
-        let (process_group, resume) = match formed {
-            Ok(formed) => formed,
+        let prefix = format!("gen-{generation}");
+        let process_group = match ProcessGroup::new(&store, &prefix, rank, world, backend, timeout)
+        {
+            Ok(process_group) => process_group,
             Err(err) => {
-                self.group_error = Some((group.generation, err.to_string()));
                 tracing::warn!(error = %err, "rendezvous failed; asking the coordinator to regroup");
-                return Ok(());
+                return Ok(Event::GroupFailed {
+                    generation,
+                    error: err.to_string(),
+                });
             }
         };
-        if let Some(dir) = resume {
-            self.trainer.load_checkpoint(&dir)?;
+        if rank == group.broadcast_root as usize
+            && let Some(dir) = &group.resume_checkpoint
+        {
+            self.trainer.load_checkpoint(dir)?;
         }
         let bucket = self.options.bucket_bytes;
         if let Err(err) = broadcast_state(
@@ -335,9 +334,11 @@ impl Worker<'_> {
             group.broadcast_root as usize,
             bucket,
         ) {
-            self.group_error = Some((group.generation, err.to_string()));
             tracing::warn!(error = %err, "state broadcast failed; asking the coordinator to regroup");
-            return Ok(());
+            return Ok(Event::GroupFailed {
+                generation,
+                error: err.to_string(),
+            });
         }
         self.trainer.set_position(group.start_step);
         let (plans, plans_rx) = bounded(LOOKAHEAD + 1);
@@ -347,34 +348,28 @@ impl Worker<'_> {
             group.steps_per_epoch,
             plans_rx,
         )?;
-        self.generations += 1;
         self.session = Some(Session {
             group,
             process_group,
             _store: store,
             loader,
             plans,
-            queued: VecDeque::new(),
             gradients: GradientSync::new(bucket),
         });
-        Ok(())
+        Ok(Event::GroupFormed { generation })
     }
 
-    /// Hands a step's shard to the loader (it starts decoding at once) and queues it.
-    fn enqueue(&mut self, train: TrainAssignment) -> Result<()> {
+    fn worker_id(&self) -> WorkerId {
+        // Groups and steps come only after registration.
+        self.protocol.worker_id().unwrap_or(WorkerId(0))
+    }
+
+    /// Hands a step's shard to the loader (it starts decoding at once); the
+    /// protocol checked it is the next step of this generation.
+    fn feed_loader(&mut self, train: &TrainAssignment) -> Result<()> {
         let Some(session) = self.session.as_mut() else {
-            return Err(WorkerError::Unsupported(format!(
-                "the coordinator sent step {} before any group: a protocol error, restart the job",
-                train.step
-            )));
+            return Ok(());
         };
-        let expected = self.trainer.position() + session.queued.len() as u64;
-        if train.generation != session.group.generation || train.step != expected {
-            return Err(WorkerError::Unsupported(format!(
-                "the coordinator sent step {} of generation {}, expected step {expected} of generation {}: a protocol error",
-                train.step, train.generation, session.group.generation
-            )));
-        }
         let plan = StepPlan {
             step: train.step,
             epoch: train.epoch,
@@ -383,18 +378,17 @@ impl Worker<'_> {
         session
             .plans
             .send(plan)
-            .map_err(|_| WorkerError::Unsupported("the loader threads stopped".into()))?;
-        session.queued.push_back(train);
-        Ok(())
+            .map_err(|_| WorkerError::LoaderStopped)
     }
 
-    /// Trains the first queued step and reports it.
-    fn train_next(&mut self) -> Result<()> {
+    /// Trains the front step: `Trained` with what the report needs, or
+    /// `CollectiveFailed` when a peer is gone.
+    fn train(&mut self, train: &TrainAssignment) -> Result<Event> {
+        debug_assert_eq!(self.trainer.position(), train.step);
         let Some(session) = self.session.as_mut() else {
-            return Ok(());
-        };
-        let Some(train) = session.queued.pop_front() else {
-            return Ok(());
+            return Err(WorkerError::Protocol(
+                hsat_proto::worker_protocol::ProtocolError::TrainBeforeGroup { step: train.step },
+            ));
         };
         let started = Instant::now();
         let batch = session.loader.batch(train.step)?;
@@ -436,16 +430,14 @@ impl Worker<'_> {
             Ok(result) => result,
             Err(WorkerError::Collective(err)) => {
                 tracing::warn!(step = train.step, error = %err, "collective failed; asking the coordinator to regroup");
-                self.group_error = Some((session.group.generation, err.to_string()));
-                self.session = None;
-                return Ok(());
+                return Ok(Event::CollectiveFailed {
+                    error: err.to_string(),
+                });
             }
             Err(err) => return Err(err),
         };
         let step_seconds = started.elapsed().as_secs_f64();
-        self.steps_trained += 1;
         let rank = session.group.rank;
-        let generation = session.group.generation;
         let checksum = checksum::parameter_checksum(
             &self
                 .trainer
@@ -464,22 +456,14 @@ impl Worker<'_> {
         } else {
             None
         };
-        let report = StepReport {
-            worker_id: self.worker_id,
-            generation,
-            step: train.step,
-            rank,
+        Ok(Event::Trained(StepOutcome {
             local_patients: local as u64,
             losses: losses.unwrap_or_default(),
             param_checksum: checksum,
             step_seconds,
             data_wait_seconds: data_wait,
             checkpoint_dir,
-        };
-        self.runtime
-            .block_on(self.client.report_step(report))
-            .map_err(|e| rpc_error("report a step", e))?;
-        Ok(())
+        }))
     }
 }
 
@@ -488,25 +472,29 @@ async fn connect_with_backoff(
     deadline: Duration,
     shutdown: &AtomicBool,
 ) -> Result<CoordinatorClient> {
+    let backoff = Backoff::until(deadline);
     let started = Instant::now();
-    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0;
     loop {
-        match CoordinatorClient::connect(address).await {
+        let err = match CoordinatorClient::connect(address).await {
             Ok(client) => return Ok(client),
-            Err(err)
-                if started.elapsed() + delay < deadline && !shutdown.load(Ordering::SeqCst) =>
-            {
-                tracing::info!(error = %err, retry_in = ?delay, "coordinator not reachable yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(err) => {
-                return Err(WorkerError::Unsupported(format!(
-                    "{err} (gave up after {:.0} s)",
-                    started.elapsed().as_secs_f64()
-                )));
-            }
-        }
+            Err(err) if err.is_retryable() => err,
+            Err(err) => return Err(WorkerError::rpc("connect to the coordinator")(RetryError::Fatal(err))),
+        };
+        attempt += 1;
+        let delay = backoff
+            .delay(attempt, started.elapsed())
+            .filter(|_| !shutdown.load(Ordering::SeqCst));
+        let Some(delay) = delay else {
+            return Err(WorkerError::RetriesExhausted {
+                action: "connect to the coordinator",
+                attempts: attempt,
+                elapsed: started.elapsed(),
+                source: err,
+            });
+        };
+        tracing::info!(error = %err, retry_in = ?delay, "coordinator not reachable yet");
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -532,10 +520,6 @@ async fn heartbeat_loop(
             Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
         }
     }
-}
-
-fn rpc_error(action: &str, err: ApiError) -> WorkerError {
-    WorkerError::Unsupported(format!("cannot {action}: {err}"))
 }
 
 /// The local address of the interface that routes to the coordinator: what other

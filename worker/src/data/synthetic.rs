@@ -54,7 +54,7 @@ impl SyntheticSource {
             spec.image_size,
         ];
         if dims.contains(&0) {
-            return Err(WorkerError::Unsupported(format!(
+            return Err(WorkerError::Config(format!(
                 "synthetic dataset with a zero dimension: {spec:?}"
             )));
         }

@@ -124,7 +124,7 @@ pub fn train_step_synced(
             .f_add(&a.total.f_mul_scalar(1.0 + weight)?)?
             .f_div_scalar(2.0)?,
         _ => {
-            return Err(crate::error::WorkerError::Unsupported(
+            return Err(crate::error::WorkerError::Config(
                 "an adversarial objective needs an attack (training.attack.name = \"pgd\")".into(),
             ));
         }
