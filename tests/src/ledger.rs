@@ -96,8 +96,8 @@ impl Ledger {
             if line.trim().is_empty() {
                 continue;
             }
-            let record = parse_record(line)
-                .map_err(|e| format!("line {}: {e}: {line}", number + 1))?;
+            let record =
+                parse_record(line).map_err(|e| format!("line {}: {e}: {line}", number + 1))?;
             records.push(record);
         }
         Ok(Ledger { records })
@@ -337,17 +337,31 @@ mod tests {
 
     #[test]
     fn each_violation_is_named() {
-        let twice = [complete(), commit(3, 1, &[(&[0], Some(4)), (&[3], Some(4))])].concat();
+        let twice = [
+            complete(),
+            commit(3, 1, &[(&[0], Some(4)), (&[3], Some(4))]),
+        ]
+        .concat();
         let err = check(&twice).unwrap_err();
-        assert!(err.contains("step 3 committed where step 4 was due"), "{err}");
+        assert!(
+            err.contains("step 3 committed where step 4 was due"),
+            "{err}"
+        );
 
-        let missing = complete().lines().take(3).map(|l| format!("{l}\n")).collect::<String>();
+        let missing = complete()
+            .lines()
+            .take(3)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>();
         let err = check(&missing).unwrap_err();
         assert!(err.contains("the ledger commits [0, 1, 2]"), "{err}");
 
         let repeated_patient = complete().replace("[3]", "[1]");
         let err = check(&repeated_patient).unwrap_err();
-        assert!(err.contains("epoch 0 consumed patients [0, 1, 1, 2]"), "{err}");
+        assert!(
+            err.contains("epoch 0 consumed patients [0, 1, 1, 2]"),
+            "{err}"
+        );
 
         let differing = complete().replacen("\"checksum\":9", "\"checksum\":10", 1);
         let err = check(&differing).unwrap_err();

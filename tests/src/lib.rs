@@ -139,7 +139,6 @@ iters = {attack_iters}
         attack_iters = job.attack_iters,
     );
     let path = dir.join("job.toml");
-    std::fs::write(&path, text)
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     path
 }

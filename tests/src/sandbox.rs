@@ -82,7 +82,8 @@ impl SandboxSpec {
 
     /// Adds flags to every worker's command line.
     pub fn worker_args(mut self, args: &[&str]) -> Self {
-        self.worker_args.extend(args.iter().map(|a| (*a).to_owned()));
+        self.worker_args
+            .extend(args.iter().map(|a| (*a).to_owned()));
         self
     }
 }
@@ -182,7 +183,11 @@ impl Process {
             .args(["-s", "TERM", &pid])
             .status()
             .unwrap_or_else(|e| panic!("cannot run `kill -s TERM {pid}`: {e}"));
-        assert!(status.success(), "`kill -s TERM {pid}` ({}) failed", self.name);
+        assert!(
+            status.success(),
+            "`kill -s TERM {pid}` ({}) failed",
+            self.name
+        );
     }
 }
 
@@ -250,7 +255,12 @@ impl Sandbox {
             env: Default::default(),
             overrides: Vec::new(),
         })
-        .unwrap_or_else(|e| panic!("the sandbox's config {} is invalid: {e}", spec.config.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "the sandbox's config {} is invalid: {e}",
+                spec.config.display()
+            )
+        });
         let mut command = Command::new(hsat_binary());
         command
             .args(["coordinator", "--config"])
@@ -362,9 +372,16 @@ impl Sandbox {
     pub fn restart_worker(&mut self, k: usize) {
         let (name, extra, running) = {
             let old = self.worker_mut(k);
-            (old.name.clone(), old.extra.clone(), old.try_exit().is_none())
+            (
+                old.name.clone(),
+                old.extra.clone(),
+                old.try_exit().is_none(),
+            )
         };
-        assert!(!running, "{name} still runs: kill or stop it before restarting it");
+        assert!(
+            !running,
+            "{name} still runs: kill or stop it before restarting it"
+        );
         let fresh = self.spawn_worker(&name, extra);
         let old = std::mem::replace(&mut self.workers[k], fresh);
         self.retired.push(old);
@@ -401,6 +418,16 @@ impl Sandbox {
     /// The coordinator's captured output.
     pub fn coordinator_output(&self) -> String {
         self.coordinator.output()
+    }
+
+    /// Process ids of the coordinator and every worker process the sandbox
+    /// started, exited or not (to check that none outlives the sandbox).
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(&self.coordinator)
+            .chain(&self.retired)
+            .chain(&self.workers)
+            .map(|p| p.child.id())
+            .collect()
     }
 
     /// Every process's output, coordinator first, each under a header with its

@@ -147,7 +147,10 @@ fn a_worker_with_another_config_or_dataset_is_refused() {
     let exit = sandbox.wait_for_worker_exit(k, Duration::from_secs(60));
     let worker_output = sandbox.worker_output(k);
     let logs = sandbox.logs();
-    assert!(!exit.success(), "a mismatched config must be refused:\n{logs}");
+    assert!(
+        !exit.success(),
+        "a mismatched config must be refused:\n{logs}"
+    );
     assert!(
         worker_output.contains("cannot register with the coordinator")
             && worker_output.contains(
@@ -157,7 +160,11 @@ fn a_worker_with_another_config_or_dataset_is_refused() {
     );
     let coordinator_output = sandbox.coordinator_output();
     assert!(
-        refusal_logged(&coordinator_output, "w0", "config differs from the coordinator's at training.learn_rate"),
+        refusal_logged(
+            &coordinator_output,
+            "w0",
+            "config differs from the coordinator's at training.learn_rate"
+        ),
         "the coordinator logs the refused registration with the worker's name, address and reason:\n{logs}"
     );
 
@@ -318,7 +325,9 @@ fn a_killed_worker_restarted_under_its_name_joins_again() {
     );
     let rejoined = ledger
         .commits()
-        .find(|c| c.generation > generation_at_kill && c.ranks.iter().any(|r| r.worker_name == "w1"))
+        .find(|c| {
+            c.generation > generation_at_kill && c.ranks.iter().any(|r| r.worker_name == "w1")
+        })
         .unwrap();
     assert_eq!(
         rejoined.ranks.len(),
