@@ -170,10 +170,18 @@ struct Handler(Arc<Shared>);
 impl CoordinatorHandler for Handler {
     #[instrument(level = "debug", skip_all, fields(name = %registration.worker_name))]
     async fn register(&self, registration: Registration) -> Result<Registered, ApiError> {
-        expect(self.0.apply(Event::Register(registration)), |r| match r {
+        let worker = registration.worker_name.clone();
+        let peer = registration.advertise_host.clone();
+        let result = expect(self.0.apply(Event::Register(registration)), |r| match r {
             Reply::Registered(r) => Some(r),
             _ => None,
-        })
+        });
+        // Operators see who was turned away and why here; the worker only prints it
+        // on its own machine. `peer` is the address the worker advertised.
+        if let Err(ApiError::Refused(reason)) = &result {
+            tracing::warn!(%worker, %peer, %reason, "registration refused");
+        }
+        result
     }
 
     #[instrument(level = "debug", skip_all, fields(worker = worker.0))]

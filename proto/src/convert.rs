@@ -592,7 +592,10 @@ mod tests {
             group_error: None,
         })
         .unwrap_err();
-        assert!(matches!(err, ApiError::InvalidArgument(_)), "{err}");
+        assert!(
+            matches!(&err, ApiError::InvalidArgument(m) if m.contains("want_step 4 is before next_step 5")),
+            "{err}"
+        );
         let err = Registration::try_from(pb::RegisterRequest {
             config_json: "[1]".into(),
             advertise_host: "h".into(),

@@ -730,7 +730,11 @@ fn default_json_is_the_raw_layout() {
     assert_eq!(json["data"]["db_root"], "");
     assert_eq!(json["data"]["manifest"], "");
     assert_eq!(json["data"]["loader"]["threads"], 0);
-    assert!(Config::from_json_value(&serde_json::json!([1, 2])).is_err());
+    let err = Config::from_json_value(&serde_json::json!([1, 2])).unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::Parse { message, .. } if message == "expected an object at the top level"),
+        "{err:?}"
+    );
 }
 
 #[test]

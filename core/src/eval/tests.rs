@@ -130,9 +130,31 @@ fn mismatched_inputs_are_errors_not_panics() {
     let bank = vec![vec![1.0_f32, 0.0], vec![0.0, 1.0]];
     let err = knn_scores(&bank, &[0], &[vec![1.0, 0.0]], 2, 1, 0.07).expect_err("one label short");
     assert!(err.to_string().contains("2 rows but 1 labels"), "{err}");
-    assert!(knn_scores(&bank, &[0, 5], &[vec![1.0, 0.0]], 2, 1, 0.07).is_err());
-    assert!(knn_scores(&bank, &[0, 1], &[vec![1.0, 0.0, 3.0]], 2, 1, 0.07).is_err());
-    assert!(metrics(&[vec![0.5, 0.5]], &[], 2).is_err());
-    assert!(metrics(&[vec![0.5, 0.5]], &[2], 2).is_err());
-    assert!(metrics(&[vec![1.0]], &[0], 2).is_err());
+    // Each case names its own problem, so none passes on another check's error.
+    let cases = [
+        (
+            knn_scores(&bank, &[0, 5], &[vec![1.0, 0.0]], 2, 1, 0.07).map(drop),
+            "bank label 5 is not below n_classes = 2",
+        ),
+        (
+            knn_scores(&bank, &[0, 1], &[vec![1.0, 0.0, 3.0]], 2, 1, 0.07).map(drop),
+            "feature rows differ in width",
+        ),
+        (
+            metrics(&[vec![0.5, 0.5]], &[], 2).map(drop),
+            "1 score rows but 0 labels",
+        ),
+        (
+            metrics(&[vec![0.5, 0.5]], &[2], 2).map(drop),
+            "label 2 is not below n_classes = 2",
+        ),
+        (
+            metrics(&[vec![1.0]], &[0], 2).map(drop),
+            "every score row must have n_classes = 2 entries",
+        ),
+    ];
+    for (result, expected) in cases {
+        let err = result.expect_err(expected).to_string();
+        assert!(err.contains(expected), "{err}");
+    }
 }
