@@ -1,12 +1,12 @@
 //! `hsat synth` and `hsat data check`: making and checking datasets on disk. The work
-//! is in hsat-data ([`synthesize`], [`check_dataset`]); neither path touches libtorch.
+//! is in hsat-data ([`synthesize`], [`dataset_check::check_dataset`]); neither path touches libtorch.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::bail;
 use hsat_core::config::{self, ConfigSources};
-use hsat_data::check::{CheckEvent, check_dataset};
+use hsat_data::check::{self as dataset_check, CheckEvent};
 use hsat_data::synth::{SynthFormat, SynthSpec, synthesize};
 
 use crate::progress::Progress;
@@ -98,7 +98,7 @@ pub fn check_dataset(args: CheckArgs) -> anyhow::Result<()> {
     let cfg = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
     // Started once the index is read, so the rate counts decoding only.
     let mut progress: Option<Progress> = None;
-    let report = check_dataset(&cfg.data, &mut |event| match event {
+    let report = dataset_check::check_dataset(&cfg.data, &mut |event| match event {
         CheckEvent::Indexed(index) => {
             println!(
                 "hsat data check: {} patients, {} patches, fingerprint {}",
