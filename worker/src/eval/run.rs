@@ -373,3 +373,90 @@ pub fn write_outputs(report: &EvalReport, out: &Path) -> Result<(), EvalRunError
     plot::clean_vs_robust(report, &out.join(OUTPUT_FILES[4]))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hsat_core::config::{ConfigSources, load};
+    use hsat_data::synth::{SynthFormat, SynthSpec, synthesize};
+
+    /// A request on a dataset written by the generator (`val_patients_per_class` val
+    /// patients per class) for one model at `model`.
+    fn request(root: &Path, val_patients_per_class: usize, model: &Path) -> EvalRequest {
+        let spec = SynthSpec {
+            out: root.join("data"),
+            format: SynthFormat::OpenSrh,
+            classes: 2,
+            patients_per_class: 2,
+            val_patients_per_class,
+            slides_per_patient: 1,
+            patches_per_slide: 2,
+            size: 16,
+            seed: 5,
+            stain_spread: 1.0,
+        };
+        synthesize(&spec, &mut |_, _| {}).expect("synth");
+        let sources = ConfigSources {
+            overrides: vec![
+                "data.source=opensrh".to_owned(),
+                format!("data.db_root={}", spec.out.display()),
+            ],
+            ..ConfigSources::default()
+        };
+        EvalRequest {
+            config: load(&sources).expect("config"),
+            models: vec![ModelSpec {
+                name: "hsat".to_owned(),
+                path: model.to_path_buf(),
+            }],
+            out: root.join("eval"),
+            transfer: true,
+            device: Device::Cpu,
+        }
+    }
+
+    #[test]
+    fn the_in_memory_source_is_refused_before_any_work() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut request = request(dir.path(), 1, &dir.path().join("no-model"));
+        request.config = load(&ConfigSources::default()).expect("defaults");
+        assert_eq!(request.config.data.source, DataSource::Synthetic);
+        let err = run_eval(&request, &mut |_| {}).expect_err("synthetic data");
+        assert!(matches!(err, EvalRunError::SyntheticData), "{err:?}");
+        assert!(!request.out.exists(), "nothing is written");
+    }
+
+    #[test]
+    fn an_empty_val_split_is_refused_before_models_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The model path does not exist: were models loaded first, this would be a
+        // LoadModel error instead.
+        let request = request(dir.path(), 0, &dir.path().join("no-model"));
+        let err = run_eval(&request, &mut |_| {}).expect_err("no val patches");
+        assert!(
+            matches!(err, EvalRunError::EmptySplit { train: 8, val: 0 }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_model_is_named_with_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("no-model");
+        let request = request(dir.path(), 1, &missing);
+        let mut events = 0;
+        let err = run_eval(&request, &mut |_| events += 1).expect_err("no model");
+        match &err {
+            EvalRunError::LoadModel { name, path, source } => {
+                assert_eq!(name, "hsat");
+                assert_eq!(path, &missing);
+                assert!(
+                    matches!(**source, EvalRunError::NoModel { ref path } if *path == missing),
+                    "{source:?}"
+                );
+            }
+            other => panic!("expected LoadModel, got {other:?}"),
+        }
+        assert_eq!(events, 0, "nothing was loaded or planned");
+    }
+}
