@@ -91,9 +91,7 @@ fn write_png(path: &Path, size: (u32, u32), rgb: &[u8]) -> Result<(), PlotError>
 fn render(
     path: &Path,
     size: (u32, u32),
-    draw: impl FnOnce(
-        &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
-    ) -> Result<(), PlotError>,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> Result<(), PlotError>,
 ) -> Result<(), PlotError> {
     register_fonts()?;
     let mut rgb = vec![0u8; (size.0 * size.1 * 3) as usize];

@@ -140,11 +140,9 @@ fn decode_batch(paths: &[PathBuf], spec: BatchSpec) -> Result<Vec<f32>, EvalRunE
         handles
             .into_iter()
             .map(|handle| {
-                handle.join().unwrap_or_else(|_| {
-                    Err(EvalRunError::ThreadPanicked {
-                        what: "a patch decode",
-                    })
-                })
+                handle.join().unwrap_or(Err(EvalRunError::ThreadPanicked {
+                    what: "a patch decode",
+                }))
             })
             .collect()
     });

@@ -226,9 +226,12 @@ pub fn run_eval(
     let mut banks = Vec::with_capacity(models.len());
     for model in &models {
         on_event(EvalEvent::Stage("train features"));
-        banks.push(clean_features(&model.encoder, &train, spec, &mut |done, total| {
-            on_event(EvalEvent::Progress { done, total })
-        })?);
+        banks.push(clean_features(
+            &model.encoder,
+            &train,
+            spec,
+            &mut |done, total| on_event(EvalEvent::Progress { done, total }),
+        )?);
         on_event(EvalEvent::StageDone);
     }
     let encoders: Vec<_> = models.iter().map(|m| &m.encoder).collect();
