@@ -1,14 +1,15 @@
-//! `hsat synth` and `hsat data check`: making and checking datasets on disk.
+//! `hsat synth` and `hsat data check`: making and checking datasets on disk. The work
+//! is in hsat-data ([`synthesize`], [`dataset_check::check_dataset`]); neither path touches libtorch.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use hsat_core::config::{self, ConfigSources};
-use hsat_core::dataset::{DatasetIndex, check};
-use hsat_data::image::decode_file;
+use hsat_data::check::{self as dataset_check, CheckEvent};
 use hsat_data::synth::{SynthFormat, SynthSpec, synthesize};
+
+use crate::progress::Progress;
 
 /// Options of `hsat synth`.
 #[derive(Debug, clap::Args)]
@@ -95,77 +96,31 @@ pub struct CheckArgs {
 /// Fails (non-zero exit) when the dataset has errors.
 pub fn check_dataset(args: CheckArgs) -> anyhow::Result<()> {
     let cfg = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
-    let index = DatasetIndex::load(&cfg.data).context("cannot index the dataset")?;
-    println!(
-        "hsat data check: {} patients, {} patches, fingerprint {}",
-        index.patients.len(),
-        index.num_patches(),
-        index.fingerprint
-    );
-    let mut progress = Progress::new("decoding patches");
-    let mut probe =
-        |path: &std::path::Path| decode_file(path).map(|_| ()).map_err(|e| e.to_string());
-    let report = check::check(&index, &mut probe, &mut |done, total| {
-        progress.update(done, total)
-    });
-    progress.finish();
+    // Started once the index is read, so the rate counts decoding only.
+    let mut progress: Option<Progress> = None;
+    let report = dataset_check::check_dataset(&cfg.data, &mut |event| match event {
+        CheckEvent::Indexed(index) => {
+            println!(
+                "hsat data check: {} patients, {} patches, fingerprint {}",
+                index.patients.len(),
+                index.num_patches(),
+                index.fingerprint
+            );
+            progress = Some(Progress::new("decoding patches"));
+        }
+        CheckEvent::Progress { done, total } => {
+            if let Some(progress) = progress.as_mut() {
+                progress.update(done, total);
+            }
+        }
+    })?;
+    if let Some(progress) = progress.as_mut() {
+        progress.finish();
+    }
     println!("{}", report.render());
     if !report.is_ok() {
         bail!("the dataset has errors (listed above); fix them before training");
     }
     println!("hsat data check: ok");
     Ok(())
-}
-
-/// A progress line on stderr, redrawn at most every 200 ms.
-pub struct Progress {
-    what: &'static str,
-    started: Instant,
-    last_draw: Option<Instant>,
-    drawn: bool,
-}
-
-impl Progress {
-    /// Starts a progress line for `what`.
-    pub fn new(what: &'static str) -> Self {
-        Progress {
-            what,
-            started: Instant::now(),
-            last_draw: None,
-            drawn: false,
-        }
-    }
-
-    /// Reports `done` of `total`.
-    pub fn update(&mut self, done: usize, total: usize) {
-        let now = Instant::now();
-        if self
-            .last_draw
-            .is_some_and(|t| now - t < Duration::from_millis(200))
-            && done < total
-        {
-            return;
-        }
-        self.last_draw = Some(now);
-        self.drawn = true;
-        let elapsed = (now - self.started).as_secs_f64();
-        let rate = done as f64 / elapsed.max(1e-9);
-        if done == 0 {
-            eprint!("\r{}: 0/{total}   ", self.what);
-        } else {
-            let eta = total.saturating_sub(done) as f64 / rate;
-            eprint!(
-                "\r{}: {done}/{total} ({rate:.0}/s, eta {eta:.0} s)   ",
-                self.what
-            );
-        }
-        let _ = std::io::stderr().flush();
-    }
-
-    /// Ends the line.
-    pub fn finish(&mut self) {
-        if self.drawn {
-            eprintln!();
-        }
-    }
 }

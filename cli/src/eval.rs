@@ -1,27 +1,18 @@
 //! `hsat eval`: the paper's evaluation (method.md §7) of one or more checkpoints.
 //!
-//! Loads the dataset of the config, embeds every train patch (the kNN bank) and every
-//! val patch with each model's backbone, crafts every configured white-box attack
-//! against each model, evaluates the crafted images on the model itself (white-box)
-//! and on every other model (transfer), and writes `results.json`, `table.md`,
-//! `table.csv` and two PNG plots into `--out`.
+//! Parses the models (`[NAME=]PATH`), calls [`hsat_worker::eval::run_eval`] (which
+//! writes `results.json`, `table.md`, `table.csv` and two PNG plots into `--out`),
+//! prints its progress and the table.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
-use hsat_core::config::{self, ConfigSources, DataSource, EvalAttack};
-use hsat_core::dataset::{DatasetIndex, Split, check};
-use hsat_worker::eval::{
-    BatchSpec, FeatureAttack, LoadedModel, clean_features, load_checkpoint, patches_of,
-    val_features,
-};
+use hsat_core::config::{self, ConfigSources};
+use hsat_core::eval::report::markdown_table;
+use hsat_worker::eval::run::OUTPUT_FILES;
+use hsat_worker::eval::{EvalEvent, EvalRequest, ModelSpec, run_eval};
 use tch::Device;
 
-use crate::data::Progress;
-use crate::report::{
-    self, AttackResult, Bank, DatasetSummary, EvalReport, EvalSettings, ModelResult,
-    TransferResult, ValGroups, evaluate_levels, transfer_levels,
-};
+use crate::progress::Progress;
 
 /// Options of `hsat eval`.
 #[derive(Debug, clap::Args)]
@@ -49,224 +40,77 @@ pub struct EvalArgs {
 
 /// Runs the evaluation and prints the table.
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
-    let cfg = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
-    if cfg.data.source == DataSource::Synthetic {
-        bail!(
-            "hsat eval needs a dataset on disk with a train/val split, but data.source = \"synthetic\" \
-             (generated in memory); write one with `hsat synth --out DIR` and set data.source = \"opensrh\", \
-             data.db_root = DIR"
-        );
-    }
-    tch::set_num_threads(cfg.infra.torch_threads() as i32);
-    let device = Device::cuda_if_available();
-
-    let index = DatasetIndex::load(&cfg.data).context("cannot index the dataset")?;
-    let quick = check::quick_check(&index);
-    if !quick.is_ok() {
-        println!("{}", quick.render());
-        bail!("the dataset has errors (listed above); `hsat data check` gives the full report");
-    }
-    let train = patches_of(&index, Split::Train);
-    let val = patches_of(&index, Split::Val);
-    if train.is_empty() || val.is_empty() {
-        bail!(
-            "the dataset has {} train and {} val patches: the kNN evaluation needs both \
-             (check the split file)",
-            train.len(),
-            val.len()
-        );
-    }
-    let groups = ValGroups {
-        labels: val.iter().map(|p| p.label).collect(),
-        slides: val.iter().map(|p| p.slide.clone()).collect(),
-        patients: val.iter().map(|p| p.patient.clone()).collect(),
-    };
-    let train_labels: Vec<usize> = train.iter().map(|p| p.label).collect();
-    let mut val_slides = groups.slides.clone();
-    val_slides.sort();
-    val_slides.dedup();
-    let mut val_patients = groups.patients.clone();
-    val_patients.sort();
-    val_patients.dedup();
-
-    let mut names = Vec::new();
-    let mut models: Vec<LoadedModel> = Vec::new();
-    for (i, spec) in args.checkpoints.iter().enumerate() {
-        let (name, path) = split_name(spec, i);
-        let model = load_checkpoint(Path::new(&path), &cfg.model, device)
-            .with_context(|| format!("cannot load the model {name:?} from {path}"))?;
-        if let Some(trained_on) = model
-            .meta
-            .as_ref()
-            .and_then(|m| m.dataset_fingerprint.as_ref())
-            && *trained_on != index.fingerprint
-        {
-            println!(
-                "hsat eval: note: {name} was trained on another dataset (fingerprint {}), evaluating on {}",
-                &trained_on[..12.min(trained_on.len())],
-                &index.fingerprint[..12.min(index.fingerprint.len())]
-            );
-        }
-        println!(
-            "hsat eval: model {name}: {} ({}), step {}",
-            model.dir.display(),
-            model.encoder.kind(),
-            model
-                .meta
-                .as_ref()
-                .map_or("unknown".to_owned(), |m| m.step.to_string())
-        );
-        names.push(name);
-        models.push(model);
-    }
-    if names
-        .iter()
-        .enumerate()
-        .any(|(i, n)| names[..i].contains(n))
-    {
-        bail!("two models are named alike ({names:?}): name them with --checkpoint NAME=PATH");
-    }
-
-    let e = &cfg.eval;
-    let attacks: Vec<FeatureAttack> = e
-        .attacks
-        .iter()
-        .flat_map(|&kind| {
-            e.eps_255.iter().map(move |&eps| FeatureAttack {
-                kind,
-                eps: eps / 255.0,
-                alpha: match kind {
-                    EvalAttack::Fgsm => e.fgsm_alpha_255,
-                    _ => e.alpha_255,
-                } / 255.0,
-                steps: e.steps,
-                decay: e.mifgsm_decay,
-                target: e.attack_target,
+    let config = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
+    let request = EvalRequest {
+        config,
+        models: args
+            .checkpoints
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let (name, path) = split_name(spec, i);
+                ModelSpec {
+                    name,
+                    path: PathBuf::from(path),
+                }
             })
-        })
-        .collect();
-    let spec = BatchSpec {
-        image_size: cfg.data.image_size,
-        batch_size: e.batch_size,
-        threads: e.decode_threads(),
+            .collect(),
+        out: args.out,
+        transfer: !args.no_transfer,
+        device: Device::cuda_if_available(),
     };
-    println!(
-        "hsat eval: {} train patches (kNN bank), {} val patches in {} slides of {} patients; \
-         k = {}, T = {}; {} attacks x {} eps, {} steps; {} torch threads",
-        train.len(),
-        val.len(),
-        val_slides.len(),
-        val_patients.len(),
-        e.knn_k,
-        e.knn_temperature,
-        e.attacks.len(),
-        e.eps_255.len(),
-        e.steps,
-        cfg.infra.torch_threads()
-    );
-
-    let mut banks = Vec::with_capacity(models.len());
-    for model in &models {
-        let mut progress = Progress::new("train features");
-        banks.push(clean_features(
-            &model.encoder,
-            &train,
-            spec,
-            &mut |d, t| progress.update(d, t),
-        )?);
-        progress.finish();
-    }
-    let encoders: Vec<_> = models.iter().map(|m| &m.encoder).collect();
-    let transfer = !args.no_transfer && models.len() > 1;
-    let mut progress = Progress::new(if attacks.is_empty() {
-        "val features"
-    } else {
-        "val features + attacks"
-    });
-    let features = val_features(
-        &encoders,
-        &val,
-        &attacks,
-        transfer,
-        cfg.infra.seed,
-        spec,
-        &mut |d, t| progress.update(d, t),
-    )?;
-    progress.finish();
-
-    let bank = |m: usize| Bank {
-        features: &banks[m],
-        labels: &train_labels,
-        n_classes: index.classes.len(),
-        k: e.knn_k,
-        t: e.knn_temperature,
-        threads: spec.threads,
-    };
-    let mut results = Vec::with_capacity(models.len());
-    for (m, model) in models.iter().enumerate() {
-        let clean = evaluate_levels(bank(m), &features.clean[m], &groups)?;
-        let mut attack_results = Vec::new();
-        for (a, attack) in attacks.iter().enumerate() {
-            if let Some(rows) = features.adversarial.get(&(m, a, m)) {
-                attack_results.push(AttackResult {
-                    attack: attack.kind.name().to_owned(),
-                    eps_255: attack.eps * 255.0,
-                    levels: evaluate_levels(bank(m), rows, &groups)?,
-                });
+    let mut progress: Option<Progress> = None;
+    let report = run_eval(&request, &mut |event| match event {
+        EvalEvent::OtherDataset {
+            model,
+            trained_on,
+            evaluating_on,
+        } => println!(
+            "hsat eval: note: {model} was trained on another dataset (fingerprint {}), evaluating on {}",
+            &trained_on[..12.min(trained_on.len())],
+            &evaluating_on[..12.min(evaluating_on.len())]
+        ),
+        EvalEvent::ModelLoaded {
+            model,
+            dir,
+            backbone,
+            step,
+        } => println!(
+            "hsat eval: model {model}: {} ({backbone}), step {}",
+            dir.display(),
+            step.map_or("unknown".to_owned(), |s| s.to_string())
+        ),
+        EvalEvent::Plan(plan) => println!(
+            "hsat eval: {} train patches (kNN bank), {} val patches in {} slides of {} patients; \
+             k = {}, T = {}; {} attacks x {} eps, {} steps; {} torch threads",
+            plan.train_patches,
+            plan.val_patches,
+            plan.val_slides,
+            plan.val_patients,
+            plan.knn_k,
+            plan.knn_temperature,
+            plan.attacks,
+            plan.eps,
+            plan.steps,
+            plan.torch_threads
+        ),
+        EvalEvent::Stage(what) => progress = Some(Progress::new(what)),
+        EvalEvent::Progress { done, total } => {
+            if let Some(progress) = progress.as_mut() {
+                progress.update(done, total);
             }
         }
-        results.push(ModelResult {
-            name: names[m].clone(),
-            checkpoint: model.dir.display().to_string(),
-            backbone: model.encoder.kind().name().to_owned(),
-            step: model.meta.as_ref().map(|meta| meta.step),
-            clean,
-            attacks: attack_results,
-        });
-    }
-    let mut transfers = Vec::new();
-    for (&(s, a, t), rows) in &features.adversarial {
-        if s == t {
-            continue;
+        EvalEvent::StageDone => {
+            if let Some(mut progress) = progress.take() {
+                progress.finish();
+            }
         }
-        let adversarial = evaluate_levels(bank(t), rows, &groups)?;
-        transfers.push(TransferResult {
-            source: names[s].clone(),
-            target: names[t].clone(),
-            attack: attacks[a].kind.name().to_owned(),
-            eps_255: attacks[a].eps * 255.0,
-            levels: transfer_levels(&results[t].clean, adversarial),
-        });
-    }
-
-    let report = EvalReport {
-        settings: EvalSettings {
-            knn_k: e.knn_k,
-            knn_temperature: e.knn_temperature,
-            alpha_255: e.alpha_255,
-            steps: e.steps,
-            fgsm_alpha_255: e.fgsm_alpha_255,
-            mifgsm_decay: e.mifgsm_decay,
-            attack_target: e.attack_target.name().to_owned(),
-            seed: cfg.infra.seed,
-            image_size: cfg.data.image_size,
-        },
-        dataset: DatasetSummary {
-            classes: index.classes.clone(),
-            train_patches: train.len(),
-            val_patches: val.len(),
-            val_slides: val_slides.len(),
-            val_patients: val_patients.len(),
-            fingerprint: index.fingerprint.clone(),
-        },
-        models: results,
-        transfer: transfers,
-    };
-    write_outputs(&report, &args.out)?;
-    println!("\n{}", report::markdown_table(&report));
+    })?;
+    println!("\n{}", markdown_table(&report));
+    let out = request.out.display();
     println!(
-        "hsat eval: wrote {0}/results.json, {0}/table.md, {0}/table.csv, {0}/accuracy_vs_eps.png, {0}/clean_vs_robust.png",
-        args.out.display()
+        "hsat eval: wrote {}",
+        OUTPUT_FILES.map(|file| format!("{out}/{file}")).join(", ")
     );
     Ok(())
 }
@@ -286,21 +130,6 @@ fn split_name(spec: &str, i: usize) -> (String, String) {
         .find(|c| !c.starts_with("step-") && *c != "checkpoints" && !c.ends_with(".safetensors"))
         .map_or_else(|| format!("model{}", i + 1), str::to_owned);
     (name, spec.to_owned())
-}
-
-fn write_outputs(report: &EvalReport, out: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let json = serde_json::to_string_pretty(report).context("serialising the results")?;
-    let write = |name: &str, text: &str| {
-        let path = out.join(name);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
-    };
-    write("results.json", &json)?;
-    write("table.md", &report::markdown_table(report))?;
-    write("table.csv", &report::csv_table(report))?;
-    report::plot::accuracy_vs_eps(report, &out.join("accuracy_vs_eps.png"))?;
-    report::plot::clean_vs_robust(report, &out.join("clean_vs_robust.png"))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@
 //! - [`data`]: `hsat synth` and `hsat data check`.
 //! - [`bench`]: `hsat bench step|data`, benchmarks against PyTorch.
 //! - [`bench_sync`]: `hsat bench sync`, gradient synchronisation against PyTorch DDP.
-//! - [`eval`] (+ [`report`]): `hsat eval`, the paper's kNN and robustness tables.
+//! - [`eval`]: `hsat eval`, the paper's kNN and robustness tables.
+//! - [`progress`]: the progress line of long stages.
 
 mod bench;
 mod bench_control;
@@ -17,7 +18,7 @@ mod bench_sync;
 mod cluster;
 mod data;
 mod eval;
-mod report;
+mod progress;
 mod run;
 
 use std::path::PathBuf;

@@ -10,11 +10,15 @@
 //! - [`loader`]: a step plan -> decode jobs (pure), a pool of decode threads, the jobs'
 //!   results -> one batch with the fallback rules applied (pure), a prefetch queue.
 //! - [`synth`]: `hsat synth`, a generator of realistic datasets on disk.
+//! - [`check`]: `hsat data check`, the index and every patch decoded, with a report.
+//! - [`plot`]: the PNG plots of an `hsat eval` report.
 //! - [`error`]: the loader's error type.
 
+pub mod check;
 pub mod error;
 pub mod image;
 pub mod loader;
+pub mod plot;
 pub mod synth;
 
 pub use error::DataError;

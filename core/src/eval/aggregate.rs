@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{EvalError, l1_normalise};
+use super::{EvalInputError, l1_normalise};
 
 /// Scores of groups (slides or patients), sorted by group id.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,16 +20,16 @@ pub struct Aggregated {
 ///
 /// # Errors
 ///
-/// [`EvalError::LengthMismatch`] if `groups` or `labels` do not have one entry per
-/// score row; [`EvalError::MixedLabels`] if a group's patches disagree on the label.
+/// [`EvalInputError::LengthMismatch`] if `groups` or `labels` do not have one entry per
+/// score row; [`EvalInputError::MixedLabels`] if a group's patches disagree on the label.
 pub fn aggregate(
     scores: &[Vec<f64>],
     groups: &[String],
     labels: &[usize],
-) -> Result<Aggregated, EvalError> {
+) -> Result<Aggregated, EvalInputError> {
     for (what, got) in [("groups", groups.len()), ("labels", labels.len())] {
         if got != scores.len() {
-            return Err(EvalError::LengthMismatch {
+            return Err(EvalInputError::LengthMismatch {
                 what,
                 got,
                 expected: scores.len(),
@@ -45,7 +45,7 @@ pub fn aggregate(
             }
             Some((sum, first)) => {
                 if *first != label {
-                    return Err(EvalError::MixedLabels {
+                    return Err(EvalInputError::MixedLabels {
                         group: group.clone(),
                         first: *first,
                         second: label,

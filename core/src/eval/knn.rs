@@ -1,6 +1,6 @@
 //! kNN class scores (method.md §7.2).
 
-use super::{EvalError, l1_normalise};
+use super::{EvalInputError, l1_normalise};
 
 /// Smallest norm a feature row is divided by (as `torch.nn.functional.normalize`).
 const NORM_EPS: f64 = 1e-12;
@@ -16,7 +16,7 @@ const NORM_EPS: f64 = 1e-12;
 ///
 /// # Errors
 ///
-/// [`EvalError::BadInput`] if `bank_labels` is not as long as `bank`, a label is
+/// [`EvalInputError::BadInput`] if `bank_labels` is not as long as `bank`, a label is
 /// `>= n_classes`, or a row's width differs from the first bank row's.
 pub fn knn_scores(
     bank: &[Vec<f32>],
@@ -25,16 +25,16 @@ pub fn knn_scores(
     n_classes: usize,
     k: usize,
     t: f64,
-) -> Result<Vec<Vec<f64>>, EvalError> {
+) -> Result<Vec<Vec<f64>>, EvalInputError> {
     if bank.len() != bank_labels.len() {
-        return Err(EvalError::BadInput(format!(
+        return Err(EvalInputError::BadInput(format!(
             "the bank has {} rows but {} labels: pass one label per bank row",
             bank.len(),
             bank_labels.len()
         )));
     }
     if let Some(label) = bank_labels.iter().find(|&&label| label >= n_classes) {
-        return Err(EvalError::BadInput(format!(
+        return Err(EvalInputError::BadInput(format!(
             "bank label {label} is not below n_classes = {n_classes}"
         )));
     }
@@ -44,7 +44,7 @@ pub fn knn_scores(
         .chain(queries)
         .find(|row| Some(row.len()) != width && width.is_some())
     {
-        return Err(EvalError::BadInput(format!(
+        return Err(EvalInputError::BadInput(format!(
             "feature rows differ in width ({} vs {}): bank and queries must come from one backbone",
             row.len(),
             width.unwrap_or_default()

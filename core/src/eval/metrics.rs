@@ -1,6 +1,6 @@
 //! The metrics of the paper's tables (method.md §7.4).
 
-use super::EvalError;
+use super::EvalInputError;
 
 /// The metrics of one level (patch, slide or patient).
 ///
@@ -37,27 +37,27 @@ pub fn ranked_classes(row: &[f64]) -> Vec<usize> {
 ///
 /// # Errors
 ///
-/// [`EvalError::BadInput`] if `labels` is not as long as `scores`, a label is
+/// [`EvalInputError::BadInput`] if `labels` is not as long as `scores`, a label is
 /// `>= n_classes` or a score row is not `n_classes` long.
 pub fn metrics(
     scores: &[Vec<f64>],
     labels: &[usize],
     n_classes: usize,
-) -> Result<Metrics, EvalError> {
+) -> Result<Metrics, EvalInputError> {
     if scores.len() != labels.len() {
-        return Err(EvalError::BadInput(format!(
+        return Err(EvalInputError::BadInput(format!(
             "{} score rows but {} labels: pass one label per row",
             scores.len(),
             labels.len()
         )));
     }
     if scores.iter().any(|row| row.len() != n_classes) {
-        return Err(EvalError::BadInput(format!(
+        return Err(EvalInputError::BadInput(format!(
             "every score row must have n_classes = {n_classes} entries"
         )));
     }
     if let Some(label) = labels.iter().find(|&&label| label >= n_classes) {
-        return Err(EvalError::BadInput(format!(
+        return Err(EvalInputError::BadInput(format!(
             "label {label} is not below n_classes = {n_classes}"
         )));
     }

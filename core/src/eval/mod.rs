@@ -12,11 +12,16 @@
 //!    softmax, summed per group, L1-normalised;
 //! 3. [`metrics`] at each of the three levels.
 //!
+//! [`report`] holds the results of `hsat eval` built from these numbers (per model,
+//! attack and level) and their Markdown and CSV tables; the worker's
+//! `hsat_worker::eval::run_eval` produces the features and calls it.
+//!
 //! Conventions are listed in `README.md` beside this file.
 
 mod aggregate;
 mod knn;
 mod metrics;
+pub mod report;
 
 #[cfg(test)]
 mod tests;
@@ -25,9 +30,11 @@ pub use aggregate::{Aggregated, aggregate};
 pub use knn::knn_scores;
 pub use metrics::{Metrics, average_precision, metrics, ranked_classes};
 
-/// Why scores cannot be aggregated.
+/// Inputs the evaluation math cannot work with (mismatched lengths, labels out of
+/// range, a group with two labels): a bug or a broken dataset upstream, not a
+/// property of the model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EvalError {
+pub enum EvalInputError {
     /// Inputs that do not fit together (lengths, label range, row widths).
     #[error("{0}")]
     BadInput(String),

@@ -113,7 +113,7 @@ fn aggregate_rejects_mixed_labels_and_bad_lengths() {
     let groups: Vec<String> = ["p", "p"].map(String::from).to_vec();
     assert_eq!(
         aggregate(&scores, &groups, &[0, 1]),
-        Err(EvalError::MixedLabels {
+        Err(EvalInputError::MixedLabels {
             group: "p".into(),
             first: 0,
             second: 1
@@ -121,7 +121,7 @@ fn aggregate_rejects_mixed_labels_and_bad_lengths() {
     );
     assert!(matches!(
         aggregate(&scores, &groups[..1], &[0, 0]),
-        Err(EvalError::LengthMismatch { what: "groups", .. })
+        Err(EvalInputError::LengthMismatch { what: "groups", .. })
     ));
 }
 

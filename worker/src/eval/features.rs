@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
-use super::EvalError;
+use super::EvalRunError;
 use super::attack::{FeatureAttack, random_start, start_seed};
 use super::images::{BatchSpec, ImageBatch, ImageBatches, PatchRecord};
 use crate::model::Encoder;
@@ -31,7 +31,7 @@ pub fn clean_features(
     patches: &[PatchRecord],
     spec: BatchSpec,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<Rows, EvalError> {
+) -> Result<Rows, EvalRunError> {
     let mut rows = Vec::with_capacity(patches.len());
     let total = patches.len();
     progress(0, total);
@@ -59,7 +59,7 @@ pub fn val_features(
     seed: u64,
     spec: BatchSpec,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<ValFeatures, EvalError> {
+) -> Result<ValFeatures, EvalRunError> {
     let mut out = ValFeatures {
         clean: vec![Vec::with_capacity(patches.len()); models.len()],
         adversarial: BTreeMap::new(),
@@ -108,7 +108,7 @@ fn paths(patches: &[PatchRecord]) -> Vec<std::path::PathBuf> {
 }
 
 /// `[len, 3, size, size]` on `device`.
-fn to_tensor(batch: &ImageBatch, size: usize, device: Device) -> Result<Tensor, EvalError> {
+fn to_tensor(batch: &ImageBatch, size: usize, device: Device) -> Result<Tensor, EvalRunError> {
     let side = size as i64;
     Ok(Tensor::from_slice(&batch.data)
         .f_reshape([batch.len as i64, 3, side, side])?
@@ -116,14 +116,12 @@ fn to_tensor(batch: &ImageBatch, size: usize, device: Device) -> Result<Tensor, 
 }
 
 /// Rows of a `[N, D]` tensor.
-fn to_rows(features: &Tensor) -> Result<Rows, EvalError> {
+fn to_rows(features: &Tensor) -> Result<Rows, EvalRunError> {
     let size = features.size();
     let (n, d) = match size.as_slice() {
         [n, d] => (*n as usize, *d as usize),
         _ => {
-            return Err(EvalError::Bad(format!(
-                "expected features [N, D], got {size:?}"
-            )));
+            return Err(EvalRunError::FeatureShape { shape: size });
         }
     };
     let flat = features

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, bounded};
 use hsat_core::dataset::{DatasetIndex, Split};
 
-use super::EvalError;
+use super::EvalRunError;
 use hsat_data::image::{base_process, decode_file, resize_to};
 
 /// One patch of the evaluation, with the ids it is aggregated under.
@@ -69,13 +69,13 @@ pub struct ImageBatch {
 /// that spreads each batch's decoding over `threads` scoped threads.
 #[derive(Debug)]
 pub struct ImageBatches {
-    receiver: Option<Receiver<Result<ImageBatch, EvalError>>>,
+    receiver: Option<Receiver<Result<ImageBatch, EvalRunError>>>,
     producer: Option<JoinHandle<()>>,
 }
 
 impl ImageBatches {
     /// Starts decoding `patches`.
-    pub fn start(patches: Vec<PathBuf>, spec: BatchSpec) -> Result<Self, EvalError> {
+    pub fn start(patches: Vec<PathBuf>, spec: BatchSpec) -> Result<Self, EvalRunError> {
         let (sender, receiver) = bounded(1);
         let producer = std::thread::Builder::new()
             .name("hsat-eval-decode".into())
@@ -93,7 +93,7 @@ impl ImageBatches {
                     }
                 }
             })
-            .map_err(|e| EvalError::Bad(format!("cannot start the decode thread: {e}")))?;
+            .map_err(EvalRunError::DecodeThread)?;
         Ok(ImageBatches {
             receiver: Some(receiver),
             producer: Some(producer),
@@ -102,7 +102,7 @@ impl ImageBatches {
 }
 
 impl Iterator for ImageBatches {
-    type Item = Result<ImageBatch, EvalError>;
+    type Item = Result<ImageBatch, EvalRunError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         self.receiver.as_ref()?.recv().ok()
@@ -120,11 +120,11 @@ impl Drop for ImageBatches {
 }
 
 /// Decodes `paths` on up to `spec.threads` threads; the images in order.
-fn decode_batch(paths: &[PathBuf], spec: BatchSpec) -> Result<Vec<f32>, EvalError> {
+fn decode_batch(paths: &[PathBuf], spec: BatchSpec) -> Result<Vec<f32>, EvalRunError> {
     let per_image = 3 * spec.image_size * spec.image_size;
     let threads = spec.threads.clamp(1, paths.len().max(1));
     let per_thread = paths.len().div_ceil(threads).max(1);
-    let parts: Vec<Result<Vec<f32>, EvalError>> = std::thread::scope(|scope| {
+    let parts: Vec<Result<Vec<f32>, EvalRunError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = paths
             .chunks(per_thread)
             .map(|part| {
@@ -140,9 +140,9 @@ fn decode_batch(paths: &[PathBuf], spec: BatchSpec) -> Result<Vec<f32>, EvalErro
         handles
             .into_iter()
             .map(|handle| {
-                handle
-                    .join()
-                    .unwrap_or_else(|_| Err(EvalError::Bad("a decode thread panicked".to_owned())))
+                handle.join().unwrap_or(Err(EvalRunError::ThreadPanicked {
+                    what: "a patch decode",
+                }))
             })
             .collect()
     });
@@ -154,8 +154,8 @@ fn decode_batch(paths: &[PathBuf], spec: BatchSpec) -> Result<Vec<f32>, EvalErro
 }
 
 /// One patch: decoded, base-processed, resized to `size` if needed (CHW).
-pub fn load(path: &std::path::Path, size: usize) -> Result<Vec<f32>, EvalError> {
-    let decoded = decode_file(path).map_err(|source| EvalError::Patch {
+pub fn load(path: &std::path::Path, size: usize) -> Result<Vec<f32>, EvalRunError> {
+    let decoded = decode_file(path).map_err(|source| EvalRunError::Patch {
         path: path.to_owned(),
         source,
     })?;

@@ -5,9 +5,11 @@
 //! - [`optim`]: AdamW as PyTorch computes it.
 //! - [`step`]: one min-max step in the three outer modes.
 //! - [`trainer`]: the single-worker loop with schedules and checkpoints.
+//! - [`run`]: `hsat run` in one process: batch source, the loop, data-wait summary.
 
 pub mod attack;
 pub mod loss;
 pub mod optim;
+pub mod run;
 pub mod step;
 pub mod trainer;

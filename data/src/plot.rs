@@ -1,4 +1,4 @@
-//! PNG plots of an [`EvalReport`], drawn with `plotters` into an RGB buffer and
+//! PNG plots of an `hsat eval` report ([`EvalReport`]), drawn with `plotters` into an RGB buffer and
 //! encoded with `png`. Text uses DejaVu Sans from the `dejavu` crate, registered with
 //! plotters' `ab_glyph` backend: no system font is needed on a fresh machine.
 //!
@@ -6,15 +6,37 @@
 //!   model and attack.
 //! - [`clean_vs_robust`]: per level, clean and strongest-PGD accuracy of each model
 //!   side by side.
+//!
+//! They live here rather than beside the report types in `hsat_core::eval::report`
+//! because they need `plotters`, a font and `png`: this crate already encodes PNG
+//! and is built only by the commands that evaluate, while hsat-core is built into
+//! the coordinator too, which draws nothing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use anyhow::{Context, anyhow};
+use hsat_core::eval::report::{EvalReport, LEVELS, attack_title, find_attack, level};
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
-use super::{EvalReport, LEVELS, attack_title, level};
+/// Why a plot could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    /// The font embedded in the binary was rejected by the text renderer.
+    #[error("the embedded DejaVu Sans font did not load: the build is broken, rebuild hsat")]
+    Font,
+    /// plotters refused to draw (its errors borrow the canvas, so only the text is kept).
+    #[error("drawing the plot failed: {0}")]
+    Draw(String),
+    /// The PNG file could not be created or written.
+    #[error("cannot write {}: {source}; check that the output directory is writable", path.display())]
+    Write {
+        /// The PNG file.
+        path: PathBuf,
+        /// What the file system or the encoder said.
+        source: png::EncodingError,
+    },
+}
 
 /// The family name the embedded font is registered under.
 const FONT: &str = "sans-serif";
@@ -30,7 +52,7 @@ const MODEL_COLOURS: [RGBColor; 6] = [
     RGBColor(86, 180, 233),
 ];
 
-fn register_fonts() -> anyhow::Result<()> {
+fn register_fonts() -> Result<(), PlotError> {
     static ONCE: Once = Once::new();
     let mut outcome = Ok(());
     ONCE.call_once(|| {
@@ -39,7 +61,7 @@ fn register_fonts() -> anyhow::Result<()> {
             (FontStyle::Bold, dejavu::sans::bold()),
         ] {
             if register_font(FONT, style, bytes).is_err() {
-                outcome = Err(anyhow!("the embedded DejaVu Sans font did not load"));
+                outcome = Err(PlotError::Font);
             }
         }
     });
@@ -51,29 +73,26 @@ fn colour(model: usize) -> RGBColor {
 }
 
 /// Writes an RGB buffer of `size` as a PNG file.
-fn write_png(path: &Path, size: (u32, u32), rgb: &[u8]) -> anyhow::Result<()> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+fn write_png(path: &Path, size: (u32, u32), rgb: &[u8]) -> Result<(), PlotError> {
+    let failed = |source: png::EncodingError| PlotError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::create(path).map_err(|e| failed(e.into()))?;
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), size.0, size.1);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder
-        .write_header()
-        .with_context(|| format!("writing {}", path.display()))?;
-    writer
-        .write_image_data(rgb)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writer
-        .finish()
-        .with_context(|| format!("writing {}", path.display()))
+    let mut writer = encoder.write_header().map_err(failed)?;
+    writer.write_image_data(rgb).map_err(failed)?;
+    writer.finish().map_err(failed)
 }
 
 /// Draws `draw` on a white canvas of `size` and saves it as PNG at `path`.
 fn render(
     path: &Path,
     size: (u32, u32),
-    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> Result<(), PlotError>,
+) -> Result<(), PlotError> {
     register_fonts()?;
     let mut rgb = vec![0u8; (size.0 * size.1 * 3) as usize];
     {
@@ -85,12 +104,12 @@ fn render(
     write_png(path, size, &rgb)
 }
 
-fn plot_error<E: std::fmt::Debug>(err: E) -> anyhow::Error {
-    anyhow!("drawing the plot failed: {err:?}")
+fn plot_error<E: std::fmt::Debug>(err: E) -> PlotError {
+    PlotError::Draw(format!("{err:?}"))
 }
 
 /// The series legend, the same on every panel of both plots.
-fn draw_legend<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>) -> anyhow::Result<()>
+fn draw_legend<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>) -> Result<(), PlotError>
 where
     DB: DrawingBackend + 'a,
     CT: plotters::coord::CoordTranslate,
@@ -108,7 +127,7 @@ where
 /// Accuracy (%) against eps (units of 1/255, 0 = clean) at each level: a line per
 /// model and attack: colour = attack; line style and marker = model (solid and
 /// circles for the first model, dashed and triangles for the second).
-pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
+pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> Result<(), PlotError> {
     let max_eps = report
         .models
         .iter()
@@ -199,7 +218,7 @@ pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
 
 /// Clean accuracy and accuracy under the strongest PGD of the report (largest eps; the
 /// first attack when PGD was not run) for each model, at each level.
-pub fn clean_vs_robust(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
+pub fn clean_vs_robust(report: &EvalReport, path: &Path) -> Result<(), PlotError> {
     let strongest = report
         .models
         .first()
@@ -255,7 +274,7 @@ pub fn clean_vs_robust(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
                     level(&model.clean, level_name).map_or(f64::NAN, |l| 100.0 * l.accuracy);
                 let robust = strongest
                     .as_ref()
-                    .and_then(|(a, e)| super::find(model, a, *e))
+                    .and_then(|(a, e)| find_attack(model, a, *e))
                     .and_then(|a| level(&a.levels, level_name))
                     .map_or(f64::NAN, |l| 100.0 * l.accuracy);
                 let x = m as f64;

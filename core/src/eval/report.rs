@@ -1,14 +1,16 @@
-//! The results of `hsat eval` and how they are written: JSON for machines, Markdown
-//! and CSV tables laid out like the paper's Table 1, PNG plots ([`plot`]).
+//! The results of `hsat eval` and their tables: the report types (serialised as
+//! `results.json`), the per-level evaluation of one set of val features against a
+//! train bank, and Markdown and CSV tables laid out like the paper's Table 1.
 //!
-//! Everything here is plain data; the numbers come from `hsat_core::eval`.
-
-pub mod plot;
+//! Everything here is plain data and pure functions over the math of this module's
+//! parent; the features come from the worker, the PNG plots are drawn by
+//! `hsat_data::plot` (which keeps the plotting and font crates out of this crate).
 
 use std::fmt::Write as _;
 
-use hsat_core::eval::{EvalError, Metrics, aggregate, knn_scores, metrics};
 use serde::Serialize;
+
+use super::{EvalInputError, Metrics, aggregate, knn_scores, metrics};
 
 /// The three levels of the paper's tables, in table order.
 pub const LEVELS: [&str; 3] = ["patch", "slide", "patient"];
@@ -182,7 +184,7 @@ pub fn evaluate_levels(
     bank: Bank<'_>,
     queries: &[Vec<f32>],
     groups: &ValGroups,
-) -> Result<Levels, EvalError> {
+) -> Result<Levels, EvalInputError> {
     let scores = parallel_knn(bank, queries)?;
     let patch = metrics(&scores, &groups.labels, bank.n_classes)?;
     let slides = aggregate(&scores, &groups.slides, &groups.labels)?;
@@ -198,10 +200,10 @@ pub fn evaluate_levels(
 
 /// [`knn_scores`] with the queries split over `bank.threads` threads (each query is
 /// independent, so the result is the same as one call).
-fn parallel_knn(bank: Bank<'_>, queries: &[Vec<f32>]) -> Result<Vec<Vec<f64>>, EvalError> {
+fn parallel_knn(bank: Bank<'_>, queries: &[Vec<f32>]) -> Result<Vec<Vec<f64>>, EvalInputError> {
     let threads = bank.threads.clamp(1, queries.len().max(1));
     let per_thread = queries.len().div_ceil(threads).max(1);
-    let parts: Vec<Result<Vec<Vec<f64>>, EvalError>> = std::thread::scope(|scope| {
+    let parts: Vec<Result<Vec<Vec<f64>>, EvalInputError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = queries
             .chunks(per_thread)
             .map(|part| {
@@ -221,7 +223,7 @@ fn parallel_knn(bank: Bank<'_>, queries: &[Vec<f32>]) -> Result<Vec<Vec<f64>>, E
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(EvalError::BadInput("a kNN thread panicked".to_owned()))
+                    Err(EvalInputError::BadInput("a kNN thread panicked".to_owned()))
                 })
             })
             .collect()
@@ -297,14 +299,16 @@ fn columns(report: &EvalReport) -> Vec<(String, f64)> {
     })
 }
 
-fn find<'a>(model: &'a ModelResult, attack: &str, eps: f64) -> Option<&'a AttackResult> {
+/// The result of `attack` at `eps` (units of 1/255) of `model`, if it was run.
+pub fn find_attack<'a>(model: &'a ModelResult, attack: &str, eps: f64) -> Option<&'a AttackResult> {
     model
         .attacks
         .iter()
         .find(|a| a.attack == attack && a.eps_255 == eps)
 }
 
-fn level<'a>(levels: &'a Levels, name: &str) -> Option<&'a LevelResult> {
+/// The level called `name` (`patch`, `slide` or `patient`) of `levels`.
+pub fn level<'a>(levels: &'a Levels, name: &str) -> Option<&'a LevelResult> {
     levels.iter().find(|l| l.level == name)
 }
 
@@ -337,7 +341,7 @@ pub fn markdown_table(report: &EvalReport) -> String {
                 clean.map_or("n/a".into(), |l| pct(l.mean_class_accuracy))
             );
             for (attack, eps) in &cols {
-                let result = find(model, attack, *eps).and_then(|a| level(&a.levels, name));
+                let result = find_attack(model, attack, *eps).and_then(|a| level(&a.levels, name));
                 let _ = write!(
                     row,
                     " {} | {} |",
@@ -386,7 +390,7 @@ pub fn csv_table(report: &EvalReport) -> String {
             cells.push(clean.map_or(String::new(), |l| csv_pct(l.accuracy)));
             cells.push(clean.map_or(String::new(), |l| csv_pct(l.mean_class_accuracy)));
             for (attack, eps) in &cols {
-                let result = find(model, attack, *eps).and_then(|a| level(&a.levels, name));
+                let result = find_attack(model, attack, *eps).and_then(|a| level(&a.levels, name));
                 cells.push(result.map_or(String::new(), |l| csv_pct(l.accuracy)));
                 cells.push(result.map_or(String::new(), |l| csv_pct(l.mean_class_accuracy)));
             }
