@@ -651,6 +651,40 @@ impl Default for Config {
     }
 }
 
+/// Cores this process may use (at least 1).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A thread-count setting where 0 means one per core: the one place that decides it.
+fn threads_or_cores(configured: usize) -> usize {
+    match configured {
+        0 => available_cores(),
+        n => n,
+    }
+}
+
+impl InfraConfig {
+    /// torch intra-op threads (`infra.threads`; 0 = all cores).
+    pub fn torch_threads(&self) -> usize {
+        threads_or_cores(self.threads)
+    }
+}
+
+impl LoaderConfig {
+    /// Decode/augment threads (`data.loader.threads`; 0 = one per core).
+    pub fn decode_threads(&self) -> usize {
+        threads_or_cores(self.threads)
+    }
+}
+
+impl EvalConfig {
+    /// Decode threads of the evaluation (`eval.threads`; 0 = one per core).
+    pub fn decode_threads(&self) -> usize {
+        threads_or_cores(self.threads)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -742,36 +776,3 @@ mod tests {
     }
 }
 
-/// Cores this process may use (at least 1).
-pub fn available_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// A thread-count setting where 0 means one per core: the one place that decides it.
-fn threads_or_cores(configured: usize) -> usize {
-    match configured {
-        0 => available_cores(),
-        n => n,
-    }
-}
-
-impl InfraConfig {
-    /// torch intra-op threads (`infra.threads`; 0 = all cores).
-    pub fn torch_threads(&self) -> usize {
-        threads_or_cores(self.threads)
-    }
-}
-
-impl LoaderConfig {
-    /// Decode/augment threads (`data.loader.threads`; 0 = one per core).
-    pub fn decode_threads(&self) -> usize {
-        threads_or_cores(self.threads)
-    }
-}
-
-impl EvalConfig {
-    /// Decode threads of the evaluation (`eval.threads`; 0 = one per core).
-    pub fn decode_threads(&self) -> usize {
-        threads_or_cores(self.threads)
-    }
-}
