@@ -35,7 +35,10 @@ impl Backoff {
     /// `elapsed` has passed since the first failure; `None`: give up. The last delay
     /// is cut so that the last attempt falls on the deadline.
     pub fn delay(&self, attempt: u32, elapsed: Duration) -> Option<Duration> {
-        let left = self.deadline.checked_sub(elapsed).filter(|d| !d.is_zero())?;
+        let left = self
+            .deadline
+            .checked_sub(elapsed)
+            .filter(|d| !d.is_zero())?;
         let doublings = attempt.saturating_sub(1).min(31);
         let delay = self
             .initial
@@ -119,10 +122,7 @@ mod tests {
         let delays: Vec<u64> = (1..=9)
             .map(|attempt| b.delay(attempt, Duration::ZERO).unwrap().as_millis() as u64)
             .collect();
-        assert_eq!(
-            delays,
-            [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]
-        );
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
         assert_eq!(b.delay(u32::MAX, Duration::ZERO), Some(b.max));
     }
 
@@ -136,7 +136,10 @@ mod tests {
         );
         assert_eq!(b.delay(1, Duration::from_secs(1)), None);
         assert_eq!(b.delay(1, Duration::from_secs(2)), None);
-        assert_eq!(Backoff::until(Duration::ZERO).delay(1, Duration::ZERO), None);
+        assert_eq!(
+            Backoff::until(Duration::ZERO).delay(1, Duration::ZERO),
+            None
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -195,7 +198,10 @@ mod tests {
             .await
             .unwrap_err();
             assert_eq!(calls, 1, "{fatal:?}");
-            assert!(matches!(&err, RetryError::Fatal(e) if *e == fatal), "{err:?}");
+            assert!(
+                matches!(&err, RetryError::Fatal(e) if *e == fatal),
+                "{err:?}"
+            );
         }
     }
 }
