@@ -52,10 +52,10 @@ impl Backoff {
 #[derive(Debug, thiserror::Error)]
 pub enum RetryError {
     /// The error is not one that trying again could fix.
-    #[error("{0}")]
-    Fatal(#[source] ApiError),
+    #[error(transparent)]
+    Fatal(ApiError),
     /// Every attempt failed with a retryable error until the deadline.
-    #[error("gave up after retrying for {:.0} s ({attempts} attempts): {last}", elapsed.as_secs_f64())]
+    #[error("gave up after retrying for {:.0} s ({attempts} attempts)", elapsed.as_secs_f64())]
     GaveUp {
         /// Attempts made.
         attempts: u32,
@@ -174,10 +174,15 @@ mod tests {
         assert_eq!(*attempts, 6);
         assert_eq!(*last, ApiError::Unavailable("connection refused".into()));
         assert_eq!(started.elapsed(), Duration::from_secs(2));
-        assert!(
-            err.to_string()
-                .starts_with("gave up after retrying for 2 s (6 attempts): coordinator unavailable: connection refused"),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            "gave up after retrying for 2 s (6 attempts)"
+        );
+        // The cause stays reachable as the source (what `{:#}` prints after it).
+        let source = std::error::Error::source(&err).map(ToString::to_string);
+        assert_eq!(
+            source.as_deref(),
+            Some("coordinator unavailable: connection refused")
         );
     }
 
