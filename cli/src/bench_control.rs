@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use hsat_coordinator::sim::{Rpc, SimContext, SimHooks, SimStep, run_simulated_worker};
 use hsat_core::config::Config;
 use hsat_proto::HSAT_VERSION;
 use hsat_proto::client::CoordinatorClient;
-use hsat_coordinator::sim::{Rpc, SimContext, SimHooks, SimStep, run_simulated_worker};
 use hsat_proto::domain::{AssignmentRequest, Registration, TrainAssignment, WorkerId};
 
 /// Options of `hsat bench control-plane`.

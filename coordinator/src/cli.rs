@@ -80,7 +80,9 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
             })?;
         let address = listener.local_addr().map_err(CoordinatorError::Stdout)?;
         println!("{name}: listening on {address}");
-        std::io::stdout().flush().map_err(CoordinatorError::Stdout)?;
+        std::io::stdout()
+            .flush()
+            .map_err(CoordinatorError::Stdout)?;
         serve(job, settings, listener, shutdown_signal()).await
     })
 }

@@ -114,7 +114,13 @@ impl SimHooks for FabricHooks {
         let world = context.group.world_size as usize;
         if !self
             .fabric
-            .all_reduce(step.generation, step.step, world, context.client, context.worker)
+            .all_reduce(
+                step.generation,
+                step.step,
+                world,
+                context.client,
+                context.worker,
+            )
             .await
         {
             return SimStep::CollectiveFailed("the generation moved on".into());

@@ -185,7 +185,10 @@ mod tests {
     fn a_connection_reset_mid_call_is_retryable_and_names_its_cause() {
         // What tonic makes of a transport failure: the code it could not tell
         // (Unknown), the failure as the source.
-        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+        let reset = std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        );
         let status = tonic::Status::from_error(Box::new(reset));
         assert_eq!(status.code(), tonic::Code::Unknown);
         let err = ApiError::from(status);

@@ -35,7 +35,10 @@ impl Backoff {
     /// `elapsed` has passed since the first failure; `None`: give up. The last delay
     /// is cut so that the last attempt falls on the deadline.
     pub fn delay(&self, attempt: u32, elapsed: Duration) -> Option<Duration> {
-        let left = self.deadline.checked_sub(elapsed).filter(|d| !d.is_zero())?;
+        let left = self
+            .deadline
+            .checked_sub(elapsed)
+            .filter(|d| !d.is_zero())?;
         let doublings = attempt.saturating_sub(1).min(31);
         let delay = self
             .initial
@@ -49,10 +52,10 @@ impl Backoff {
 #[derive(Debug, thiserror::Error)]
 pub enum RetryError {
     /// The error is not one that trying again could fix.
-    #[error("{0}")]
-    Fatal(#[source] ApiError),
+    #[error(transparent)]
+    Fatal(ApiError),
     /// Every attempt failed with a retryable error until the deadline.
-    #[error("gave up after retrying for {:.0} s ({attempts} attempts): {last}", elapsed.as_secs_f64())]
+    #[error("gave up after retrying for {:.0} s ({attempts} attempts)", elapsed.as_secs_f64())]
     GaveUp {
         /// Attempts made.
         attempts: u32,
@@ -119,10 +122,7 @@ mod tests {
         let delays: Vec<u64> = (1..=9)
             .map(|attempt| b.delay(attempt, Duration::ZERO).unwrap().as_millis() as u64)
             .collect();
-        assert_eq!(
-            delays,
-            [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]
-        );
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
         assert_eq!(b.delay(u32::MAX, Duration::ZERO), Some(b.max));
     }
 
@@ -136,7 +136,10 @@ mod tests {
         );
         assert_eq!(b.delay(1, Duration::from_secs(1)), None);
         assert_eq!(b.delay(1, Duration::from_secs(2)), None);
-        assert_eq!(Backoff::until(Duration::ZERO).delay(1, Duration::ZERO), None);
+        assert_eq!(
+            Backoff::until(Duration::ZERO).delay(1, Duration::ZERO),
+            None
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -171,10 +174,15 @@ mod tests {
         assert_eq!(*attempts, 6);
         assert_eq!(*last, ApiError::Unavailable("connection refused".into()));
         assert_eq!(started.elapsed(), Duration::from_secs(2));
-        assert!(
-            err.to_string()
-                .starts_with("gave up after retrying for 2 s (6 attempts): coordinator unavailable: connection refused"),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            "gave up after retrying for 2 s (6 attempts)"
+        );
+        // The cause stays reachable as the source (what `{:#}` prints after it).
+        let source = std::error::Error::source(&err).map(ToString::to_string);
+        assert_eq!(
+            source.as_deref(),
+            Some("coordinator unavailable: connection refused")
         );
     }
 
@@ -195,7 +203,10 @@ mod tests {
             .await
             .unwrap_err();
             assert_eq!(calls, 1, "{fatal:?}");
-            assert!(matches!(&err, RetryError::Fatal(e) if *e == fatal), "{err:?}");
+            assert!(
+                matches!(&err, RetryError::Fatal(e) if *e == fatal),
+                "{err:?}"
+            );
         }
     }
 }

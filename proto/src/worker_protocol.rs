@@ -131,9 +131,7 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
     /// A `Train` arrived while the worker is in no generation.
-    #[error(
-        "the coordinator sent step {step} before any group: a protocol error, restart the job"
-    )]
+    #[error("the coordinator sent step {step} before any group: a protocol error, restart the job")]
     TrainBeforeGroup {
         /// The step sent.
         step: u64,
@@ -177,10 +175,7 @@ enum Phase {
     /// A `Wait` arrived with nothing queued.
     Sleeping(Duration),
     /// The coordinator said stop.
-    Stopped {
-        success: bool,
-        reason: String,
-    },
+    Stopped { success: bool, reason: String },
 }
 
 /// The worker's side of the protocol (see the module docs).

@@ -150,10 +150,7 @@ fn forward(client: TcpStream, shared: &Shared) -> io::Result<()> {
         connections.push(client.try_clone()?);
         connections.push(server.try_clone()?);
     }
-    for (mut from, mut to) in [
-        (client.try_clone()?, server.try_clone()?),
-        (server, client),
-    ] {
+    for (mut from, mut to) in [(client.try_clone()?, server.try_clone()?), (server, client)] {
         std::thread::spawn(move || {
             let _ = io::copy(&mut from, &mut to);
             // One side ended: end the other, as a TCP middlebox would.

@@ -232,7 +232,10 @@ fn a_worker_retries_through_a_coordinator_outage_and_the_job_completes() {
         "the worker logged its retries:\n{log}"
     );
     // What the outage looked like from the worker (shown with --nocapture).
-    for line in log.lines().filter(|l| l.contains("retrying a coordinator call")) {
+    for line in log
+        .lines()
+        .filter(|l| l.contains("retrying a coordinator call"))
+    {
         eprintln!("{line}");
     }
     assert!(

@@ -66,8 +66,7 @@ pub fn write_checkpoint(root: &Path, model: &Encoder, meta: &CheckpointMeta) -> 
     }
     fs::create_dir(&staging).map_err(WorkerError::io("creating", &staging))?;
     model.save(&staging)?;
-    let json = serde_json::to_vec_pretty(meta)
-        .map_err(WorkerError::Metadata)?;
+    let json = serde_json::to_vec_pretty(meta).map_err(WorkerError::Metadata)?;
     let meta_path = staging.join(META_FILE);
     let mut file = File::create(&meta_path).map_err(WorkerError::io("creating", &meta_path))?;
     file.write_all(&json)

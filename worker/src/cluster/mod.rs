@@ -226,11 +226,11 @@ impl Worker<'_> {
                     )));
                     Event::Registered(registered)
                 }
-                Action::Ask(request) => Event::Assigned(
-                    self.call("ask the coordinator for work", || {
+                Action::Ask(request) => {
+                    Event::Assigned(self.call("ask the coordinator for work", || {
                         self.client.next_assignment(request.clone())
-                    })?,
-                ),
+                    })?)
+                }
                 Action::FormGroup(group) => self.join(group)?,
                 Action::Train(train) => self.train(&train)?,
                 Action::Report(report) => {
@@ -479,7 +479,11 @@ async fn connect_with_backoff(
         let err = match CoordinatorClient::connect(address).await {
             Ok(client) => return Ok(client),
             Err(err) if err.is_retryable() => err,
-            Err(err) => return Err(WorkerError::rpc("connect to the coordinator")(RetryError::Fatal(err))),
+            Err(err) => {
+                return Err(WorkerError::rpc("connect to the coordinator")(
+                    RetryError::Fatal(err),
+                ));
+            }
         };
         attempt += 1;
         let delay = backoff

@@ -222,8 +222,7 @@ impl Trainer {
             first_row: 0,
         };
         let (losses, lr, eps) = self.train_shard(shard, &mut |_| Ok(()))?;
-        let losses =
-            losses.ok_or(crate::error::WorkerError::EmptyStep { step: self.step })?;
+        let losses = losses.ok_or(crate::error::WorkerError::EmptyStep { step: self.step })?;
         Ok((losses, lr, eps))
     }
 
