@@ -3,7 +3,7 @@
 //! protocol with fake training) drive a coordinator running as a
 //! separate `hsat-coordinator` process over real gRPC/TCP at a fixed step rate, with
 //! heartbeats. Prints p50/p99 latency per RPC kind, the coordinator's CPU (% of one
-//! core, from /proc/<pid>/stat) and, as a same-run reference, the latency of a
+//! core, from `/proc/<pid>/stat`) and, as a same-run reference, the latency of a
 //! health check (a no-op RPC) on the same connections.
 
 use std::io::{BufRead, BufReader};

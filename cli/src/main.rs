@@ -7,7 +7,7 @@
 //! - [`cluster`]: `hsat run --workers N`, `hsat coordinator`, `hsat worker`,
 //!   `hsat status`: distributed jobs.
 //! - [`data`]: `hsat synth` and `hsat data check`.
-//! - [`bench`]: `hsat bench step|data`, benchmarks against PyTorch.
+//! - [`bench`](mod@bench): `hsat bench step|data`, benchmarks against PyTorch.
 //! - [`bench_sync`]: `hsat bench sync`, gradient synchronisation against PyTorch DDP.
 //! - [`eval`]: `hsat eval`, the paper's kNN and robustness tables.
 //! - [`progress`]: the progress line of long stages.

@@ -169,17 +169,23 @@ struct Handler(Arc<Shared>);
 
 impl CoordinatorHandler for Handler {
     #[instrument(level = "debug", skip_all, fields(name = %registration.worker_name))]
-    async fn register(&self, registration: Registration) -> Result<Registered, ApiError> {
+    async fn register(
+        &self,
+        registration: Registration,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Registered, ApiError> {
         let worker = registration.worker_name.clone();
-        let peer = registration.advertise_host.clone();
+        let advertised = registration.advertise_host.clone();
+        let peer = peer.map_or_else(|| "unknown".to_owned(), |addr| addr.to_string());
         let result = expect(self.0.apply(Event::Register(registration)), |r| match r {
             Reply::Registered(r) => Some(r),
             _ => None,
         });
         // Operators see who was turned away and why here; the worker only prints it
-        // on its own machine. `peer` is the address the worker advertised.
+        // on its own machine. `peer` is where the request came from, `advertised` the
+        // host the worker says other ranks reach it at.
         if let Err(ApiError::Refused(reason)) = &result {
-            tracing::warn!(%worker, %peer, %reason, "registration refused");
+            tracing::warn!(%worker, %peer, %advertised, %reason, "registration refused");
         }
         result
     }

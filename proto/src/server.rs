@@ -17,10 +17,12 @@ use crate::pb;
 
 /// What the coordinator does for each RPC, in domain types.
 pub trait CoordinatorHandler: Send + Sync + 'static {
-    /// `Register`.
+    /// `Register`; `peer` is the socket address the request came from (for the log:
+    /// the registration's own `advertise_host` is what the worker says about itself).
     fn register(
         &self,
         registration: Registration,
+        peer: Option<std::net::SocketAddr>,
     ) -> impl Future<Output = Result<Registered, ApiError>> + Send;
     /// `Heartbeat`.
     fn heartbeat(
@@ -111,8 +113,9 @@ impl<H: CoordinatorHandler> pb::coordinator_server::Coordinator for Adapter<H> {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let peer = request.remote_addr();
         let registration = Registration::try_from(request.into_inner())?;
-        reply(self.0.register(registration).await)
+        reply(self.0.register(registration, peer).await)
     }
 
     async fn heartbeat(

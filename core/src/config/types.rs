@@ -775,4 +775,3 @@ mod tests {
         assert_eq!(attack.eps_at(100), 8.0 / 255.0);
     }
 }
-
