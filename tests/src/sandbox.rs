@@ -336,10 +336,24 @@ impl Sandbox {
         k
     }
 
+    /// Starts one more worker that reaches the coordinator at `address` instead of
+    /// its listening address (through a [`crate::proxy::FaultProxy`], say), with extra
+    /// flags of its own; returns its slot `k`. A restart keeps the address.
+    pub fn add_worker_through(&mut self, address: &str, extra: &[&str]) -> usize {
+        let mut all = vec!["--coordinator", address];
+        all.extend_from_slice(extra);
+        self.add_worker_with(&all)
+    }
+
     fn spawn_worker(&self, name: &str, extra: Vec<String>) -> Process {
         let mut command = Command::new(hsat_binary());
+        command.arg("worker");
+        // A worker added through another address names it among its own flags.
+        if !extra.iter().any(|arg| arg == "--coordinator") {
+            command.args(["--coordinator", &self.address]);
+        }
         command
-            .args(["worker", "--coordinator", &self.address, "--config"])
+            .arg("--config")
             .arg(&self.config)
             .args(["--name", name])
             .args(&self.worker_args)
