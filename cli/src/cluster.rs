@@ -3,19 +3,18 @@
 //! in this process and N worker processes).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
 use hsat_coordinator::cli::{CoordinatorArgs, MembershipArgs, run_coordinator, shutdown_signal};
-use hsat_coordinator::{JobOutcome, OutcomeKind, load_job, serve};
-use hsat_core::config::{self, Config, ConfigSources};
+use hsat_coordinator::local::{self, LocalClusterOptions, LocalEvent};
+use hsat_coordinator::{JobOutcome, OutcomeKind};
+use hsat_core::config::{self, ConfigSources};
 use hsat_worker::cluster::{WorkerOptions, run_worker};
 use tch::Device;
-use tokio::net::TcpListener;
 
 /// `hsat worker` arguments.
 #[derive(Debug, Args)]
@@ -92,116 +91,6 @@ fn host_name() -> String {
         .unwrap_or_else(|| "worker".to_owned())
 }
 
-/// Worker processes of a local job.
-struct LocalWorkers {
-    children: Vec<(String, Child)>,
-}
-
-impl LocalWorkers {
-    /// Starts `count` `hsat worker` processes of this executable against `address`,
-    /// with the job's config file and overrides; torch threads are split between them.
-    fn spawn(
-        count: usize,
-        address: &str,
-        file: Option<&PathBuf>,
-        overrides: &[String],
-        cfg: &Config,
-    ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find the hsat executable")?;
-        let cores = hsat_core::config::available_cores();
-        let mut children = Vec::with_capacity(count);
-        for k in 0..count {
-            let name = format!("worker-{k}");
-            let mut command = Command::new(&exe);
-            command
-                .arg("worker")
-                .arg("--coordinator")
-                .arg(address)
-                .arg("--name")
-                .arg(&name);
-            if let Some(file) = file {
-                command.arg("--config").arg(file);
-            }
-            for set in overrides {
-                command.arg("--set").arg(set);
-            }
-            // Share the cores: N workers each using every core would thrash.
-            if cfg.infra.threads == 0 {
-                command
-                    .arg("--set")
-                    .arg(format!("infra.threads={}", (cores / count).max(1)));
-            }
-            if cfg.data.loader.threads == 0 {
-                command
-                    .arg("--set")
-                    .arg(format!("data.loader.threads={}", (cores / count).max(1)));
-            }
-            if std::env::var_os("RUST_LOG").is_none() {
-                command.env("RUST_LOG", "warn");
-            }
-            command.stdin(Stdio::null());
-            let child = command
-                .spawn()
-                .with_context(|| format!("cannot start {name} ({})", exe.display()))?;
-            children.push((name, child));
-        }
-        Ok(LocalWorkers { children })
-    }
-
-    /// Workers that exited with a failure since the last call, with their status.
-    fn failed(&mut self) -> Vec<String> {
-        let mut failed = Vec::new();
-        for (name, child) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait()
-                && !status.success()
-                && !name.ends_with(" (reported)")
-            {
-                failed.push(format!("{name} exited with {status}"));
-                name.push_str(" (reported)");
-            }
-        }
-        failed
-    }
-
-    /// Waits up to `grace` for every worker to exit, then kills the rest.
-    fn finish(mut self, grace: Duration) -> Vec<String> {
-        let deadline = Instant::now() + grace;
-        let mut problems = Vec::new();
-        for (name, child) in &mut self.children {
-            loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => {
-                        if !status.success() && !name.ends_with(" (reported)") {
-                            problems.push(format!("{name} exited with {status}"));
-                        }
-                        break;
-                    }
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        problems.push(format!("{name} did not exit in time and was killed"));
-                        break;
-                    }
-                }
-            }
-        }
-        self.children.clear();
-        problems
-    }
-}
-
-impl Drop for LocalWorkers {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Runs the coordinator of a job until it finishes, fails, or SIGINT/SIGTERM.
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let outcome = run_coordinator("hsat coordinator", args)?;
@@ -215,64 +104,35 @@ pub fn run_local(
     workers: usize,
     membership: &MembershipArgs,
 ) -> anyhow::Result<()> {
-    if workers == 0 {
-        bail!("--workers must be at least 1");
-    }
-    let cfg = config::load(&ConfigSources::from_process_env(
-        file.clone(),
-        overrides.clone(),
-    ))?;
-    let job = load_job(cfg.clone())?;
-    println!(
-        "hsat: training {} on {} local worker processes, {} patients per step (all workers together), {} steps, out_dir {}",
-        cfg.model.backbone,
+    let options = LocalClusterOptions {
+        worker_program: std::env::current_exe().context("cannot find the hsat executable")?,
+        sources: ConfigSources::from_process_env(file, overrides),
         workers,
-        cfg.training.batch_size,
-        job.plan.total_steps,
-        cfg.infra.out_dir.display()
-    );
-    let runtime = runtime()?;
-    let listener = runtime
-        .block_on(TcpListener::bind("127.0.0.1:0"))
-        .context("cannot open a local port for the coordinator")?;
-    let address = format!("http://{}", listener.local_addr()?);
-    let mut children = LocalWorkers::spawn(workers, &address, file.as_ref(), &overrides, &cfg)?;
-    let settings = membership.settings(workers);
-    let grace = settings.shutdown_grace;
-    let (crashed_tx, crashed_rx) = tokio::sync::oneshot::channel::<()>();
-    let outcome = runtime.block_on(async {
-        let server = serve(job, settings, listener, async {
-            tokio::select! {
-                () = shutdown_signal() => {}
-                _ = crashed_rx => {}
-            }
-        });
-        tokio::pin!(server);
-        let mut crashed_tx = Some(crashed_tx);
-        let mut alive = workers;
-        let mut ticker = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tokio::select! {
-                outcome = &mut server => break outcome,
-                _ = ticker.tick() => {
-                    for failure in children.failed() {
-                        eprintln!("hsat: {failure}");
-                        alive -= 1;
-                    }
-                    // Without any worker left nothing can finish: stop instead of waiting.
-                    if alive == 0
-                        && let Some(tx) = crashed_tx.take()
-                    {
-                        eprintln!("hsat: every worker process failed; stopping the job");
-                        let _ = tx.send(());
-                    }
-                }
-            }
+        settings: membership.settings(workers),
+    };
+    let outcome = local::run_local(options, shutdown_signal(), |event| match event {
+        LocalEvent::Starting {
+            config,
+            workers,
+            total_steps,
+        } => println!(
+            "hsat: training {} on {} local worker processes, {} patients per step (all workers together), {} steps, out_dir {}",
+            config.model.backbone,
+            workers,
+            config.training.batch_size,
+            total_steps,
+            config.infra.out_dir.display()
+        ),
+        LocalEvent::WorkerFailed { name, status } => {
+            eprintln!("hsat: {name} exited with {status}");
+        }
+        LocalEvent::AllWorkersFailed => {
+            eprintln!("hsat: every worker process failed; stopping the job");
+        }
+        LocalEvent::WorkerKilled { name } => {
+            eprintln!("hsat: {name} did not exit in time and was killed");
         }
     })?;
-    for problem in children.finish(grace) {
-        eprintln!("hsat: {problem}");
-    }
     finish(&outcome)
 }
 

@@ -13,16 +13,23 @@
 //! - [`cli`]: the coordinator's flags and `run_coordinator`, shared by both binaries.
 //! - [`identity`]: the config / dataset / version check of a registering worker.
 //! - [`ledger`]: `<out_dir>/coordinator/ledger.jsonl`, fsynced per commit.
+//! - [`local`]: a whole job on one machine (`hsat run --workers N`): the
+//!   coordinator in-process and N supervised worker processes.
 //! - [`service`]: the async shell: the gRPC handler over the scheduler, leases on
 //!   tokio time, long polls, graceful shutdown ([`serve`]).
 //! - `sim` (feature `sim`): simulated workers (the worker protocol with fake
 //!   training) for the in-process harness and the control-plane benchmark.
+//! - `bench` (feature `sim`): the control-plane benchmark (`hsat bench
+//!   control-plane`): simulated workers against a coordinator process.
 //!
 //! Use: `let job = load_job(config)?; serve(job, settings, listener, shutdown).await`.
 
+#[cfg(feature = "sim")]
+pub mod bench;
 pub mod cli;
 pub mod identity;
 pub mod ledger;
+pub mod local;
 pub mod scheduler;
 pub mod service;
 #[cfg(feature = "sim")]

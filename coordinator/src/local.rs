@@ -1,0 +1,402 @@
+//! A whole job on one machine (`hsat run --workers N`): the coordinator in this
+//! process on a loopback port and N worker processes (`<program> worker ...`) that
+//! it supervises. It needs no libtorch: the workers are other processes.
+//!
+//! Why the supervision: a coordinator alone would wait for workers forever; here
+//! every worker is ours, so when all of them have failed nothing can finish and the
+//! job is stopped instead of hanging.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use hsat_core::config::{self, Config, ConfigError, ConfigSources};
+use tokio::net::TcpListener;
+
+use crate::{ClusterSettings, CoordinatorError, JobOutcome, load_job, serve};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LocalClusterOptions {
+    /// The executable whose `worker` subcommand runs one worker (`hsat`).
+    pub worker_program: PathBuf,
+    /// The job's config. The workers get the same file and overrides and inherit
+    /// this process's environment, so `env` should be this process's `HSAT__...`
+    /// variables ([`ConfigSources::from_process_env`]) for both sides to agree.
+    pub sources: ConfigSources,
+    /// Worker processes to start (at least 1).
+    pub workers: usize,
+    /// Membership and lease settings (its worker count is the one above).
+    pub settings: ClusterSettings,
+}
+
+/// What happens while a local job runs, in order.
+#[derive(Debug)]
+pub enum LocalEvent<'a> {
+    /// The job is loaded; the workers are about to start.
+    Starting {
+        /// The job's config.
+        config: &'a Config,
+        /// Worker processes.
+        workers: usize,
+        /// Steps of the job.
+        total_steps: u64,
+    },
+    /// A worker process exited with a failure while the job ran (or at its end).
+    WorkerFailed {
+        /// `worker-<k>`.
+        name: &'a str,
+        /// Its exit status.
+        status: ExitStatus,
+    },
+    /// Every worker process failed: the job is being stopped.
+    AllWorkersFailed,
+    /// A worker did not exit within the grace period after the job ended and was
+    /// killed.
+    WorkerKilled {
+        /// `worker-<k>`.
+        name: &'a str,
+    },
+}
+
+/// Why a local job could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalClusterError {
+    /// No workers asked for.
+    #[error("--workers must be at least 1")]
+    NoWorkers,
+    /// The config could not be loaded.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The job could not be loaded or its coordinator failed.
+    #[error(transparent)]
+    Coordinator(#[from] CoordinatorError),
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// No loopback port for the coordinator.
+    #[error("cannot open a local port for the coordinator")]
+    Listen(#[source] std::io::Error),
+    /// A worker process could not be started.
+    #[error("cannot start {name} ({}); check that the hsat executable is still there", program.display())]
+    Spawn {
+        /// `worker-<k>`.
+        name: String,
+        /// The executable.
+        program: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+}
+
+/// Runs a job with the coordinator in this process and `options.workers` worker
+/// processes until it finishes, fails, every worker has failed, or `shutdown`
+/// resolves. The job's outcome (finished, failed or cancelled) is returned, not an
+/// error: the caller reports it.
+pub fn run_local(
+    options: LocalClusterOptions,
+    shutdown: impl Future<Output = ()> + Send,
+    mut on_event: impl FnMut(LocalEvent<'_>),
+) -> Result<JobOutcome, LocalClusterError> {
+    if options.workers == 0 {
+        return Err(LocalClusterError::NoWorkers);
+    }
+    let cfg = config::load(&options.sources)?;
+    let job = load_job(cfg.clone())?;
+    on_event(LocalEvent::Starting {
+        config: &cfg,
+        workers: options.workers,
+        total_steps: job.plan.total_steps,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(LocalClusterError::Runtime)?;
+    let listener = runtime
+        .block_on(TcpListener::bind("127.0.0.1:0"))
+        .map_err(LocalClusterError::Listen)?;
+    let address = format!(
+        "http://{}",
+        listener.local_addr().map_err(LocalClusterError::Listen)?
+    );
+    let mut children = LocalWorkers::spawn(&options, &address, &cfg)?;
+    let grace = options.settings.shutdown_grace;
+    let workers = options.workers;
+    let (crashed_tx, crashed_rx) = tokio::sync::oneshot::channel::<()>();
+    let outcome = runtime.block_on(async {
+        let server = serve(job, options.settings, listener, async {
+            tokio::select! {
+                () = shutdown => {}
+                _ = crashed_rx => {}
+            }
+        });
+        tokio::pin!(server);
+        let mut crashed_tx = Some(crashed_tx);
+        let mut alive = workers;
+        let mut ticker = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                outcome = &mut server => break outcome,
+                _ = ticker.tick() => {
+                    for (name, status) in children.failed() {
+                        on_event(LocalEvent::WorkerFailed { name: &name, status });
+                        alive -= 1;
+                    }
+                    // Without any worker left nothing can finish: stop instead of waiting.
+                    if alive == 0
+                        && let Some(tx) = crashed_tx.take()
+                    {
+                        on_event(LocalEvent::AllWorkersFailed);
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        }
+    })?;
+    children.finish(grace, &mut on_event);
+    Ok(outcome)
+}
+
+/// Worker processes of a local job.
+struct LocalWorkers {
+    /// `(name, process, failure already reported)`.
+    children: Vec<(String, Child, bool)>,
+}
+
+impl LocalWorkers {
+    /// Starts the worker processes against `address`, with the job's config file
+    /// and overrides; cores are split between them.
+    fn spawn(
+        options: &LocalClusterOptions,
+        address: &str,
+        cfg: &Config,
+    ) -> Result<Self, LocalClusterError> {
+        let cores = hsat_core::config::available_cores();
+        let count = options.workers;
+        let mut children = Vec::with_capacity(count);
+        for k in 0..count {
+            let name = format!("worker-{k}");
+            let mut command = worker_command(
+                &options.worker_program,
+                address,
+                &name,
+                &options.sources,
+                cfg,
+                (cores / count).max(1),
+            );
+            let child = command.spawn().map_err(|source| LocalClusterError::Spawn {
+                name: name.clone(),
+                program: options.worker_program.clone(),
+                source,
+            })?;
+            children.push((name, child, false));
+        }
+        Ok(LocalWorkers { children })
+    }
+
+    /// Workers that exited with a failure since the last call, with their status.
+    fn failed(&mut self) -> Vec<(String, ExitStatus)> {
+        let mut failed = Vec::new();
+        for (name, child, reported) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait()
+                && !status.success()
+                && !*reported
+            {
+                failed.push((name.clone(), status));
+                *reported = true;
+            }
+        }
+        failed
+    }
+
+    /// Waits up to `grace` for every worker to exit, then kills the rest.
+    fn finish(mut self, grace: Duration, on_event: &mut impl FnMut(LocalEvent<'_>)) {
+        let deadline = Instant::now() + grace;
+        for (name, child, reported) in &mut self.children {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        if !status.success() && !*reported {
+                            on_event(LocalEvent::WorkerFailed { name, status });
+                        }
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        on_event(LocalEvent::WorkerKilled { name });
+                        break;
+                    }
+                }
+            }
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for LocalWorkers {
+    fn drop(&mut self) {
+        for (_, child, _) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `<program> worker --coordinator ADDRESS --name NAME [--config FILE] [--set ...]`.
+fn worker_command(
+    program: &Path,
+    address: &str,
+    name: &str,
+    sources: &ConfigSources,
+    cfg: &Config,
+    threads_each: usize,
+) -> Command {
+    let mut command = Command::new(program);
+    command
+        .arg("worker")
+        .arg("--coordinator")
+        .arg(address)
+        .arg("--name")
+        .arg(name);
+    if let Some(file) = &sources.file {
+        command.arg("--config").arg(file);
+    }
+    for set in &sources.overrides {
+        command.arg("--set").arg(set);
+    }
+    // Share the cores: N workers each using every core would thrash.
+    if cfg.infra.threads == 0 {
+        command
+            .arg("--set")
+            .arg(format!("infra.threads={threads_each}"));
+    }
+    if cfg.data.loader.threads == 0 {
+        command
+            .arg("--set")
+            .arg(format!("data.loader.threads={threads_each}"));
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", "warn");
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest dataset of 4 patients (empty tiles: the index never opens them)
+    /// and a config file over it.
+    fn job_file(dir: &Path) -> PathBuf {
+        let mut csv = String::from("patient,slide,path,label,split\n");
+        std::fs::create_dir_all(dir.join("tiles")).unwrap();
+        for p in 0..4 {
+            let path = format!("tiles/p{p}.png");
+            std::fs::write(dir.join(&path), b"").unwrap();
+            csv.push_str(&format!("P{p},S0,{path},{},train\n", ["a", "b"][p % 2]));
+        }
+        std::fs::write(dir.join("manifest.csv"), csv).unwrap();
+        let file = dir.join("job.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[infra]\nout_dir = {:?}\n[data]\nsource = \"manifest\"\nmanifest = {:?}\n\
+                 [data.hidisc]\nnum_slide_samples = 1\nnum_patch_samples = 1\n\
+                 [training]\nbatch_size = 2\nnum_epochs = 1\n",
+                dir.join("out").display().to_string(),
+                dir.join("manifest.csv").display().to_string()
+            ),
+        )
+        .unwrap();
+        file
+    }
+
+    fn options(dir: &Path, program: &str, workers: usize) -> LocalClusterOptions {
+        let mut settings = ClusterSettings::new(workers);
+        settings.shutdown_grace = Duration::from_secs(2);
+        LocalClusterOptions {
+            worker_program: PathBuf::from(program),
+            sources: ConfigSources {
+                file: Some(job_file(dir)),
+                ..ConfigSources::default()
+            },
+            workers,
+            settings,
+        }
+    }
+
+    #[test]
+    fn no_workers_is_refused_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut events = 0;
+        let err = run_local(
+            options(dir.path(), "false", 0),
+            std::future::pending(),
+            |_| events += 1,
+        )
+        .unwrap_err();
+        assert!(matches!(err, LocalClusterError::NoWorkers), "{err:?}");
+        assert_eq!(events, 0);
+    }
+
+    #[test]
+    fn the_job_stops_when_every_worker_process_failed() {
+        // `false` exits 1 at once whatever its arguments: two workers that fail.
+        let dir = tempfile::tempdir().unwrap();
+        let mut failed = Vec::new();
+        let mut all_failed = 0;
+        let started = Instant::now();
+        // The backstop: without the supervision the job would wait for workers
+        // forever; this stops it and the assertions below say what was missing.
+        let backstop = async { tokio::time::sleep(Duration::from_secs(20)).await };
+        let outcome = run_local(
+            options(dir.path(), "false", 2),
+            backstop,
+            |event| match event {
+                LocalEvent::WorkerFailed { name, status } => {
+                    failed.push((name.to_owned(), status.code()));
+                }
+                LocalEvent::AllWorkersFailed => all_failed += 1,
+                _ => {}
+            },
+        )
+        .unwrap();
+        failed.sort();
+        assert_eq!(
+            failed,
+            [("worker-0".to_owned(), Some(1)), ("worker-1".to_owned(), Some(1))]
+        );
+        assert_eq!(all_failed, 1);
+        assert!(
+            matches!(outcome.kind, crate::OutcomeKind::Cancelled(_)),
+            "{outcome:?}"
+        );
+        assert_eq!(outcome.committed_steps, 0);
+        assert!(started.elapsed() < Duration::from_secs(15));
+    }
+
+    #[test]
+    fn a_missing_worker_program_names_the_worker_and_the_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = run_local(
+            options(dir.path(), "/nonexistent/hsat", 1),
+            std::future::pending(),
+            |_| {},
+        )
+        .unwrap_err();
+        match err {
+            LocalClusterError::Spawn { name, program, .. } => {
+                assert_eq!(name, "worker-0");
+                assert_eq!(program, Path::new("/nonexistent/hsat"));
+            }
+            other => panic!("expected a spawn error, got {other:?}"),
+        }
+    }
+}
