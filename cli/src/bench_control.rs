@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use hsat_coordinator::bench::{ControlPlaneOptions, ControlPlaneRun, control_plane as run_benchmark};
+use hsat_coordinator::bench::{
+    ControlPlaneOptions, ControlPlaneRun, control_plane as run_benchmark,
+};
 
 /// Options of `hsat bench control-plane`.
 #[derive(Debug, clap::Args)]

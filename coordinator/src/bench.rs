@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use hsat_core::config::{Config, ConfigError};
 use hsat_core::dataset::DatasetError;
-use hsat_proto::{ApiError, HSAT_VERSION};
 use hsat_proto::client::CoordinatorClient;
 use hsat_proto::domain::{AssignmentRequest, Registration, TrainAssignment, WorkerId};
+use hsat_proto::{ApiError, HSAT_VERSION};
 
 use crate::sim::{Rpc, SimContext, SimHooks, SimStep, run_simulated_worker};
 
@@ -92,7 +92,9 @@ pub enum ControlPlaneError {
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     /// The temporary dataset or config could not be written.
-    #[error("cannot write the benchmark's dataset under the temporary folder (check free space in $TMPDIR)")]
+    #[error(
+        "cannot write the benchmark's dataset under the temporary folder (check free space in $TMPDIR)"
+    )]
     Scratch(#[source] std::io::Error),
     /// The generated config was rejected.
     #[error("the benchmark's config is invalid")]
@@ -109,7 +111,9 @@ pub enum ControlPlaneError {
         source: std::io::Error,
     },
     /// The coordinator did not print its address.
-    #[error("unexpected first line from the coordinator: {0:?} (run it by hand to see why it stopped)")]
+    #[error(
+        "unexpected first line from the coordinator: {0:?} (run it by hand to see why it stopped)"
+    )]
     CoordinatorOutput(String),
     /// The coordinator's CPU time could not be read.
     #[error("cannot read the coordinator's CPU time from /proc/{pid}/stat")]
@@ -201,7 +205,10 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
     values[index]
 }
 
-async fn one_run(args: &ControlPlaneOptions, workers: usize) -> Result<ControlPlaneRun, ControlPlaneError> {
+async fn one_run(
+    args: &ControlPlaneOptions,
+    workers: usize,
+) -> Result<ControlPlaneRun, ControlPlaneError> {
     let binary = &args.coordinator;
     let dir = tempfile::tempdir().map_err(ControlPlaneError::Scratch)?;
     let patients = workers * 2;

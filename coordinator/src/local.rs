@@ -371,7 +371,10 @@ mod tests {
         failed.sort();
         assert_eq!(
             failed,
-            [("worker-0".to_owned(), Some(1)), ("worker-1".to_owned(), Some(1))]
+            [
+                ("worker-0".to_owned(), Some(1)),
+                ("worker-1".to_owned(), Some(1))
+            ]
         );
         assert_eq!(all_failed, 1);
         assert!(

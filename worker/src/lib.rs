@@ -13,10 +13,12 @@
 //! - [`cluster`]: the worker process of a distributed job (coordinator client loop).
 //! - [`collective`]: c10d process groups, bucketed gradient averaging, state broadcast.
 //! - [`eval`]: features, white-box and transfer attacks for `hsat eval`.
+//! - [`bench`]: benchmarks against PyTorch (`hsat bench step|data|sync`).
 //! - [`error`]: the crate's error type.
 //!
 //! Library code uses tch's fallible `f_*` calls and returns [`error::WorkerError`].
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cluster;
 pub mod collective;
