@@ -456,3 +456,38 @@ impl SimHooks for PacedHooks {
         period.mul_f64((worker.0 % 97) as f64 / 97.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_coordinator_binary_is_named_before_anything_runs() {
+        let options = ControlPlaneOptions {
+            workers: vec![4],
+            rate: 10.0,
+            seconds: 1.0,
+            spread: 0.8,
+            channels: 1,
+            heartbeat_ms: 1000,
+            coordinator: PathBuf::from("/nonexistent/hsat-coordinator"),
+        };
+        let mut runs = 0;
+        let err = control_plane(&options, |_| runs += 1).unwrap_err();
+        match err {
+            ControlPlaneError::NoCoordinator { path } => {
+                assert_eq!(path, Path::new("/nonexistent/hsat-coordinator"));
+            }
+            other => panic!("expected NoCoordinator, got {other:?}"),
+        }
+        assert_eq!(runs, 0);
+    }
+
+    #[test]
+    fn percentiles_pick_the_nearest_rank() {
+        let mut values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&mut values, 0.5), 51.0);
+        assert_eq!(percentile(&mut values, 0.99), 99.0);
+        assert!(percentile(&mut [], 0.5).is_nan());
+    }
+}
