@@ -13,7 +13,7 @@
 //! - [`cluster`]: the worker process of a distributed job (coordinator client loop).
 //! - [`collective`]: c10d process groups, bucketed gradient averaging, state broadcast.
 //! - [`eval`]: features, white-box and transfer attacks for `hsat eval`.
-//! - [`bench`]: benchmarks against PyTorch (`hsat bench step|data|sync`).
+//! - [`bench`](mod@bench): benchmarks against PyTorch (`hsat bench step|data|sync`).
 //! - [`error`]: the crate's error type.
 //!
 //! Library code uses tch's fallible `f_*` calls and returns [`error::WorkerError`].
