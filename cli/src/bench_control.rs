@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use hsat_coordinator::bench::{
-    ControlPlaneOptions, ControlPlaneRun, control_plane as run_benchmark,
+    ControlPlaneEvent, ControlPlaneOptions, ControlPlaneRun, control_plane as run_benchmark,
 };
 
 /// Options of `hsat bench control-plane`.
@@ -54,22 +54,24 @@ pub fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
         heartbeat_ms: args.heartbeat_ms,
         coordinator,
     };
-    if options.coordinator.exists() {
-        println!(
-            "hsat bench control-plane: {} steps/s, reports spread over {:.0}% of a step, heartbeat {} ms, {} s measured, {} shared connections, coordinator {}",
-            options.rate,
-            options.spread * 100.0,
-            options.heartbeat_ms,
-            options.seconds,
-            options.channels,
-            options.coordinator.display()
-        );
-        println!(
-            "{:>7} {:>22} {:>10} {:>10} {:>9} {:>12}",
-            "workers", "rpc", "p50 (ms)", "p99 (ms)", "calls", "coord cpu %"
-        );
-    }
-    run_benchmark(&options, print_run)?;
+    run_benchmark(&options, |event| match event {
+        ControlPlaneEvent::Started => {
+            println!(
+                "hsat bench control-plane: {} steps/s, reports spread over {:.0}% of a step, heartbeat {} ms, {} s measured, {} shared connections, coordinator {}",
+                options.rate,
+                options.spread * 100.0,
+                options.heartbeat_ms,
+                options.seconds,
+                options.channels,
+                options.coordinator.display()
+            );
+            println!(
+                "{:>7} {:>22} {:>10} {:>10} {:>9} {:>12}",
+                "workers", "rpc", "p50 (ms)", "p99 (ms)", "calls", "coord cpu %"
+            );
+        }
+        ControlPlaneEvent::Run(run) => print_run(run),
+    })?;
     Ok(())
 }
 

@@ -136,11 +136,19 @@ struct Samples {
     waits: usize,
 }
 
-/// Runs the benchmark for each worker count, one fresh coordinator process each;
-/// `on_run` gets each worker count's result as soon as it is measured.
+/// What the benchmark reports, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControlPlaneEvent {
+    /// The coordinator binary is there; the first worker count starts.
+    Started,
+    /// One worker count's result, as soon as it is measured.
+    Run(ControlPlaneRun),
+}
+
+/// Runs the benchmark for each worker count, one fresh coordinator process each.
 pub fn control_plane(
     options: &ControlPlaneOptions,
-    mut on_run: impl FnMut(&ControlPlaneRun),
+    mut on_event: impl FnMut(&ControlPlaneEvent),
 ) -> Result<(), ControlPlaneError> {
     if !options.coordinator.exists() {
         return Err(ControlPlaneError::NoCoordinator {
@@ -151,9 +159,10 @@ pub fn control_plane(
         .enable_all()
         .build()
         .map_err(ControlPlaneError::Runtime)?;
+    on_event(&ControlPlaneEvent::Started);
     for &workers in &options.workers {
         let run = runtime.block_on(one_run(options, workers))?;
-        on_run(&run);
+        on_event(&ControlPlaneEvent::Run(run));
     }
     Ok(())
 }
@@ -472,15 +481,15 @@ mod tests {
             heartbeat_ms: 1000,
             coordinator: PathBuf::from("/nonexistent/hsat-coordinator"),
         };
-        let mut runs = 0;
-        let err = control_plane(&options, |_| runs += 1).unwrap_err();
+        let mut events = 0;
+        let err = control_plane(&options, |_| events += 1).unwrap_err();
         match err {
             ControlPlaneError::NoCoordinator { path } => {
                 assert_eq!(path, Path::new("/nonexistent/hsat-coordinator"));
             }
             other => panic!("expected NoCoordinator, got {other:?}"),
         }
-        assert_eq!(runs, 0);
+        assert_eq!(events, 0);
     }
 
     #[test]
