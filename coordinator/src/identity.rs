@@ -5,9 +5,11 @@ use hsat_proto::domain::Registration;
 use serde_json::Value;
 
 /// Keys (dotted prefixes) that may differ between machines: threads, output and
-/// logging, and where the dataset is mounted (the dataset fingerprint covers its
-/// content, whatever the path).
+/// logging, where the dataset is mounted (the dataset fingerprint covers its
+/// content, whatever the path), and the per-process `[cluster]` settings (timeouts,
+/// retry deadlines, bucket size: they do not change what a step computes).
 pub const WORKER_LOCAL_KEYS: &[&str] = &[
+    "cluster",
     "data.loader",
     "data.db_root",
     "data.manifest",
@@ -131,7 +133,8 @@ mod tests {
     fn differences_name_the_key_and_both_values_and_skip_local_keys() {
         let coordinator = Config::from_toml_str("[training]\nlearn_rate = 0.0001\n").unwrap();
         let worker = Config::from_toml_str(
-            "[training]\nlearn_rate = 0.001\n[infra]\nthreads = 7\n[data.loader]\nprefetch = 5\n",
+            "[training]\nlearn_rate = 0.001\n[infra]\nthreads = 7\n[data.loader]\nprefetch = 5\n\
+             [cluster]\ncollective_timeout_s = 5\nbucket_mb = 4\n",
         )
         .unwrap();
         let diffs = config_differences(&worker.to_json_value(), &coordinator.to_json_value());

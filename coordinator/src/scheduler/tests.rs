@@ -250,7 +250,9 @@ fn checksum_mismatch_fails_the_job_loudly() {
         "{message}"
     );
     match ask(&mut s, a, 1, 1, 1, 6) {
-        Assignment::Stop { success, reason } => {
+        Assignment::Stop {
+            success, reason, ..
+        } => {
             assert!(!success);
             assert_eq!(reason, message);
         }
@@ -518,7 +520,9 @@ impl Sim {
                 assert_eq!(t.step, want, "a train for the wanted step");
                 self.workers[i].queue.push(t);
             }
-            Some(Reply::Assignment(Assignment::Stop { success, reason })) => {
+            Some(Reply::Assignment(Assignment::Stop {
+                success, reason, ..
+            })) => {
                 assert!(success, "{reason}");
                 self.workers[i].stopped = true;
             }

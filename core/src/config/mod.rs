@@ -24,8 +24,10 @@
 //! so one run shows everything to fix.
 //!
 //! Layout: `types` (the typed config, public), `raw` (the TOML layout), `layers`
-//! (merging and key/type checks), `validate` (ranges and cross-field rules).
+//! (merging and key/type checks), `validate` (ranges and cross-field rules),
+//! `cluster` (the `[cluster]` section: raw, typed and its checks).
 
+mod cluster;
 mod layers;
 mod raw;
 mod types;
@@ -37,6 +39,7 @@ mod tests;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+pub use cluster::{ClusterConfig, SILENT_HEARTBEATS};
 pub use types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
     EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,
