@@ -431,7 +431,7 @@ impl Scheduler {
                 None
             }
             Event::Shutdown(reason) => {
-                self.begin_shutdown(reason, now, &mut actions);
+                self.begin_shutdown(reason, &mut actions);
                 None
             }
         };

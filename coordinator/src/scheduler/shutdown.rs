@@ -5,8 +5,6 @@
 //! writes it before it leaves. The async shell waits (up to the grace) until the
 //! checkpoint verifies on disk ([`Scheduler::checkpoint_wait`]).
 
-use std::time::Duration;
-
 use hsat_proto::domain::WorkerId;
 
 use super::{Action, GenStatus, Phase, Scheduler};
@@ -84,7 +82,6 @@ impl Scheduler {
         if matches!(self.phase, Phase::Finished | Phase::Failed(_)) || self.shutdown.is_some() {
             return;
         }
-        let _ = now;
         tracing::warn!(
             committed = self.committed,
             "shutting down ({reason}): issuing no new steps, letting the issued ones commit"
