@@ -73,12 +73,7 @@ pub enum CheckpointWait {
 
 impl Scheduler {
     /// Starts draining for a shutdown (SIGTERM); a finished or failed job ignores it.
-    pub(super) fn begin_shutdown(
-        &mut self,
-        reason: String,
-        now: Duration,
-        actions: &mut Vec<Action>,
-    ) {
+    pub(super) fn begin_shutdown(&mut self, reason: String, actions: &mut Vec<Action>) {
         if matches!(self.phase, Phase::Finished | Phase::Failed(_)) || self.shutdown.is_some() {
             return;
         }

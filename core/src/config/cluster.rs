@@ -190,7 +190,10 @@ impl Check {
         if lower.1.is_zero() || upper.1.is_zero() || lower.1 < upper.1 {
             return;
         }
-        let (lower_key, upper_key) = (format!("cluster.{}", lower.0), format!("cluster.{}", upper.0));
+        let (lower_key, upper_key) = (
+            format!("cluster.{}", lower.0),
+            format!("cluster.{}", upper.0),
+        );
         self.problem(
             &lower_key,
             format!(
@@ -237,7 +240,10 @@ pub(crate) fn validate(raw: &RawCluster) -> Result<ClusterConfig, Vec<Problem>> 
         rpc_retry_deadline: c.duration("rpc_retry_deadline_s", raw.rpc_retry_deadline_s, true),
         bucket_mb: c.count("bucket_mb", raw.bucket_mb, " (gradient bucket size in MiB)"),
     };
-    if !config.heartbeat.is_zero() && !config.lease.is_zero() && config.lease <= config.silent_after() {
+    if !config.heartbeat.is_zero()
+        && !config.lease.is_zero()
+        && config.lease <= config.silent_after()
+    {
         c.problem(
             "cluster.lease_s",
             format!(

@@ -973,7 +973,10 @@ fn cluster_values_out_of_range_name_their_key() {
     let cfg = load_with(
         None,
         &[],
-        &["cluster.rpc_retry_deadline_s=0", "cluster.formation_wait_s=0"],
+        &[
+            "cluster.rpc_retry_deadline_s=0",
+            "cluster.formation_wait_s=0",
+        ],
     )
     .unwrap();
     assert!(cfg.cluster.rpc_retry_deadline.is_zero());
