@@ -4,6 +4,10 @@
 //! async shell to carry out (the reply, ledger records, waking long polls). No I/O,
 //! no clock: tests drive it with any interleaving they like. The invariants it keeps
 //! are listed in `README.md` beside this file.
+//!
+//! - `membership`: when a generation may form (formation wait, silent workers),
+//!   admitting live workers left outside, the pause below `min_workers`;
+//! - `shutdown`: the drain on SIGTERM and the checkpoint of the last committed step.
 
 mod membership;
 mod shutdown;
@@ -170,7 +174,8 @@ pub enum Event {
     Status,
     /// Timer: expire leases, form a generation whose regroup wait is over.
     Tick,
-    /// Stop the job (SIGTERM): every worker gets `Stop { success: false }`.
+    /// Stop the job (SIGTERM): drain the issued steps, then every worker gets
+    /// `Stop { success: false }` (one of them with the checkpoint to write).
     Shutdown(String),
 }
 
