@@ -85,9 +85,6 @@ pub enum CoordinatorError {
     /// The gRPC server failed.
     #[error("the gRPC server failed: {0}")]
     Server(String),
-    /// The command-line flags are inconsistent.
-    #[error("invalid flags: {0}")]
-    Flags(String),
     /// The job's config could not be loaded.
     #[error(transparent)]
     Config(#[from] hsat_core::config::ConfigError),

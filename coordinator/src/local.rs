@@ -25,10 +25,10 @@ pub struct LocalClusterOptions {
     /// this process's environment, so `env` should be this process's `HSAT__...`
     /// variables ([`ConfigSources::from_process_env`]) for both sides to agree.
     pub sources: ConfigSources,
-    /// Worker processes to start (at least 1).
+    /// Worker processes to start (at least 1); the coordinator expects this many
+    /// whatever `cluster.workers` says. The other membership settings come from the
+    /// config's `[cluster]` section.
     pub workers: usize,
-    /// Membership and lease settings (its worker count is the one above).
-    pub settings: ClusterSettings,
 }
 
 /// What happens while a local job runs, in order.
@@ -103,6 +103,9 @@ pub fn run_local(
         return Err(LocalClusterError::NoWorkers);
     }
     let cfg = config::load(&options.sources)?;
+    let mut settings = ClusterSettings::from_config(&cfg.cluster);
+    settings.expected_workers = options.workers;
+    settings.validate().map_err(CoordinatorError::Settings)?;
     let job = load_job(cfg.clone())?;
     on_event(LocalEvent::Starting {
         config: &cfg,
@@ -122,11 +125,11 @@ pub fn run_local(
         listener.local_addr().map_err(LocalClusterError::Listen)?
     );
     let mut children = LocalWorkers::spawn(&options, &address, &cfg)?;
-    let grace = options.settings.shutdown_grace;
+    let grace = settings.shutdown_grace;
     let workers = options.workers;
     let (crashed_tx, crashed_rx) = tokio::sync::oneshot::channel::<()>();
     let outcome = runtime.block_on(async {
-        let server = serve(job, options.settings, listener, async {
+        let server = serve(job, settings, listener, async {
             tokio::select! {
                 () = shutdown => {}
                 _ = crashed_rx => {}
@@ -319,16 +322,18 @@ mod tests {
     }
 
     fn options(dir: &Path, program: &str, workers: usize) -> LocalClusterOptions {
-        let mut settings = ClusterSettings::new(workers);
-        settings.shutdown_grace = Duration::from_secs(2);
         LocalClusterOptions {
             worker_program: PathBuf::from(program),
             sources: ConfigSources {
                 file: Some(job_file(dir)),
+                overrides: vec![
+                    "cluster.shutdown_grace_s=2".into(),
+                    "cluster.regroup_wait_s=1.5".into(),
+                    "cluster.collective_timeout_s=1".into(),
+                ],
                 ..ConfigSources::default()
             },
             workers,
-            settings,
         }
     }
 

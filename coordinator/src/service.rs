@@ -24,7 +24,9 @@ use tracing::instrument;
 
 use crate::identity::JobIdentity;
 use crate::ledger::LedgerWriter;
-use crate::scheduler::{Action, ClusterSettings, Event, LedgerEntry, Reply, Scheduler};
+use crate::scheduler::{
+    Action, CheckpointWait, ClusterSettings, Event, LedgerEntry, Reply, Scheduler,
+};
 use crate::{CoordinatorError, Job};
 
 /// How a job ended.
@@ -34,7 +36,9 @@ pub enum OutcomeKind {
     Finished,
     /// The job failed (checksum mismatch, ...); the message says why.
     Failed(String),
-    /// Stopped by the shutdown signal before it finished.
+    /// Stopped by the shutdown signal before it finished (preemption): issued steps
+    /// were drained and, when the grace allowed, a checkpoint of the last committed
+    /// step exists ([`JobOutcome::last_checkpoint`]). The job can be resumed.
     Cancelled(String),
 }
 
@@ -47,7 +51,7 @@ pub struct JobOutcome {
     pub committed_steps: u64,
     /// Steps of the job.
     pub total_steps: u64,
-    /// The newest checkpoint rank 0 reported.
+    /// The newest checkpoint rank 0 reported, or the one written for the shutdown.
     pub last_checkpoint: Option<PathBuf>,
     /// The ledger file.
     pub ledger: PathBuf,
@@ -273,6 +277,9 @@ pub async fn serve(
         hsat_version: HSAT_VERSION.to_owned(),
     };
     let total_steps = job.plan.total_steps;
+    // Where rank 0 writes checkpoints when it shares the coordinator's out_dir (the
+    // job volume): a shutdown's checkpoint is looked for there.
+    let checkpoint_root = job.config.infra.out_dir.join("checkpoints");
     let address = listener.local_addr().ok();
     tracing::info!(
         address = ?address,
@@ -307,15 +314,22 @@ pub async fn serve(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut cancelled: Option<String> = None;
+    let mut shutdown_at: Option<Instant> = None;
     let mut ended_at: Option<Instant> = None;
     let mut server_error = None;
+    let mut stop_checkpoint = StopCheckpoint::default();
     loop {
         tokio::select! {
             () = &mut shutdown, if cancelled.is_none() => {
-                tracing::info!("shutdown requested: telling workers to stop");
+                let reason = "the coordinator was asked to shut down".to_owned();
+                tracing::warn!(
+                    grace_s = settings.shutdown_grace.as_secs_f64(),
+                    "shutdown requested: issuing no new steps, draining, then checkpointing the last committed step"
+                );
                 health.set_serving(false).await;
-                cancelled = Some("the coordinator was asked to shut down".to_owned());
-                shared.apply(Event::Shutdown("the coordinator was asked to shut down".into()));
+                shutdown_at = Some(Instant::now());
+                cancelled = Some(reason.clone());
+                shared.apply(Event::Shutdown(reason));
             }
             _ = ticker.tick() => {
                 shared.apply(Event::Tick);
@@ -329,36 +343,53 @@ pub async fn serve(
                 break;
             }
         }
-        let (terminal, done) = {
+        let (terminal, done, wait) = {
             let scheduler = shared.lock();
             (
                 scheduler.failure().is_some()
                     || scheduler.state() == hsat_proto::domain::JobState::Finished,
                 scheduler.is_done(),
+                scheduler.checkpoint_wait(),
             )
         };
+        let settled = stop_checkpoint.settle(wait, &checkpoint_root).await;
         if terminal {
-            let since = *ended_at.get_or_insert_with(Instant::now);
-            if done {
-                break;
-            }
-            if since.elapsed() >= settings.shutdown_grace {
-                tracing::warn!(
-                    grace_s = settings.shutdown_grace.as_secs_f64(),
-                    "not every worker got its stop before the deadline; exiting anyway"
-                );
-                break;
-            }
+            ended_at.get_or_insert_with(Instant::now);
+        }
+        if terminal && done && settled {
+            break;
+        }
+        // The grace runs from the signal (a shutdown) or from the job's end.
+        if let Some(since) = shutdown_at.or(ended_at)
+            && since.elapsed() >= settings.shutdown_grace
+        {
+            tracing::warn!(
+                grace_s = settings.shutdown_grace.as_secs_f64(),
+                still = %describe_unsettled(terminal, done, wait),
+                "the shutdown grace is over; exiting anyway"
+            );
+            break;
         }
     }
     health.set_serving(false).await;
     let _ = stop_server.send(());
+    // In-flight calls (a held long poll at most) get what is left of a shutdown's
+    // grace, between 0.5 and 5 s, so the process exits within the grace.
+    let stop_within = shutdown_at.map_or(Duration::from_secs(5), |since| {
+        settings
+            .shutdown_grace
+            .saturating_sub(since.elapsed())
+            .clamp(Duration::from_millis(500), Duration::from_secs(5))
+    });
     if server_error.is_none()
-        && tokio::time::timeout(Duration::from_secs(5), &mut server)
+        && tokio::time::timeout(stop_within, &mut server)
             .await
             .is_err()
     {
-        tracing::warn!("the gRPC server did not stop within 5 s");
+        tracing::warn!(
+            within_s = stop_within.as_secs_f64(),
+            "the gRPC server did not stop in time"
+        );
         server.abort();
     }
     let (kind, committed_steps, last_checkpoint) = {
@@ -369,10 +400,11 @@ pub async fn serve(
             (_, Some(message), None) => OutcomeKind::Failed(message.to_owned()),
             _ => OutcomeKind::Failed("the server stopped".to_owned()),
         };
+        let reported = scheduler.latest_checkpoint().map(|(dir, _)| dir.clone());
         (
             kind,
             scheduler.committed(),
-            scheduler.latest_checkpoint().map(|(dir, _)| dir.clone()),
+            stop_checkpoint.verified.clone().or(reported),
         )
     };
     let shared = Arc::into_inner(shared);
@@ -394,4 +426,108 @@ pub async fn serve(
         last_checkpoint,
         ledger: ledger_path,
     })
+}
+
+/// The shell's side of a shutdown's checkpoint: verifying on disk the checkpoint the
+/// scheduler asked a worker to write ([`CheckpointWait`]).
+#[derive(Debug, Default)]
+struct StopCheckpoint {
+    /// The verified checkpoint directory.
+    verified: Option<PathBuf>,
+    /// Failed verifications of the written checkpoint so far.
+    failures: u32,
+    /// Gave up (logged once).
+    given_up: bool,
+    last_check: Option<Instant>,
+}
+
+/// Verifications of a written checkpoint before giving up (the writer has left: a
+/// checkpoint that does not verify now will not later, but a shared volume may show
+/// the rename with a small delay).
+const VERIFY_ATTEMPTS: u32 = 5;
+
+impl StopCheckpoint {
+    /// Whether nothing about the checkpoint is left to wait for; verifies a written
+    /// one (off the async threads: it hashes every file).
+    async fn settle(&mut self, wait: CheckpointWait, root: &std::path::Path) -> bool {
+        match wait {
+            CheckpointWait::Nothing => true,
+            CheckpointWait::Draining | CheckpointWait::Writing { .. } => false,
+            CheckpointWait::Unavailable { step } => {
+                if !self.given_up {
+                    self.given_up = true;
+                    tracing::warn!(
+                        step,
+                        "no live worker holds the last committed step: no checkpoint of it was written; \
+                         the job will resume from the newest earlier checkpoint"
+                    );
+                }
+                true
+            }
+            CheckpointWait::Written { step } => {
+                if self.verified.is_some() || self.given_up {
+                    return true;
+                }
+                if self
+                    .last_check
+                    .is_some_and(|at| at.elapsed() < Duration::from_millis(200))
+                {
+                    return false;
+                }
+                self.last_check = Some(Instant::now());
+                let dir = root.join(hsat_core::checkpoint::checkpoint_dir_name(step));
+                let checked = dir.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || hsat_core::checkpoint::verify(&checked))
+                        .await;
+                match result {
+                    Ok(Ok(_)) => {
+                        tracing::info!(
+                            step,
+                            checkpoint = %dir.display(),
+                            "the checkpoint of the last committed step is written and verifies"
+                        );
+                        self.verified = Some(dir);
+                        true
+                    }
+                    Ok(Err(err)) => {
+                        self.failures += 1;
+                        if self.failures >= VERIFY_ATTEMPTS {
+                            self.given_up = true;
+                            tracing::warn!(
+                                step,
+                                checkpoint = %dir.display(),
+                                error = %err,
+                                "the checkpoint of the last committed step does not verify; the job \
+                                 will resume from the newest earlier checkpoint"
+                            );
+                            return true;
+                        }
+                        false
+                    }
+                    Err(join) => {
+                        self.given_up = true;
+                        tracing::warn!(error = %join, "checking the shutdown checkpoint failed");
+                        true
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a coordinator cut short by its grace was still waiting for.
+fn describe_unsettled(terminal: bool, done: bool, wait: CheckpointWait) -> String {
+    match wait {
+        CheckpointWait::Draining => "issued steps had not committed".to_owned(),
+        CheckpointWait::Writing { step } => {
+            format!("the checkpoint of step {step} was not written yet")
+        }
+        CheckpointWait::Written { step } => {
+            format!("the checkpoint of step {step} did not verify yet")
+        }
+        _ if !terminal => "the job had not ended".to_owned(),
+        _ if !done => "not every worker got its stop".to_owned(),
+        _ => "nothing".to_owned(),
+    }
 }

@@ -269,7 +269,9 @@ async fn drive<H: SimHooks>(
                 tokio::time::sleep(duration).await;
                 Event::Slept
             }
-            Action::Stop { success, reason } => return Ok(SimExit::Stopped { success, reason }),
+            Action::Stop {
+                success, reason, ..
+            } => return Ok(SimExit::Stopped { success, reason }),
         };
         protocol.on_event(event)?;
     }

@@ -54,6 +54,7 @@ fn job_config(out: &Path, manifest: &Path) -> Config {
 fn settings(workers: usize) -> ClusterSettings {
     let mut s = ClusterSettings::new(workers);
     s.heartbeat = Duration::from_millis(50);
+    s.silent_after = Duration::from_millis(150);
     s.lease = Duration::from_millis(400);
     s.regroup_wait = Duration::from_millis(400);
     s.long_poll = Duration::from_millis(200);

@@ -279,7 +279,15 @@ impl From<Assignment> for pb::Assignment {
                 shard: t.shard.into_iter().map(Into::into).collect(),
                 total_steps: t.total_steps,
             }),
-            Assignment::Stop { success, reason } => Kind::Stop(pb::Stop { success, reason }),
+            Assignment::Stop {
+                success,
+                reason,
+                checkpoint_step,
+            } => Kind::Stop(pb::Stop {
+                success,
+                reason,
+                checkpoint_step,
+            }),
         };
         Self { kind: Some(kind) }
     }
@@ -298,6 +306,7 @@ impl TryFrom<pb::Assignment> for Assignment {
             Some(Kind::Stop(s)) => Ok(Assignment::Stop {
                 success: s.success,
                 reason: s.reason,
+                checkpoint_step: s.checkpoint_step,
             }),
             Some(Kind::Group(g)) => {
                 if g.world_size == 0 || g.rank >= g.world_size || g.broadcast_root >= g.world_size {

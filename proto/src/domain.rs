@@ -121,6 +121,10 @@ pub enum Assignment {
         success: bool,
         /// Why.
         reason: String,
+        /// On a coordinator shutdown: write the checkpoint of this step (steps
+        /// applied; the worker's model holds exactly this many) before leaving, so the
+        /// job resumes from the last committed step.
+        checkpoint_step: Option<u64>,
     },
 }
 

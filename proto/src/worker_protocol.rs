@@ -71,6 +71,9 @@ pub enum Action {
         success: bool,
         /// The coordinator's reason.
         reason: String,
+        /// Write the checkpoint of this step before leaving (the coordinator shuts
+        /// down and this worker's model holds exactly this many steps).
+        checkpoint_step: Option<u64>,
     },
 }
 
@@ -175,7 +178,11 @@ enum Phase {
     /// A `Wait` arrived with nothing queued.
     Sleeping(Duration),
     /// The coordinator said stop.
-    Stopped { success: bool, reason: String },
+    Stopped {
+        success: bool,
+        reason: String,
+        checkpoint_step: Option<u64>,
+    },
 }
 
 /// The worker's side of the protocol (see the module docs).
@@ -251,9 +258,15 @@ impl WorkerProtocol {
             Phase::Forming(group) => Action::FormGroup(group.clone()),
             Phase::Reporting(report) => Action::Report(report.clone()),
             Phase::Sleeping(duration) => Action::Sleep(*duration),
-            Phase::Stopped { success, reason } => Action::Stop {
+            Phase::Stopped {
+                success,
+                reason,
+                checkpoint_step,
+            } => Action::Stop {
                 success: *success,
                 reason: reason.clone(),
+                // Only a model that holds exactly that step can write it.
+                checkpoint_step: checkpoint_step.filter(|&step| step == self.next_step),
             },
             Phase::Working => match self.queued.front() {
                 Some(front) if !self.should_ask() => Action::Train(front.clone()),
@@ -378,10 +391,18 @@ impl WorkerProtocol {
                     self.train_before_asking = true;
                 }
             }
-            Assignment::Stop { success, reason } => {
+            Assignment::Stop {
+                success,
+                reason,
+                checkpoint_step,
+            } => {
                 self.group = None;
                 self.leave_group();
-                self.phase = Phase::Stopped { success, reason };
+                self.phase = Phase::Stopped {
+                    success,
+                    reason,
+                    checkpoint_step,
+                };
             }
             Assignment::Group(group) => {
                 // The old collective and its queued steps go before the new one forms.

@@ -257,13 +257,15 @@ fn stop_is_final_and_says_whether_the_job_finished() {
     p.on_event(Event::Assigned(Assignment::Stop {
         success: false,
         reason: "job failed: x".into(),
+        checkpoint_step: None,
     }))
     .unwrap();
     assert_eq!(
         p.next_action(),
         Action::Stop {
             success: false,
-            reason: "job failed: x".into()
+            reason: "job failed: x".into(),
+            checkpoint_step: None,
         }
     );
     let err = p.on_event(Event::Assigned(wait())).unwrap_err();
@@ -339,4 +341,41 @@ fn events_the_protocol_did_not_ask_for_are_driver_bugs() {
     );
     // Still forming generation 3.
     assert_eq!(p.next_action(), Action::FormGroup(group(3, 0, 10)));
+}
+
+#[test]
+fn a_stop_asks_for_a_checkpoint_only_from_a_model_holding_that_step() {
+    // The coordinator shuts down with 4 steps committed: a worker holding 4 steps
+    // writes `step-4`; one holding 3 (it missed a step) must not write a checkpoint
+    // that claims 4.
+    let stop = |step| {
+        Event::Assigned(Assignment::Stop {
+            success: false,
+            reason: "cancelled".into(),
+            checkpoint_step: Some(step),
+        })
+    };
+    let mut holds_four = member(4, 10);
+    holds_four.on_event(stop(4)).unwrap();
+    assert_eq!(
+        holds_four.next_action(),
+        Action::Stop {
+            success: false,
+            reason: "cancelled".into(),
+            checkpoint_step: Some(4),
+        }
+    );
+    let mut holds_three = member(3, 10);
+    holds_three.on_event(stop(4)).unwrap();
+    assert!(
+        matches!(
+            holds_three.next_action(),
+            Action::Stop {
+                checkpoint_step: None,
+                ..
+            }
+        ),
+        "{:?}",
+        holds_three.next_action()
+    );
 }

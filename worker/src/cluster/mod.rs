@@ -9,7 +9,8 @@
 //!   heartbeats        │            │            (up to two steps ahead: loading of
 //!   (own task)        │            │            step s+1 overlaps training of s)
 //!                     │            ├─ Wait   -> train what is queued, or sleep
-//!                     │            └─ Stop   -> leave, exit
+//!                     │            └─ Stop   -> (write the checkpoint asked for),
+//!                     │                         leave, exit
 //!                     └── train front step: PGD, loss, backward, all-reduce,
 //!                         AdamW, rank 0's BN buffers, checksum, report
 //! ```
@@ -20,6 +21,11 @@
 //! the group, its loader and the queued steps, and tells the coordinator, which forms
 //! the next generation; the model keeps the last update it applied, which the
 //! coordinator uses to pick the state everyone continues from.
+//!
+//! Shutdown (SIGTERM, the `shutdown` flag): the step being trained finishes (or is
+//! abandoned when its collective fails), a trained step is still reported, then the
+//! worker leaves. A coordinator that shuts down may ask, in the `Stop`, for a
+//! checkpoint of the last committed step: the worker writes it before leaving.
 //!
 //! The protocol's rules (what to ask next, the lookahead, the group error, when to
 //! stop prefetching) are [`hsat_proto::worker_protocol`]'s, shared with the
@@ -134,6 +140,7 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         session: None,
         heartbeats: None,
         lost: Arc::new(AtomicBool::new(false)),
+        steps_per_epoch: 1,
     };
     worker
         .trainer
@@ -200,19 +207,24 @@ struct Worker<'a> {
     heartbeats: Option<tokio::task::JoinHandle<()>>,
     /// Set by the heartbeat task when the coordinator no longer knows this worker.
     lost: Arc<AtomicBool>,
+    /// Steps per epoch of the job, from the last group (for checkpoint metadata).
+    steps_per_epoch: u64,
 }
 
 impl Worker<'_> {
     /// The protocol loop; returns the coordinator's reason to stop.
     fn run(&mut self, shutdown: &AtomicBool) -> Result<String> {
         loop {
-            if shutdown.load(Ordering::SeqCst) {
+            let action = self.protocol.next_action();
+            // A step already trained is reported first: its update is in every
+            // rank's model, and the report lets the step commit without a regroup.
+            if shutdown.load(Ordering::SeqCst) && !matches!(action, Action::Report(_)) {
                 return Ok("shut down on request".into());
             }
             if self.lost.load(Ordering::SeqCst) {
                 return Err(WorkerError::LeaseLost);
             }
-            let event = match self.protocol.next_action() {
+            let event = match action {
                 Action::Register(registration) => {
                     let registered = self.call("register with the coordinator", || {
                         self.client.register(registration.clone())
@@ -242,8 +254,15 @@ impl Worker<'_> {
                     std::thread::sleep(duration);
                     Event::Slept
                 }
-                Action::Stop { success, reason } => {
+                Action::Stop {
+                    success,
+                    reason,
+                    checkpoint_step,
+                } => {
                     self.session = None;
+                    if let Some(step) = checkpoint_step {
+                        self.write_stop_checkpoint(step);
+                    }
                     return if success {
                         Ok(reason)
                     } else {
@@ -341,6 +360,7 @@ impl Worker<'_> {
             });
         }
         self.trainer.set_position(group.start_step);
+        self.steps_per_epoch = group.steps_per_epoch;
         let (plans, plans_rx) = bounded(LOOKAHEAD + 1);
         let loader = FileSource::start_with_plans(
             Arc::clone(&self.index),
@@ -357,6 +377,35 @@ impl Worker<'_> {
             gradients: GradientSync::new(bucket),
         });
         Ok(Event::GroupFormed { generation })
+    }
+
+    /// Writes the checkpoint the coordinator asked for when it shut down (the
+    /// protocol checked the model holds exactly `step` steps). A failure is logged,
+    /// not fatal: the coordinator then reports that no checkpoint of the step exists.
+    fn write_stop_checkpoint(&mut self, step: u64) {
+        if self.trainer.position() != step {
+            tracing::warn!(
+                step,
+                holds = self.trainer.position(),
+                "asked for a checkpoint of a step the model does not hold; not writing it"
+            );
+            return;
+        }
+        let epoch = step.saturating_sub(1) / self.steps_per_epoch.max(1);
+        let started = Instant::now();
+        match self.trainer.write_checkpoint(epoch, None) {
+            Ok(dir) => tracing::info!(
+                step,
+                checkpoint = %dir.display(),
+                seconds = started.elapsed().as_secs_f64(),
+                "wrote the checkpoint of the last committed step for the coordinator's shutdown"
+            ),
+            Err(err) => tracing::error!(
+                step,
+                error = %crate::error::error_chain(&err),
+                "cannot write the checkpoint the coordinator asked for"
+            ),
+        }
     }
 
     fn worker_id(&self) -> WorkerId {
