@@ -46,7 +46,7 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 25)]
     pub bucket_mb: usize,
     /// Seconds each call to the coordinator keeps being retried (backoff 100 ms
-    /// doubling to 5 s) while the coordinator is unreachable, restarting or too
+    /// doubling to 1 s) while the coordinator is unreachable, restarting or too
     /// slow; 0 = give up at the first such error.
     #[arg(long, default_value_t = 60)]
     pub rpc_retry_deadline: u64,

@@ -172,6 +172,17 @@ impl From<AssignmentRequest> for pb::AssignmentRequest {
             next_step: r.next_step,
             want_step: Some(r.want_step),
             group_error: r.group_error,
+            held: r
+                .held
+                .into_iter()
+                .map(|h| pb::HeldStep {
+                    step: h.step,
+                    generation: h.generation,
+                    world_size: h.world_size,
+                    rank: h.rank,
+                    checksum: h.checksum,
+                })
+                .collect(),
         }
     }
 }
@@ -186,12 +197,38 @@ impl TryFrom<pb::AssignmentRequest> for AssignmentRequest {
                 r.next_step
             )));
         }
+        let held = r
+            .held
+            .into_iter()
+            .map(|h| {
+                if h.world_size == 0 || h.rank >= h.world_size || h.generation == 0 {
+                    return Err(invalid(format!(
+                        "held step {}: rank {} of world size {} in generation {} is impossible",
+                        h.step, h.rank, h.world_size, h.generation
+                    )));
+                }
+                if h.step >= r.next_step {
+                    return Err(invalid(format!(
+                        "held step {} is not before next_step {}: a worker lists steps its model trained",
+                        h.step, r.next_step
+                    )));
+                }
+                Ok(HeldStep {
+                    step: h.step,
+                    generation: h.generation,
+                    world_size: h.world_size,
+                    rank: h.rank,
+                    checksum: h.checksum,
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
         Ok(Self {
             worker_id: worker_id(r.worker_id)?,
             generation: r.generation,
             next_step: r.next_step,
             want_step,
             group_error: r.group_error,
+            held,
         })
     }
 }
@@ -590,6 +627,7 @@ mod tests {
             next_step: 5,
             want_step: Some(4),
             group_error: None,
+            held: Vec::new(),
         })
         .unwrap_err();
         assert!(

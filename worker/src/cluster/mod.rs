@@ -79,7 +79,7 @@ pub struct WorkerOptions {
     /// How long to keep trying to reach the coordinator at start-up.
     pub connect_deadline: Duration,
     /// How long each call to the coordinator keeps being retried (backoff 100 ms
-    /// doubling to 5 s) while it fails with retryable errors (unreachable,
+    /// doubling to 1 s) while it fails with retryable errors (unreachable,
     /// restarting, too slow); zero: fail at the first error.
     pub rpc_retry_deadline: Duration,
 }
