@@ -103,12 +103,14 @@ pub fn run_local(
     overrides: Vec<String>,
     workers: usize,
     membership: &MembershipArgs,
+    start_mode: hsat_coordinator::StartMode,
 ) -> anyhow::Result<()> {
     let options = LocalClusterOptions {
         worker_program: std::env::current_exe().context("cannot find the hsat executable")?,
         sources: ConfigSources::from_process_env(file, overrides),
         workers,
         settings: membership.settings(workers),
+        start_mode,
     };
     let outcome = local::run_local(options, shutdown_signal(), |event| match event {
         LocalEvent::Starting {
@@ -138,6 +140,17 @@ pub fn run_local(
 
 fn finish(outcome: &JobOutcome) -> anyhow::Result<()> {
     match &outcome.kind {
+        OutcomeKind::Finished if outcome.already_finished => {
+            println!(
+                "hsat: job {} already finished ({} of {} steps committed); nothing to train. Ledger {} (left as it is); \
+                 to train again from scratch, rerun with --new-job",
+                outcome.job_id,
+                outcome.committed_steps,
+                outcome.total_steps,
+                outcome.ledger.display()
+            );
+            Ok(())
+        }
         OutcomeKind::Finished => {
             match &outcome.last_checkpoint {
                 Some(dir) => println!(

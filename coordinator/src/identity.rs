@@ -63,6 +63,34 @@ impl JobIdentity {
     }
 }
 
+/// SHA-256 (hex) of the canonical JSON (keys sorted) of `config` without
+/// [`WORKER_LOCAL_KEYS`]: equal for two configs exactly when
+/// [`config_differences`] finds none.
+pub fn config_fingerprint(config: &Value) -> String {
+    use sha2::Digest;
+    let shared = without_local("", config);
+    let digest = sha2::Sha256::digest(shared.to_string().as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn without_local(key: &str, value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter_map(|(name, child)| {
+                    let child_key = if key.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{key}.{name}")
+                    };
+                    (!is_local(&child_key)).then(|| (name.clone(), without_local(&child_key, child)))
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 /// One config leaf that differs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Difference {
@@ -155,6 +183,17 @@ mod tests {
             advertise_host: "h".into(),
             hsat_version: "1".into(),
         };
+        assert_ne!(
+            config_fingerprint(&worker.to_json_value()),
+            config_fingerprint(&coordinator.to_json_value())
+        );
+        let mut same = coordinator.clone();
+        same.infra.threads = 3;
+        assert_eq!(
+            config_fingerprint(&same.to_json_value()),
+            config_fingerprint(&coordinator.to_json_value()),
+            "worker-local keys do not change the fingerprint"
+        );
         let err = identity.check(&registration).unwrap_err();
         assert_eq!(
             err,

@@ -4,6 +4,10 @@
 //! every rank agrees on. The coordinator's in-process harness and
 //! `hsat bench control-plane` both run these; what differs between them (how the
 //! collective is modelled, pacing, latency recording, crashing) is a [`SimHooks`].
+//!
+//! Like the real worker, a simulated worker answered `UnknownWorker` (its
+//! coordinator restarted) registers again and keeps its "model" (the steps it
+//! holds and their checksums).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -147,6 +151,16 @@ fn rpc(action: &'static str) -> impl FnOnce(ApiError) -> SimError {
     move |source| SimError::Rpc { action, source }
 }
 
+/// `Ok(Some(value))`, or `Ok(None)` when the coordinator does not know the worker
+/// (it registers again), or the error.
+fn known<T>(result: Result<T, ApiError>, action: &'static str) -> Result<Option<T>, SimError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(ApiError::UnknownWorker(_)) => Ok(None),
+        Err(source) => Err(SimError::Rpc { action, source }),
+    }
+}
+
 /// Heartbeats until the task is aborted or a heartbeat fails.
 async fn heartbeat_loop<H: SimHooks>(
     client: CoordinatorClient,
@@ -199,6 +213,9 @@ async fn drive<H: SimHooks>(
                     .await
                     .map_err(rpc("register"))?;
                 hooks.observe(Rpc::Register, begun);
+                if let Some(old) = heartbeat.take() {
+                    old.abort();
+                }
                 *heartbeat = Some(tokio::spawn(heartbeat_loop(
                     client.clone(),
                     registered.worker_id,
@@ -210,10 +227,12 @@ async fn drive<H: SimHooks>(
             Action::Ask(request) => {
                 hooks.before_ask(&request).await;
                 let begun = Instant::now();
-                let assignment = client
-                    .next_assignment(request)
-                    .await
-                    .map_err(rpc("ask for work"))?;
+                let Some(assignment) =
+                    known(client.next_assignment(request).await, "ask for work")?
+                else {
+                    protocol.on_event(Event::Forgotten)?;
+                    continue;
+                };
                 let waited = matches!(assignment, hsat_proto::domain::Assignment::Wait { .. });
                 hooks.observe(Rpc::Ask { waited }, begun);
                 Event::Assigned(assignment)
@@ -222,10 +241,16 @@ async fn drive<H: SimHooks>(
                 if group.store == StoreRole::Host
                     && let Some(worker) = protocol.worker_id()
                 {
-                    client
-                        .publish_store(worker, group.generation, FAKE_STORE_PORT)
-                        .await
-                        .map_err(rpc("publish the rendezvous store"))?;
+                    let published = known(
+                        client
+                            .publish_store(worker, group.generation, FAKE_STORE_PORT)
+                            .await,
+                        "publish the rendezvous store",
+                    )?;
+                    if published.is_none() {
+                        protocol.on_event(Event::Forgotten)?;
+                        continue;
+                    }
                 }
                 Event::GroupFormed {
                     generation: group.generation,
@@ -258,10 +283,10 @@ async fn drive<H: SimHooks>(
             }
             Action::Report(report) => {
                 let begun = Instant::now();
-                client
-                    .report_step(report)
-                    .await
-                    .map_err(rpc("report a step"))?;
+                if known(client.report_step(report).await, "report a step")?.is_none() {
+                    protocol.on_event(Event::Forgotten)?;
+                    continue;
+                }
                 hooks.observe(Rpc::Report, begun);
                 Event::Reported
             }
