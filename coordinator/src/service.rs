@@ -186,8 +186,11 @@ fn retention_of(config: &serde_json::Value) -> Retention {
 
 fn ledger_record(entry: &LedgerEntry) -> serde_json::Value {
     let mut record = serde_json::to_value(entry).unwrap_or_default();
-    if let (Some(object), Some(losses)) = (record.as_object_mut(), &entry.losses) {
-        object.insert("loss".into(), serde_json::json!(losses.total));
+    if let Some(object) = record.as_object_mut() {
+        object.insert("kind".into(), "commit".into());
+        if let Some(losses) = &entry.losses {
+            object.insert("loss".into(), serde_json::json!(losses.total));
+        }
     }
     record
 }

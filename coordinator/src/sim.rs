@@ -19,6 +19,7 @@ use hsat_proto::domain::{
     AssignmentRequest, GroupAssignment, LevelLosses, Registration, StepLosses, StoreRole,
     TrainAssignment, WorkerId,
 };
+use hsat_proto::retry::{Backoff, RetryError, retry};
 use hsat_proto::worker_protocol::{Action, Event, ProtocolError, StepOutcome, WorkerProtocol};
 
 /// The port a simulated rank 0 publishes for its (nonexistent) store.
@@ -151,6 +152,23 @@ fn rpc(action: &'static str) -> impl FnOnce(ApiError) -> SimError {
     move |source| SimError::Rpc { action, source }
 }
 
+/// How long a simulated worker retries a call failing with a retryable error (its
+/// coordinator restarting or unreachable), as the real worker does.
+pub const RETRY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `call`, retried with backoff while it fails with a retryable error.
+async fn call<T, F, Fut>(action: &'static str, call: F) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    retry(action, Backoff::until(RETRY_DEADLINE), call)
+        .await
+        .map_err(|err| match err {
+            RetryError::Fatal(err) | RetryError::GaveUp { last: err, .. } => err,
+        })
+}
+
 /// `Ok(Some(value))`, or `Ok(None)` when the coordinator does not know the worker
 /// (it registers again), or the error.
 fn known<T>(result: Result<T, ApiError>, action: &'static str) -> Result<Option<T>, SimError> {
@@ -208,8 +226,7 @@ async fn drive<H: SimHooks>(
         let event = match protocol.next_action() {
             Action::Register(registration) => {
                 let begun = Instant::now();
-                let registered = client
-                    .register(registration)
+                let registered = call("register", || client.register(registration.clone()))
                     .await
                     .map_err(rpc("register"))?;
                 hooks.observe(Rpc::Register, begun);
@@ -227,9 +244,8 @@ async fn drive<H: SimHooks>(
             Action::Ask(request) => {
                 hooks.before_ask(&request).await;
                 let begun = Instant::now();
-                let Some(assignment) =
-                    known(client.next_assignment(request).await, "ask for work")?
-                else {
+                let asked = call("ask for work", || client.next_assignment(request.clone())).await;
+                let Some(assignment) = known(asked, "ask for work")? else {
                     protocol.on_event(Event::Forgotten)?;
                     continue;
                 };
@@ -241,12 +257,11 @@ async fn drive<H: SimHooks>(
                 if group.store == StoreRole::Host
                     && let Some(worker) = protocol.worker_id()
                 {
-                    let published = known(
-                        client
-                            .publish_store(worker, group.generation, FAKE_STORE_PORT)
-                            .await,
-                        "publish the rendezvous store",
-                    )?;
+                    let published = call("publish the rendezvous store", || {
+                        client.publish_store(worker, group.generation, FAKE_STORE_PORT)
+                    })
+                    .await;
+                    let published = known(published, "publish the rendezvous store")?;
                     if published.is_none() {
                         protocol.on_event(Event::Forgotten)?;
                         continue;
@@ -283,7 +298,8 @@ async fn drive<H: SimHooks>(
             }
             Action::Report(report) => {
                 let begun = Instant::now();
-                if known(client.report_step(report).await, "report a step")?.is_none() {
+                let reported = call("report a step", || client.report_step(report.clone())).await;
+                if known(reported, "report a step")?.is_none() {
                     protocol.on_event(Event::Forgotten)?;
                     continue;
                 }
