@@ -129,10 +129,7 @@ mod tests {
         }
         std::fs::create_dir_all(root.join(".staging-step-00000013")).unwrap();
         let listed = list(root);
-        assert_eq!(
-            listed.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
-            [3, 12]
-        );
+        assert_eq!(listed.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [3, 12]);
         let empty = verify(&listed[0].1).unwrap_err();
         assert!(empty.ends_with("is empty"), "{empty}");
         let ckpt = &listed[1].1;
@@ -143,7 +140,10 @@ mod tests {
         )
         .unwrap();
         let short = verify(ckpt).unwrap_err();
-        assert!(short.contains("has 3 bytes, the manifest says 4"), "{short}");
+        assert!(
+            short.contains("has 3 bytes, the manifest says 4"),
+            "{short}"
+        );
         std::fs::write(ckpt.join("model.safetensors"), b"abcd").unwrap();
         assert_eq!(verify(ckpt), Ok(()));
     }

@@ -115,10 +115,10 @@ pub fn prepare(job: &Job, mode: StartMode) -> Result<JobStart, CoordinatorError>
         });
     };
     if mode == StartMode::NewJob {
-        let id = state
-            .header
-            .as_ref()
-            .map_or_else(|| format!("legacy-{}", ledger::unix_now()), |h| h.job_id.clone());
+        let id = state.header.as_ref().map_or_else(
+            || format!("legacy-{}", ledger::unix_now()),
+            |h| h.job_id.clone(),
+        );
         archive(out_dir, &path, &id)?;
         return Ok(JobStart::New {
             header: new_header(job),
@@ -127,8 +127,9 @@ pub fn prepare(job: &Job, mode: StartMode) -> Result<JobStart, CoordinatorError>
     let Some(header) = state.header.clone() else {
         return Err(CoordinatorError::OtherJob {
             ledger: path,
-            differences: "the ledger has no header (it was written by an hsat without resumable jobs)"
-                .to_owned(),
+            differences:
+                "the ledger has no header (it was written by an hsat without resumable jobs)"
+                    .to_owned(),
         });
     };
     let mut differences: Vec<String> =
@@ -324,10 +325,9 @@ mod tests {
         let new = job(dir.path(), 0.0002);
         let err = prepare(&new, StartMode::Auto).unwrap_err();
         match &err {
-            CoordinatorError::OtherJob { differences, .. } => assert_eq!(
-                differences,
-                "training.learn_rate: ledger 0.001, now 0.0002"
-            ),
+            CoordinatorError::OtherJob { differences, .. } => {
+                assert_eq!(differences, "training.learn_rate: ledger 0.001, now 0.0002")
+            }
             other => panic!("{other:?}"),
         }
         assert!(err.to_string().contains("--new-job"), "{err}");
@@ -336,7 +336,12 @@ mod tests {
             prepare(&new, StartMode::NewJob).unwrap(),
             JobStart::New { .. }
         ));
-        let archive = old.config.infra.out_dir.join("archive").join(&header.job_id);
+        let archive = old
+            .config
+            .infra
+            .out_dir
+            .join("archive")
+            .join(&header.job_id);
         assert!(archive.join(ledger::LEDGER_FILE).is_file());
         assert!(archive.join("checkpoints/step-00000001").is_dir());
         assert!(!old.coordinator_dir().join(ledger::LEDGER_FILE).exists());

@@ -83,7 +83,8 @@ fn without_local(key: &str, value: &Value) -> Value {
                     } else {
                         format!("{key}.{name}")
                     };
-                    (!is_local(&child_key)).then(|| (name.clone(), without_local(&child_key, child)))
+                    (!is_local(&child_key))
+                        .then(|| (name.clone(), without_local(&child_key, child)))
                 })
                 .collect(),
         ),

@@ -192,8 +192,7 @@ pub fn parse(bytes: &[u8]) -> Result<Option<LedgerState>, String> {
         } else {
             "commit"
         });
-        if kind != "header" && state.header.is_none() && lines == 1 && value.get("kind").is_some()
-        {
+        if kind != "header" && state.header.is_none() && lines == 1 && value.get("kind").is_some() {
             return Err(at("the first record is not a header"));
         }
         if kind != "end" {

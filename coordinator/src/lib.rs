@@ -49,8 +49,8 @@ use hsat_core::config::{Config, DataSource};
 use hsat_core::dataset::{DatasetError, DatasetIndex, Split, check};
 use hsat_core::sampler::{balanced_patients, steps_per_epoch};
 
-pub use scheduler::{ClusterSettings, JobPlan, Scheduler};
 pub use durable::StartMode;
+pub use scheduler::{ClusterSettings, JobPlan, Scheduler};
 pub use service::{JobOutcome, OutcomeKind, serve, serve_job};
 
 /// Why the coordinator cannot run a job.

@@ -167,8 +167,12 @@ fn retain(root: &std::path::Path, retention: Retention, committed: u64) {
             continue;
         };
         match std::fs::remove_dir_all(dir) {
-            Ok(()) => tracing::info!(checkpoint = %dir.display(), "retention: deleted an old checkpoint"),
-            Err(err) => tracing::warn!(checkpoint = %dir.display(), error = %err, "retention: cannot delete an old checkpoint"),
+            Ok(()) => {
+                tracing::info!(checkpoint = %dir.display(), "retention: deleted an old checkpoint")
+            }
+            Err(err) => {
+                tracing::warn!(checkpoint = %dir.display(), error = %err, "retention: cannot delete an old checkpoint")
+            }
         }
     }
 }
@@ -376,8 +380,8 @@ pub async fn serve_job(
             ledger.append(&ledger::header_record(&header));
             ledger.append(&ledger::start_record(0, None, 0));
             tracing::info!(job = %header.job_id, "starting a new job");
-            let scheduler = Scheduler::new(settings.clone(), job.plan, identity)
-                .with_checkpoint_check(check);
+            let scheduler =
+                Scheduler::new(settings.clone(), job.plan, identity).with_checkpoint_check(check);
             (scheduler, Some(ledger), header.job_id, false)
         }
         JobStart::Resume {

@@ -147,7 +147,16 @@ async fn fake_worker(
     fabric: Arc<Fabric>,
     die_after: Option<usize>,
 ) -> Result<bool, ApiError> {
-    paced_worker(address, config, fingerprint, name, fabric, die_after, Duration::ZERO).await
+    paced_worker(
+        address,
+        config,
+        fingerprint,
+        name,
+        fabric,
+        die_after,
+        Duration::ZERO,
+    )
+    .await
 }
 
 /// [`fake_worker`] whose steps take `pace` each.
@@ -201,7 +210,9 @@ fn check_ledger(path: &Path, job: &Job) -> Vec<serde_json::Value> {
         }
     }
     assert_eq!(
-        text.lines().next().and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        text.lines()
+            .next()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .map(|h| h["kind"].clone()),
         Some("header".into()),
         "the ledger starts with its header"
@@ -469,7 +480,10 @@ async fn a_coordinator_restarted_mid_job_continues_with_the_same_workers() {
         .collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while committed_in(&ledger) < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "no 3 commits in 30 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no 3 commits in 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     first.shutdown_background();
@@ -489,7 +503,12 @@ async fn a_coordinator_restarted_mid_job_continues_with_the_same_workers() {
     let text = std::fs::read_to_string(&ledger).unwrap();
     let kinds: Vec<String> = text
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_owned())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(kinds.iter().filter(|k| *k == "start").count(), 2);
     assert_eq!(kinds.iter().filter(|k| *k == "header").count(), 1);
@@ -499,8 +518,14 @@ async fn a_coordinator_restarted_mid_job_continues_with_the_same_workers() {
         "the workers' state was confirmed: no rollback\n{text}"
     );
     // Generations of the second incarnation continue above the first's.
-    let generations: Vec<u64> = entries.iter().map(|e| e["generation"].as_u64().unwrap()).collect();
-    assert!(generations.windows(2).all(|w| w[0] <= w[1]), "{generations:?}");
+    let generations: Vec<u64> = entries
+        .iter()
+        .map(|e| e["generation"].as_u64().unwrap())
+        .collect();
+    assert!(
+        generations.windows(2).all(|w| w[0] <= w[1]),
+        "{generations:?}"
+    );
     assert!(generations.last() > generations.first(), "{generations:?}");
 }
 

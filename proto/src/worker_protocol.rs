@@ -43,8 +43,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::domain::{
-    Assignment, AssignmentRequest, GroupAssignment, HeldStep, Registered, Registration,
-    StepLosses, StepReport, TrainAssignment, WorkerId,
+    Assignment, AssignmentRequest, GroupAssignment, HeldStep, Registered, Registration, StepLosses,
+    StepReport, TrainAssignment, WorkerId,
 };
 
 /// Steps a worker holds ahead of the one it trains (the coordinator's window): the

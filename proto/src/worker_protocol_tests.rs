@@ -368,7 +368,13 @@ fn requests_carry_the_last_trained_steps_with_generation_rank_and_checksum() {
     assert_eq!(held.len(), HELD_HISTORY, "only the newest are kept");
     let last = held.last().unwrap();
     assert_eq!(
-        (last.step, last.generation, last.world_size, last.rank, last.checksum),
+        (
+            last.step,
+            last.generation,
+            last.world_size,
+            last.rank,
+            last.checksum
+        ),
         (5, 1, 2, 1, 105)
     );
     assert_eq!(held.first().unwrap().step, 2);
@@ -401,7 +407,10 @@ fn forgotten_reregisters_keeping_the_model_and_dropping_the_group() {
         (0, 1, 1),
         "it checks in with the step its model holds, in no generation"
     );
-    assert_eq!(request.held.last().map(|h| (h.step, h.checksum)), Some((0, 42)));
+    assert_eq!(
+        request.held.last().map(|h| (h.step, h.checksum)),
+        Some((0, 42))
+    );
 }
 
 #[test]
@@ -451,7 +460,13 @@ fn a_stopped_worker_cannot_be_forgotten() {
     .unwrap();
     let err = p.on_event(Event::Forgotten).unwrap_err();
     assert!(
-        matches!(err, ProtocolError::UnexpectedEvent { event: "Forgotten", .. }),
+        matches!(
+            err,
+            ProtocolError::UnexpectedEvent {
+                event: "Forgotten",
+                ..
+            }
+        ),
         "{err}"
     );
 }

@@ -401,16 +401,13 @@ mod tests {
         );
         text.push_str(&complete());
         text.push_str("{\"kind\":\"checkpoint\",\"step\":4,\"dir\":\"/c\"}\n");
-        text.push_str("{\"kind\":\"end\",\"outcome\":\"finished\",\"reason\":\"\",\"committed\":4}\n");
+        text.push_str(
+            "{\"kind\":\"end\",\"outcome\":\"finished\",\"reason\":\"\",\"committed\":4}\n",
+        );
         assert_eq!(check(&text), Ok(()));
         let ledger = Ledger::parse(&text).unwrap();
         assert_eq!((ledger.starts(), ledger.end()), (1, Some("finished")));
-        assert_eq!(
-            ledger.records[0],
-            Record::Header {
-                job_id: "j".into()
-            }
-        );
+        assert_eq!(ledger.records[0], Record::Header { job_id: "j".into() });
     }
 
     #[test]

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use hsat_tests::{Sandbox, SandboxSpec, SmallJob, hsat_binary, synth_opensrh, write_small_job_config};
+use hsat_tests::{
+    Sandbox, SandboxSpec, SmallJob, hsat_binary, synth_opensrh, write_small_job_config,
+};
 
 /// 2 patients per step over 2 ranks, enough steps to kill the coordinator mid-job.
 fn job(dir: &Path) -> PathBuf {
@@ -90,7 +92,13 @@ fn a_finished_job_is_not_trained_again_and_another_config_is_refused() {
     );
     let run = |extra: &[&str]| {
         Command::new(hsat_binary())
-            .args(["run", "--config", config.to_str().unwrap(), "--workers", "2"])
+            .args([
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+                "--workers",
+                "2",
+            ])
             .args(extra)
             .output()
             .unwrap()
@@ -112,13 +120,18 @@ fn a_finished_job_is_not_trained_again_and_another_config_is_refused() {
         String::from_utf8_lossy(&again.stderr)
     );
     assert!(stdout.contains("already finished"), "{stdout}");
-    assert_eq!(std::fs::read(&ledger).unwrap(), bytes, "the ledger is untouched");
+    assert_eq!(
+        std::fs::read(&ledger).unwrap(),
+        bytes,
+        "the ledger is untouched"
+    );
 
     let other = run(&["--set", "training.learn_rate=0.5"]);
     let stderr = String::from_utf8_lossy(&other.stderr);
     assert!(!other.status.success());
     assert!(
-        stderr.contains("training.learn_rate: ledger 0.001, now 0.5") && stderr.contains("--new-job"),
+        stderr.contains("training.learn_rate: ledger 0.001, now 0.5")
+            && stderr.contains("--new-job"),
         "{stderr}"
     );
     assert_eq!(std::fs::read(&ledger).unwrap(), bytes);

@@ -20,9 +20,9 @@ use hsat_core::config::HidiscSampling;
 use hsat_core::dataset::DatasetIndex;
 use hsat_core::sampler::{StepPlan, plan_step, shard_range};
 use hsat_proto::domain::{
-    Assignment, AssignmentRequest, GroupAssignment, HeartbeatReply, HeldStep, JobState,
-    JobStatus, Registered, Registration, StepLosses, StepReport, StoreRole, TrainAssignment,
-    WorkerId, WorkerStatus,
+    Assignment, AssignmentRequest, GroupAssignment, HeartbeatReply, HeldStep, JobState, JobStatus,
+    Registered, Registration, StepLosses, StepReport, StoreRole, TrainAssignment, WorkerId,
+    WorkerStatus,
 };
 use hsat_proto::{ApiError, StorePublication};
 use serde::Serialize;

@@ -54,7 +54,10 @@ pub struct RestoredJob {
 /// Checks that a checkpoint directory is complete (its manifest verifies); `Err`
 /// says what is wrong. The scheduler calls it only when it must roll back.
 #[derive(Clone)]
-pub struct CheckpointCheck(Arc<dyn Fn(&Path) -> Result<(), String> + Send + Sync>);
+pub struct CheckpointCheck(Arc<CheckFn>);
+
+/// A checkpoint check: `Err` says what is wrong with the directory.
+type CheckFn = dyn Fn(&Path) -> Result<(), String> + Send + Sync;
 
 impl CheckpointCheck {
     /// A check running `check`.

@@ -130,15 +130,16 @@ fn steps_a_worker_holds_beyond_the_ledger_are_committed_as_recovered() {
     let b = register(&mut s, &config, "b", 0);
     // a trained steps 4 and 5 in generation 3 (as rank 1) after the ledger's last
     // commit; b only step 4 (its report of step 5 was lost with the coordinator).
-    let history_a = vec![held(3, 3, 1, CHECKSUM), held(4, 3, 1, 44), held(5, 3, 1, 55)];
+    let history_a = vec![
+        held(3, 3, 1, CHECKSUM),
+        held(4, 3, 1, 44),
+        held(5, 3, 1, 55),
+    ];
     let history_b = vec![held(3, 3, 0, CHECKSUM), held(4, 3, 0, 44)];
     check_in(&mut s, a, 6, history_a.clone(), 1);
     let formed = check_in(&mut s, b, 5, history_b, 1);
     let recovered = commits(&formed);
-    assert_eq!(
-        recovered.iter().map(|e| e.step).collect::<Vec<_>>(),
-        [4, 5]
-    );
+    assert_eq!(recovered.iter().map(|e| e.step).collect::<Vec<_>>(), [4, 5]);
     for entry in &recovered {
         assert!(entry.recovered);
         assert_eq!(entry.generation, 3);
@@ -148,7 +149,12 @@ fn steps_a_worker_holds_beyond_the_ledger_are_committed_as_recovered() {
             .iter()
             .flat_map(|r| r.patients.clone())
             .collect();
-        let planned: Vec<usize> = plan.plan(entry.step).patients.iter().map(|p| p.patient).collect();
+        let planned: Vec<usize> = plan
+            .plan(entry.step)
+            .patients
+            .iter()
+            .map(|p| p.patient)
+            .collect();
         assert_eq!(patients, planned, "rank records rebuilt from the plan");
         assert_eq!(entry.ranks[1].worker_name, "a");
         assert_eq!(entry.ranks[0].checksum, None);
@@ -182,10 +188,7 @@ fn a_checksum_that_differs_from_the_ledger_rolls_back_to_the_newest_checkpoint_t
     check_in(&mut s, a, 6, vec![held(5, 3, 0, 999)], 1);
     let formed = check_in(&mut s, b, 6, vec![held(5, 3, 1, 999)], 1);
     assert!(commits(&formed).is_empty());
-    assert_eq!(
-        rollbacks(&formed),
-        [(2, Some(PathBuf::from("/ck/step-2")))]
-    );
+    assert_eq!(rollbacks(&formed), [(2, Some(PathBuf::from("/ck/step-2")))]);
     assert_eq!(s.committed(), 2);
     let group = group_of(&check_in(&mut s, a, 6, Vec::new(), 2)).unwrap();
     assert_eq!(group.start_step, 2);

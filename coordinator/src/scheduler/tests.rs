@@ -126,7 +126,13 @@ pub(super) fn ask(
     }
 }
 
-pub(super) fn report(worker: WorkerId, generation: u64, rank: u32, step: u64, checksum: u64) -> StepReport {
+pub(super) fn report(
+    worker: WorkerId,
+    generation: u64,
+    rank: u32,
+    step: u64,
+    checksum: u64,
+) -> StepReport {
     StepReport {
         worker_id: worker,
         generation,
