@@ -575,6 +575,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn held_steps_round_trip_and_impossible_ones_are_refused() {
+        let request = AssignmentRequest {
+            worker_id: WorkerId(9),
+            generation: 0,
+            next_step: 6,
+            want_step: 6,
+            group_error: None,
+            held: vec![HeldStep {
+                step: 5,
+                generation: 4,
+                world_size: 2,
+                rank: 1,
+                checksum: 77,
+            }],
+        };
+        let wire = pb::AssignmentRequest::from(request.clone());
+        assert_eq!(AssignmentRequest::try_from(wire.clone()).unwrap(), request);
+        let mut ahead = wire.clone();
+        ahead.held[0].step = 6;
+        let err = AssignmentRequest::try_from(ahead).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("held step 6 is not before next_step 6"),
+            "{err}"
+        );
+        let mut rank = wire;
+        rank.held[0].rank = 2;
+        let err = AssignmentRequest::try_from(rank).unwrap_err();
+        assert!(err.to_string().contains("rank 2 of world size 2"), "{err}");
+    }
+
+    #[test]
     fn assignments_round_trip() {
         let group = Assignment::Group(GroupAssignment {
             generation: 3,
