@@ -49,6 +49,11 @@ fn a_killed_coordinator_restarted_on_the_same_out_dir_finishes_the_job_with_the_
     let worker_pids: Vec<u32> = sandbox.pids().into_iter().skip(1).collect();
     sandbox.kill_coordinator();
     let before = sandbox.ledger().committed().len();
+    assert_eq!(
+        sandbox.ledger().end(),
+        None,
+        "the coordinator was killed mid-job ({before} steps committed)"
+    );
     sandbox.restart_coordinator(&[]);
     let end = sandbox.wait_for_end(Duration::from_secs(300));
     assert!(end.coordinator.success(), "{}", sandbox.logs());
