@@ -47,7 +47,7 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub bucket_mb: Option<usize>,
     /// Seconds each call to the coordinator keeps being retried (backoff 100 ms
-    /// doubling to 5 s) while the coordinator is unreachable, restarting or too
+    /// doubling to 1 s) while the coordinator is unreachable, restarting or too
     /// slow; 0 = give up at the first such error [cluster.rpc_retry_deadline_s].
     #[arg(long)]
     pub rpc_retry_deadline: Option<f64>,
@@ -127,6 +127,7 @@ pub fn run_local(
     overrides: Vec<String>,
     workers: usize,
     membership: &MembershipArgs,
+    start_mode: hsat_coordinator::StartMode,
 ) -> anyhow::Result<()> {
     // The membership flags become `cluster.*` overrides; the workers get them too
     // (harmless: `[cluster]` is per process and not compared at registration).
@@ -137,6 +138,7 @@ pub fn run_local(
         worker_program: std::env::current_exe().context("cannot find the hsat executable")?,
         sources: ConfigSources::from_process_env(file, overrides),
         workers,
+        start_mode,
     };
     let outcome = local::run_local(options, shutdown_signal(), |event| match event {
         LocalEvent::Starting {
@@ -166,6 +168,17 @@ pub fn run_local(
 
 fn finish(outcome: &JobOutcome) -> anyhow::Result<()> {
     match &outcome.kind {
+        OutcomeKind::Finished if outcome.already_finished => {
+            println!(
+                "hsat: job {} already finished ({} of {} steps committed); nothing to train. Ledger {} (left as it is); \
+                 to train again from scratch, rerun with --new-job",
+                outcome.job_id,
+                outcome.committed_steps,
+                outcome.total_steps,
+                outcome.ledger.display()
+            );
+            Ok(())
+        }
         OutcomeKind::Finished => {
             match &outcome.last_checkpoint {
                 Some(dir) => println!(

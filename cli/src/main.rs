@@ -201,7 +201,14 @@ fn main() -> std::process::ExitCode {
             config,
             workers: Some(workers),
             membership,
-        }) => cluster::run_local(config.config, config.set, workers, &membership),
+        }) => cluster::run_local(
+            config.config,
+            config.set,
+            workers,
+            &membership,
+            // `--resume` / `--new-job` of `hsat run` map to StartMode::Resume / NewJob.
+            hsat_coordinator::StartMode::Auto,
+        ),
         Command::Run(args) => run::run(args.config.config, args.config.set),
         Command::Coordinator(args) => cluster::coordinator(args),
         Command::Worker(args) => cluster::worker(args),

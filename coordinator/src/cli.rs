@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use hsat_core::config::{self, ConfigSources};
 
-use crate::{ClusterSettings, CoordinatorError, JobOutcome, load_job, serve};
+use crate::durable::{self, StartMode};
+use crate::{ClusterSettings, CoordinatorError, JobOutcome, load_job, serve_job};
 
 /// Membership and lease flags: each overrides its `[cluster]` key (shown in
 /// brackets; defaults in `docs/config.md`) and is validated with the rest.
@@ -89,6 +90,11 @@ pub struct CoordinatorArgs {
     /// Membership and lease settings.
     #[command(flatten)]
     pub membership: MembershipArgs,
+    /// Archive the job already in infra.out_dir (ledger and checkpoints, to
+    /// `<out_dir>/archive/<job id>/`) and start this one; without it the same job
+    /// is resumed and a different one is refused.
+    #[arg(long)]
+    pub new_job: bool,
 }
 
 impl CoordinatorArgs {
@@ -104,12 +110,19 @@ impl CoordinatorArgs {
     }
 }
 
-/// Loads the job, binds, prints `<name>: listening on ADDR` and serves until the job
+/// Loads the job, decides whether it is new, resumed or finished (see
+/// [`durable`]), binds, prints `<name>: listening on ADDR` and serves until the job
 /// ends or SIGTERM / Ctrl-C.
 pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, CoordinatorError> {
     let config = config::load(&args.sources())?;
     let settings = ClusterSettings::from_config(&config.cluster);
     let job = load_job(config)?;
+    let mode = if args.new_job {
+        StartMode::NewJob
+    } else {
+        StartMode::Auto
+    };
+    let start = durable::prepare(&job, mode)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -126,7 +139,7 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
         std::io::stdout()
             .flush()
             .map_err(CoordinatorError::Stdout)?;
-        serve(job, settings, listener, shutdown_signal()).await
+        serve_job(job, start, settings, listener, shutdown_signal()).await
     })
 }
 

@@ -22,10 +22,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::instrument;
 
+use crate::checkpoints::{self, Retention};
+use crate::durable::{self, JobStart, StartMode};
 use crate::identity::JobIdentity;
-use crate::ledger::LedgerWriter;
+use crate::ledger::{self, EndOutcome, EndRecord, LedgerWriter};
 use crate::scheduler::{
-    Action, CheckpointWait, ClusterSettings, Event, LedgerEntry, Reply, Scheduler,
+    Action, CheckpointCheck, CheckpointWait, ClusterSettings, Event, LedgerEntry, Reply,
+    Scheduler,
 };
 use crate::{CoordinatorError, Job};
 
@@ -55,6 +58,11 @@ pub struct JobOutcome {
     pub last_checkpoint: Option<PathBuf>,
     /// The ledger file.
     pub ledger: PathBuf,
+    /// The job's id (ledger header).
+    pub job_id: String,
+    /// The job had finished before this coordinator started: nothing was trained
+    /// and the ledger was left untouched.
+    pub already_finished: bool,
 }
 
 impl JobOutcome {
@@ -67,9 +75,13 @@ impl JobOutcome {
 struct Shared {
     scheduler: Mutex<Scheduler>,
     wake: Notify,
-    ledger: LedgerWriter,
+    /// `None` for a job that had already finished (its ledger stays untouched).
+    ledger: Option<LedgerWriter>,
     started: Instant,
     long_poll: Duration,
+    /// Where checkpoints go and how many to keep.
+    checkpoint_root: PathBuf,
+    retention: Retention,
 }
 
 impl Shared {
@@ -93,17 +105,18 @@ impl Shared {
                     Action::Reply(r) => reply = Some(r),
                     Action::Wake => wake = true,
                     Action::Commit(entry) => {
-                        self.ledger.append(&ledger_record(&entry));
+                        self.append(&ledger_record(&entry));
                         tracing::info!("{}", progress_line(&entry));
                     }
                     Action::Rollback {
                         to_step,
                         checkpoint,
                     } => {
-                        self.ledger.append(&serde_json::json!({
-                            "rollback_to": to_step,
-                            "checkpoint": checkpoint,
-                        }));
+                        self.append(&ledger::rollback_record(to_step, checkpoint.as_deref()));
+                    }
+                    Action::Checkpoint { step, dir } => {
+                        self.append(&ledger::checkpoint_record(step, &dir));
+                        self.apply_retention(scheduler.committed());
                     }
                 }
             }
@@ -113,12 +126,78 @@ impl Shared {
         }
         reply
     }
+
+    fn append(&self, record: &serde_json::Value) {
+        if let Some(ledger) = &self.ledger {
+            ledger.append(record);
+        }
+    }
+
+    /// Deletes old checkpoints on the ledger thread (after the records queued so
+    /// far are written), keeping what a rollback from `committed` would need.
+    fn apply_retention(&self, committed: u64) {
+        let Some(ledger) = &self.ledger else {
+            return;
+        };
+        let root = self.checkpoint_root.clone();
+        let retention = self.retention;
+        ledger.after_writes(Box::new(move || retain(&root, retention, committed)));
+    }
+}
+
+/// Retention: deletes the checkpoints under `root` that
+/// [`checkpoints::to_delete`] names, protecting the newest one at or before
+/// `committed` that verifies (the one a rollback would load) and every one after
+/// `committed` (not yet backed by a commit).
+fn retain(root: &std::path::Path, retention: Retention, committed: u64) {
+    let found = checkpoints::list(root);
+    let mut protect: Vec<u64> = found
+        .iter()
+        .map(|(step, _)| *step)
+        .filter(|&step| step > committed)
+        .collect();
+    if let Some((step, _)) = found
+        .iter()
+        .rev()
+        .filter(|(step, _)| *step <= committed)
+        .find(|(_, dir)| checkpoints::verify(dir).is_ok())
+    {
+        protect.push(*step);
+    }
+    let steps: Vec<u64> = found.iter().map(|(step, _)| *step).collect();
+    for step in checkpoints::to_delete(&steps, retention, &protect) {
+        let Some((_, dir)) = found.iter().find(|(s, _)| *s == step) else {
+            continue;
+        };
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {
+                tracing::info!(checkpoint = %dir.display(), "retention: deleted an old checkpoint")
+            }
+            Err(err) => {
+                tracing::warn!(checkpoint = %dir.display(), error = %err, "retention: cannot delete an old checkpoint")
+            }
+        }
+    }
+}
+
+/// The retention policy of a config: `training.keep_checkpoints` (default 3) and
+/// `training.keep_checkpoint_every` (default 0), read from the config's JSON so
+/// that it works whatever the config type holds.
+fn retention_of(config: &serde_json::Value) -> Retention {
+    let training = &config["training"];
+    Retention {
+        keep_last: training["keep_checkpoints"].as_u64().unwrap_or(3) as usize,
+        keep_every: training["keep_checkpoint_every"].as_u64().unwrap_or(0),
+    }
 }
 
 fn ledger_record(entry: &LedgerEntry) -> serde_json::Value {
     let mut record = serde_json::to_value(entry).unwrap_or_default();
-    if let (Some(object), Some(losses)) = (record.as_object_mut(), &entry.losses) {
-        object.insert("loss".into(), serde_json::json!(losses.total));
+    if let Some(object) = record.as_object_mut() {
+        object.insert("kind".into(), "commit".into());
+        if let Some(losses) = &entry.losses {
+            object.insert("loss".into(), serde_json::json!(losses.total));
+        }
     }
     record
 }
@@ -256,45 +335,114 @@ impl CoordinatorHandler for Handler {
     }
 }
 
-/// Runs `job` on `listener` until every step is committed (or the job fails) and
-/// every worker was told to stop, or until `shutdown` completes; then drains: the
-/// health service turns NOT_SERVING, workers get `Stop`, and the server waits up to
-/// `settings.shutdown_grace` for them before it returns.
-///
-/// The ledger goes to `<out_dir>/coordinator/ledger.jsonl`.
+/// [`serve_job`] of the job in `job`'s `out_dir` as [`StartMode::Auto`] finds it:
+/// a new job, the same job resumed, or a finished job reported.
 pub async fn serve(
     job: Job,
     settings: ClusterSettings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobOutcome, CoordinatorError> {
+    let start = durable::prepare(&job, StartMode::Auto)?;
+    serve_job(job, start, settings, listener, shutdown).await
+}
+
+/// Runs `job` on `listener` until every step is committed (or the job fails) and
+/// every worker was told to stop, or until `shutdown` completes; then drains: the
+/// health service turns NOT_SERVING, workers get `Stop`, and the server waits up to
+/// `settings.shutdown_grace` for them before it returns.
+///
+/// `start` ([`durable::prepare`]) says whether the job is new, resumed or already
+/// finished. A finished job trains nothing and leaves its ledger untouched: the
+/// coordinator answers for `shutdown_grace` (workers that register get
+/// `Stop { success: true }`) and returns `Finished`.
+///
+/// The ledger goes to `<out_dir>/coordinator/ledger.jsonl`.
+pub async fn serve_job(
+    job: Job,
+    start: JobStart,
+    settings: ClusterSettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<JobOutcome, CoordinatorError> {
     settings.validate().map_err(CoordinatorError::Settings)?;
-    let ledger = LedgerWriter::open(&job.coordinator_dir())?;
-    let ledger_path = ledger.path().to_owned();
     let identity = JobIdentity {
         config: job.config.to_json_value(),
         dataset_fingerprint: job.dataset_fingerprint().to_owned(),
         hsat_version: HSAT_VERSION.to_owned(),
     };
+    let ledger_path = job.coordinator_dir().join(ledger::LEDGER_FILE);
+    let checkpoint_root = checkpoints::root(&job.config.infra.out_dir);
+    let retention = retention_of(&identity.config);
+    let check = CheckpointCheck::new(checkpoints::verify);
     let total_steps = job.plan.total_steps;
-    // Where rank 0 writes checkpoints when it shares the coordinator's out_dir (the
-    // job volume): a shutdown's checkpoint is looked for there.
-    let checkpoint_root = job.config.infra.out_dir.join("checkpoints");
+    let (steps_per_epoch, patients_per_step) = (job.plan.steps_per_epoch, job.plan.batch_size);
+    let (scheduler, ledger, job_id, already_finished) = match start {
+        JobStart::New { header } => {
+            let ledger = LedgerWriter::open(&job.coordinator_dir(), Some(0))?;
+            ledger.append(&ledger::header_record(&header));
+            ledger.append(&ledger::start_record(0, None, 0));
+            tracing::info!(job = %header.job_id, "starting a new job");
+            let scheduler =
+                Scheduler::new(settings.clone(), job.plan, identity).with_checkpoint_check(check);
+            (scheduler, Some(ledger), header.job_id, false)
+        }
+        JobStart::Resume {
+            header,
+            state,
+            restored,
+        } => {
+            let ledger = LedgerWriter::open(&job.coordinator_dir(), Some(state.valid_len))?;
+            let checkpoint = restored
+                .checkpoints
+                .range(..=restored.committed)
+                .next_back()
+                .map(|(_, dir)| dir.clone());
+            tracing::info!(
+                "resuming job {} at step {} (checkpoint {})",
+                header.job_id,
+                restored.committed,
+                checkpoint
+                    .as_ref()
+                    .map_or_else(|| "none".to_owned(), |d| d.display().to_string())
+            );
+            ledger.append(&ledger::start_record(
+                restored.committed,
+                checkpoint.as_deref(),
+                restored.incarnation,
+            ));
+            let scheduler = Scheduler::resume(settings.clone(), job.plan, identity, restored)
+                .with_checkpoint_check(check);
+            (scheduler, Some(ledger), header.job_id, false)
+        }
+        JobStart::Finished { header, state } => {
+            tracing::info!(
+                "job {} already finished ({} steps committed): nothing to train; the ledger is left as it is",
+                header.job_id,
+                state.committed
+            );
+            let restored = durable::restored_job(&state, &checkpoint_root);
+            let scheduler = Scheduler::resume(settings.clone(), job.plan, identity, restored);
+            (scheduler, None, header.job_id, true)
+        }
+    };
     let address = listener.local_addr().ok();
     tracing::info!(
         address = ?address,
         total_steps,
-        steps_per_epoch = job.plan.steps_per_epoch,
-        patients_per_step = job.plan.batch_size,
+        steps_per_epoch,
+        patients_per_step,
         expected_workers = settings.expected_workers,
         "coordinator listening"
     );
     let shared = Arc::new(Shared {
-        scheduler: Mutex::new(Scheduler::new(settings.clone(), job.plan, identity)),
+        scheduler: Mutex::new(scheduler),
         wake: Notify::new(),
         ledger,
         started: Instant::now(),
         long_poll: settings.long_poll,
+        checkpoint_root,
+        retention,
     });
     let (routes, health) = routes(Arc::new(Handler(Arc::clone(&shared)))).await;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -356,18 +504,22 @@ pub async fn serve(
         if terminal {
             ended_at.get_or_insert_with(Instant::now);
         }
-        if terminal && done && settled {
+        // A job that finished before this start stays up for the grace period so
+        // restarted workers hear `Stop { success: true }`.
+        if terminal && done && settled && !already_finished {
             break;
         }
         // The grace runs from the signal (a shutdown) or from the job's end.
         if let Some(since) = shutdown_at.or(ended_at)
             && since.elapsed() >= settings.shutdown_grace
         {
-            tracing::warn!(
-                grace_s = settings.shutdown_grace.as_secs_f64(),
-                still = %describe_unsettled(terminal, done, wait),
-                "the shutdown grace is over; exiting anyway"
-            );
+            if !already_finished {
+                tracing::warn!(
+                    grace_s = settings.shutdown_grace.as_secs_f64(),
+                    still = %describe_unsettled(terminal, done, wait),
+                    "the shutdown grace is over; exiting anyway"
+                );
+            }
             break;
         }
     }
@@ -407,9 +559,22 @@ pub async fn serve(
             stop_checkpoint.verified.clone().or(reported),
         )
     };
+    let end = EndRecord {
+        outcome: match &kind {
+            OutcomeKind::Finished => EndOutcome::Finished,
+            OutcomeKind::Failed(_) => EndOutcome::Failed,
+            OutcomeKind::Cancelled(_) => EndOutcome::Cancelled,
+        },
+        reason: match &kind {
+            OutcomeKind::Finished => String::new(),
+            OutcomeKind::Failed(m) | OutcomeKind::Cancelled(m) => m.clone(),
+        },
+        committed: committed_steps,
+    };
+    shared.append(&ledger::end_record(&end));
     let shared = Arc::into_inner(shared);
-    if let Some(shared) = shared {
-        shared.ledger.close()?;
+    if let Some(ledger) = shared.and_then(|shared| shared.ledger) {
+        ledger.close()?;
     }
     if let Some(message) = server_error {
         return Err(CoordinatorError::Server(message));
@@ -425,6 +590,8 @@ pub async fn serve(
         total_steps,
         last_checkpoint,
         ledger: ledger_path,
+        job_id,
+        already_finished,
     })
 }
 

@@ -7,13 +7,17 @@
 //!
 //! - `membership`: when a generation may form (formation wait, silent workers),
 //!   admitting live workers left outside, the pause below `min_workers`;
+//! - `restore`: a scheduler continued from the ledger after a coordinator restart,
+//!   the state workers hold, rollback targets;
 //! - `shutdown`: the drain on SIGTERM and the checkpoint of the last committed step.
 
 mod membership;
+mod restore;
 mod shutdown;
 #[cfg(test)]
 mod tests;
 
+pub use restore::{CheckpointCheck, RestoredJob};
 pub use shutdown::CheckpointWait;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -25,7 +29,7 @@ use hsat_core::config::{ClusterConfig, HidiscSampling};
 use hsat_core::dataset::DatasetIndex;
 use hsat_core::sampler::{StepPlan, plan_step, shard_range};
 use hsat_proto::domain::{
-    Assignment, AssignmentRequest, GroupAssignment, HeartbeatReply, JobState, JobStatus,
+    Assignment, AssignmentRequest, GroupAssignment, HeartbeatReply, HeldStep, JobState, JobStatus,
     Registered, Registration, StepLosses, StepReport, StoreRole, TrainAssignment, WorkerId,
     WorkerStatus,
 };
@@ -211,6 +215,14 @@ pub enum Action {
         /// The checkpoint resumed from, if any.
         checkpoint: Option<PathBuf>,
     },
+    /// Rank 0 reported a complete checkpoint holding `step` updates: record it in
+    /// the ledger (and apply the retention policy).
+    Checkpoint {
+        /// Steps the checkpoint holds.
+        step: u64,
+        /// Its directory.
+        dir: PathBuf,
+    },
     /// Something long-polling `NextAssignment` calls wait for changed: retry them.
     Wake,
 }
@@ -269,6 +281,8 @@ struct Worker {
     last_seen: Duration,
     /// Steps whose update its model holds, as last told.
     next_step: Option<u64>,
+    /// The last steps its model trained, as last told (see `restore.rs`).
+    held: Vec<HeldStep>,
     /// Asked for an assignment since it last left a generation (or registered).
     checked_in: bool,
     /// Got a `Stop`.
@@ -334,6 +348,13 @@ pub struct Scheduler {
     committed: u64,
     phase: Phase,
     latest_checkpoint: Option<(PathBuf, u64)>,
+    /// Every checkpoint known (steps held -> directory), for rollbacks.
+    checkpoints: BTreeMap<u64, PathBuf>,
+    checkpoint_check: CheckpointCheck,
+    /// Generation numbers continue above this (the ledger's and check-ins').
+    generation_floor: u64,
+    /// Set after a restart until the first generation forms (see `restore.rs`).
+    restore: Option<restore::Restore>,
     plans: BTreeMap<u64, Arc<StepPlan>>,
     recent: VecDeque<(Duration, usize)>,
     last_losses: Option<StepLosses>,
@@ -370,6 +391,10 @@ impl Scheduler {
             committed: 0,
             phase,
             latest_checkpoint: None,
+            checkpoints: BTreeMap::new(),
+            checkpoint_check: CheckpointCheck::accept_all(),
+            generation_floor: 0,
+            restore: None,
             plans: BTreeMap::new(),
             recent: VecDeque::new(),
             last_losses: None,
@@ -464,7 +489,9 @@ impl Scheduler {
         now: Duration,
         actions: &mut Vec<Action>,
     ) -> Option<Reply> {
-        if let Phase::Finished | Phase::Failed(_) = self.phase {
+        // A finished job still registers workers: their first request gets
+        // `Stop { success: true }` (a restarted pod of a finished job exits 0).
+        if let Phase::Failed(_) = self.phase {
             return Some(Reply::Error(ApiError::Refused(format!(
                 "the job is over ({}): nothing to join",
                 self.state().describe()
@@ -491,6 +518,7 @@ impl Scheduler {
                 host: registration.advertise_host,
                 last_seen: now,
                 next_step: None,
+                held: Vec::new(),
                 checked_in: false,
                 stopped: false,
             },
@@ -531,6 +559,11 @@ impl Scheduler {
             Err(err) => return Some(Reply::Error(err)),
         };
         record.next_step = Some(request.next_step);
+        record.held.clone_from(&request.held);
+        self.note_generations(&request);
+        let Some(record) = self.workers.get_mut(&request.worker_id) else {
+            return Some(Reply::Error(unknown(request.worker_id)));
+        };
         match phase {
             Phase::Finished => {
                 record.stopped = true;
@@ -746,6 +779,13 @@ impl Scheduler {
             {
                 self.latest_checkpoint = Some((dir.clone(), holds));
             }
+            if self.checkpoints.get(&holds) != Some(dir) {
+                self.checkpoints.insert(holds, dir.clone());
+                actions.push(Action::Checkpoint {
+                    step: holds,
+                    dir: dir.clone(),
+                });
+            }
         }
         if report.step < self.committed {
             return Some(Reply::Done);
@@ -856,10 +896,18 @@ impl Scheduler {
         if let Some(generation) = self.generation.as_mut() {
             generation.reports.remove(&step);
         }
+        self.record_commit(entry, now, actions);
+    }
+
+    /// Makes `entry` (the next step) committed: state, throughput, ledger action.
+    fn record_commit(&mut self, entry: LedgerEntry, now: Duration, actions: &mut Vec<Action>) {
+        let step = entry.step;
+        let losses = entry.losses;
+        let patients = entry.global_patients;
         self.plans.remove(&step);
         self.committed = step + 1;
         self.last_losses = losses.or(self.last_losses);
-        self.recent.push_back((now, plan.patients.len()));
+        self.recent.push_back((now, patients));
         while self.recent.len() > 64 {
             self.recent.pop_front();
         }
@@ -1001,20 +1049,29 @@ impl Scheduler {
             .iter()
             .map(|id| self.workers.get(id).and_then(|w| w.next_step).unwrap_or(0))
             .collect();
-        let best = holds
-            .iter()
-            .copied()
-            .filter(|&s| s >= self.committed && s <= issued_end.max(self.committed))
-            .max();
+        // After a restart the ledger, not `issued_end`, says what a held state is
+        // worth (restore.rs); that also commits the steps it recovers.
+        let restored = if self.restore.is_some() {
+            let start = self.restored_start(&candidates, now, actions);
+            self.restore = None;
+            Some(start)
+        } else {
+            None
+        };
+        let best = match restored {
+            Some(start) => start.map(|(step, _)| step),
+            None => holds
+                .iter()
+                .copied()
+                .filter(|&s| s >= self.committed && s <= issued_end.max(self.committed))
+                .max(),
+        };
         let (start_step, resume_checkpoint) = match best {
             Some(step) => (step, None),
             None => {
                 // Nobody holds the committed state: resume from the newest checkpoint
-                // (or the start) and void the steps after it.
-                let (step, checkpoint) = match &self.latest_checkpoint {
-                    Some((dir, step)) if *step <= self.committed => (*step, Some(dir.clone())),
-                    _ => (0, None),
-                };
+                // that verifies (or the start) and void the steps after it.
+                let (step, checkpoint) = self.rollback_target();
                 tracing::warn!(
                     committed = self.committed,
                     resume = step,
@@ -1037,16 +1094,24 @@ impl Scheduler {
                 return;
             }
             self.commit(step, true, now, actions);
+            if self.committed == step {
+                // No generation to take the reports from (cannot happen: a restored
+                // start committed its steps itself); never spin.
+                break;
+            }
         }
         if self.committed >= self.plan.total_steps {
             self.phase = Phase::Finished;
             return;
         }
-        let broadcast_root = holds
-            .iter()
-            .position(|&held| resume_checkpoint.is_some() || held == start_step)
-            .unwrap_or(0) as u32;
-        let number = self.generation.as_ref().map_or(0, |g| g.number) + 1;
+        let broadcast_root = match restored {
+            Some(Some((_, root))) => root,
+            _ => holds
+                .iter()
+                .position(|&held| resume_checkpoint.is_some() || held == start_step)
+                .unwrap_or(0),
+        } as u32;
+        let number = self.next_generation_number();
         let names = candidates
             .iter()
             .map(|id| {

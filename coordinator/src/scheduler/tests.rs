@@ -15,7 +15,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::Job;
 
-fn index(patients: usize) -> DatasetIndex {
+pub(super) fn index(patients: usize) -> DatasetIndex {
     DatasetIndex {
         format: DatasetFormat::Manifest,
         root: PathBuf::from("/data"),
@@ -40,7 +40,7 @@ fn index(patients: usize) -> DatasetIndex {
     }
 }
 
-fn config(batch: usize, epochs: usize) -> Config {
+pub(super) fn config(batch: usize, epochs: usize) -> Config {
     Config::from_toml_str(&format!(
         "[training]\nbatch_size = {batch}\nnum_epochs = {epochs}\n[data.hidisc]\nnum_slide_samples = 1\nnum_patch_samples = 1\n"
     ))
@@ -63,7 +63,7 @@ fn scheduler(
     (Scheduler::new(settings, job.plan, identity), config)
 }
 
-fn settings(expected: usize) -> ClusterSettings {
+pub(super) fn settings(expected: usize) -> ClusterSettings {
     let mut s = ClusterSettings::new(expected);
     s.heartbeat = Duration::from_millis(100);
     s.silent_after = Duration::from_millis(300);
@@ -74,7 +74,7 @@ fn settings(expected: usize) -> ClusterSettings {
     s
 }
 
-fn registration(config: &Config, name: &str) -> Registration {
+pub(super) fn registration(config: &Config, name: &str) -> Registration {
     Registration {
         worker_name: name.into(),
         config: config.to_json_value(),
@@ -84,7 +84,7 @@ fn registration(config: &Config, name: &str) -> Registration {
     }
 }
 
-fn reply(actions: &[Action]) -> Reply {
+pub(super) fn reply(actions: &[Action]) -> Reply {
     let replies: Vec<&Reply> = actions
         .iter()
         .filter_map(|a| match a {
@@ -96,18 +96,18 @@ fn reply(actions: &[Action]) -> Reply {
     replies[0].clone()
 }
 
-fn ms(n: u64) -> Duration {
+pub(super) fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn register(s: &mut Scheduler, config: &Config, name: &str, now: u64) -> WorkerId {
+pub(super) fn register(s: &mut Scheduler, config: &Config, name: &str, now: u64) -> WorkerId {
     match reply(&s.on_event(Event::Register(registration(config, name)), ms(now))) {
         Reply::Registered(r) => r.worker_id,
         other => panic!("{other:?}"),
     }
 }
 
-fn ask(
+pub(super) fn ask(
     s: &mut Scheduler,
     worker: WorkerId,
     generation: u64,
@@ -121,6 +121,7 @@ fn ask(
         next_step,
         want_step: want,
         group_error: None,
+        held: Vec::new(),
     };
     match reply(&s.on_event(Event::Assignment(request), ms(now))) {
         Reply::Assignment(a) => a,
@@ -128,7 +129,13 @@ fn ask(
     }
 }
 
-fn report(worker: WorkerId, generation: u64, rank: u32, step: u64, checksum: u64) -> StepReport {
+pub(super) fn report(
+    worker: WorkerId,
+    generation: u64,
+    rank: u32,
+    step: u64,
+    checksum: u64,
+) -> StepReport {
     StepReport {
         worker_id: worker,
         generation,
@@ -147,7 +154,7 @@ fn report(worker: WorkerId, generation: u64, rank: u32, step: u64, checksum: u64
     }
 }
 
-fn commits(actions: &[Action]) -> Vec<LedgerEntry> {
+pub(super) fn commits(actions: &[Action]) -> Vec<LedgerEntry> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -286,6 +293,7 @@ fn a_lost_worker_regroups_from_the_newest_state_a_survivor_holds() {
             next_step: 1,
             want_step: 1,
             group_error: None,
+            held: Vec::new(),
         }),
         ms(1250),
     );
@@ -671,7 +679,7 @@ impl Sim {
             match action {
                 Action::Reply(r) => reply = Some(r),
                 Action::Commit(_) | Action::Rollback { .. } => self.ledger.push(action),
-                Action::Wake => {}
+                Action::Wake | Action::Checkpoint { .. } => {}
             }
         }
         reply
@@ -774,6 +782,7 @@ impl Sim {
             next_step: w.next_step,
             want_step: want,
             group_error,
+            held: Vec::new(),
         };
         match self.feed(Event::Assignment(request)) {
             Some(Reply::Assignment(Assignment::Group(g))) => {

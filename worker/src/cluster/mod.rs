@@ -33,6 +33,12 @@
 //! is retried with backoff while it fails with a retryable error (unreachable,
 //! restarting, too slow), up to `WorkerOptions::rpc_retry_deadline`.
 //!
+//! A coordinator that answers `UnknownWorker` (it was restarted, or it expired this
+//! worker's lease) gets a new registration: the collective and the queued steps are
+//! dropped, the model is kept, and the next check-in tells the coordinator the step
+//! it holds and the checksums of its last steps, from which a restarted
+//! coordinator continues the job without restarting any worker.
+//!
 //! - [`checksum`]: the parameter fingerprint sent with each report.
 
 pub mod checksum;
@@ -85,7 +91,7 @@ pub struct WorkerOptions {
     /// How long to keep trying to reach the coordinator at start-up.
     pub connect_deadline: Duration,
     /// How long each call to the coordinator keeps being retried (backoff 100 ms
-    /// doubling to 5 s) while it fails with retryable errors (unreachable,
+    /// doubling to 1 s) while it fails with retryable errors (unreachable,
     /// restarting, too slow); zero: fail at the first error.
     pub rpc_retry_deadline: Duration,
 }
@@ -221,8 +227,13 @@ impl Worker<'_> {
             if shutdown.load(Ordering::SeqCst) && !matches!(action, Action::Report(_)) {
                 return Ok("shut down on request".into());
             }
-            if self.lost.load(Ordering::SeqCst) {
-                return Err(WorkerError::LeaseLost);
+            if self.lost.swap(false, Ordering::SeqCst)
+                && !matches!(self.protocol.next_action(), Action::Register(_))
+            {
+                let event = self.forget();
+                self.protocol.on_event(event)?;
+                self.session = None;
+                continue;
             }
             let event = match action {
                 Action::Register(registration) => {
@@ -238,16 +249,21 @@ impl Worker<'_> {
                     )));
                     Event::Registered(registered)
                 }
-                Action::Ask(request) => {
-                    Event::Assigned(self.call("ask the coordinator for work", || {
-                        self.client.next_assignment(request.clone())
-                    })?)
-                }
+                Action::Ask(request) => match self.call("ask the coordinator for work", || {
+                    self.client.next_assignment(request.clone())
+                }) {
+                    Ok(assignment) => Event::Assigned(assignment),
+                    Err(err) if is_forgotten(&err) => self.forget(),
+                    Err(err) => return Err(err),
+                },
                 Action::FormGroup(group) => self.join(group)?,
                 Action::Train(train) => self.train(&train)?,
                 Action::Report(report) => {
-                    self.call("report a step", || self.client.report_step(report.clone()))?;
-                    Event::Reported
+                    match self.call("report a step", || self.client.report_step(report.clone())) {
+                        Ok(()) => Event::Reported,
+                        Err(err) if is_forgotten(&err) => self.forget(),
+                        Err(err) => return Err(err),
+                    }
                 }
                 Action::Sleep(duration) => {
                     tracing::debug!(?duration, "waiting for work");
@@ -286,6 +302,22 @@ impl Worker<'_> {
         }
     }
 
+    /// The coordinator does not know this worker (restarted, or the lease expired):
+    /// stop heartbeating under the old id; the protocol registers again keeping
+    /// the model.
+    fn forget(&mut self) -> Event {
+        tracing::warn!(
+            next_step = self.protocol.next_step(),
+            "the coordinator no longer knows this worker (restarted, or the lease expired): \
+             registering again, keeping the model"
+        );
+        if let Some(heartbeats) = self.heartbeats.take() {
+            heartbeats.abort();
+        }
+        self.lost.store(false, Ordering::SeqCst);
+        Event::Forgotten
+    }
+
     /// Runs `call` on the RPC runtime, retrying retryable errors with backoff up to
     /// the retry deadline.
     fn call<T, Fut>(&self, action: &'static str, call: impl FnMut() -> Fut) -> Result<T>
@@ -317,9 +349,13 @@ impl Worker<'_> {
             StoreRole::Host => {
                 let store = Store::host(&self.advertise_host, 0, world, timeout)?;
                 let worker = self.worker_id();
-                self.call("publish the rendezvous store", || {
+                match self.call("publish the rendezvous store", || {
                     self.client.publish_store(worker, generation, store.port())
-                })?;
+                }) {
+                    Ok(()) => {}
+                    Err(err) if is_forgotten(&err) => return Ok(self.forget()),
+                    Err(err) => return Err(err),
+                }
                 store
             }
             StoreRole::Connect { host, port } => Store::connect(host, *port, world, timeout)?,
@@ -516,6 +552,17 @@ impl Worker<'_> {
     }
 }
 
+/// The coordinator answered `UnknownWorker`: register again.
+fn is_forgotten(err: &WorkerError) -> bool {
+    matches!(
+        err,
+        WorkerError::Rpc {
+            source: ApiError::UnknownWorker(_),
+            ..
+        }
+    )
+}
+
 async fn connect_with_backoff(
     address: &str,
     deadline: Duration,
@@ -566,7 +613,7 @@ async fn heartbeat_loop(
             // (or the coordinator's answer to its next request), not through here.
             Ok(_) => {}
             Err(ApiError::UnknownWorker(message)) => {
-                tracing::error!(%message, "the coordinator dropped this worker");
+                tracing::warn!(%message, "the coordinator does not know this worker");
                 lost.store(true, Ordering::SeqCst);
                 return;
             }
