@@ -441,7 +441,7 @@ pub async fn serve_job(
         ledger,
         started: Instant::now(),
         long_poll: settings.long_poll,
-        checkpoint_root,
+        checkpoint_root: checkpoint_root.clone(),
         retention,
     });
     let (routes, health) = routes(Arc::new(Handler(Arc::clone(&shared)))).await;

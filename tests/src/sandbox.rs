@@ -431,6 +431,15 @@ impl Sandbox {
         }
     }
 
+    /// Process id of worker `k`'s current process.
+    pub fn worker_pid(&self, k: usize) -> u32 {
+        self.workers
+            .get(k)
+            .unwrap_or_else(|| panic!("no worker w{k}"))
+            .child
+            .id()
+    }
+
     /// Worker `k`'s captured output (its current process).
     pub fn worker_output(&self, k: usize) -> String {
         self.workers

@@ -197,7 +197,7 @@ fn a_job_survives_seeded_kills_of_workers_and_the_coordinator_and_ends_bitwise_e
             std::thread::sleep(Duration::from_millis(rng.below(400)));
             let status = chaos.kill_coordinator();
             eprintln!("event {i}: after {after} commits, kill -9 coordinator ({status})");
-            chaos.restart_coordinator();
+            chaos.restart_coordinator(&[]);
             continue;
         }
         // A worker: rank 0 while it writes a checkpoint when we can catch it, else
@@ -277,7 +277,7 @@ fn a_job_killed_whole_resumes_past_damaged_checkpoints_and_ends_bitwise_equal() 
     truncate(&newest.join("optimizer.safetensors"));
     flip_a_bit(&second.join("backbone.safetensors"));
 
-    job.restart_coordinator();
+    job.restart_coordinator(&[]);
     for k in 0..WORKERS {
         job.restart_worker(k);
     }

@@ -396,6 +396,7 @@ fn request(worker: WorkerId, generation: u64, next_step: u64, error: Option<&str
         next_step,
         want_step: next_step,
         group_error: error.map(str::to_owned),
+        held: Vec::new(),
     })
 }
 
