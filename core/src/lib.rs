@@ -25,6 +25,7 @@
 //! - [`eval`]: the evaluation protocol's math: kNN class scores against the train
 //!   bank, slide and patient aggregation, and the metrics of the paper's tables.
 
+pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod eval;
