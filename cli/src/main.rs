@@ -42,9 +42,14 @@ enum Command {
     /// <infra.out_dir>/checkpoints. Without --workers it trains in this process; with
     /// --workers N it runs a coordinator here and N worker processes on this machine
     /// that split every step and average gradients (Gloo all-reduce); Ctrl-C stops all.
+    /// In one process, a run in an out_dir that holds checkpoints of the same job
+    /// resumes from the newest complete one (exactly: same parameters as if never
+    /// stopped); a finished job is not trained again; another job's checkpoints are
+    /// refused unless --new-job.
     ///
     /// Example:
     ///   hsat run --config examples/quickstart.toml --workers 2
+    ///   hsat run --config examples/quickstart.toml --resume
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
 
@@ -163,6 +168,14 @@ struct RunArgs {
     workers: Option<usize>,
     #[command(flatten)]
     membership: hsat_coordinator::cli::MembershipArgs,
+    /// Resume the job in <infra.out_dir> from its newest complete checkpoint; fail
+    /// if there is none. (Without it, a run resumes when there is one.)
+    #[arg(long, conflicts_with = "new_job")]
+    resume: bool,
+    /// Start a new job even if <infra.out_dir> holds another (or the same) job:
+    /// its checkpoints move to <infra.out_dir>/archive/<time>/.
+    #[arg(long)]
+    new_job: bool,
 }
 
 /// Where the config comes from.
@@ -187,11 +200,27 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(RunArgs {
+            workers: Some(_),
+            resume,
+            new_job,
+            ..
+        }) if resume || new_job => Err(anyhow::anyhow!(
+            "--resume and --new-job are not implemented with --workers yet; run without them"
+        )),
+        Command::Run(RunArgs {
             config,
             workers: Some(workers),
             membership,
+            ..
         }) => cluster::run_local(config.config, config.set, workers, &membership),
-        Command::Run(args) => run::run(args.config.config, args.config.set),
+        Command::Run(args) => run::run(
+            args.config.config,
+            args.config.set,
+            hsat_worker::train::run::RunOptions {
+                resume: args.resume,
+                new_job: args.new_job,
+            },
+        ),
         Command::Coordinator(args) => cluster::coordinator(args),
         Command::Worker(args) => cluster::worker(args),
         Command::Status(args) => cluster::status(args),

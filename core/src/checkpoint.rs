@@ -252,10 +252,7 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
 pub fn newest_verified(
     root: &Path,
     at_or_before: Option<u64>,
-) -> (
-    Option<(PathBuf, Manifest)>,
-    Vec<(PathBuf, CheckpointError)>,
-) {
+) -> (Option<(PathBuf, Manifest)>, Vec<(PathBuf, CheckpointError)>) {
     let mut rejected = Vec::new();
     let candidates = match list(root) {
         Ok(c) => c,

@@ -222,6 +222,19 @@ impl Encoder {
         self.head_store.save(&dir.join(HEAD_FILE))
     }
 
+    /// Deep copies in host memory of the backbone's and the head's state dicts, named
+    /// as in their files (what [`Encoder::save`] writes): a checkpoint taken at a step
+    /// boundary while training goes on mutating the live tensors.
+    pub fn state_snapshot(&self) -> Result<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)> {
+        let copy = |store: &ParamStore| {
+            store
+                .state()
+                .map(|n| crate::train::optim::host_copy(&n.tensor).map(|t| (n.name.clone(), t)))
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok((copy(&self.backbone_store)?, copy(&self.head_store)?))
+    }
+
     /// Loads backbone weights from a `.safetensors` file with torchvision names
     /// (a torchvision `state_dict()`; its `fc.*` classifier is ignored).
     pub fn load_backbone(&mut self, path: &Path) -> Result<()> {
