@@ -9,12 +9,14 @@
 //! - [`data`]: `hsat synth` and `hsat data check`.
 //! - [`bench`](mod@bench): `hsat bench step|data`, benchmarks against PyTorch, and
 //!   `hsat bench checkpoint`.
+//! - [`bench_recovery`]: `hsat bench recovery`, time to the next commit after a kill -9.
 //! - [`bench_sync`]: `hsat bench sync`, gradient synchronisation against PyTorch DDP.
 //! - [`eval`]: `hsat eval`, the paper's kNN and robustness tables.
 //! - [`progress`]: the progress line of long stages.
 
 mod bench;
 mod bench_control;
+mod bench_recovery;
 mod bench_sync;
 mod cluster;
 mod data;
@@ -167,6 +169,15 @@ enum BenchCommand {
     ///   hsat bench control-plane --workers 256,1024 --rate 10
     #[command(verbatim_doc_comment)]
     ControlPlane(bench_control::ControlPlaneArgs),
+
+    /// Recovery time of a real job (coordinator + 3 workers, small_cnn): kill -9 a
+    /// worker, or the coordinator (restarted at once), and time until the next step
+    /// commits; prints every trial, the medians and the targets (< 5 s, < 10 s).
+    ///
+    /// Example:
+    ///   hsat bench recovery --trials 5
+    #[command(verbatim_doc_comment)]
+    Recovery(bench_recovery::RecoveryArgs),
 }
 
 /// `hsat run` arguments.
@@ -244,6 +255,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(BenchCommand::Checkpoint(args)) => bench::checkpoint(args),
         Command::Bench(BenchCommand::Sync(args)) => bench_sync::sync(args),
         Command::Bench(BenchCommand::ControlPlane(args)) => bench_control::control_plane(args),
+        Command::Bench(BenchCommand::Recovery(args)) => bench_recovery::recovery(args),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

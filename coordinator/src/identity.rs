@@ -1,20 +1,9 @@
 //! What a worker must share with the coordinator to join: the same effective
 //! config (up to worker-local keys), the same dataset and the same hsat version.
 
+pub use hsat_core::config::{Difference, WORKER_LOCAL_KEYS, config_differences};
 use hsat_proto::domain::Registration;
 use serde_json::Value;
-
-/// Keys (dotted prefixes) that may differ between machines: threads, output and
-/// logging, and where the dataset is mounted (the dataset fingerprint covers its
-/// content, whatever the path).
-pub const WORKER_LOCAL_KEYS: &[&str] = &[
-    "data.loader",
-    "data.db_root",
-    "data.manifest",
-    "infra.threads",
-    "infra.out_dir",
-    "infra.log_every",
-];
 
 /// The job's identity a registering worker is checked against.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,12 +29,7 @@ impl JobIdentity {
         if !differences.is_empty() {
             let listed = differences
                 .iter()
-                .map(|d| {
-                    format!(
-                        "{}: worker {}, coordinator {}",
-                        d.key, d.worker, d.coordinator
-                    )
-                })
+                .map(|d| format!("{}: worker {}, coordinator {}", d.key, d.found, d.expected))
                 .collect::<Vec<_>>()
                 .join("; ");
             return Err(format!(
@@ -63,86 +47,18 @@ impl JobIdentity {
     }
 }
 
-/// One config leaf that differs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Difference {
-    /// Dotted key, `training.learn_rate`.
-    pub key: String,
-    /// The worker's value as JSON text (`missing` when absent).
-    pub worker: String,
-    /// The coordinator's value.
-    pub coordinator: String,
-}
-
-/// Leaf-by-leaf differences of two configs in raw JSON form, sorted by key,
-/// ignoring [`WORKER_LOCAL_KEYS`].
-pub fn config_differences(worker: &Value, coordinator: &Value) -> Vec<Difference> {
-    let mut out = Vec::new();
-    walk("", Some(worker), Some(coordinator), &mut out);
-    out
-}
-
-fn is_local(key: &str) -> bool {
-    WORKER_LOCAL_KEYS.iter().any(|local| {
-        key == *local
-            || key
-                .strip_prefix(local)
-                .is_some_and(|rest| rest.starts_with('.'))
-    })
-}
-
-fn text(value: Option<&Value>) -> String {
-    value.map_or_else(|| "missing".to_owned(), Value::to_string)
-}
-
-fn walk(key: &str, worker: Option<&Value>, coordinator: Option<&Value>, out: &mut Vec<Difference>) {
-    if is_local(key) {
-        return;
-    }
-    match (worker, coordinator) {
-        (Some(Value::Object(w)), Some(Value::Object(c))) => {
-            let mut keys: Vec<&String> = w.keys().chain(c.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            for name in keys {
-                let child = if key.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{key}.{name}")
-                };
-                walk(&child, w.get(name), c.get(name), out);
-            }
-        }
-        (w, c) if w != c => out.push(Difference {
-            key: key.to_owned(),
-            worker: text(w),
-            coordinator: text(c),
-        }),
-        _ => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use hsat_core::config::Config;
 
     #[test]
-    fn differences_name_the_key_and_both_values_and_skip_local_keys() {
+    fn a_differing_config_is_refused_naming_the_key_and_both_values() {
         let coordinator = Config::from_toml_str("[training]\nlearn_rate = 0.0001\n").unwrap();
         let worker = Config::from_toml_str(
             "[training]\nlearn_rate = 0.001\n[infra]\nthreads = 7\n[data.loader]\nprefetch = 5\n",
         )
         .unwrap();
-        let diffs = config_differences(&worker.to_json_value(), &coordinator.to_json_value());
-        assert_eq!(
-            diffs,
-            vec![Difference {
-                key: "training.learn_rate".into(),
-                worker: "0.001".into(),
-                coordinator: "0.0001".into(),
-            }]
-        );
         let identity = JobIdentity {
             config: coordinator.to_json_value(),
             dataset_fingerprint: "abc".into(),

@@ -15,6 +15,8 @@
 //! - [`ledger`]: `<out_dir>/coordinator/ledger.jsonl`, fsynced per commit.
 //! - [`local`]: a whole job on one machine (`hsat run --workers N`): the
 //!   coordinator in-process and N supervised worker processes.
+//! - [`recovery_bench`]: `hsat bench recovery`: a small real job whose processes
+//!   are killed with SIGKILL, timed to the next committed step.
 //! - [`service`]: the async shell: the gRPC handler over the scheduler, leases on
 //!   tokio time, long polls, graceful shutdown ([`serve`]).
 //! - `sim` (feature `sim`): simulated workers (the worker protocol with fake
@@ -30,6 +32,7 @@ pub mod cli;
 pub mod identity;
 pub mod ledger;
 pub mod local;
+pub mod recovery_bench;
 pub mod scheduler;
 pub mod service;
 #[cfg(feature = "sim")]

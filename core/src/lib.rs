@@ -7,6 +7,8 @@
 //!
 //! Layout:
 //!
+//! - [`checkpoint`]: what makes a checkpoint directory complete (its manifest of
+//!   sizes and SHA-256 digests, written last), verification, and retention.
 //! - [`config`]: layered configuration (built-in defaults < TOML file < `HSAT__...`
 //!   environment variables < `--set key=value`), parsed into raw structs that mirror
 //!   the reference implementation's YAML, then validated into typed config.

@@ -242,8 +242,9 @@ fn another_jobs_checkpoints_are_refused_unless_new_job_archives_them() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        stderr.contains("holds checkpoints of another job (config fingerprint")
-            && stderr.contains("pass --new-job"),
+        stderr.contains(
+            "holds checkpoints of another job (config differs at training.num_epochs: 2 now, 1 in the job)"
+        ) && stderr.contains("pass --new-job"),
         "{stderr}"
     );
     assert_eq!(checkpoint_steps(&root), [1, 2], "nothing was touched");

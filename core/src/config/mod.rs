@@ -24,8 +24,10 @@
 //! so one run shows everything to fix.
 //!
 //! Layout: `types` (the typed config, public), `raw` (the TOML layout), `layers`
-//! (merging and key/type checks), `validate` (ranges and cross-field rules).
+//! (merging and key/type checks), `validate` (ranges and cross-field rules),
+//! `compare` (differences and fingerprints of two configs).
 
+mod compare;
 mod layers;
 mod raw;
 mod types;
@@ -37,6 +39,8 @@ mod tests;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+pub(crate) use compare::compare_hex;
+pub use compare::{Difference, WORKER_LOCAL_KEYS, config_differences, config_fingerprint};
 pub use types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
     EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,

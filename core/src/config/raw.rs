@@ -124,6 +124,9 @@ pub(crate) struct RawTraining {
     pub optimizer: String,
     pub learn_rate: f64,
     pub save_checkpoint_interval: i64,
+    pub keep_checkpoints: i64,
+    pub keep_checkpoint_every: i64,
+    pub async_checkpoints: bool,
     pub adamw: RawAdamw,
     pub objective: RawObjective,
     pub attack: RawAttack,
@@ -317,6 +320,10 @@ impl From<&Config> for RawConfig {
                 optimizer: "adamw".to_owned(),
                 learn_rate: training.optimizer.learn_rate,
                 save_checkpoint_interval: int(training.save_checkpoint_interval),
+                keep_checkpoints: int(training.keep_checkpoints),
+                keep_checkpoint_every: i64::try_from(training.keep_checkpoint_every)
+                    .unwrap_or(i64::MAX),
+                async_checkpoints: training.async_checkpoints,
                 adamw: RawAdamw {
                     betas: vec![training.optimizer.beta1, training.optimizer.beta2],
                     eps: training.optimizer.eps,

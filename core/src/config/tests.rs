@@ -404,8 +404,9 @@ fn unknown_keys_are_rejected_in_every_layer() {
         problems(load_with(None, &[], &["training.lr=0.1"])),
         [
             "training.lr: unknown key (set by --set training.lr=0.1); the keys of training are \
-          adamw, attack, batch_size, dynamic_weights_lamda, learn_rate, num_epochs, objective, \
-          only_adv, optimizer, save_checkpoint_interval, scheduler"
+          adamw, async_checkpoints, attack, batch_size, dynamic_weights_lamda, keep_checkpoint_every, \
+          keep_checkpoints, learn_rate, num_epochs, objective, only_adv, optimizer, \
+          save_checkpoint_interval, scheduler"
         ]
     );
     assert_eq!(
@@ -845,7 +846,7 @@ fn docs_describe_every_key() {
     let docs = include_str!("../../../docs/config.md");
     let mut keys = Vec::new();
     leaf_keys(&layers::schema().unwrap(), "", &mut keys);
-    assert_eq!(keys.len(), 62);
+    assert_eq!(keys.len(), 65);
     for key in keys {
         assert!(
             docs.contains(&format!("`{key}`")),

@@ -289,9 +289,27 @@ pub struct TrainingConfig {
     pub scheduler: SchedulerConfig,
     /// Optimizer steps between checkpoints; 0 = only at the end (default 1000).
     pub save_checkpoint_interval: usize,
+    /// Newest checkpoints kept (default 3); >= 1. Older ones are deleted once a newer
+    /// one is complete, except those `keep_checkpoint_every` keeps and the one the
+    /// ledger's last commit depends on.
+    pub keep_checkpoints: usize,
+    /// Checkpoints at multiples of this step count are kept for good (default 0 =
+    /// none beyond the newest `keep_checkpoints`).
+    pub keep_checkpoint_every: u64,
+    /// Write checkpoints on a background thread from a host copy of the state taken
+    /// at the step boundary, so training does not wait for the disk (default true).
+    pub async_checkpoints: bool,
 }
 
 impl TrainingConfig {
+    /// Which checkpoints to keep ([`crate::checkpoint::to_delete`]).
+    pub fn retention(&self) -> crate::checkpoint::Retention {
+        crate::checkpoint::Retention {
+            keep_last: self.keep_checkpoints,
+            keep_every: self.keep_checkpoint_every,
+        }
+    }
+
     /// Learning rate of the `step`-th optimizer step (0-based) of a run of `total_steps`
     /// steps: `learn_rate` times the scheduler's multiplier.
     pub fn lr_at(&self, step: usize, total_steps: usize) -> f64 {
@@ -633,6 +651,9 @@ impl Default for Config {
                     num_cycles: 0.5,
                 },
                 save_checkpoint_interval: 1000,
+                keep_checkpoints: 3,
+                keep_checkpoint_every: 0,
+                async_checkpoints: true,
             },
             eval: EvalConfig {
                 knn_k: 200,

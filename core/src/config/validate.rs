@@ -420,6 +420,20 @@ fn training(c: &mut Checker, raw: &RawConfig) -> TrainingConfig {
         None,
         " (optimizer steps between checkpoints; 0 = only at the end)",
     );
+    let keep_checkpoints = c.count(
+        "training.keep_checkpoints",
+        r.keep_checkpoints,
+        1,
+        None,
+        " (the newest checkpoints kept; at least the newest one)",
+    );
+    let keep_checkpoint_every = c.count(
+        "training.keep_checkpoint_every",
+        r.keep_checkpoint_every,
+        0,
+        None,
+        " (checkpoints at multiples of this step are kept for good; 0 = none)",
+    ) as u64;
     TrainingConfig {
         batch_size,
         num_epochs,
@@ -430,6 +444,9 @@ fn training(c: &mut Checker, raw: &RawConfig) -> TrainingConfig {
         attack: attack(c, raw),
         scheduler: scheduler(c, raw),
         save_checkpoint_interval,
+        keep_checkpoints,
+        keep_checkpoint_every,
+        async_checkpoints: r.async_checkpoints,
     }
 }
 

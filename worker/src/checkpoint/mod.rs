@@ -223,21 +223,23 @@ pub fn open_for_resume(dir: &Path) -> Result<(Manifest, CheckpointMeta)> {
 }
 
 /// The newest checkpoint under `root` at or before step `at_or_before` (`None`:
-/// any) whose manifest verifies. Each newer one that fails verification is logged as
+/// any) whose manifest verifies (an error only when `root` cannot be listed). Each newer one that fails verification is logged as
 /// a warning naming the file and what is wrong, and the checkpoint used instead.
-pub fn newest_usable(root: &Path, at_or_before: Option<u64>) -> Option<(PathBuf, Manifest)> {
-    let (found, rejected) = core_checkpoint::newest_verified(root, at_or_before);
-    let using = found.as_ref().map_or_else(
+pub fn newest_usable(root: &Path, at_or_before: Option<u64>) -> Result<Option<(PathBuf, Manifest)>> {
+    let search = core_checkpoint::newest_verified(root, at_or_before).map_err(|source| {
+        WorkerError::Checkpoint {
+            dir: root.to_path_buf(),
+            source,
+        }
+    })?;
+    let using = search.found.as_ref().map_or_else(
         || "none (no complete checkpoint is left)".to_owned(),
-        |(dir, _)| dir.display().to_string(),
+        |found| found.dir.display().to_string(),
     );
-    for (dir, err) in &rejected {
-        tracing::warn!(
-            "checkpoint {} rejected: {err}; using {using}",
-            dir.display()
-        );
+    for (dir, err) in &search.rejected {
+        tracing::warn!("checkpoint {} rejected: {err}; using {using}", dir.display());
     }
-    found
+    Ok(search.found.map(|found| (found.dir, found.manifest)))
 }
 
 fn sync(path: &Path) -> Result<()> {
@@ -246,17 +248,3 @@ fn sync(path: &Path) -> Result<()> {
         .map_err(WorkerError::io("syncing", path))
 }
 
-/// `training.async_checkpoints` of `cfg`.
-// STAND-IN until the lead's config keys land on main: the defaults they announce.
-pub fn asynchronous(_cfg: &hsat_core::config::Config) -> bool {
-    true
-}
-
-/// `training.keep_checkpoints` and `training.keep_checkpoint_every` of `cfg`.
-// STAND-IN until the lead's config keys land on main: the defaults they announce.
-pub fn retention(_cfg: &hsat_core::config::Config) -> core_checkpoint::Retention {
-    core_checkpoint::Retention {
-        keep_last: 3,
-        keep_every: 0,
-    }
-}

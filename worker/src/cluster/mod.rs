@@ -135,7 +135,7 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
     let trainer = Trainer::new(options.config.clone(), options.device)?;
     let writer = CheckpointWriter::new(WriterOptions {
         root: trainer.checkpoint_root(),
-        asynchronous: crate::checkpoint::asynchronous(&options.config),
+        asynchronous: options.config.training.async_checkpoints,
         // The coordinator decides which checkpoints the job still needs.
         retention: None,
     });

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hsat_core::checkpoint::Manifest;
-use hsat_core::config::{AttackKind, Backbone, Config, DataSource};
+use hsat_core::config::{AttackKind, Backbone, Config, DataSource, config_differences};
 use hsat_core::dataset::{DatasetIndex, Split};
 use hsat_core::sampler::{balanced_patients, steps_per_epoch};
 use hsat_data::check::{DatasetCheckError, open_dataset};
@@ -207,9 +207,11 @@ pub fn run_training(
         steps_per_epoch,
         out_dir: &cfg.infra.out_dir,
     });
-    let config_fingerprint = hsat_core::checkpoint::config_fingerprint(&cfg.to_json_value());
+    let config = cfg.to_json_value();
+    let config_fingerprint = hsat_core::checkpoint::config_fingerprint(&config);
     let resume_from = find_resume_point(
         &cfg.infra.out_dir,
+        &config,
         &config_fingerprint,
         data.fingerprint(),
         options,
@@ -274,6 +276,7 @@ pub fn run_training(
 /// checkpoint, and a checkpoint of another job is refused.
 fn find_resume_point(
     out_dir: &Path,
+    config: &serde_json::Value,
     config_fingerprint: &str,
     dataset_fingerprint: Option<&str>,
     options: RunOptions,
@@ -302,27 +305,33 @@ fn find_resume_point(
         }
         return Ok(None);
     }
-    let Some((dir, manifest)) = newest_usable(&root, None) else {
+    let Some((dir, manifest)) = newest_usable(&root, None)? else {
         return Err(TrainRunError::NoCompleteCheckpoint { root });
     };
     let mut differences = Vec::new();
     if manifest.config_fingerprint != config_fingerprint {
-        differences.push(format!(
-            "config fingerprint {} in {}, {} now",
-            short(&manifest.config_fingerprint),
-            dir.display(),
-            short(config_fingerprint)
-        ));
+        // The checkpoint's own config says which keys differ.
+        let theirs = crate::checkpoint::read_meta(&dir)?.config;
+        let listed: Vec<String> = config_differences(config, &theirs)
+            .into_iter()
+            .map(|d| format!("{}: {} now, {} in the job", d.key, d.found, d.expected))
+            .collect();
+        differences.push(if listed.is_empty() {
+            format!(
+                "config fingerprint {} in {}, {} now",
+                short(&manifest.config_fingerprint),
+                dir.display(),
+                short(config_fingerprint)
+            )
+        } else {
+            format!("config differs at {}", listed.join("; "))
+        });
     }
     if manifest.dataset_fingerprint.as_deref() != dataset_fingerprint {
         differences.push(format!(
-            "dataset fingerprint {} in {}, {} now",
-            manifest
-                .dataset_fingerprint
-                .as_deref()
-                .map_or("none", short),
-            dir.display(),
-            dataset_fingerprint.map_or("none", short)
+            "dataset fingerprint {} now, {} in the job",
+            dataset_fingerprint.map_or("none", short),
+            manifest.dataset_fingerprint.as_deref().map_or("none", short),
         ));
     }
     if !differences.is_empty() {

@@ -231,8 +231,8 @@ impl Trainer {
         let interval = self.config.training.save_checkpoint_interval as u64;
         let mut writer = CheckpointWriter::new(WriterOptions {
             root: self.checkpoint_root(),
-            asynchronous: crate::checkpoint::asynchronous(&self.config),
-            retention: Some(crate::checkpoint::retention(&self.config)),
+            asynchronous: self.config.training.async_checkpoints,
+            retention: Some(self.config.training.retention()),
         });
         let mut last_checkpoint = None;
         let mut since_checkpoint = (0.0f64, 0u64);
