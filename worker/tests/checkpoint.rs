@@ -176,8 +176,13 @@ fn a_damaged_checkpoint_is_rejected_naming_the_file_and_the_previous_one_is_used
     );
     assert!(chain.contains("backbone.safetensors"), "{chain}");
 
-    let (chosen, manifest) = newest_usable(dir.path(), None).expect("step 1 is intact");
+    let (chosen, manifest) = newest_usable(dir.path(), None)
+        .expect("listed")
+        .expect("step 1 is intact");
     assert!(chosen.ends_with("step-00000001"), "{}", chosen.display());
     assert_eq!(manifest.step, 1);
-    assert_eq!(newest_usable(dir.path(), Some(0)).map(|(d, _)| d), None);
+    assert_eq!(
+        newest_usable(dir.path(), Some(0)).expect("listed").map(|(d, _)| d),
+        None
+    );
 }
