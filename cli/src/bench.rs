@@ -173,7 +173,10 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<()> {
                 t.step_seconds,
                 t.checkpoint_bytes as f64 / 1e6
             );
-            println!("{:<14} {:>10} {:>12}", "checkpoint", "stall (s)", "% of a step");
+            println!(
+                "{:<14} {:>10} {:>12}",
+                "checkpoint", "stall (s)", "% of a step"
+            );
             println!(
                 "{:<14} {:>10.3} {:>11.1}%",
                 "synchronous",

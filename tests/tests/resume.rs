@@ -66,13 +66,7 @@ fn checkpoint_steps(root: &Path) -> Vec<u64> {
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()?
-                        .strip_prefix("step-")?
-                        .parse()
-                        .ok()
-                })
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
                 .collect()
         })
         .unwrap_or_default();
@@ -111,7 +105,10 @@ fn run_and_kill(config: &str, root: &Path, at_least: u64) {
         .expect("start hsat");
     let deadline = Instant::now() + Duration::from_secs(120);
     while checkpoint_steps(root).last().is_none_or(|&s| s < at_least) {
-        assert!(Instant::now() < deadline, "no checkpoint of step {at_least}");
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint of step {at_least}"
+        );
         assert!(
             child.try_wait().expect("poll").is_none(),
             "hsat exited before it was killed"
@@ -252,7 +249,10 @@ fn another_jobs_checkpoints_are_refused_unless_new_job_archives_them() {
     let started = run(&config, &[&other[..], &["--new-job"]].concat());
     assert_success(&started);
     let stdout = String::from_utf8_lossy(&started.stdout);
-    assert!(stdout.contains("moved the previous job's checkpoints"), "{stdout}");
+    assert!(
+        stdout.contains("moved the previous job's checkpoints"),
+        "{stdout}"
+    );
     assert_eq!(checkpoint_steps(&root), [2, 3, 4]);
     let archived: Vec<PathBuf> = std::fs::read_dir(dir.path().join("run/archive"))
         .expect("archive")

@@ -75,7 +75,11 @@ fn hsat_trains_and_checkpoints_on_the_synthetic_source() {
             serde_json::from_slice(&std::fs::read(ckpt.join("checkpoint.json")).expect("meta"))
                 .expect("json");
         assert_eq!(meta["format_version"], 2);
-        assert!(meta["config_fingerprint"].as_str().is_some_and(|f| f.len() == 64));
+        assert!(
+            meta["config_fingerprint"]
+                .as_str()
+                .is_some_and(|f| f.len() == 64)
+        );
         assert!(ckpt.join("optimizer.safetensors").is_file());
         assert_eq!(meta["backbone"], "small_cnn");
         assert_eq!(meta["config"]["training"]["attack"]["name"], "pgd");
@@ -174,7 +178,10 @@ fn a_killed_run_leaves_only_complete_checkpoints_and_can_be_run_again() {
             serde_json::from_slice(&std::fs::read(ckpt.join("checkpoint.json")).expect("meta"))
                 .expect("complete json");
         assert!(meta["step"].as_u64().is_some(), "{name}");
-        assert!(ckpt.join("manifest.json").is_file(), "{name} has no manifest");
+        assert!(
+            ckpt.join("manifest.json").is_file(),
+            "{name} has no manifest"
+        );
         assert!(
             !tensor_names(&ckpt.join("backbone.safetensors")).is_empty(),
             "{name}"

@@ -182,7 +182,9 @@ fn a_damaged_checkpoint_is_rejected_naming_the_file_and_the_previous_one_is_used
     assert!(chosen.ends_with("step-00000001"), "{}", chosen.display());
     assert_eq!(manifest.step, 1);
     assert_eq!(
-        newest_usable(dir.path(), Some(0)).expect("listed").map(|(d, _)| d),
+        newest_usable(dir.path(), Some(0))
+            .expect("listed")
+            .map(|(d, _)| d),
         None
     );
 }

@@ -90,7 +90,9 @@ pub fn bench_checkpoint(
     let scratch = tempfile::tempdir().map_err(BenchError::io("creating a scratch folder"))?;
     let writer_for = |asynchronous| {
         CheckpointWriter::new(WriterOptions {
-            root: scratch.path().join(if asynchronous { "async" } else { "sync" }),
+            root: scratch
+                .path()
+                .join(if asynchronous { "async" } else { "sync" }),
             asynchronous,
             // One checkpoint on disk at a time, as in a long run with retention.
             retention: Some(hsat_core::checkpoint::Retention {
@@ -231,7 +233,10 @@ mod tests {
         ] {
             let mut events = Vec::new();
             let err = bench_checkpoint(&opts, |e| events.push(e.clone())).unwrap_err();
-            assert!(matches!(&err, BenchError::Options(m) if m == expected), "{err:?}");
+            assert!(
+                matches!(&err, BenchError::Options(m) if m == expected),
+                "{err:?}"
+            );
             assert_eq!(events, []);
         }
         let err = bench_checkpoint(&options("resnet7", 1, 1), |_| {}).unwrap_err();

@@ -225,7 +225,10 @@ pub fn open_for_resume(dir: &Path) -> Result<(Manifest, CheckpointMeta)> {
 /// The newest checkpoint under `root` at or before step `at_or_before` (`None`:
 /// any) whose manifest verifies (an error only when `root` cannot be listed). Each newer one that fails verification is logged as
 /// a warning naming the file and what is wrong, and the checkpoint used instead.
-pub fn newest_usable(root: &Path, at_or_before: Option<u64>) -> Result<Option<(PathBuf, Manifest)>> {
+pub fn newest_usable(
+    root: &Path,
+    at_or_before: Option<u64>,
+) -> Result<Option<(PathBuf, Manifest)>> {
     let search = core_checkpoint::newest_verified(root, at_or_before).map_err(|source| {
         WorkerError::Checkpoint {
             dir: root.to_path_buf(),
@@ -237,7 +240,10 @@ pub fn newest_usable(root: &Path, at_or_before: Option<u64>) -> Result<Option<(P
         |found| found.dir.display().to_string(),
     );
     for (dir, err) in &search.rejected {
-        tracing::warn!("checkpoint {} rejected: {err}; using {using}", dir.display());
+        tracing::warn!(
+            "checkpoint {} rejected: {err}; using {using}",
+            dir.display()
+        );
     }
     Ok(search.found.map(|found| (found.dir, found.manifest)))
 }
@@ -247,4 +253,3 @@ fn sync(path: &Path) -> Result<()> {
         .and_then(|f| f.sync_all())
         .map_err(WorkerError::io("syncing", path))
 }
-

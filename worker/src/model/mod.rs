@@ -54,6 +54,9 @@ pub fn resnet_spec(backbone: Backbone) -> Option<ResNetSpec> {
     })
 }
 
+/// Tensors with their state-dict names.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// Backbone + projection head + L2 normalisation.
 #[derive(Debug)]
 pub struct Encoder {
@@ -225,7 +228,7 @@ impl Encoder {
     /// Deep copies in host memory of the backbone's and the head's state dicts, named
     /// as in their files (what [`Encoder::save`] writes): a checkpoint taken at a step
     /// boundary while training goes on mutating the live tensors.
-    pub fn state_snapshot(&self) -> Result<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)> {
+    pub fn state_snapshot(&self) -> Result<(NamedTensors, NamedTensors)> {
         let copy = |store: &ParamStore| {
             store
                 .state()

@@ -160,8 +160,8 @@ impl AdamW {
         tch::no_grad(|| -> Result<()> {
             for (m, loaded) in self.moments.iter_mut().zip(moments.into_iter().flatten()) {
                 let device = m.exp_avg.device();
-                let _ = m.exp_avg.f_copy_(&loaded.0.f_to_device(device)?)?;
-                let _ = m.exp_avg_sq.f_copy_(&loaded.1.f_to_device(device)?)?;
+                m.exp_avg.f_copy_(&loaded.0.f_to_device(device)?)?;
+                m.exp_avg_sq.f_copy_(&loaded.1.f_to_device(device)?)?;
             }
             Ok(())
         })?;
@@ -300,7 +300,7 @@ mod tests {
         let (params2, mut opt2) = optimiser(99)?;
         tch::no_grad(|| -> Result<()> {
             for ((_, p), saved) in params2.iter().zip(&saved_params) {
-                let _ = p.shallow_clone().f_copy_(saved)?;
+                p.shallow_clone().f_copy_(saved)?;
             }
             Ok(())
         })?;

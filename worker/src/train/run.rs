@@ -331,7 +331,10 @@ fn find_resume_point(
         differences.push(format!(
             "dataset fingerprint {} now, {} in the job",
             dataset_fingerprint.map_or("none", short),
-            manifest.dataset_fingerprint.as_deref().map_or("none", short),
+            manifest
+                .dataset_fingerprint
+                .as_deref()
+                .map_or("none", short),
         ));
     }
     if !differences.is_empty() {
