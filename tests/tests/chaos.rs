@@ -66,10 +66,10 @@ fn job_config(dir: &Path, data: &Path) -> PathBuf {
             attack_iters: 1,
         },
     );
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "save_checkpoint_interval = 0",
-        "save_checkpoint_interval = 2",
-    ) + "[cluster]\nworkers = 3\nmin_workers = 3\n";
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("save_checkpoint_interval = 0", "save_checkpoint_interval = 2")
+        + "[cluster]\nworkers = 3\nmin_workers = 3\n";
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -82,19 +82,15 @@ fn total_steps(sandbox: &Sandbox) -> u64 {
 /// The final checkpoint's tensors, file by file.
 fn final_weights(out_dir: &Path, step: u64) -> Vec<(String, Vec<u8>)> {
     let dir = out_dir.join("checkpoints").join(format!("step-{step:08}"));
-    [
-        "backbone.safetensors",
-        "head.safetensors",
-        "optimizer.safetensors",
-    ]
-    .iter()
-    .map(|name| {
-        let path = dir.join(name);
-        let bytes =
-            std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-        (name.to_string(), bytes)
-    })
-    .collect()
+    ["backbone.safetensors", "head.safetensors", "optimizer.safetensors"]
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            let bytes = std::fs::read(&path)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            (name.to_string(), bytes)
+        })
+        .collect()
 }
 
 /// Polls for rank 0's checkpoint staging directory (`.step-N.tmp-PID`) for up to
@@ -148,10 +144,7 @@ fn calm() -> &'static Calm {
         assert!(end.coordinator.success(), "{}", calm.logs());
         calm.assert_ledger_complete(&[WORKERS]);
         let total = total_steps(&calm);
-        assert!(
-            total >= 8,
-            "the job is too short for a chaos schedule: {total} steps"
-        );
+        assert!(total >= 8, "the job is too short for a chaos schedule: {total} steps");
         let weights = final_weights(calm.out_dir(), total);
         Calm {
             _scratch: scratch,
@@ -220,11 +213,7 @@ fn a_job_survives_seeded_kills_of_workers_and_the_coordinator_and_ends_bitwise_e
         let status = chaos.kill_worker(victim);
         eprintln!(
             "event {i}: after {after} commits, kill -9 worker w{victim}{} ({status})",
-            if writer.is_some() {
-                " (writing a checkpoint)"
-            } else {
-                ""
-            }
+            if writer.is_some() { " (writing a checkpoint)" } else { "" }
         );
         std::thread::sleep(Duration::from_millis(rng.below(1500)));
         chaos.restart_worker(victim);
