@@ -192,6 +192,14 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<()> {
                 t.async_overlap,
                 t.overlapped_steps
             );
+            if let Some(cpu) = t.async_cpu_seconds {
+                println!(
+                    "a background write uses {cpu:.3} s of CPU: at most {:.3} s ({:.1}% of a step) taken from training on busy cores, plus the blocking {:.3} s",
+                    cpu,
+                    share(cpu),
+                    t.async_blocking
+                );
+            }
             println!(
                 "synchronous / asynchronous stall: {:.1}x (target: asynchronous < 5% of a step)",
                 t.sync_stall / t.async_stall

@@ -13,6 +13,11 @@
 //!    step boundary blocks (copy to host memory, hand-over) plus what the background
 //!    write costs the steps it overlaps (their time beyond `t`: both compete for the
 //!    same cores), summed until the write completed.
+//!
+//! On a machine shared with other work, step times vary by more than a write costs;
+//! so the benchmark also measures the CPU time of one background write while
+//! training is idle: on a machine whose cores training keeps busy, that is the most
+//! a background write can take from training (`async_cpu_seconds`).
 
 use std::time::Instant;
 
@@ -58,6 +63,9 @@ pub struct CheckpointTiming {
     pub async_overlap: f64,
     /// Steps the background write overlapped (median).
     pub overlapped_steps: f64,
+    /// CPU seconds one background write uses (measured with training idle); `None`
+    /// where `/proc/self/stat` cannot be read.
+    pub async_cpu_seconds: Option<f64>,
 }
 
 /// What the benchmark reports, in order.
@@ -153,6 +161,18 @@ pub fn bench_checkpoint(
         overlapped.push(steps as f64);
     }
     background.finish()?;
+    // The write's own CPU cost: the process's CPU time while only the writer runs.
+    let cpu_before = process_cpu_seconds();
+    background.submit(snapshot(&step, &options.backbone, position + 1)?)?;
+    let cpu_submitted = process_cpu_seconds();
+    while background.busy() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        background.poll()?;
+    }
+    let async_cpu_seconds = match (cpu_before, cpu_submitted, process_cpu_seconds()) {
+        (Some(_), Some(submitted), Some(after)) => Some(after - submitted),
+        _ => None,
+    };
     on_event(&CheckpointBenchEvent::Phase("asynchronous"));
 
     let timing = CheckpointTiming {
@@ -163,6 +183,7 @@ pub fn bench_checkpoint(
         async_blocking: median(&mut blocking),
         async_overlap: median(&mut overlap),
         overlapped_steps: median(&mut overlapped),
+        async_cpu_seconds,
     };
     on_event(&CheckpointBenchEvent::Timing(timing.clone()));
     Ok(timing)
@@ -190,6 +211,19 @@ fn snapshot(step: &OurStep, backbone: &str, position: u64) -> Result<Snapshot, B
             dataset_fingerprint: None,
         },
     })
+}
+
+/// User + system CPU seconds of this process so far (`/proc/self/stat`, clock ticks
+/// of 1/100 s as Linux reports them to user space).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3,
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 fn folder_bytes(dir: &std::path::Path) -> Result<u64, BenchError> {
