@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -36,26 +35,50 @@ pub struct WorkerArgs {
     /// default: this machine's address on the route to the coordinator.
     #[arg(long)]
     pub advertise_host: Option<String>,
-    /// Seconds a rendezvous or a collective may take before the group is given up.
-    #[arg(long, default_value_t = 300)]
-    pub collective_timeout: u64,
-    /// Seconds to keep trying to reach the coordinator at start-up.
-    #[arg(long, default_value_t = 120)]
-    pub connect_timeout: u64,
-    /// Gradient bucket size in MB (PyTorch DDP's default is 25).
-    #[arg(long, default_value_t = 25)]
-    pub bucket_mb: usize,
+    /// Seconds a rendezvous or a collective may take before the group is given up
+    /// [cluster.collective_timeout_s].
+    #[arg(long)]
+    pub collective_timeout: Option<f64>,
+    /// Seconds to keep trying to reach the coordinator at start-up
+    /// [cluster.connect_timeout_s].
+    #[arg(long)]
+    pub connect_timeout: Option<f64>,
+    /// Gradient bucket size in MB (PyTorch DDP's default is 25) [cluster.bucket_mb].
+    #[arg(long)]
+    pub bucket_mb: Option<usize>,
     /// Seconds each call to the coordinator keeps being retried (backoff 100 ms
-    /// doubling to 5 s) while the coordinator is unreachable, restarting or too
-    /// slow; 0 = give up at the first such error.
-    #[arg(long, default_value_t = 60)]
-    pub rpc_retry_deadline: u64,
+    /// doubling to 1 s) while the coordinator is unreachable, restarting or too
+    /// slow; 0 = give up at the first such error [cluster.rpc_retry_deadline_s].
+    #[arg(long)]
+    pub rpc_retry_deadline: Option<f64>,
+}
+
+impl WorkerArgs {
+    /// `--set` overrides, then the flags as `cluster.*` overrides (a flag wins).
+    fn overrides(&self) -> Vec<String> {
+        let mut sets = self.set.clone();
+        let float = |value: f64| format!("{value:?}");
+        if let Some(s) = self.collective_timeout {
+            sets.push(format!("cluster.collective_timeout_s={}", float(s)));
+        }
+        if let Some(s) = self.connect_timeout {
+            sets.push(format!("cluster.connect_timeout_s={}", float(s)));
+        }
+        if let Some(mb) = self.bucket_mb {
+            sets.push(format!("cluster.bucket_mb={mb}"));
+        }
+        if let Some(s) = self.rpc_retry_deadline {
+            sets.push(format!("cluster.rpc_retry_deadline_s={}", float(s)));
+        }
+        sets
+    }
 }
 
 /// Runs one worker until the job ends; SIGINT/SIGTERM make it leave after the
-/// current step.
+/// current step (reported) or at once when it is not in one.
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let cfg = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
+    let overrides = args.overrides();
+    let cfg = config::load(&ConfigSources::from_process_env(args.config, overrides))?;
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&shutdown))
@@ -64,16 +87,17 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let name = args
         .name
         .unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()));
+    let cluster = cfg.cluster.clone();
     let options = WorkerOptions {
         coordinator: args.coordinator,
         config: cfg,
         name: name.clone(),
         advertise_host: args.advertise_host,
         device: Device::cuda_if_available(),
-        collective_timeout: Duration::from_secs(args.collective_timeout.max(1)),
-        bucket_bytes: args.bucket_mb.max(1) << 20,
-        connect_deadline: Duration::from_secs(args.connect_timeout),
-        rpc_retry_deadline: Duration::from_secs(args.rpc_retry_deadline),
+        collective_timeout: cluster.collective_timeout,
+        bucket_bytes: cluster.bucket_bytes(),
+        connect_deadline: cluster.connect_timeout,
+        rpc_retry_deadline: cluster.rpc_retry_deadline,
     };
     let summary = run_worker(options, shutdown).with_context(|| format!("worker {name}"))?;
     eprintln!(
@@ -103,12 +127,18 @@ pub fn run_local(
     overrides: Vec<String>,
     workers: usize,
     membership: &MembershipArgs,
+    start_mode: hsat_coordinator::StartMode,
 ) -> anyhow::Result<()> {
+    // The membership flags become `cluster.*` overrides; the workers get them too
+    // (harmless: `[cluster]` is per process and not compared at registration).
+    let mut overrides = overrides;
+    overrides.push(format!("cluster.workers={workers}"));
+    overrides.extend(membership.overrides());
     let options = LocalClusterOptions {
         worker_program: std::env::current_exe().context("cannot find the hsat executable")?,
         sources: ConfigSources::from_process_env(file, overrides),
         workers,
-        settings: membership.settings(workers),
+        start_mode,
     };
     let outcome = local::run_local(options, shutdown_signal(), |event| match event {
         LocalEvent::Starting {
@@ -138,6 +168,17 @@ pub fn run_local(
 
 fn finish(outcome: &JobOutcome) -> anyhow::Result<()> {
     match &outcome.kind {
+        OutcomeKind::Finished if outcome.already_finished => {
+            println!(
+                "hsat: job {} already finished ({} of {} steps committed); nothing to train. Ledger {} (left as it is); \
+                 to train again from scratch, rerun with --new-job",
+                outcome.job_id,
+                outcome.committed_steps,
+                outcome.total_steps,
+                outcome.ledger.display()
+            );
+            Ok(())
+        }
         OutcomeKind::Finished => {
             match &outcome.last_checkpoint {
                 Some(dir) => println!(

@@ -235,7 +235,14 @@ fn main() -> std::process::ExitCode {
             workers: Some(workers),
             membership,
             ..
-        }) => cluster::run_local(config.config, config.set, workers, &membership),
+        }) => cluster::run_local(
+            config.config,
+            config.set,
+            workers,
+            &membership,
+            // `--resume` / `--new-job` of `hsat run` map to StartMode::Resume / NewJob.
+            hsat_coordinator::StartMode::Auto,
+        ),
         Command::Run(args) => run::run(
             args.config.config,
             args.config.set,

@@ -4,40 +4,72 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use hsat_core::config::{self, ConfigSources};
 
-use crate::{ClusterSettings, CoordinatorError, JobOutcome, load_job, serve};
+use crate::durable::{self, StartMode};
+use crate::{ClusterSettings, CoordinatorError, JobOutcome, load_job, serve_job};
 
-/// Membership and lease flags.
-#[derive(Debug, Clone, clap::Args)]
+/// Membership and lease flags: each overrides its `[cluster]` key (shown in
+/// brackets; defaults in `docs/config.md`) and is validated with the rest.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct MembershipArgs {
-    /// Fewest live workers training may continue with after losing some.
-    #[arg(long, default_value_t = 1)]
-    pub min_workers: usize,
-    /// Milliseconds between worker heartbeats.
-    #[arg(long, default_value_t = 1000)]
-    pub heartbeat_ms: u64,
-    /// Milliseconds without a heartbeat after which a worker is dropped.
-    #[arg(long, default_value_t = 10_000)]
-    pub lease_ms: u64,
-    /// Seconds to wait for workers to get their stop at the end (and on SIGTERM).
-    #[arg(long, default_value_t = 30)]
-    pub grace_s: u64,
+    /// Fewest live workers that may train; below it the job pauses
+    /// [cluster.min_workers].
+    #[arg(long)]
+    pub min_workers: Option<usize>,
+    /// Seconds after the first registration before training may start with
+    /// --min-workers instead of all workers [cluster.formation_wait_s].
+    #[arg(long)]
+    pub formation_wait_s: Option<f64>,
+    /// Milliseconds between worker heartbeats [cluster.heartbeat_s].
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Milliseconds without a heartbeat after which a worker is dropped
+    /// [cluster.lease_s].
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+    /// Seconds to wait after a generation breaks for every live worker before going
+    /// on without the missing ones [cluster.regroup_wait_s].
+    #[arg(long)]
+    pub regroup_wait_s: Option<f64>,
+    /// Seconds to drain, checkpoint and exit on SIGTERM (and to get workers their
+    /// stop at the end) [cluster.shutdown_grace_s].
+    #[arg(long)]
+    pub grace_s: Option<f64>,
 }
 
 impl MembershipArgs {
-    /// The cluster settings for a job of `workers` workers.
-    pub fn settings(&self, workers: usize) -> ClusterSettings {
-        let mut settings = ClusterSettings::new(workers);
-        settings.min_workers = self.min_workers;
-        settings.heartbeat = Duration::from_millis(self.heartbeat_ms);
-        settings.lease = Duration::from_millis(self.lease_ms);
-        settings.regroup_wait = settings.lease;
-        settings.shutdown_grace = Duration::from_secs(self.grace_s);
-        settings
+    /// The flags given, as `--set cluster.*` overrides (appended after the user's,
+    /// so a flag wins).
+    pub fn overrides(&self) -> Vec<String> {
+        let mut sets = Vec::new();
+        if let Some(n) = self.min_workers {
+            sets.push(format!("cluster.min_workers={n}"));
+        }
+        if let Some(s) = self.formation_wait_s {
+            sets.push(format!("cluster.formation_wait_s={}", float(s)));
+        }
+        if let Some(ms) = self.heartbeat_ms {
+            sets.push(format!("cluster.heartbeat_s={}", float(ms as f64 / 1000.0)));
+        }
+        if let Some(ms) = self.lease_ms {
+            sets.push(format!("cluster.lease_s={}", float(ms as f64 / 1000.0)));
+        }
+        if let Some(s) = self.regroup_wait_s {
+            sets.push(format!("cluster.regroup_wait_s={}", float(s)));
+        }
+        if let Some(s) = self.grace_s {
+            sets.push(format!("cluster.shutdown_grace_s={}", float(s)));
+        }
+        sets
     }
+}
+
+/// A float as a TOML float (`3` would be read back as an integer, which float keys
+/// accept too, but `3.0` keeps the type obvious in messages).
+fn float(value: f64) -> String {
+    format!("{value:?}")
 }
 
 /// Flags of a coordinator process.
@@ -52,21 +84,45 @@ pub struct CoordinatorArgs {
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     #[arg(long, default_value = "0.0.0.0:50051")]
     pub listen: String,
-    /// Workers to wait for before training starts.
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
+    /// Workers to wait for before training starts [cluster.workers].
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Membership and lease settings.
     #[command(flatten)]
     pub membership: MembershipArgs,
+    /// Archive the job already in infra.out_dir (ledger and checkpoints, to
+    /// `<out_dir>/archive/<job id>/`) and start this one; without it the same job
+    /// is resumed and a different one is refused.
+    #[arg(long)]
+    pub new_job: bool,
 }
 
-/// Loads the job, binds, prints `<name>: listening on ADDR` and serves until the job
+impl CoordinatorArgs {
+    /// Where the job's config comes from: file, `HSAT__` environment, `--set`, then
+    /// the cluster flags.
+    pub fn sources(&self) -> ConfigSources {
+        let mut overrides = self.set.clone();
+        if let Some(workers) = self.workers {
+            overrides.push(format!("cluster.workers={workers}"));
+        }
+        overrides.extend(self.membership.overrides());
+        ConfigSources::from_process_env(self.config.clone(), overrides)
+    }
+}
+
+/// Loads the job, decides whether it is new, resumed or finished (see
+/// [`durable`]), binds, prints `<name>: listening on ADDR` and serves until the job
 /// ends or SIGTERM / Ctrl-C.
 pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, CoordinatorError> {
-    let settings = args.membership.settings(args.workers);
-    settings.validate().map_err(CoordinatorError::Flags)?;
-    let config = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
+    let config = config::load(&args.sources())?;
+    let settings = ClusterSettings::from_config(&config.cluster);
     let job = load_job(config)?;
+    let mode = if args.new_job {
+        StartMode::NewJob
+    } else {
+        StartMode::Auto
+    };
+    let start = durable::prepare(&job, mode)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -83,7 +139,7 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
         std::io::stdout()
             .flush()
             .map_err(CoordinatorError::Stdout)?;
-        serve(job, settings, listener, shutdown_signal()).await
+        serve_job(job, start, settings, listener, shutdown_signal()).await
     })
 }
 

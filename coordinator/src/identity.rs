@@ -1,7 +1,7 @@
 //! What a worker must share with the coordinator to join: the same effective
 //! config (up to worker-local keys), the same dataset and the same hsat version.
 
-pub use hsat_core::config::{Difference, WORKER_LOCAL_KEYS, config_differences};
+pub use hsat_core::config::{Difference, WORKER_LOCAL_KEYS, config_differences, config_fingerprint};
 use hsat_proto::domain::Registration;
 use serde_json::Value;
 
@@ -56,7 +56,8 @@ mod tests {
     fn a_differing_config_is_refused_naming_the_key_and_both_values() {
         let coordinator = Config::from_toml_str("[training]\nlearn_rate = 0.0001\n").unwrap();
         let worker = Config::from_toml_str(
-            "[training]\nlearn_rate = 0.001\n[infra]\nthreads = 7\n[data.loader]\nprefetch = 5\n",
+            "[training]\nlearn_rate = 0.001\n[infra]\nthreads = 7\n[data.loader]\nprefetch = 5\n\
+             [cluster]\ncollective_timeout_s = 5\nbucket_mb = 4\n",
         )
         .unwrap();
         let identity = JobIdentity {

@@ -12,7 +12,12 @@
 //!   are listed in `src/scheduler/README.md`.
 //! - [`cli`]: the coordinator's flags and `run_coordinator`, shared by both binaries.
 //! - [`identity`]: the config / dataset / version check of a registering worker.
-//! - [`ledger`]: `<out_dir>/coordinator/ledger.jsonl`, fsynced per commit.
+//! - [`ledger`]: `<out_dir>/coordinator/ledger.jsonl`, fsynced per commit, and its
+//!   reader (the job state a restart continues from).
+//! - [`durable`]: what a (re)started coordinator does with the job in its
+//!   `out_dir`: resume, report finished, refuse another job, archive (`--new-job`).
+//! - [`checkpoints`]: the checkpoints under `<out_dir>/checkpoints` as the
+//!   coordinator sees them (listing, verification, retention).
 //! - [`local`]: a whole job on one machine (`hsat run --workers N`): the
 //!   coordinator in-process and N supervised worker processes.
 //! - [`recovery_bench`]: `hsat bench recovery`: a small real job whose processes
@@ -28,7 +33,9 @@
 
 #[cfg(feature = "sim")]
 pub mod bench;
+pub mod checkpoints;
 pub mod cli;
+pub mod durable;
 pub mod identity;
 pub mod ledger;
 pub mod local;
@@ -45,8 +52,9 @@ use hsat_core::config::{Config, DataSource};
 use hsat_core::dataset::{DatasetError, DatasetIndex, Split, check};
 use hsat_core::sampler::{balanced_patients, steps_per_epoch};
 
+pub use durable::StartMode;
 pub use scheduler::{ClusterSettings, JobPlan, Scheduler};
-pub use service::{JobOutcome, OutcomeKind, serve};
+pub use service::{JobOutcome, OutcomeKind, serve, serve_job};
 
 /// Why the coordinator cannot run a job.
 #[derive(Debug, thiserror::Error)]
@@ -82,12 +90,50 @@ pub enum CoordinatorError {
         /// What went wrong.
         message: String,
     },
+    /// The ledger cannot be read back.
+    #[error(
+        "the ledger {} is damaged: {message}; move it away (or start with --new-job) to start the job again",
+        path.display()
+    )]
+    LedgerCorrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line.
+        message: String,
+    },
+    /// `--resume` without a job to resume.
+    #[error(
+        "nothing to resume: {} does not exist or is empty; start without --resume to begin the job",
+        ledger.display()
+    )]
+    NothingToResume {
+        /// The ledger looked for.
+        ledger: PathBuf,
+    },
+    /// The out_dir holds another job.
+    #[error(
+        "the out_dir holds another job ({}) that differs at {differences}; run with that job's config \
+         and dataset to resume it, choose another infra.out_dir, or pass --new-job to archive it \
+         and start this one",
+        ledger.display()
+    )]
+    OtherJob {
+        /// Its ledger.
+        ledger: PathBuf,
+        /// Every difference, `key: ledger X, now Y`.
+        differences: String,
+    },
+    /// The old job could not be archived (`--new-job`).
+    #[error("cannot archive the previous job to {}: {message}", target.display())]
+    Archive {
+        /// The archive directory.
+        target: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// The gRPC server failed.
     #[error("the gRPC server failed: {0}")]
     Server(String),
-    /// The command-line flags are inconsistent.
-    #[error("invalid flags: {0}")]
-    Flags(String),
     /// The job's config could not be loaded.
     #[error(transparent)]
     Config(#[from] hsat_core::config::ConfigError),

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use hsat_core::config::{self, Config, ConfigError, ConfigSources};
 use tokio::net::TcpListener;
 
-use crate::{ClusterSettings, CoordinatorError, JobOutcome, load_job, serve};
+use crate::durable::{self, JobStart, StartMode};
+use crate::{ClusterSettings, CoordinatorError, JobOutcome, OutcomeKind, load_job, serve_job};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -25,10 +26,12 @@ pub struct LocalClusterOptions {
     /// this process's environment, so `env` should be this process's `HSAT__...`
     /// variables ([`ConfigSources::from_process_env`]) for both sides to agree.
     pub sources: ConfigSources,
-    /// Worker processes to start (at least 1).
+    /// Worker processes to start (at least 1); the coordinator expects this many
+    /// whatever `cluster.workers` says. The other membership settings come from the
+    /// config's `[cluster]` section.
     pub workers: usize,
-    /// Membership and lease settings (its worker count is the one above).
-    pub settings: ClusterSettings,
+    /// What to do with a job already in `infra.out_dir` (`--resume`, `--new-job`).
+    pub start_mode: StartMode,
 }
 
 /// What happens while a local job runs, in order.
@@ -93,7 +96,9 @@ pub enum LocalClusterError {
 /// Runs a job with the coordinator in this process and `options.workers` worker
 /// processes until it finishes, fails, every worker has failed, or `shutdown`
 /// resolves. The job's outcome (finished, failed or cancelled) is returned, not an
-/// error: the caller reports it.
+/// error: the caller reports it. A job in `infra.out_dir` is resumed (or refused,
+/// see [`durable`]); one that already finished starts no worker and returns
+/// `Finished` with `already_finished` at once, its ledger untouched.
 pub fn run_local(
     options: LocalClusterOptions,
     shutdown: impl Future<Output = ()> + Send,
@@ -103,7 +108,22 @@ pub fn run_local(
         return Err(LocalClusterError::NoWorkers);
     }
     let cfg = config::load(&options.sources)?;
+    let mut settings = ClusterSettings::from_config(&cfg.cluster);
+    settings.expected_workers = options.workers;
+    settings.validate().map_err(CoordinatorError::Settings)?;
     let job = load_job(cfg.clone())?;
+    let start = durable::prepare(&job, options.start_mode)?;
+    if let JobStart::Finished { header, state } = &start {
+        return Ok(JobOutcome {
+            kind: OutcomeKind::Finished,
+            committed_steps: state.committed,
+            total_steps: job.plan.total_steps,
+            last_checkpoint: state.checkpoints.values().next_back().cloned(),
+            ledger: job.coordinator_dir().join(crate::ledger::LEDGER_FILE),
+            job_id: header.job_id.clone(),
+            already_finished: true,
+        });
+    }
     on_event(LocalEvent::Starting {
         config: &cfg,
         workers: options.workers,
@@ -122,11 +142,11 @@ pub fn run_local(
         listener.local_addr().map_err(LocalClusterError::Listen)?
     );
     let mut children = LocalWorkers::spawn(&options, &address, &cfg)?;
-    let grace = options.settings.shutdown_grace;
+    let grace = settings.shutdown_grace;
     let workers = options.workers;
     let (crashed_tx, crashed_rx) = tokio::sync::oneshot::channel::<()>();
     let outcome = runtime.block_on(async {
-        let server = serve(job, options.settings, listener, async {
+        let server = serve_job(job, start, settings, listener, async {
             tokio::select! {
                 () = shutdown => {}
                 _ = crashed_rx => {}
@@ -319,16 +339,19 @@ mod tests {
     }
 
     fn options(dir: &Path, program: &str, workers: usize) -> LocalClusterOptions {
-        let mut settings = ClusterSettings::new(workers);
-        settings.shutdown_grace = Duration::from_secs(2);
         LocalClusterOptions {
             worker_program: PathBuf::from(program),
             sources: ConfigSources {
                 file: Some(job_file(dir)),
+                overrides: vec![
+                    "cluster.shutdown_grace_s=2".into(),
+                    "cluster.regroup_wait_s=1.5".into(),
+                    "cluster.collective_timeout_s=1".into(),
+                ],
                 ..ConfigSources::default()
             },
             workers,
-            settings,
+            start_mode: StartMode::Auto,
         }
     }
 

@@ -22,9 +22,14 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::instrument;
 
+use crate::checkpoints::{self, Retention};
+use crate::durable::{self, JobStart, StartMode};
 use crate::identity::JobIdentity;
-use crate::ledger::LedgerWriter;
-use crate::scheduler::{Action, ClusterSettings, Event, LedgerEntry, Reply, Scheduler};
+use crate::ledger::{self, EndOutcome, EndRecord, LedgerWriter};
+use crate::scheduler::{
+    Action, CheckpointCheck, CheckpointWait, ClusterSettings, Event, LedgerEntry, Reply,
+    Scheduler,
+};
 use crate::{CoordinatorError, Job};
 
 /// How a job ended.
@@ -34,7 +39,9 @@ pub enum OutcomeKind {
     Finished,
     /// The job failed (checksum mismatch, ...); the message says why.
     Failed(String),
-    /// Stopped by the shutdown signal before it finished.
+    /// Stopped by the shutdown signal before it finished (preemption): issued steps
+    /// were drained and, when the grace allowed, a checkpoint of the last committed
+    /// step exists ([`JobOutcome::last_checkpoint`]). The job can be resumed.
     Cancelled(String),
 }
 
@@ -47,10 +54,15 @@ pub struct JobOutcome {
     pub committed_steps: u64,
     /// Steps of the job.
     pub total_steps: u64,
-    /// The newest checkpoint rank 0 reported.
+    /// The newest checkpoint rank 0 reported, or the one written for the shutdown.
     pub last_checkpoint: Option<PathBuf>,
     /// The ledger file.
     pub ledger: PathBuf,
+    /// The job's id (ledger header).
+    pub job_id: String,
+    /// The job had finished before this coordinator started: nothing was trained
+    /// and the ledger was left untouched.
+    pub already_finished: bool,
 }
 
 impl JobOutcome {
@@ -63,9 +75,13 @@ impl JobOutcome {
 struct Shared {
     scheduler: Mutex<Scheduler>,
     wake: Notify,
-    ledger: LedgerWriter,
+    /// `None` for a job that had already finished (its ledger stays untouched).
+    ledger: Option<LedgerWriter>,
     started: Instant,
     long_poll: Duration,
+    /// Where checkpoints go and how many to keep.
+    checkpoint_root: PathBuf,
+    retention: Retention,
 }
 
 impl Shared {
@@ -89,17 +105,18 @@ impl Shared {
                     Action::Reply(r) => reply = Some(r),
                     Action::Wake => wake = true,
                     Action::Commit(entry) => {
-                        self.ledger.append(&ledger_record(&entry));
+                        self.append(&ledger_record(&entry));
                         tracing::info!("{}", progress_line(&entry));
                     }
                     Action::Rollback {
                         to_step,
                         checkpoint,
                     } => {
-                        self.ledger.append(&serde_json::json!({
-                            "rollback_to": to_step,
-                            "checkpoint": checkpoint,
-                        }));
+                        self.append(&ledger::rollback_record(to_step, checkpoint.as_deref()));
+                    }
+                    Action::Checkpoint { step, dir } => {
+                        self.append(&ledger::checkpoint_record(step, &dir));
+                        self.apply_retention(scheduler.committed());
                     }
                 }
             }
@@ -109,12 +126,78 @@ impl Shared {
         }
         reply
     }
+
+    fn append(&self, record: &serde_json::Value) {
+        if let Some(ledger) = &self.ledger {
+            ledger.append(record);
+        }
+    }
+
+    /// Deletes old checkpoints on the ledger thread (after the records queued so
+    /// far are written), keeping what a rollback from `committed` would need.
+    fn apply_retention(&self, committed: u64) {
+        let Some(ledger) = &self.ledger else {
+            return;
+        };
+        let root = self.checkpoint_root.clone();
+        let retention = self.retention;
+        ledger.after_writes(Box::new(move || retain(&root, retention, committed)));
+    }
+}
+
+/// Retention: deletes the checkpoints under `root` that
+/// [`checkpoints::to_delete`] names, protecting the newest one at or before
+/// `committed` that verifies (the one a rollback would load) and every one after
+/// `committed` (not yet backed by a commit).
+fn retain(root: &std::path::Path, retention: Retention, committed: u64) {
+    let found = checkpoints::list(root);
+    let mut protect: Vec<u64> = found
+        .iter()
+        .map(|(step, _)| *step)
+        .filter(|&step| step > committed)
+        .collect();
+    if let Some((step, _)) = found
+        .iter()
+        .rev()
+        .filter(|(step, _)| *step <= committed)
+        .find(|(_, dir)| checkpoints::verify(dir).is_ok())
+    {
+        protect.push(*step);
+    }
+    let steps: Vec<u64> = found.iter().map(|(step, _)| *step).collect();
+    for step in checkpoints::to_delete(&steps, retention, &protect) {
+        let Some((_, dir)) = found.iter().find(|(s, _)| *s == step) else {
+            continue;
+        };
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {
+                tracing::info!(checkpoint = %dir.display(), "retention: deleted an old checkpoint")
+            }
+            Err(err) => {
+                tracing::warn!(checkpoint = %dir.display(), error = %err, "retention: cannot delete an old checkpoint")
+            }
+        }
+    }
+}
+
+/// The retention policy of a config: `training.keep_checkpoints` (default 3) and
+/// `training.keep_checkpoint_every` (default 0), read from the config's JSON so
+/// that it works whatever the config type holds.
+fn retention_of(config: &serde_json::Value) -> Retention {
+    let training = &config["training"];
+    Retention {
+        keep_last: training["keep_checkpoints"].as_u64().unwrap_or(3) as usize,
+        keep_every: training["keep_checkpoint_every"].as_u64().unwrap_or(0),
+    }
 }
 
 fn ledger_record(entry: &LedgerEntry) -> serde_json::Value {
     let mut record = serde_json::to_value(entry).unwrap_or_default();
-    if let (Some(object), Some(losses)) = (record.as_object_mut(), &entry.losses) {
-        object.insert("loss".into(), serde_json::json!(losses.total));
+    if let Some(object) = record.as_object_mut() {
+        object.insert("kind".into(), "commit".into());
+        if let Some(losses) = &entry.losses {
+            object.insert("loss".into(), serde_json::json!(losses.total));
+        }
     }
     record
 }
@@ -252,42 +335,114 @@ impl CoordinatorHandler for Handler {
     }
 }
 
-/// Runs `job` on `listener` until every step is committed (or the job fails) and
-/// every worker was told to stop, or until `shutdown` completes; then drains: the
-/// health service turns NOT_SERVING, workers get `Stop`, and the server waits up to
-/// `settings.shutdown_grace` for them before it returns.
-///
-/// The ledger goes to `<out_dir>/coordinator/ledger.jsonl`.
+/// [`serve_job`] of the job in `job`'s `out_dir` as [`StartMode::Auto`] finds it:
+/// a new job, the same job resumed, or a finished job reported.
 pub async fn serve(
     job: Job,
     settings: ClusterSettings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobOutcome, CoordinatorError> {
+    let start = durable::prepare(&job, StartMode::Auto)?;
+    serve_job(job, start, settings, listener, shutdown).await
+}
+
+/// Runs `job` on `listener` until every step is committed (or the job fails) and
+/// every worker was told to stop, or until `shutdown` completes; then drains: the
+/// health service turns NOT_SERVING, workers get `Stop`, and the server waits up to
+/// `settings.shutdown_grace` for them before it returns.
+///
+/// `start` ([`durable::prepare`]) says whether the job is new, resumed or already
+/// finished. A finished job trains nothing and leaves its ledger untouched: the
+/// coordinator answers for `shutdown_grace` (workers that register get
+/// `Stop { success: true }`) and returns `Finished`.
+///
+/// The ledger goes to `<out_dir>/coordinator/ledger.jsonl`.
+pub async fn serve_job(
+    job: Job,
+    start: JobStart,
+    settings: ClusterSettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<JobOutcome, CoordinatorError> {
     settings.validate().map_err(CoordinatorError::Settings)?;
-    let ledger = LedgerWriter::open(&job.coordinator_dir())?;
-    let ledger_path = ledger.path().to_owned();
     let identity = JobIdentity {
         config: job.config.to_json_value(),
         dataset_fingerprint: job.dataset_fingerprint().to_owned(),
         hsat_version: HSAT_VERSION.to_owned(),
     };
+    let ledger_path = job.coordinator_dir().join(ledger::LEDGER_FILE);
+    let checkpoint_root = checkpoints::root(&job.config.infra.out_dir);
+    let retention = retention_of(&identity.config);
+    let check = CheckpointCheck::new(checkpoints::verify);
     let total_steps = job.plan.total_steps;
+    let (steps_per_epoch, patients_per_step) = (job.plan.steps_per_epoch, job.plan.batch_size);
+    let (scheduler, ledger, job_id, already_finished) = match start {
+        JobStart::New { header } => {
+            let ledger = LedgerWriter::open(&job.coordinator_dir(), Some(0))?;
+            ledger.append(&ledger::header_record(&header));
+            ledger.append(&ledger::start_record(0, None, 0));
+            tracing::info!(job = %header.job_id, "starting a new job");
+            let scheduler =
+                Scheduler::new(settings.clone(), job.plan, identity).with_checkpoint_check(check);
+            (scheduler, Some(ledger), header.job_id, false)
+        }
+        JobStart::Resume {
+            header,
+            state,
+            restored,
+        } => {
+            let ledger = LedgerWriter::open(&job.coordinator_dir(), Some(state.valid_len))?;
+            let checkpoint = restored
+                .checkpoints
+                .range(..=restored.committed)
+                .next_back()
+                .map(|(_, dir)| dir.clone());
+            tracing::info!(
+                "resuming job {} at step {} (checkpoint {})",
+                header.job_id,
+                restored.committed,
+                checkpoint
+                    .as_ref()
+                    .map_or_else(|| "none".to_owned(), |d| d.display().to_string())
+            );
+            ledger.append(&ledger::start_record(
+                restored.committed,
+                checkpoint.as_deref(),
+                restored.incarnation,
+            ));
+            let scheduler = Scheduler::resume(settings.clone(), job.plan, identity, restored)
+                .with_checkpoint_check(check);
+            (scheduler, Some(ledger), header.job_id, false)
+        }
+        JobStart::Finished { header, state } => {
+            tracing::info!(
+                "job {} already finished ({} steps committed): nothing to train; the ledger is left as it is",
+                header.job_id,
+                state.committed
+            );
+            let restored = durable::restored_job(&state, &checkpoint_root);
+            let scheduler = Scheduler::resume(settings.clone(), job.plan, identity, restored);
+            (scheduler, None, header.job_id, true)
+        }
+    };
     let address = listener.local_addr().ok();
     tracing::info!(
         address = ?address,
         total_steps,
-        steps_per_epoch = job.plan.steps_per_epoch,
-        patients_per_step = job.plan.batch_size,
+        steps_per_epoch,
+        patients_per_step,
         expected_workers = settings.expected_workers,
         "coordinator listening"
     );
     let shared = Arc::new(Shared {
-        scheduler: Mutex::new(Scheduler::new(settings.clone(), job.plan, identity)),
+        scheduler: Mutex::new(scheduler),
         wake: Notify::new(),
         ledger,
         started: Instant::now(),
         long_poll: settings.long_poll,
+        checkpoint_root: checkpoint_root.clone(),
+        retention,
     });
     let (routes, health) = routes(Arc::new(Handler(Arc::clone(&shared)))).await;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -307,15 +462,22 @@ pub async fn serve(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut cancelled: Option<String> = None;
+    let mut shutdown_at: Option<Instant> = None;
     let mut ended_at: Option<Instant> = None;
     let mut server_error = None;
+    let mut stop_checkpoint = StopCheckpoint::default();
     loop {
         tokio::select! {
             () = &mut shutdown, if cancelled.is_none() => {
-                tracing::info!("shutdown requested: telling workers to stop");
+                let reason = "the coordinator was asked to shut down".to_owned();
+                tracing::warn!(
+                    grace_s = settings.shutdown_grace.as_secs_f64(),
+                    "shutdown requested: issuing no new steps, draining, then checkpointing the last committed step"
+                );
                 health.set_serving(false).await;
-                cancelled = Some("the coordinator was asked to shut down".to_owned());
-                shared.apply(Event::Shutdown("the coordinator was asked to shut down".into()));
+                shutdown_at = Some(Instant::now());
+                cancelled = Some(reason.clone());
+                shared.apply(Event::Shutdown(reason));
             }
             _ = ticker.tick() => {
                 shared.apply(Event::Tick);
@@ -329,36 +491,57 @@ pub async fn serve(
                 break;
             }
         }
-        let (terminal, done) = {
+        let (terminal, done, wait) = {
             let scheduler = shared.lock();
             (
                 scheduler.failure().is_some()
                     || scheduler.state() == hsat_proto::domain::JobState::Finished,
                 scheduler.is_done(),
+                scheduler.checkpoint_wait(),
             )
         };
+        let settled = stop_checkpoint.settle(wait, &checkpoint_root).await;
         if terminal {
-            let since = *ended_at.get_or_insert_with(Instant::now);
-            if done {
-                break;
-            }
-            if since.elapsed() >= settings.shutdown_grace {
+            ended_at.get_or_insert_with(Instant::now);
+        }
+        // A job that finished before this start stays up for the grace period so
+        // restarted workers hear `Stop { success: true }`.
+        if terminal && done && settled && !already_finished {
+            break;
+        }
+        // The grace runs from the signal (a shutdown) or from the job's end.
+        if let Some(since) = shutdown_at.or(ended_at)
+            && since.elapsed() >= settings.shutdown_grace
+        {
+            if !already_finished {
                 tracing::warn!(
                     grace_s = settings.shutdown_grace.as_secs_f64(),
-                    "not every worker got its stop before the deadline; exiting anyway"
+                    still = %describe_unsettled(terminal, done, wait),
+                    "the shutdown grace is over; exiting anyway"
                 );
-                break;
             }
+            break;
         }
     }
     health.set_serving(false).await;
     let _ = stop_server.send(());
+    // In-flight calls (a held long poll at most) get what is left of a shutdown's
+    // grace, between 0.5 and 5 s, so the process exits within the grace.
+    let stop_within = shutdown_at.map_or(Duration::from_secs(5), |since| {
+        settings
+            .shutdown_grace
+            .saturating_sub(since.elapsed())
+            .clamp(Duration::from_millis(500), Duration::from_secs(5))
+    });
     if server_error.is_none()
-        && tokio::time::timeout(Duration::from_secs(5), &mut server)
+        && tokio::time::timeout(stop_within, &mut server)
             .await
             .is_err()
     {
-        tracing::warn!("the gRPC server did not stop within 5 s");
+        tracing::warn!(
+            within_s = stop_within.as_secs_f64(),
+            "the gRPC server did not stop in time"
+        );
         server.abort();
     }
     let (kind, committed_steps, last_checkpoint) = {
@@ -369,15 +552,29 @@ pub async fn serve(
             (_, Some(message), None) => OutcomeKind::Failed(message.to_owned()),
             _ => OutcomeKind::Failed("the server stopped".to_owned()),
         };
+        let reported = scheduler.latest_checkpoint().map(|(dir, _)| dir.clone());
         (
             kind,
             scheduler.committed(),
-            scheduler.latest_checkpoint().map(|(dir, _)| dir.clone()),
+            stop_checkpoint.verified.clone().or(reported),
         )
     };
+    let end = EndRecord {
+        outcome: match &kind {
+            OutcomeKind::Finished => EndOutcome::Finished,
+            OutcomeKind::Failed(_) => EndOutcome::Failed,
+            OutcomeKind::Cancelled(_) => EndOutcome::Cancelled,
+        },
+        reason: match &kind {
+            OutcomeKind::Finished => String::new(),
+            OutcomeKind::Failed(m) | OutcomeKind::Cancelled(m) => m.clone(),
+        },
+        committed: committed_steps,
+    };
+    shared.append(&ledger::end_record(&end));
     let shared = Arc::into_inner(shared);
-    if let Some(shared) = shared {
-        shared.ledger.close()?;
+    if let Some(ledger) = shared.and_then(|shared| shared.ledger) {
+        ledger.close()?;
     }
     if let Some(message) = server_error {
         return Err(CoordinatorError::Server(message));
@@ -393,5 +590,111 @@ pub async fn serve(
         total_steps,
         last_checkpoint,
         ledger: ledger_path,
+        job_id,
+        already_finished,
     })
+}
+
+/// The shell's side of a shutdown's checkpoint: verifying on disk the checkpoint the
+/// scheduler asked a worker to write ([`CheckpointWait`]).
+#[derive(Debug, Default)]
+struct StopCheckpoint {
+    /// The verified checkpoint directory.
+    verified: Option<PathBuf>,
+    /// Failed verifications of the written checkpoint so far.
+    failures: u32,
+    /// Gave up (logged once).
+    given_up: bool,
+    last_check: Option<Instant>,
+}
+
+/// Verifications of a written checkpoint before giving up (the writer has left: a
+/// checkpoint that does not verify now will not later, but a shared volume may show
+/// the rename with a small delay).
+const VERIFY_ATTEMPTS: u32 = 5;
+
+impl StopCheckpoint {
+    /// Whether nothing about the checkpoint is left to wait for; verifies a written
+    /// one (off the async threads: it hashes every file).
+    async fn settle(&mut self, wait: CheckpointWait, root: &std::path::Path) -> bool {
+        match wait {
+            CheckpointWait::Nothing => true,
+            CheckpointWait::Draining | CheckpointWait::Writing { .. } => false,
+            CheckpointWait::Unavailable { step } => {
+                if !self.given_up {
+                    self.given_up = true;
+                    tracing::warn!(
+                        step,
+                        "no live worker holds the last committed step: no checkpoint of it was written; \
+                         the job will resume from the newest earlier checkpoint"
+                    );
+                }
+                true
+            }
+            CheckpointWait::Written { step } => {
+                if self.verified.is_some() || self.given_up {
+                    return true;
+                }
+                if self
+                    .last_check
+                    .is_some_and(|at| at.elapsed() < Duration::from_millis(200))
+                {
+                    return false;
+                }
+                self.last_check = Some(Instant::now());
+                let dir = root.join(hsat_core::checkpoint::checkpoint_dir_name(step));
+                let checked = dir.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || hsat_core::checkpoint::verify(&checked))
+                        .await;
+                match result {
+                    Ok(Ok(_)) => {
+                        tracing::info!(
+                            step,
+                            checkpoint = %dir.display(),
+                            "the checkpoint of the last committed step is written and verifies"
+                        );
+                        self.verified = Some(dir);
+                        true
+                    }
+                    Ok(Err(err)) => {
+                        self.failures += 1;
+                        if self.failures >= VERIFY_ATTEMPTS {
+                            self.given_up = true;
+                            tracing::warn!(
+                                step,
+                                checkpoint = %dir.display(),
+                                error = %err,
+                                "the checkpoint of the last committed step does not verify; the job \
+                                 will resume from the newest earlier checkpoint"
+                            );
+                            return true;
+                        }
+                        false
+                    }
+                    Err(join) => {
+                        self.given_up = true;
+                        tracing::warn!(error = %join, "checking the shutdown checkpoint failed");
+                        true
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a coordinator cut short by its grace was still waiting for.
+fn describe_unsettled(terminal: bool, done: bool, wait: CheckpointWait) -> String {
+    match wait {
+        CheckpointWait::Draining => "issued steps had not committed".to_owned(),
+        CheckpointWait::Writing { step } => {
+            format!("the checkpoint of step {step} was not written yet")
+        }
+        CheckpointWait::Written { step } => {
+            format!("the checkpoint of step {step} did not verify yet")
+        }
+        _ if !terminal => "the job had not ended".to_owned(),
+        _ if !done => "not every worker got its stop".to_owned(),
+        _ => "nothing".to_owned(),
+    }
 }

@@ -4,6 +4,10 @@
 //! every rank agrees on. The coordinator's in-process harness and
 //! `hsat bench control-plane` both run these; what differs between them (how the
 //! collective is modelled, pacing, latency recording, crashing) is a [`SimHooks`].
+//!
+//! Like the real worker, a simulated worker answered `UnknownWorker` (its
+//! coordinator restarted) registers again and keeps its "model" (the steps it
+//! holds and their checksums).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,6 +19,7 @@ use hsat_proto::domain::{
     AssignmentRequest, GroupAssignment, LevelLosses, Registration, StepLosses, StoreRole,
     TrainAssignment, WorkerId,
 };
+use hsat_proto::retry::{Backoff, RetryError, retry};
 use hsat_proto::worker_protocol::{Action, Event, ProtocolError, StepOutcome, WorkerProtocol};
 
 /// The port a simulated rank 0 publishes for its (nonexistent) store.
@@ -147,6 +152,33 @@ fn rpc(action: &'static str) -> impl FnOnce(ApiError) -> SimError {
     move |source| SimError::Rpc { action, source }
 }
 
+/// How long a simulated worker retries a call failing with a retryable error (its
+/// coordinator restarting or unreachable), as the real worker does.
+pub const RETRY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `call`, retried with backoff while it fails with a retryable error.
+async fn call<T, F, Fut>(action: &'static str, call: F) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    retry(action, Backoff::until(RETRY_DEADLINE), call)
+        .await
+        .map_err(|err| match err {
+            RetryError::Fatal(err) | RetryError::GaveUp { last: err, .. } => err,
+        })
+}
+
+/// `Ok(Some(value))`, or `Ok(None)` when the coordinator does not know the worker
+/// (it registers again), or the error.
+fn known<T>(result: Result<T, ApiError>, action: &'static str) -> Result<Option<T>, SimError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(ApiError::UnknownWorker(_)) => Ok(None),
+        Err(source) => Err(SimError::Rpc { action, source }),
+    }
+}
+
 /// Heartbeats until the task is aborted or a heartbeat fails.
 async fn heartbeat_loop<H: SimHooks>(
     client: CoordinatorClient,
@@ -194,11 +226,13 @@ async fn drive<H: SimHooks>(
         let event = match protocol.next_action() {
             Action::Register(registration) => {
                 let begun = Instant::now();
-                let registered = client
-                    .register(registration)
+                let registered = call("register", || client.register(registration.clone()))
                     .await
                     .map_err(rpc("register"))?;
                 hooks.observe(Rpc::Register, begun);
+                if let Some(old) = heartbeat.take() {
+                    old.abort();
+                }
                 *heartbeat = Some(tokio::spawn(heartbeat_loop(
                     client.clone(),
                     registered.worker_id,
@@ -210,10 +244,11 @@ async fn drive<H: SimHooks>(
             Action::Ask(request) => {
                 hooks.before_ask(&request).await;
                 let begun = Instant::now();
-                let assignment = client
-                    .next_assignment(request)
-                    .await
-                    .map_err(rpc("ask for work"))?;
+                let asked = call("ask for work", || client.next_assignment(request.clone())).await;
+                let Some(assignment) = known(asked, "ask for work")? else {
+                    protocol.on_event(Event::Forgotten)?;
+                    continue;
+                };
                 let waited = matches!(assignment, hsat_proto::domain::Assignment::Wait { .. });
                 hooks.observe(Rpc::Ask { waited }, begun);
                 Event::Assigned(assignment)
@@ -222,10 +257,15 @@ async fn drive<H: SimHooks>(
                 if group.store == StoreRole::Host
                     && let Some(worker) = protocol.worker_id()
                 {
-                    client
-                        .publish_store(worker, group.generation, FAKE_STORE_PORT)
-                        .await
-                        .map_err(rpc("publish the rendezvous store"))?;
+                    let published = call("publish the rendezvous store", || {
+                        client.publish_store(worker, group.generation, FAKE_STORE_PORT)
+                    })
+                    .await;
+                    let published = known(published, "publish the rendezvous store")?;
+                    if published.is_none() {
+                        protocol.on_event(Event::Forgotten)?;
+                        continue;
+                    }
                 }
                 Event::GroupFormed {
                     generation: group.generation,
@@ -258,10 +298,11 @@ async fn drive<H: SimHooks>(
             }
             Action::Report(report) => {
                 let begun = Instant::now();
-                client
-                    .report_step(report)
-                    .await
-                    .map_err(rpc("report a step"))?;
+                let reported = call("report a step", || client.report_step(report.clone())).await;
+                if known(reported, "report a step")?.is_none() {
+                    protocol.on_event(Event::Forgotten)?;
+                    continue;
+                }
                 hooks.observe(Rpc::Report, begun);
                 Event::Reported
             }
@@ -269,7 +310,9 @@ async fn drive<H: SimHooks>(
                 tokio::time::sleep(duration).await;
                 Event::Slept
             }
-            Action::Stop { success, reason } => return Ok(SimExit::Stopped { success, reason }),
+            Action::Stop {
+                success, reason, ..
+            } => return Ok(SimExit::Stopped { success, reason }),
         };
         protocol.on_event(event)?;
     }

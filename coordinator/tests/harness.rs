@@ -54,6 +54,7 @@ fn job_config(out: &Path, manifest: &Path) -> Config {
 fn settings(workers: usize) -> ClusterSettings {
     let mut s = ClusterSettings::new(workers);
     s.heartbeat = Duration::from_millis(50);
+    s.silent_after = Duration::from_millis(150);
     s.lease = Duration::from_millis(400);
     s.regroup_wait = Duration::from_millis(400);
     s.long_poll = Duration::from_millis(200);
@@ -107,6 +108,8 @@ struct FabricHooks {
     fabric: Arc<Fabric>,
     die_after: Option<usize>,
     reports: AtomicUsize,
+    /// How long each step "trains".
+    pace: Duration,
 }
 
 impl SimHooks for FabricHooks {
@@ -125,6 +128,7 @@ impl SimHooks for FabricHooks {
         {
             return SimStep::CollectiveFailed("the generation moved on".into());
         }
+        tokio::time::sleep(self.pace).await;
         if self.die_after == Some(self.reports.fetch_add(1, Ordering::SeqCst)) {
             return SimStep::Crash;
         }
@@ -144,6 +148,28 @@ async fn fake_worker(
     fabric: Arc<Fabric>,
     die_after: Option<usize>,
 ) -> Result<bool, ApiError> {
+    paced_worker(
+        address,
+        config,
+        fingerprint,
+        name,
+        fabric,
+        die_after,
+        Duration::ZERO,
+    )
+    .await
+}
+
+/// [`fake_worker`] whose steps take `pace` each.
+async fn paced_worker(
+    address: String,
+    config: Config,
+    fingerprint: String,
+    name: String,
+    fabric: Arc<Fabric>,
+    die_after: Option<usize>,
+    pace: Duration,
+) -> Result<bool, ApiError> {
     let client = CoordinatorClient::connect(&address).await?;
     let registration = Registration {
         worker_name: name,
@@ -156,6 +182,7 @@ async fn fake_worker(
         fabric,
         die_after,
         reports: AtomicUsize::new(0),
+        pace,
     });
     match run_simulated_worker(client, registration, hooks).await {
         Ok(SimExit::Stopped { success, .. }) => Ok(success),
@@ -173,13 +200,24 @@ fn check_ledger(path: &Path, job: &Job) -> Vec<serde_json::Value> {
     let mut entries: Vec<serde_json::Value> = Vec::new();
     for line in text.lines() {
         let record: serde_json::Value = serde_json::from_str(line).unwrap();
-        if let Some(to) = record.get("rollback_to") {
-            entries.truncate(to.as_u64().unwrap() as usize);
-        } else {
-            assert_eq!(record["step"].as_u64().unwrap(), entries.len() as u64);
-            entries.push(record);
+        match record["kind"].as_str().unwrap() {
+            "rollback" => entries.truncate(record["rollback_to"].as_u64().unwrap() as usize),
+            "commit" => {
+                assert_eq!(record["step"].as_u64().unwrap(), entries.len() as u64);
+                entries.push(record);
+            }
+            "header" | "start" | "end" | "checkpoint" => {}
+            other => panic!("unknown record kind {other}: {line}"),
         }
     }
+    assert_eq!(
+        text.lines()
+            .next()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|h| h["kind"].clone()),
+        Some("header".into()),
+        "the ledger starts with its header"
+    );
     assert_eq!(entries.len() as u64, job.plan.total_steps);
     let mut by_epoch: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for entry in &entries {
@@ -360,4 +398,176 @@ async fn a_worker_with_another_config_or_dataset_is_refused_with_a_clear_message
 fn synthetic_data_is_refused_for_distributed_runs() {
     let err = hsat_coordinator::load_job(Config::default()).unwrap_err();
     assert!(err.to_string().contains("hsat synth"), "{err}");
+}
+
+/// Serves `job` on a fresh listener at `address` (SO_REUSEADDR: the port of a
+/// coordinator that just died), retrying while the old socket lets go.
+async fn serve_at(
+    job: Job,
+    workers: usize,
+    address: std::net::SocketAddr,
+) -> Result<hsat_coordinator::JobOutcome, hsat_coordinator::CoordinatorError> {
+    let mut attempts = 0;
+    let listener = loop {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        match socket.bind(address).and_then(|()| socket.listen(128)) {
+            Ok(listener) => break listener,
+            Err(err) if attempts < 100 => {
+                attempts += 1;
+                let _ = err;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("cannot listen on {address} again: {err}"),
+        }
+    };
+    serve(job, settings(workers), listener, std::future::pending()).await
+}
+
+/// The committed steps the ledger at `path` shows so far (commits minus rollbacks).
+fn committed_in(path: &Path) -> usize {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut committed = 0;
+    for line in text.lines() {
+        let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        match record["kind"].as_str() {
+            Some("commit") => committed += 1,
+            Some("rollback") => committed = record["rollback_to"].as_u64().unwrap() as usize,
+            _ => {}
+        }
+    }
+    committed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_restarted_mid_job_continues_with_the_same_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dataset(dir.path(), 10);
+    let config = job_config(&dir.path().join("out"), &dir.path().join("manifest.csv"));
+    let job = Job::from_index(config, index);
+    let ledger = job.coordinator_dir().join("ledger.jsonl");
+    let address: std::net::SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    // The first coordinator runs on a runtime of its own: shutting that runtime
+    // down drops every task of it at once (server, timers, listener) like a
+    // `kill -9`, without an end record.
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    first.spawn(serve_at(job.clone(), 2, address));
+    // The workers connect once (no retry of the first connection): wait for the port.
+    while tokio::net::TcpStream::connect(address).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let fabric = Arc::new(Fabric::default());
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(paced_worker(
+                address.to_string(),
+                job.config.clone(),
+                job.dataset_fingerprint().to_owned(),
+                format!("w{i}"),
+                Arc::clone(&fabric),
+                None,
+                Duration::from_millis(100),
+            ))
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while committed_in(&ledger) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no 3 commits in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.shutdown_background();
+    let before = committed_in(&ledger);
+    assert!(
+        (before as u64) < job.plan.total_steps,
+        "the job must still be running"
+    );
+    let second = tokio::spawn(serve_at(job.clone(), 2, address));
+    // The same worker tasks (never restarted) register again and finish the job.
+    let results = futures_join(workers).await;
+    assert_eq!(results, vec![true, true]);
+    let outcome = second.await.unwrap().unwrap();
+    assert_eq!(outcome.kind, OutcomeKind::Finished);
+    let entries = check_ledger(&outcome.ledger, &job);
+    assert_eq!(entries.len() as u64, job.plan.total_steps);
+    let text = std::fs::read_to_string(&ledger).unwrap();
+    let kinds: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "start").count(), 2);
+    assert_eq!(kinds.iter().filter(|k| *k == "header").count(), 1);
+    assert_eq!(kinds.last().map(String::as_str), Some("end"));
+    assert!(
+        !kinds.iter().any(|k| k == "rollback"),
+        "the workers' state was confirmed: no rollback\n{text}"
+    );
+    // Generations of the second incarnation continue above the first's.
+    let generations: Vec<u64> = entries
+        .iter()
+        .map(|e| e["generation"].as_u64().unwrap())
+        .collect();
+    assert!(
+        generations.windows(2).all(|w| w[0] <= w[1]),
+        "{generations:?}"
+    );
+    assert!(generations.last() > generations.first(), "{generations:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_is_not_trained_again_and_its_ledger_is_left_untouched() {
+    let cluster = start(1).await;
+    let fabric = Arc::new(Fabric::default());
+    let worker = tokio::spawn(fake_worker(
+        cluster.address.clone(),
+        cluster.job.config.clone(),
+        cluster.job.dataset_fingerprint().to_owned(),
+        "w0".into(),
+        Arc::clone(&fabric),
+        None,
+    ));
+    assert!(worker.await.unwrap().unwrap());
+    let outcome = cluster.server.await.unwrap().unwrap();
+    let before = std::fs::read(&outcome.ledger).unwrap();
+    // Again on the same out_dir: a worker that registers is told the job finished.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let mut short = settings(1);
+    short.shutdown_grace = Duration::from_secs(1);
+    let again = tokio::spawn(serve(
+        cluster.job.clone(),
+        short,
+        listener,
+        std::future::pending(),
+    ));
+    let worker = fake_worker(
+        address,
+        cluster.job.config.clone(),
+        cluster.job.dataset_fingerprint().to_owned(),
+        "w0".into(),
+        fabric,
+        None,
+    )
+    .await;
+    assert!(worker.unwrap(), "Stop {{ success: true }}");
+    let outcome = again.await.unwrap().unwrap();
+    assert_eq!(outcome.kind, OutcomeKind::Finished);
+    assert!(outcome.already_finished);
+    assert_eq!(std::fs::read(&outcome.ledger).unwrap(), before);
 }

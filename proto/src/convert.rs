@@ -172,6 +172,17 @@ impl From<AssignmentRequest> for pb::AssignmentRequest {
             next_step: r.next_step,
             want_step: Some(r.want_step),
             group_error: r.group_error,
+            held: r
+                .held
+                .into_iter()
+                .map(|h| pb::HeldStep {
+                    step: h.step,
+                    generation: h.generation,
+                    world_size: h.world_size,
+                    rank: h.rank,
+                    checksum: h.checksum,
+                })
+                .collect(),
         }
     }
 }
@@ -186,12 +197,38 @@ impl TryFrom<pb::AssignmentRequest> for AssignmentRequest {
                 r.next_step
             )));
         }
+        let held = r
+            .held
+            .into_iter()
+            .map(|h| {
+                if h.world_size == 0 || h.rank >= h.world_size || h.generation == 0 {
+                    return Err(invalid(format!(
+                        "held step {}: rank {} of world size {} in generation {} is impossible",
+                        h.step, h.rank, h.world_size, h.generation
+                    )));
+                }
+                if h.step >= r.next_step {
+                    return Err(invalid(format!(
+                        "held step {} is not before next_step {}: a worker lists steps its model trained",
+                        h.step, r.next_step
+                    )));
+                }
+                Ok(HeldStep {
+                    step: h.step,
+                    generation: h.generation,
+                    world_size: h.world_size,
+                    rank: h.rank,
+                    checksum: h.checksum,
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
         Ok(Self {
             worker_id: worker_id(r.worker_id)?,
             generation: r.generation,
             next_step: r.next_step,
             want_step,
             group_error: r.group_error,
+            held,
         })
     }
 }
@@ -279,7 +316,15 @@ impl From<Assignment> for pb::Assignment {
                 shard: t.shard.into_iter().map(Into::into).collect(),
                 total_steps: t.total_steps,
             }),
-            Assignment::Stop { success, reason } => Kind::Stop(pb::Stop { success, reason }),
+            Assignment::Stop {
+                success,
+                reason,
+                checkpoint_step,
+            } => Kind::Stop(pb::Stop {
+                success,
+                reason,
+                checkpoint_step,
+            }),
         };
         Self { kind: Some(kind) }
     }
@@ -298,6 +343,7 @@ impl TryFrom<pb::Assignment> for Assignment {
             Some(Kind::Stop(s)) => Ok(Assignment::Stop {
                 success: s.success,
                 reason: s.reason,
+                checkpoint_step: s.checkpoint_step,
             }),
             Some(Kind::Group(g)) => {
                 if g.world_size == 0 || g.rank >= g.world_size || g.broadcast_root >= g.world_size {
@@ -538,6 +584,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn held_steps_round_trip_and_impossible_ones_are_refused() {
+        let request = AssignmentRequest {
+            worker_id: WorkerId(9),
+            generation: 0,
+            next_step: 6,
+            want_step: 6,
+            group_error: None,
+            held: vec![HeldStep {
+                step: 5,
+                generation: 4,
+                world_size: 2,
+                rank: 1,
+                checksum: 77,
+            }],
+        };
+        let wire = pb::AssignmentRequest::from(request.clone());
+        assert_eq!(AssignmentRequest::try_from(wire.clone()).unwrap(), request);
+        let mut ahead = wire.clone();
+        ahead.held[0].step = 6;
+        let err = AssignmentRequest::try_from(ahead).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("held step 6 is not before next_step 6"),
+            "{err}"
+        );
+        let mut rank = wire;
+        rank.held[0].rank = 2;
+        let err = AssignmentRequest::try_from(rank).unwrap_err();
+        assert!(err.to_string().contains("rank 2 of world size 2"), "{err}");
+    }
+
+    #[test]
     fn assignments_round_trip() {
         let group = Assignment::Group(GroupAssignment {
             generation: 3,
@@ -590,6 +668,7 @@ mod tests {
             next_step: 5,
             want_step: Some(4),
             group_error: None,
+            held: Vec::new(),
         })
         .unwrap_err();
         assert!(

@@ -99,6 +99,28 @@ pub struct AssignmentRequest {
     /// The worker's collective in `generation` failed with this error: the
     /// coordinator breaks the generation at once.
     pub group_error: Option<String>,
+    /// The last steps the worker's model trained, oldest first (at most
+    /// [`crate::worker_protocol::HELD_HISTORY`]); when the model holds its own
+    /// update the last one is `next_step - 1`. A restarted coordinator confirms the
+    /// worker's state against its ledger with them, and recovers steps its ledger
+    /// lost.
+    pub held: Vec<HeldStep>,
+}
+
+/// One step a worker's model trained: which generation trained it, the worker's
+/// rank there, and the parameter checksum after the update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldStep {
+    /// The global step.
+    pub step: u64,
+    /// The generation that trained it (>= 1).
+    pub generation: u64,
+    /// Its world size (>= 1).
+    pub world_size: u32,
+    /// The worker's rank in it (< `world_size`).
+    pub rank: u32,
+    /// Parameter checksum after the update.
+    pub checksum: u64,
 }
 
 /// What a worker does next.
@@ -121,6 +143,10 @@ pub enum Assignment {
         success: bool,
         /// Why.
         reason: String,
+        /// On a coordinator shutdown: write the checkpoint of this step (steps
+        /// applied; the worker's model holds exactly this many) before leaving, so the
+        /// job resumes from the last committed step.
+        checkpoint_step: Option<u64>,
     },
 }
 

@@ -22,11 +22,12 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// 100 ms doubling to 5 s, giving up after `deadline`.
+    /// 100 ms doubling to 1 s, giving up after `deadline`. The 1 s cap: a worker
+    /// notices a restarted coordinator within about a second.
     pub fn until(deadline: Duration) -> Self {
         Self {
             initial: Duration::from_millis(100),
-            max: Duration::from_secs(5),
+            max: Duration::from_secs(1),
             deadline,
         }
     }
@@ -117,12 +118,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_schedule_doubles_from_100_ms_to_5_s() {
+    fn the_schedule_doubles_from_100_ms_to_1_s() {
         let b = Backoff::until(Duration::from_secs(600));
         let delays: Vec<u64> = (1..=9)
             .map(|attempt| b.delay(attempt, Duration::ZERO).unwrap().as_millis() as u64)
             .collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000, 1000, 1000, 1000]);
         assert_eq!(b.delay(u32::MAX, Duration::ZERO), Some(b.max));
     }
 

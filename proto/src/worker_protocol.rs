@@ -13,7 +13,15 @@
 //!                │   ├─ Train -> queued (up to LOOKAHEAD), then Train front step
 //!                │   └─ Stop  -> Stop
 //!                └── Train -> Trained -> Report -> Reported | CollectiveFailed
+//!
+//!   any call answered UnknownWorker (the coordinator restarted or expired the
+//!   lease) -> Forgotten -> Register again, keeping the model and its held steps
 //! ```
+//!
+//! The machine remembers the last [`HELD_HISTORY`] steps its model trained (step,
+//! generation, world size, rank, checksum) and sends them with every request: a
+//! restarted coordinator confirms the state against its ledger, or recovers steps
+//! its ledger lost, from them.
 //!
 //! No I/O, no clock, no tokio: [`WorkerProtocol::next_action`] reads the state and
 //! never changes it (so a driver may retry the same action), and
@@ -35,7 +43,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::domain::{
-    Assignment, AssignmentRequest, GroupAssignment, Registered, Registration, StepLosses,
+    Assignment, AssignmentRequest, GroupAssignment, HeldStep, Registered, Registration, StepLosses,
     StepReport, TrainAssignment, WorkerId,
 };
 
@@ -46,6 +54,11 @@ pub const LOOKAHEAD: usize = 2;
 /// The longest a worker sleeps on a `Wait` before asking again, whatever the
 /// coordinator suggested: a regroup should not find it asleep.
 pub const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// Trained steps a worker remembers and sends with each request (more than the
+/// coordinator's window, so a restarted coordinator can recover every step issued
+/// after its ledger's last commit).
+pub const HELD_HISTORY: usize = 4;
 
 /// What the worker does next.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +84,9 @@ pub enum Action {
         success: bool,
         /// The coordinator's reason.
         reason: String,
+        /// Write the checkpoint of this step before leaving (the coordinator shuts
+        /// down and this worker's model holds exactly this many steps).
+        checkpoint_step: Option<u64>,
     },
 }
 
@@ -125,6 +141,10 @@ pub enum Event {
     Reported,
     /// The sleep of [`Action::Sleep`] is over.
     Slept,
+    /// A call was answered `UnknownWorker`: the coordinator restarted (or expired
+    /// this worker's lease). The worker drops its collective and queued steps and
+    /// registers again, keeping its model (and the steps it holds).
+    Forgotten,
 }
 
 /// The coordinator (or the driver) broke the protocol: the worker cannot go on.
@@ -175,13 +195,19 @@ enum Phase {
     /// A `Wait` arrived with nothing queued.
     Sleeping(Duration),
     /// The coordinator said stop.
-    Stopped { success: bool, reason: String },
+    Stopped {
+        success: bool,
+        reason: String,
+        checkpoint_step: Option<u64>,
+    },
 }
 
 /// The worker's side of the protocol (see the module docs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerProtocol {
     phase: Phase,
+    /// What to register with (again, after [`Event::Forgotten`]).
+    registration: Registration,
     worker_id: Option<WorkerId>,
     /// The generation this worker is a formed member of.
     group: Option<GroupAssignment>,
@@ -196,13 +222,18 @@ pub struct WorkerProtocol {
     train_before_asking: bool,
     steps_trained: u64,
     generations: u64,
+    /// The last steps the model trained, oldest first, at most [`HELD_HISTORY`].
+    held: VecDeque<HeldStep>,
+    /// Times the worker registered.
+    registrations: u64,
 }
 
 impl WorkerProtocol {
     /// A worker that registers with `registration` first.
     pub fn new(registration: Registration) -> Self {
         Self {
-            phase: Phase::Unregistered(registration),
+            phase: Phase::Unregistered(registration.clone()),
+            registration,
             worker_id: None,
             group: None,
             next_step: 0,
@@ -211,7 +242,19 @@ impl WorkerProtocol {
             train_before_asking: false,
             steps_trained: 0,
             generations: 0,
+            held: VecDeque::new(),
+            registrations: 0,
         }
+    }
+
+    /// The last steps the model trained, oldest first.
+    pub fn held(&self) -> impl Iterator<Item = &HeldStep> {
+        self.held.iter()
+    }
+
+    /// Times the worker registered (more than 1 after a coordinator restart).
+    pub fn registrations(&self) -> u64 {
+        self.registrations
     }
 
     /// The id the coordinator gave, once registered.
@@ -251,9 +294,15 @@ impl WorkerProtocol {
             Phase::Forming(group) => Action::FormGroup(group.clone()),
             Phase::Reporting(report) => Action::Report(report.clone()),
             Phase::Sleeping(duration) => Action::Sleep(*duration),
-            Phase::Stopped { success, reason } => Action::Stop {
+            Phase::Stopped {
+                success,
+                reason,
+                checkpoint_step,
+            } => Action::Stop {
                 success: *success,
                 reason: reason.clone(),
+                // Only a model that holds exactly that step can write it.
+                checkpoint_step: checkpoint_step.filter(|&step| step == self.next_step),
             },
             Phase::Working => match self.queued.front() {
                 Some(front) if !self.should_ask() => Action::Train(front.clone()),
@@ -298,6 +347,7 @@ impl WorkerProtocol {
             next_step: self.next_step,
             want_step: self.want_step(),
             group_error: self.group_error.as_ref().map(|(_, e)| e.clone()),
+            held: self.held.iter().copied().collect(),
         }
     }
 
@@ -312,7 +362,21 @@ impl WorkerProtocol {
         match (&self.phase, event) {
             (Phase::Unregistered(_), Event::Registered(registered)) => {
                 self.worker_id = Some(registered.worker_id);
+                self.registrations += 1;
                 self.phase = Phase::Working;
+            }
+            (Phase::Stopped { .. }, Event::Forgotten) => {
+                return Err(unexpected(&Event::Forgotten));
+            }
+            (_, Event::Forgotten) => {
+                // The new coordinator knows nothing of this worker's generation: the
+                // collective and the queued steps go, the model (next_step, held)
+                // stays and is offered at the next check-in.
+                self.worker_id = None;
+                self.group = None;
+                self.group_error = None;
+                self.leave_group();
+                self.phase = Phase::Unregistered(self.registration.clone());
             }
             (Phase::Working, Event::Assigned(assignment)) if self.should_ask() => {
                 // The coordinator has now seen the group error, if any.
@@ -322,6 +386,11 @@ impl WorkerProtocol {
             (Phase::Forming(group), Event::GroupFormed { generation })
                 if group.generation == generation =>
             {
+                // The model now holds the broadcast root's state: this worker's
+                // own trained steps describe it only if it held the same step.
+                if group.start_step != self.next_step || group.resume_checkpoint.is_some() {
+                    self.held.clear();
+                }
                 self.next_step = group.start_step;
                 self.group = Some(group.clone());
                 self.generations += 1;
@@ -341,6 +410,16 @@ impl WorkerProtocol {
                 };
                 self.next_step = train.step + 1;
                 self.steps_trained += 1;
+                if self.held.len() >= HELD_HISTORY {
+                    self.held.pop_front();
+                }
+                self.held.push_back(HeldStep {
+                    step: train.step,
+                    generation: train.generation,
+                    world_size: group.world_size,
+                    rank: group.rank,
+                    checksum: outcome.param_checksum,
+                });
                 self.train_before_asking = false;
                 self.phase = Phase::Reporting(StepReport {
                     worker_id,
@@ -378,10 +457,18 @@ impl WorkerProtocol {
                     self.train_before_asking = true;
                 }
             }
-            Assignment::Stop { success, reason } => {
+            Assignment::Stop {
+                success,
+                reason,
+                checkpoint_step,
+            } => {
                 self.group = None;
                 self.leave_group();
-                self.phase = Phase::Stopped { success, reason };
+                self.phase = Phase::Stopped {
+                    success,
+                    reason,
+                    checkpoint_step,
+                };
             }
             Assignment::Group(group) => {
                 // The old collective and its queued steps go before the new one forms.
@@ -437,6 +524,7 @@ fn event_name(event: &Event) -> &'static str {
         Event::CollectiveFailed { .. } => "CollectiveFailed",
         Event::Reported => "Reported",
         Event::Slept => "Slept",
+        Event::Forgotten => "Forgotten",
     }
 }
 

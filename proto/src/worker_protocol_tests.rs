@@ -89,6 +89,7 @@ fn registers_first_then_asks_with_its_id_and_no_generation() {
             next_step: 0,
             want_step: 0,
             group_error: None,
+            held: Vec::new(),
         }
     );
 }
@@ -257,13 +258,15 @@ fn stop_is_final_and_says_whether_the_job_finished() {
     p.on_event(Event::Assigned(Assignment::Stop {
         success: false,
         reason: "job failed: x".into(),
+        checkpoint_step: None,
     }))
     .unwrap();
     assert_eq!(
         p.next_action(),
         Action::Stop {
             success: false,
-            reason: "job failed: x".into()
+            reason: "job failed: x".into(),
+            checkpoint_step: None,
         }
     );
     let err = p.on_event(Event::Assigned(wait())).unwrap_err();
@@ -339,4 +342,171 @@ fn events_the_protocol_did_not_ask_for_are_driver_bugs() {
     );
     // Still forming generation 3.
     assert_eq!(p.next_action(), Action::FormGroup(group(3, 0, 10)));
+}
+
+#[test]
+fn a_stop_asks_for_a_checkpoint_only_from_a_model_holding_that_step() {
+    // The coordinator shuts down with 4 steps committed: a worker holding 4 steps
+    // writes `step-4`; one holding 3 (it missed a step) must not write a checkpoint
+    // that claims 4.
+    let stop = |step| {
+        Event::Assigned(Assignment::Stop {
+            success: false,
+            reason: "cancelled".into(),
+            checkpoint_step: Some(step),
+        })
+    };
+    let mut holds_four = member(4, 10);
+    holds_four.on_event(stop(4)).unwrap();
+    assert_eq!(
+        holds_four.next_action(),
+        Action::Stop {
+            success: false,
+            reason: "cancelled".into(),
+            checkpoint_step: Some(4),
+        }
+    );
+    let mut holds_three = member(3, 10);
+    holds_three.on_event(stop(4)).unwrap();
+    assert!(
+        matches!(
+            holds_three.next_action(),
+            Action::Stop {
+                checkpoint_step: None,
+                ..
+            }
+        ),
+        "{:?}",
+        holds_three.next_action()
+    );
+}
+
+/// Trains and reports the front step with checksum `checksum` (a `Wait` first,
+/// so the worker trains instead of prefetching).
+fn train_and_report(p: &mut WorkerProtocol, checksum: u64) {
+    if matches!(p.next_action(), Action::Ask(_)) {
+        p.on_event(Event::Assigned(wait())).unwrap();
+    }
+    p.on_event(Event::Trained(StepOutcome {
+        param_checksum: checksum,
+        ..StepOutcome::default()
+    }))
+    .unwrap();
+    p.on_event(Event::Reported).unwrap();
+}
+
+#[test]
+fn requests_carry_the_last_trained_steps_with_generation_rank_and_checksum() {
+    let mut p = member(0, 10);
+    for step in 0..(HELD_HISTORY as u64 + 2) {
+        p.on_event(Event::Assigned(Assignment::Train(train(1, step))))
+            .unwrap();
+        train_and_report(&mut p, 100 + step);
+    }
+    let held = ask(&p).held;
+    assert_eq!(held.len(), HELD_HISTORY, "only the newest are kept");
+    let last = held.last().unwrap();
+    assert_eq!(
+        (
+            last.step,
+            last.generation,
+            last.world_size,
+            last.rank,
+            last.checksum
+        ),
+        (5, 1, 2, 1, 105)
+    );
+    assert_eq!(held.first().unwrap().step, 2);
+}
+
+#[test]
+fn forgotten_reregisters_keeping_the_model_and_dropping_the_group() {
+    let mut p = member(0, 10);
+    p.on_event(Event::Assigned(Assignment::Train(train(1, 0))))
+        .unwrap();
+    train_and_report(&mut p, 42);
+    // Step 1 queued when the coordinator restarts.
+    p.on_event(Event::Assigned(Assignment::Train(train(1, 1))))
+        .unwrap();
+    p.on_event(Event::Forgotten).unwrap();
+    assert_eq!(p.next_action(), Action::Register(registration()));
+    assert_eq!(p.group(), None);
+    assert_eq!(p.queued(), 0);
+    assert_eq!(p.worker_id(), None);
+    p.on_event(Event::Registered(Registered {
+        worker_id: WorkerId(1 << 32 | 1),
+        heartbeat: Duration::from_secs(1),
+        lease: Duration::from_secs(10),
+    }))
+    .unwrap();
+    assert_eq!(p.registrations(), 2);
+    let request = ask(&p);
+    assert_eq!(
+        (request.generation, request.next_step, request.want_step),
+        (0, 1, 1),
+        "it checks in with the step its model holds, in no generation"
+    );
+    assert_eq!(
+        request.held.last().map(|h| (h.step, h.checksum)),
+        Some((0, 42))
+    );
+}
+
+#[test]
+fn forgotten_while_reporting_keeps_the_trained_step() {
+    let mut p = member(0, 10);
+    p.on_event(Event::Assigned(Assignment::Train(train(1, 0))))
+        .unwrap();
+    p.on_event(Event::Assigned(wait())).unwrap();
+    p.on_event(Event::Trained(StepOutcome {
+        param_checksum: 7,
+        ..StepOutcome::default()
+    }))
+    .unwrap();
+    assert!(matches!(p.next_action(), Action::Report(_)));
+    p.on_event(Event::Forgotten).unwrap();
+    assert_eq!(p.next_step(), 1);
+    assert_eq!(p.held().map(|h| h.checksum).collect::<Vec<_>>(), [7]);
+    assert!(matches!(p.next_action(), Action::Register(_)));
+}
+
+#[test]
+fn a_group_starting_elsewhere_forgets_the_held_steps() {
+    let mut p = member(0, 10);
+    p.on_event(Event::Assigned(Assignment::Train(train(1, 0))))
+        .unwrap();
+    train_and_report(&mut p, 5);
+    // Same position: the broadcast state is the one it trained, keep its record.
+    p.on_event(Event::Assigned(Assignment::Group(group(2, 1, 10))))
+        .unwrap();
+    p.on_event(Event::GroupFormed { generation: 2 }).unwrap();
+    assert_eq!(p.held().count(), 1);
+    // Another position: the model is someone else's state now.
+    p.on_event(Event::Assigned(Assignment::Group(group(3, 4, 10))))
+        .unwrap();
+    p.on_event(Event::GroupFormed { generation: 3 }).unwrap();
+    assert_eq!(p.held().count(), 0);
+    assert_eq!(p.next_step(), 4);
+}
+
+#[test]
+fn a_stopped_worker_cannot_be_forgotten() {
+    let mut p = registered();
+    p.on_event(Event::Assigned(Assignment::Stop {
+        success: true,
+        reason: "done".into(),
+        checkpoint_step: None,
+    }))
+    .unwrap();
+    let err = p.on_event(Event::Forgotten).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProtocolError::UnexpectedEvent {
+                event: "Forgotten",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

@@ -1,9 +1,10 @@
 //! Reading and checking the coordinator's step ledger,
 //! `<out_dir>/coordinator/ledger.jsonl`, from the outside, as an operator would.
 //!
-//! The ledger holds one JSON line per committed step (its epoch, generation and every
-//! rank's shard and parameter checksum) and one line per rollback (`rollback_to`:
-//! committed steps from there on are void and are redone). [`Ledger::check_complete`]
+//! The ledger holds a header (the job), one JSON line per committed step (its epoch,
+//! generation and every rank's shard and parameter checksum), one line per rollback
+//! (`rollback_to`: committed steps from there on are void and are redone), and
+//! `start`, `checkpoint` and `end` records (field `kind` names each). [`Ledger::check_complete`]
 //! states the invariants a finished job must show: each step committed once and in
 //! order, each epoch's patients exactly that epoch's balanced list, equal checksums
 //! across the ranks of a step.
@@ -63,6 +64,26 @@ pub enum Record {
         /// The first voided step.
         to_step: u64,
     },
+    /// The job's header (first line).
+    Header {
+        /// The job id.
+        job_id: String,
+    },
+    /// A coordinator (re)started.
+    Start {
+        /// Its incarnation (0 = the first start).
+        incarnation: u64,
+    },
+    /// A checkpoint holding `step` updates was recorded.
+    Checkpoint {
+        /// Steps it holds.
+        step: u64,
+    },
+    /// The job ended (`finished`, `failed`, `cancelled`).
+    End {
+        /// How.
+        outcome: String,
+    },
 }
 
 /// A parsed ledger, its records in file order.
@@ -108,7 +129,7 @@ impl Ledger {
     pub fn commits(&self) -> impl Iterator<Item = &Commit> {
         self.records.iter().filter_map(|r| match r {
             Record::Commit(c) => Some(c),
-            Record::Rollback { .. } => None,
+            _ => None,
         })
     }
 
@@ -124,9 +145,26 @@ impl Ledger {
                 Record::Rollback { to_step } => {
                     steps.retain(|step, _| step < to_step);
                 }
+                _ => {}
             }
         }
         steps
+    }
+
+    /// How many times a coordinator started on this job.
+    pub fn starts(&self) -> usize {
+        self.records
+            .iter()
+            .filter(|r| matches!(r, Record::Start { .. }))
+            .count()
+    }
+
+    /// The last `end` record's outcome, if the last record is one.
+    pub fn end(&self) -> Option<&str> {
+        match self.records.last() {
+            Some(Record::End { outcome }) => Some(outcome),
+            _ => None,
+        }
     }
 
     /// The generations that committed a step.
@@ -187,6 +225,7 @@ impl Ledger {
                     ));
                 }
                 Record::Rollback { to_step } => next = *to_step,
+                _ => {}
             }
         }
         let total = per_epoch * epochs;
@@ -235,15 +274,42 @@ impl Ledger {
 
 fn parse_record(line: &str) -> Result<Record, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
-    if let Some(to_step) = value.get("rollback_to") {
-        let to_step = to_step.as_u64().ok_or("rollback_to is not a step")?;
-        return Ok(Record::Rollback { to_step });
-    }
     let number = |key: &str| {
         value[key]
             .as_u64()
             .ok_or_else(|| format!("no `{key}` number"))
     };
+    match value["kind"].as_str() {
+        Some("header") => {
+            return Ok(Record::Header {
+                job_id: value["job_id"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
+        Some("start") => {
+            return Ok(Record::Start {
+                incarnation: number("incarnation")?,
+            });
+        }
+        Some("checkpoint") => {
+            return Ok(Record::Checkpoint {
+                step: number("step")?,
+            });
+        }
+        Some("end") => {
+            return Ok(Record::End {
+                outcome: value["outcome"]
+                    .as_str()
+                    .ok_or("an end record without `outcome`")?
+                    .to_owned(),
+            });
+        }
+        Some("commit" | "rollback") | None => {}
+        Some(other) => return Err(format!("unknown record kind `{other}`")),
+    }
+    if let Some(to_step) = value.get("rollback_to") {
+        let to_step = to_step.as_u64().ok_or("rollback_to is not a step")?;
+        return Ok(Record::Rollback { to_step });
+    }
     let ranks = value["ranks"]
         .as_array()
         .ok_or("neither a commit (`ranks`) nor a rollback (`rollback_to`)")?
@@ -326,6 +392,22 @@ mod tests {
         redone.push_str(&commit(2, 1, &[(&[2], Some(9)), (&[1], Some(9))]));
         redone.push_str(&commit(3, 1, &[(&[0], Some(4)), (&[3], Some(4))]));
         assert_eq!(check(&redone), Ok(()));
+    }
+
+    #[test]
+    fn header_start_checkpoint_and_end_records_are_read_and_do_not_count_as_steps() {
+        let mut text = String::from(
+            "{\"kind\":\"header\",\"job_id\":\"j\"}\n{\"kind\":\"start\",\"incarnation\":0}\n",
+        );
+        text.push_str(&complete());
+        text.push_str("{\"kind\":\"checkpoint\",\"step\":4,\"dir\":\"/c\"}\n");
+        text.push_str(
+            "{\"kind\":\"end\",\"outcome\":\"finished\",\"reason\":\"\",\"committed\":4}\n",
+        );
+        assert_eq!(check(&text), Ok(()));
+        let ledger = Ledger::parse(&text).unwrap();
+        assert_eq!((ledger.starts(), ledger.end()), (1, Some("finished")));
+        assert_eq!(ledger.records[0], Record::Header { job_id: "j".into() });
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! OS-chosen port and N workers, each with its output (both streams) captured.
 //!
 //! A scenario starts it with [`Sandbox::start`], then kills (`-9`), stops
-//! (SIGTERM), restarts or adds workers, waits for committed steps or for the job's
+//! (SIGTERM), restarts or adds workers, kills and restarts the coordinator (on the
+//! same port and out_dir, [`Sandbox::restart_coordinator`]), waits for committed steps or for the job's
 //! end (each with a deadline), and checks the ledger. Every wait that runs past its
 //! deadline panics with the captured output of every process, and dropping the
 //! sandbox kills whatever still runs, so a failed scenario leaves no stray process.
@@ -238,7 +239,13 @@ pub struct Sandbox {
     out_dir: PathBuf,
     address: String,
     worker_args: Vec<String>,
+    /// `--workers` and the extra flags of the coordinator (kept for a restart).
+    expected_workers: usize,
+    coordinator_args: Vec<String>,
+    startup_deadline: Duration,
     coordinator: Process,
+    /// Coordinator processes replaced by a restart (their output stays readable).
+    old_coordinators: Vec<Process>,
     /// The current process of each worker slot (`w{k}` is slot `k`).
     workers: Vec<Process>,
     /// Workers replaced by a restart (their output stays readable).
@@ -261,42 +268,23 @@ impl Sandbox {
                 spec.config.display()
             )
         });
-        let mut command = Command::new(hsat_binary());
-        command
-            .args(["coordinator", "--config"])
-            .arg(&spec.config)
-            .args(["--listen", "127.0.0.1:0", "--workers"])
-            .arg(spec.expected_workers.to_string())
-            .args(&spec.coordinator_args);
-        let mut coordinator = Process::spawn("coordinator", command, Vec::new());
-        let deadline = Instant::now() + spec.startup_deadline;
-        let address = loop {
-            let output = coordinator.output();
-            if let Some(address) = listening_address(&output) {
-                break address;
-            }
-            if let Some(status) = coordinator.try_exit() {
-                panic!(
-                    "the coordinator exited ({status}) before listening:\n{}",
-                    coordinator.output()
-                );
-            }
-            if Instant::now() >= deadline {
-                coordinator.kill();
-                panic!(
-                    "the coordinator printed no `listening on ADDR` within {:?}:\n{}",
-                    spec.startup_deadline,
-                    coordinator.output()
-                );
-            }
-            std::thread::sleep(POLL);
-        };
+        let (coordinator, address) = start_coordinator(
+            &spec.config,
+            "127.0.0.1:0",
+            spec.expected_workers,
+            &spec.coordinator_args,
+            spec.startup_deadline,
+        );
         let mut sandbox = Sandbox {
             config: spec.config,
             out_dir: cfg.infra.out_dir.clone(),
             address,
             worker_args: spec.worker_args,
+            expected_workers: spec.expected_workers,
+            coordinator_args: spec.coordinator_args,
+            startup_deadline: spec.startup_deadline,
             coordinator,
+            old_coordinators: Vec::new(),
             workers: Vec::new(),
             retired: Vec::new(),
         };
@@ -406,6 +394,28 @@ impl Sandbox {
         self.coordinator.kill()
     }
 
+    /// Starts the coordinator again, on the same address, config, out_dir and flags
+    /// (`extra` appended), after it exited (kill or stop it first); waits until it
+    /// listens. The workers keep the address and find it again.
+    pub fn restart_coordinator(&mut self, extra: &[&str]) {
+        assert!(
+            self.coordinator.try_exit().is_some(),
+            "the coordinator still runs: kill or stop it before restarting it"
+        );
+        let mut args = self.coordinator_args.clone();
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let (fresh, address) = start_coordinator(
+            &self.config,
+            &self.address,
+            self.expected_workers,
+            &args,
+            self.startup_deadline,
+        );
+        assert_eq!(address, self.address, "the restarted coordinator moved");
+        let old = std::mem::replace(&mut self.coordinator, fresh);
+        self.old_coordinators.push(old);
+    }
+
     /// Sends SIGTERM to the coordinator (it drains and stops the workers).
     pub fn stop_coordinator(&mut self) {
         self.coordinator.terminate();
@@ -438,6 +448,7 @@ impl Sandbox {
     /// started, exited or not (to check that none outlives the sandbox).
     pub fn pids(&self) -> Vec<u32> {
         std::iter::once(&self.coordinator)
+            .chain(&self.old_coordinators)
             .chain(&self.retired)
             .chain(&self.workers)
             .map(|p| p.child.id())
@@ -448,7 +459,10 @@ impl Sandbox {
     /// name and state; for failure messages.
     pub fn logs(&self) -> String {
         let mut text = String::new();
-        let processes = std::iter::once(&self.coordinator)
+        let processes = self
+            .old_coordinators
+            .iter()
+            .chain(std::iter::once(&self.coordinator))
             .chain(&self.retired)
             .chain(&self.workers);
         for process in processes {
@@ -580,6 +594,46 @@ impl Drop for Sandbox {
     /// Kills every process still running, so a failed scenario leaves none behind.
     fn drop(&mut self) {
         self.kill_all();
+    }
+}
+
+/// Starts `hsat coordinator` listening on `listen` and waits until it prints its
+/// address; panics with its output if it exits or stays silent past `deadline`.
+fn start_coordinator(
+    config: &Path,
+    listen: &str,
+    expected_workers: usize,
+    args: &[String],
+    deadline: Duration,
+) -> (Process, String) {
+    let mut command = Command::new(hsat_binary());
+    command
+        .args(["coordinator", "--config"])
+        .arg(config)
+        .args(["--listen", listen, "--workers"])
+        .arg(expected_workers.to_string())
+        .args(args);
+    let mut coordinator = Process::spawn("coordinator", command, Vec::new());
+    let until = Instant::now() + deadline;
+    loop {
+        let output = coordinator.output();
+        if let Some(address) = listening_address(&output) {
+            return (coordinator, address);
+        }
+        if let Some(status) = coordinator.try_exit() {
+            panic!(
+                "the coordinator exited ({status}) before listening:\n{}",
+                coordinator.output()
+            );
+        }
+        if Instant::now() >= until {
+            coordinator.kill();
+            panic!(
+                "the coordinator printed no `listening on ADDR` within {deadline:?}:\n{}",
+                coordinator.output()
+            );
+        }
+        std::thread::sleep(POLL);
     }
 }
 

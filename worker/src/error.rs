@@ -136,12 +136,6 @@ pub enum WorkerError {
         reason: String,
     },
 
-    /// The coordinator dropped this worker (its lease expired).
-    #[error(
-        "the coordinator no longer knows this worker (its lease expired); restart the worker to join again"
-    )]
-    LeaseLost,
-
     /// The coordinator broke the worker protocol.
     #[error(transparent)]
     Protocol(#[from] hsat_proto::worker_protocol::ProtocolError),

@@ -4,20 +4,32 @@
 //! async shell to carry out (the reply, ledger records, waking long polls). No I/O,
 //! no clock: tests drive it with any interleaving they like. The invariants it keeps
 //! are listed in `README.md` beside this file.
+//!
+//! - `membership`: when a generation may form (formation wait, silent workers),
+//!   admitting live workers left outside, the pause below `min_workers`;
+//! - `restore`: a scheduler continued from the ledger after a coordinator restart,
+//!   the state workers hold, rollback targets;
+//! - `shutdown`: the drain on SIGTERM and the checkpoint of the last committed step.
 
+mod membership;
+mod restore;
+mod shutdown;
 #[cfg(test)]
 mod tests;
+
+pub use restore::{CheckpointCheck, RestoredJob};
+pub use shutdown::CheckpointWait;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hsat_core::config::HidiscSampling;
+use hsat_core::config::{ClusterConfig, HidiscSampling};
 use hsat_core::dataset::DatasetIndex;
 use hsat_core::sampler::{StepPlan, plan_step, shard_range};
 use hsat_proto::domain::{
-    Assignment, AssignmentRequest, GroupAssignment, HeartbeatReply, JobState, JobStatus,
+    Assignment, AssignmentRequest, GroupAssignment, HeartbeatReply, HeldStep, JobState, JobStatus,
     Registered, Registration, StepLosses, StepReport, StoreRole, TrainAssignment, WorkerId,
     WorkerStatus,
 };
@@ -30,58 +42,84 @@ use crate::identity::JobIdentity;
 /// while it trains s, to prefetch its data).
 pub const WINDOW: u64 = 2;
 
-/// Membership and timing settings of a job.
+/// Membership and timing settings of a job (the coordinator's part of
+/// `[cluster]`, see `docs/config.md`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSettings {
-    /// Workers to wait for before the first generation forms; >= 1.
+    /// Workers to wait for before the first generation forms (`cluster.workers`); >= 1.
     pub expected_workers: usize,
-    /// Fewest live workers a later generation may have; >= 1.
+    /// Fewest live workers a generation may have (`cluster.min_workers`); below it
+    /// the job pauses. In `1..=expected_workers`.
     pub min_workers: usize,
-    /// How often workers heartbeat.
+    /// After the first registration, how long until the first generation may form
+    /// with `min_workers` instead of `expected_workers` (`cluster.formation_wait_s`).
+    pub formation_wait: Duration,
+    /// How often workers heartbeat (`cluster.heartbeat_s`).
     pub heartbeat: Duration,
-    /// A worker not heard from for this long is dropped; > `heartbeat`.
+    /// A worker not heard from for this long is not waited for at a regroup
+    /// (`SILENT_HEARTBEATS` heartbeats); < `lease`.
+    pub silent_after: Duration,
+    /// A worker not heard from for this long is dropped (`cluster.lease_s`);
+    /// > `silent_after`.
     pub lease: Duration,
     /// After a generation breaks, how long to wait for every live worker to check
-    /// in before forming the next one without the missing ones.
+    /// in before forming the next one without the missing ones
+    /// (`cluster.regroup_wait_s`).
     pub regroup_wait: Duration,
-    /// How long a `NextAssignment` call may be held before answering `Wait`.
+    /// How long a `NextAssignment` call may be held before answering `Wait`
+    /// (`cluster.long_poll_s`).
     pub long_poll: Duration,
-    /// After the job ended, how long to wait for every worker to get its `Stop`
-    /// (and on a shutdown signal, the drain deadline).
+    /// On a shutdown signal: the deadline to drain, checkpoint and exit; after the
+    /// job ended: to get every worker its `Stop` (`cluster.shutdown_grace_s`).
     pub shutdown_grace: Duration,
 }
 
 impl ClusterSettings {
-    /// Defaults for `expected_workers` workers: heartbeat 1 s, lease 10 s, regroup
-    /// wait = lease, long poll 1 s, shutdown grace 30 s, min_workers 1.
+    /// The `[cluster]` defaults for `expected_workers` workers (`min_workers` 1).
     pub fn new(expected_workers: usize) -> Self {
+        let mut settings = Self::from_config(&ClusterConfig::default());
+        settings.expected_workers = expected_workers.max(1);
+        settings
+    }
+
+    /// The coordinator's settings from a validated `[cluster]` section.
+    pub fn from_config(cluster: &ClusterConfig) -> Self {
         Self {
-            expected_workers: expected_workers.max(1),
-            min_workers: 1,
-            heartbeat: Duration::from_secs(1),
-            lease: Duration::from_secs(10),
-            regroup_wait: Duration::from_secs(10),
-            long_poll: Duration::from_secs(1),
-            shutdown_grace: Duration::from_secs(30),
+            expected_workers: cluster.workers,
+            min_workers: cluster.min_workers,
+            formation_wait: cluster.formation_wait,
+            heartbeat: cluster.heartbeat,
+            silent_after: cluster.silent_after(),
+            lease: cluster.lease,
+            regroup_wait: cluster.regroup_wait,
+            long_poll: cluster.long_poll,
+            shutdown_grace: cluster.shutdown_grace,
         }
     }
 
-    /// Problems with the settings, each naming the flag to fix.
+    /// Problems with settings built in code (a loaded config was already checked
+    /// with the same rules), each naming the `[cluster]` key to fix.
     pub fn validate(&self) -> Result<(), String> {
         if self.expected_workers == 0 || self.min_workers == 0 {
-            return Err("--workers and --min-workers must be >= 1".to_owned());
+            return Err("cluster.workers and cluster.min_workers must be >= 1".to_owned());
         }
         if self.min_workers > self.expected_workers {
             return Err(format!(
-                "--min-workers {} is more than --workers {}: lower it",
+                "cluster.min_workers = {} must be at most cluster.workers = {}: lower it",
                 self.min_workers, self.expected_workers
             ));
         }
-        if self.heartbeat.is_zero() || self.lease <= self.heartbeat {
+        if self.heartbeat.is_zero()
+            || self.silent_after < self.heartbeat
+            || self.lease <= self.silent_after
+        {
             return Err(format!(
-                "the lease ({} ms) must be longer than the heartbeat interval ({} ms)",
-                self.lease.as_millis(),
-                self.heartbeat.as_millis()
+                "cluster.lease_s = {} must be more than the silence threshold {} s \
+                 ({} x cluster.heartbeat_s = {}), itself at least one heartbeat",
+                self.lease.as_secs_f64(),
+                self.silent_after.as_secs_f64(),
+                hsat_core::config::SILENT_HEARTBEATS,
+                self.heartbeat.as_secs_f64()
             ));
         }
         Ok(())
@@ -140,7 +178,8 @@ pub enum Event {
     Status,
     /// Timer: expire leases, form a generation whose regroup wait is over.
     Tick,
-    /// Stop the job (SIGTERM): every worker gets `Stop { success: false }`.
+    /// Stop the job (SIGTERM): drain the issued steps, then every worker gets
+    /// `Stop { success: false }` (one of them with the checkpoint to write).
     Shutdown(String),
 }
 
@@ -175,6 +214,14 @@ pub enum Action {
         to_step: u64,
         /// The checkpoint resumed from, if any.
         checkpoint: Option<PathBuf>,
+    },
+    /// Rank 0 reported a complete checkpoint holding `step` updates: record it in
+    /// the ledger (and apply the retention policy).
+    Checkpoint {
+        /// Steps the checkpoint holds.
+        step: u64,
+        /// Its directory.
+        dir: PathBuf,
     },
     /// Something long-polling `NextAssignment` calls wait for changed: retry them.
     Wake,
@@ -234,6 +281,8 @@ struct Worker {
     last_seen: Duration,
     /// Steps whose update its model holds, as last told.
     next_step: Option<u64>,
+    /// The last steps its model trained, as last told (see `restore.rs`).
+    held: Vec<HeldStep>,
     /// Asked for an assignment since it last left a generation (or registered).
     checked_in: bool,
     /// Got a `Stop`.
@@ -299,9 +348,23 @@ pub struct Scheduler {
     committed: u64,
     phase: Phase,
     latest_checkpoint: Option<(PathBuf, u64)>,
+    /// Every checkpoint known (steps held -> directory), for rollbacks.
+    checkpoints: BTreeMap<u64, PathBuf>,
+    checkpoint_check: CheckpointCheck,
+    /// Generation numbers continue above this (the ledger's and check-ins').
+    generation_floor: u64,
+    /// Set after a restart until the first generation forms (see `restore.rs`).
+    restore: Option<restore::Restore>,
     plans: BTreeMap<u64, Arc<StepPlan>>,
     recent: VecDeque<(Duration, usize)>,
     last_losses: Option<StepLosses>,
+    /// When the first worker registered (the formation wait runs from there).
+    first_registered: Option<Duration>,
+    /// Why the job is paused (fewer live workers than `min_workers`), for the
+    /// status and to log changes once.
+    paused: Option<String>,
+    /// A shutdown in progress (see `shutdown.rs`).
+    shutdown: Option<shutdown::Shutdown>,
 }
 
 fn unknown(worker: WorkerId) -> ApiError {
@@ -328,9 +391,16 @@ impl Scheduler {
             committed: 0,
             phase,
             latest_checkpoint: None,
+            checkpoints: BTreeMap::new(),
+            checkpoint_check: CheckpointCheck::accept_all(),
+            generation_floor: 0,
+            restore: None,
             plans: BTreeMap::new(),
             recent: VecDeque::new(),
             last_losses: None,
+            first_registered: None,
+            paused: None,
+            shutdown: None,
         }
     }
 
@@ -391,14 +461,13 @@ impl Scheduler {
                 None
             }
             Event::Shutdown(reason) => {
-                if !matches!(self.phase, Phase::Finished | Phase::Failed(_)) {
-                    self.phase = Phase::Failed(format!("cancelled: {reason}"));
-                    actions.push(Action::Wake);
-                }
+                self.begin_shutdown(reason, &mut actions);
                 None
             }
         };
         self.try_form(now, &mut actions);
+        self.finish_shutdown_if_drained(&mut actions);
+        self.note_pause(now);
         if let Some(reply) = reply {
             actions.push(Action::Reply(reply));
         }
@@ -420,15 +489,25 @@ impl Scheduler {
         now: Duration,
         actions: &mut Vec<Action>,
     ) -> Option<Reply> {
-        if let Phase::Finished | Phase::Failed(_) = self.phase {
+        // A finished job still registers workers: their first request gets
+        // `Stop { success: true }` (a restarted pod of a finished job exits 0).
+        if let Phase::Failed(_) = self.phase {
             return Some(Reply::Error(ApiError::Refused(format!(
                 "the job is over ({}): nothing to join",
                 self.state().describe()
             ))));
         }
+        if let Some(shutdown) = &self.shutdown {
+            return Some(Reply::Error(ApiError::Refused(format!(
+                "the coordinator is shutting down ({}): nothing to join; start the worker again \
+                 once the coordinator is back",
+                shutdown.reason
+            ))));
+        }
         if let Err(message) = self.identity.check(&registration) {
             return Some(Reply::Error(ApiError::Refused(message)));
         }
+        self.first_registered.get_or_insert(now);
         let id = WorkerId(self.next_id);
         self.next_id += 1;
         tracing::info!(worker = %id, name = %registration.worker_name, host = %registration.advertise_host, "worker registered");
@@ -439,26 +518,12 @@ impl Scheduler {
                 host: registration.advertise_host,
                 last_seen: now,
                 next_step: None,
+                held: Vec::new(),
                 checked_in: false,
                 stopped: false,
             },
         );
-        if let Some(generation) = &mut self.generation
-            && generation.status == GenStatus::Active
-        {
-            // Admit the newcomer at the next commit boundary: issue nothing new,
-            // let the issued steps commit, then form the next generation.
-            generation.status = GenStatus::Draining {
-                until: generation.issued_end,
-            };
-            tracing::info!(
-                generation = generation.number,
-                until = generation.issued_end,
-                "draining to admit a new worker"
-            );
-            actions.push(Action::Wake);
-            self.end_drained(now, actions);
-        }
+        self.admit_at_next_boundary(now, actions);
         Some(Reply::Registered(Registered {
             worker_id: id,
             heartbeat: self.settings.heartbeat,
@@ -494,19 +559,28 @@ impl Scheduler {
             Err(err) => return Some(Reply::Error(err)),
         };
         record.next_step = Some(request.next_step);
+        record.held.clone_from(&request.held);
+        self.note_generations(&request);
+        let Some(record) = self.workers.get_mut(&request.worker_id) else {
+            return Some(Reply::Error(unknown(request.worker_id)));
+        };
         match phase {
             Phase::Finished => {
                 record.stopped = true;
                 return Some(Reply::Assignment(Assignment::Stop {
                     success: true,
                     reason: "every step is committed".to_owned(),
+                    checkpoint_step: None,
                 }));
             }
             Phase::Failed(message) => {
                 record.stopped = true;
+                let checkpoint_step =
+                    self.checkpoint_request_for(request.worker_id, request.next_step);
                 return Some(Reply::Assignment(Assignment::Stop {
                     success: false,
                     reason: message,
+                    checkpoint_step,
                 }));
             }
             _ => {}
@@ -528,6 +602,9 @@ impl Scheduler {
             return Some(self.checked_in_wait(worker));
         }
         let Some((number, rank)) = member_rank else {
+            // A live worker outside the generation (it was silent or slow at the last
+            // regroup): let it in at the next commit boundary.
+            self.admit_at_next_boundary(now, actions);
             return Some(self.checked_in_wait(worker));
         };
         if request.generation != number {
@@ -578,6 +655,8 @@ impl Scheduler {
             record.checked_in = true;
         }
         let reason = match (&self.phase, &self.generation) {
+            _ if self.shutdown.is_some() => "the coordinator is shutting down".to_owned(),
+            _ if self.paused.is_some() => self.paused.clone().unwrap_or_default(),
             (Phase::Waiting, _) => format!(
                 "waiting for workers: {} of {} registered",
                 self.workers.len(),
@@ -706,6 +785,13 @@ impl Scheduler {
             {
                 self.latest_checkpoint = Some((dir.clone(), holds));
             }
+            if self.checkpoints.get(&holds) != Some(dir) {
+                self.checkpoints.insert(holds, dir.clone());
+                actions.push(Action::Checkpoint {
+                    step: holds,
+                    dir: dir.clone(),
+                });
+            }
         }
         if report.step < self.committed {
             return Some(Reply::Done);
@@ -816,10 +902,18 @@ impl Scheduler {
         if let Some(generation) = self.generation.as_mut() {
             generation.reports.remove(&step);
         }
+        self.record_commit(entry, now, actions);
+    }
+
+    /// Makes `entry` (the next step) committed: state, throughput, ledger action.
+    fn record_commit(&mut self, entry: LedgerEntry, now: Duration, actions: &mut Vec<Action>) {
+        let step = entry.step;
+        let losses = entry.losses;
+        let patients = entry.global_patients;
         self.plans.remove(&step);
         self.committed = step + 1;
         self.last_losses = losses.or(self.last_losses);
-        self.recent.push_back((now, plan.patients.len()));
+        self.recent.push_back((now, patients));
         while self.recent.len() > 64 {
             self.recent.pop_front();
         }
@@ -836,6 +930,11 @@ impl Scheduler {
 
     /// Ends a draining generation once everything it issued is committed.
     fn end_drained(&mut self, now: Duration, actions: &mut Vec<Action>) {
+        if self.shutdown.is_some() {
+            // Drained for a shutdown: stop instead of regrouping.
+            self.finish_shutdown_if_drained(actions);
+            return;
+        }
         let Some(generation) = self.generation.as_mut() else {
             return;
         };
@@ -888,6 +987,7 @@ impl Scheduler {
             return Some(Reply::Done);
         }
         tracing::info!(worker = %worker, reason, "worker left");
+        self.note_gone(worker);
         self.drop_member(
             worker,
             &format!("worker {worker} left: {reason}"),
@@ -925,6 +1025,7 @@ impl Scheduler {
         for worker in expired {
             self.workers.remove(&worker);
             tracing::warn!(worker = %worker, "lease expired");
+            self.note_gone(worker);
             self.drop_member(
                 worker,
                 &format!("worker {worker}'s lease expired"),
@@ -941,24 +1042,11 @@ impl Scheduler {
             Phase::Regrouping { since } => Some(since),
             _ => return,
         };
-        if self.generation.as_ref().is_some_and(|g| g.is_live()) {
+        if self.shutdown.is_some() || self.generation.as_ref().is_some_and(|g| g.is_live()) {
             return;
         }
-        let candidates: Vec<WorkerId> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.checked_in && w.next_step.is_some())
-            .map(|(&id, _)| id)
-            .collect();
-        let ready = match since {
-            None => candidates.len() >= self.settings.expected_workers,
-            Some(since) => {
-                candidates.len() >= self.settings.min_workers
-                    && (candidates.len() == self.workers.len()
-                        || now.saturating_sub(since) >= self.settings.regroup_wait)
-            }
-        };
-        if !ready {
+        let candidates = self.formation_candidates(now);
+        if !self.ready_to_form(since, &candidates, now) {
             return;
         }
         // The newest state any candidate holds, within what was ever issued.
@@ -967,20 +1055,29 @@ impl Scheduler {
             .iter()
             .map(|id| self.workers.get(id).and_then(|w| w.next_step).unwrap_or(0))
             .collect();
-        let best = holds
-            .iter()
-            .copied()
-            .filter(|&s| s >= self.committed && s <= issued_end.max(self.committed))
-            .max();
+        // After a restart the ledger, not `issued_end`, says what a held state is
+        // worth (restore.rs); that also commits the steps it recovers.
+        let restored = if self.restore.is_some() {
+            let start = self.restored_start(&candidates, now, actions);
+            self.restore = None;
+            Some(start)
+        } else {
+            None
+        };
+        let best = match restored {
+            Some(start) => start.map(|(step, _)| step),
+            None => holds
+                .iter()
+                .copied()
+                .filter(|&s| s >= self.committed && s <= issued_end.max(self.committed))
+                .max(),
+        };
         let (start_step, resume_checkpoint) = match best {
             Some(step) => (step, None),
             None => {
                 // Nobody holds the committed state: resume from the newest checkpoint
-                // (or the start) and void the steps after it.
-                let (step, checkpoint) = match &self.latest_checkpoint {
-                    Some((dir, step)) if *step <= self.committed => (*step, Some(dir.clone())),
-                    _ => (0, None),
-                };
+                // that verifies (or the start) and void the steps after it.
+                let (step, checkpoint) = self.rollback_target();
                 tracing::warn!(
                     committed = self.committed,
                     resume = step,
@@ -1003,16 +1100,24 @@ impl Scheduler {
                 return;
             }
             self.commit(step, true, now, actions);
+            if self.committed == step {
+                // No generation to take the reports from (cannot happen: a restored
+                // start committed its steps itself); never spin.
+                break;
+            }
         }
         if self.committed >= self.plan.total_steps {
             self.phase = Phase::Finished;
             return;
         }
-        let broadcast_root = holds
-            .iter()
-            .position(|&held| resume_checkpoint.is_some() || held == start_step)
-            .unwrap_or(0) as u32;
-        let number = self.generation.as_ref().map_or(0, |g| g.number) + 1;
+        let broadcast_root = match restored {
+            Some(Some((_, root))) => root,
+            _ => holds
+                .iter()
+                .position(|&held| resume_checkpoint.is_some() || held == start_step)
+                .unwrap_or(0),
+        } as u32;
+        let number = self.next_generation_number();
         let names = candidates
             .iter()
             .map(|id| {
@@ -1093,9 +1198,15 @@ impl Scheduler {
                 }
                 _ => (0.0, 0.0),
             };
+        let message = match (self.failure(), &self.shutdown, &self.paused) {
+            (Some(failure), _, _) => failure.to_owned(),
+            (None, Some(shutdown), _) => shutdown.describe(self.committed),
+            (None, None, Some(paused)) => paused.clone(),
+            (None, None, None) => String::new(),
+        };
         JobStatus {
             state: self.state(),
-            message: self.failure().unwrap_or_default().to_owned(),
+            message,
             step: self.committed,
             total_steps: self.plan.total_steps,
             epoch: self.committed / self.plan.steps_per_epoch.max(1),

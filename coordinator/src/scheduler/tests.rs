@@ -15,7 +15,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::Job;
 
-fn index(patients: usize) -> DatasetIndex {
+pub(super) fn index(patients: usize) -> DatasetIndex {
     DatasetIndex {
         format: DatasetFormat::Manifest,
         root: PathBuf::from("/data"),
@@ -40,7 +40,7 @@ fn index(patients: usize) -> DatasetIndex {
     }
 }
 
-fn config(batch: usize, epochs: usize) -> Config {
+pub(super) fn config(batch: usize, epochs: usize) -> Config {
     Config::from_toml_str(&format!(
         "[training]\nbatch_size = {batch}\nnum_epochs = {epochs}\n[data.hidisc]\nnum_slide_samples = 1\nnum_patch_samples = 1\n"
     ))
@@ -63,15 +63,18 @@ fn scheduler(
     (Scheduler::new(settings, job.plan, identity), config)
 }
 
-fn settings(expected: usize) -> ClusterSettings {
+pub(super) fn settings(expected: usize) -> ClusterSettings {
     let mut s = ClusterSettings::new(expected);
     s.heartbeat = Duration::from_millis(100);
+    s.silent_after = Duration::from_millis(300);
     s.lease = Duration::from_millis(1000);
     s.regroup_wait = Duration::from_millis(1000);
+    s.formation_wait = Duration::from_millis(500);
+    s.validate().unwrap();
     s
 }
 
-fn registration(config: &Config, name: &str) -> Registration {
+pub(super) fn registration(config: &Config, name: &str) -> Registration {
     Registration {
         worker_name: name.into(),
         config: config.to_json_value(),
@@ -81,7 +84,7 @@ fn registration(config: &Config, name: &str) -> Registration {
     }
 }
 
-fn reply(actions: &[Action]) -> Reply {
+pub(super) fn reply(actions: &[Action]) -> Reply {
     let replies: Vec<&Reply> = actions
         .iter()
         .filter_map(|a| match a {
@@ -93,18 +96,18 @@ fn reply(actions: &[Action]) -> Reply {
     replies[0].clone()
 }
 
-fn ms(n: u64) -> Duration {
+pub(super) fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn register(s: &mut Scheduler, config: &Config, name: &str, now: u64) -> WorkerId {
+pub(super) fn register(s: &mut Scheduler, config: &Config, name: &str, now: u64) -> WorkerId {
     match reply(&s.on_event(Event::Register(registration(config, name)), ms(now))) {
         Reply::Registered(r) => r.worker_id,
         other => panic!("{other:?}"),
     }
 }
 
-fn ask(
+pub(super) fn ask(
     s: &mut Scheduler,
     worker: WorkerId,
     generation: u64,
@@ -118,6 +121,7 @@ fn ask(
         next_step,
         want_step: want,
         group_error: None,
+        held: Vec::new(),
     };
     match reply(&s.on_event(Event::Assignment(request), ms(now))) {
         Reply::Assignment(a) => a,
@@ -125,7 +129,13 @@ fn ask(
     }
 }
 
-fn report(worker: WorkerId, generation: u64, rank: u32, step: u64, checksum: u64) -> StepReport {
+pub(super) fn report(
+    worker: WorkerId,
+    generation: u64,
+    rank: u32,
+    step: u64,
+    checksum: u64,
+) -> StepReport {
     StepReport {
         worker_id: worker,
         generation,
@@ -144,7 +154,7 @@ fn report(worker: WorkerId, generation: u64, rank: u32, step: u64, checksum: u64
     }
 }
 
-fn commits(actions: &[Action]) -> Vec<LedgerEntry> {
+pub(super) fn commits(actions: &[Action]) -> Vec<LedgerEntry> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -267,7 +277,9 @@ fn checksum_mismatch_fails_the_job_loudly() {
         "{message}"
     );
     match ask(&mut s, a, 1, 1, 1, 6) {
-        Assignment::Stop { success, reason } => {
+        Assignment::Stop {
+            success, reason, ..
+        } => {
             assert!(!success);
             assert_eq!(reason, message);
         }
@@ -298,6 +310,7 @@ fn a_lost_worker_regroups_from_the_newest_state_a_survivor_holds() {
             next_step: 1,
             want_step: 1,
             group_error: None,
+            held: Vec::new(),
         }),
         ms(1250),
     );
@@ -359,6 +372,285 @@ struct SimWorker {
     unreported: Vec<u64>,
 }
 
+/// Registers `names` at `now` and has each check in holding nothing.
+fn register_and_check_in(
+    s: &mut Scheduler,
+    config: &Config,
+    names: &[&str],
+    now: u64,
+) -> Vec<WorkerId> {
+    let ids: Vec<WorkerId> = names.iter().map(|n| register(s, config, n, now)).collect();
+    for &id in &ids {
+        ask(s, id, 0, 0, 0, now);
+    }
+    ids
+}
+
+fn group_of(
+    s: &mut Scheduler,
+    worker: WorkerId,
+    generation: u64,
+    next_step: u64,
+    now: u64,
+) -> GroupAssignment {
+    match ask(s, worker, generation, next_step, next_step, now) {
+        Assignment::Group(g) => g,
+        other => panic!("expected a group, got {other:?}"),
+    }
+}
+
+fn status(s: &mut Scheduler, now: u64) -> JobStatus {
+    match reply(&s.on_event(Event::Status, ms(now))) {
+        Reply::Status(status) => status,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn request(worker: WorkerId, generation: u64, next_step: u64, error: Option<&str>) -> Event {
+    Event::Assignment(AssignmentRequest {
+        worker_id: worker,
+        generation,
+        next_step,
+        want_step: next_step,
+        group_error: error.map(str::to_owned),
+    })
+}
+
+#[test]
+fn the_first_generation_forms_with_min_workers_once_the_formation_wait_is_over() {
+    let mut cluster = settings(3);
+    cluster.min_workers = 2;
+    let (mut s, config) = scheduler(10, 4, 1, cluster);
+    let ids = register_and_check_in(&mut s, &config, &["a", "b"], 0);
+    // 2 of 3 expected, before the 500 ms formation wait: nothing forms.
+    for t in [100, 300, 499] {
+        s.on_event(Event::Heartbeat(ids[0]), ms(t));
+        s.on_event(Event::Heartbeat(ids[1]), ms(t));
+        s.on_event(Event::Tick, ms(t));
+        assert_eq!(s.state(), JobState::WaitingForWorkers, "at {t} ms");
+    }
+    s.on_event(Event::Tick, ms(500));
+    assert_eq!(s.state(), JobState::Running);
+    let g = group_of(&mut s, ids[0], 0, 0, 510);
+    assert_eq!((g.generation, g.world_size, g.rank), (1, 2, 0));
+}
+
+#[test]
+fn the_formation_wait_never_starts_a_job_below_min_workers() {
+    let mut cluster = settings(3);
+    cluster.min_workers = 2;
+    let (mut s, config) = scheduler(10, 4, 1, cluster);
+    let a = register_and_check_in(&mut s, &config, &["a"], 0)[0];
+    for t in (100..=2000).step_by(100) {
+        s.on_event(Event::Heartbeat(a), ms(t));
+        s.on_event(Event::Tick, ms(t));
+    }
+    assert_eq!(s.state(), JobState::WaitingForWorkers);
+    let message = status(&mut s, 2000).message;
+    assert_eq!(message, "waiting for workers: 1 of min 2 live");
+    // The second worker arrives long after the wait: the job starts at once.
+    register_and_check_in(&mut s, &config, &["b"], 2050);
+    assert_eq!(s.state(), JobState::Running);
+}
+
+#[test]
+fn below_min_workers_the_job_pauses_and_continues_when_workers_return() {
+    let mut cluster = settings(2);
+    cluster.min_workers = 2;
+    let (mut s, config) = scheduler(10, 2, 3, cluster);
+    let (a, b) = formed_pair(&mut s, &config);
+    ask(&mut s, a, 1, 0, 0, 4);
+    ask(&mut s, b, 1, 0, 0, 4);
+    s.on_event(Event::Report(report(a, 1, 0, 0, 7)), ms(5));
+    s.on_event(Event::Report(report(b, 1, 1, 0, 7)), ms(5));
+    assert_eq!(s.committed(), 1);
+    s.on_event(Event::Leave(b, "preempted".into()), ms(10));
+    // Well past the regroup wait: one worker of min two, nothing forms or trains.
+    for t in (100..=3000).step_by(100) {
+        s.on_event(Event::Heartbeat(a), ms(t));
+        s.on_event(Event::Tick, ms(t));
+    }
+    match ask(&mut s, a, 1, 1, 1, 3000) {
+        Assignment::Wait { reason, .. } => {
+            assert_eq!(
+                reason,
+                "paused: 1 of min 2 workers; training continues when workers return"
+            );
+        }
+        other => panic!("a paused job issued {other:?}"),
+    }
+    let paused = status(&mut s, 3000);
+    assert_eq!(paused.state, JobState::Regrouping);
+    assert!(
+        paused.message.starts_with("paused: 1 of min 2 workers"),
+        "{}",
+        paused.message
+    );
+    assert_eq!(
+        (paused.step, s.committed()),
+        (1, 1),
+        "the committed state is kept"
+    );
+    // A worker returns: the job continues from the state a holds.
+    let c = register_and_check_in(&mut s, &config, &["c"], 3100)[0];
+    assert_eq!(s.state(), JobState::Running);
+    let g = group_of(&mut s, a, 1, 1, 3110);
+    assert_eq!(
+        (g.generation, g.world_size, g.start_step, g.broadcast_root),
+        (2, 2, 1, 0)
+    );
+    assert!(status(&mut s, 3110).message.is_empty());
+    let _ = c;
+}
+
+#[test]
+fn a_silent_member_does_not_hold_up_the_next_generation_until_its_lease_ends() {
+    let (mut s, config) = scheduler(12, 3, 2, settings(3));
+    let ids = register_and_check_in(&mut s, &config, &["a", "b", "c"], 0);
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    assert_eq!(s.state(), JobState::Running);
+    group_of(&mut s, a, 0, 0, 1);
+    s.on_event(
+        Event::PublishStore(StorePublication {
+            worker_id: a,
+            generation: 1,
+            port: 1,
+        }),
+        ms(1),
+    );
+    group_of(&mut s, b, 0, 0, 2);
+    group_of(&mut s, c, 0, 0, 2);
+    // c is killed at 100 ms (its last sign of life); a's all-reduce fails at once.
+    s.on_event(Event::Heartbeat(c), ms(100));
+    s.on_event(request(a, 1, 0, Some("connection closed by peer")), ms(150));
+    assert_eq!(s.state(), JobState::Regrouping);
+    s.on_event(request(b, 1, 0, Some("connection closed by peer")), ms(160));
+    // c is not silent yet (300 ms without a heartbeat): the survivors wait for it.
+    s.on_event(Event::Tick, ms(390));
+    assert_eq!(s.state(), JobState::Regrouping);
+    // 300 ms after its last heartbeat: form without it, long before its 1000 ms
+    // lease and the 1000 ms regroup wait.
+    for &w in &[a, b] {
+        s.on_event(Event::Heartbeat(w), ms(401));
+    }
+    s.on_event(Event::Tick, ms(401));
+    assert_eq!(s.state(), JobState::Running);
+    let g = group_of(&mut s, a, 1, 0, 410);
+    assert_eq!((g.generation, g.world_size), (2, 2));
+}
+
+#[test]
+fn a_live_worker_left_out_of_a_generation_is_admitted_at_the_next_boundary() {
+    let (mut s, config) = scheduler(12, 3, 2, settings(2));
+    let (a, b) = formed_pair(&mut s, &config);
+    // b misses its heartbeats (frozen) and a's collective fails: a alone forms
+    // generation 2 once b is silent.
+    s.on_event(request(a, 1, 0, Some("timeout")), ms(50));
+    s.on_event(Event::Heartbeat(a), ms(350));
+    s.on_event(Event::Tick, ms(350));
+    assert_eq!(group_of(&mut s, a, 1, 0, 360).world_size, 1);
+    // b comes back before its lease ends and asks: generation 2 drains (nothing
+    // was issued) and generation 3 takes both.
+    s.on_event(request(b, 1, 0, None), ms(400));
+    s.on_event(request(a, 2, 0, None), ms(410));
+    s.on_event(request(b, 1, 0, None), ms(420));
+    let g = group_of(&mut s, a, 2, 0, 430);
+    assert_eq!((g.generation, g.world_size), (3, 2));
+}
+
+#[test]
+fn shutdown_drains_issued_steps_then_asks_a_holder_for_the_checkpoint() {
+    let (mut s, config) = scheduler(10, 2, 3, settings(2));
+    let (a, b) = formed_pair(&mut s, &config);
+    for w in [a, b] {
+        assert!(matches!(ask(&mut s, w, 1, 0, 0, 4), Assignment::Train(_)));
+        assert!(matches!(ask(&mut s, w, 1, 0, 1, 4), Assignment::Train(_)));
+    }
+    s.on_event(Event::Report(report(a, 1, 0, 0, 7)), ms(5));
+    s.on_event(Event::Shutdown("SIGTERM".into()), ms(6));
+    assert!(s.is_shutting_down());
+    assert_eq!(s.checkpoint_wait(), CheckpointWait::Draining);
+    assert!(
+        status(&mut s, 6)
+            .message
+            .starts_with("shutting down: no new steps")
+    );
+    // Nothing new is issued; no one may join.
+    assert!(matches!(
+        ask(&mut s, a, 1, 0, 2, 7),
+        Assignment::Wait { .. }
+    ));
+    match reply(&s.on_event(Event::Register(registration(&config, "late")), ms(7))) {
+        Reply::Error(ApiError::Refused(m)) => assert!(m.contains("shutting down"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The issued steps 0 and 1 commit.
+    s.on_event(Event::Report(report(b, 1, 1, 0, 7)), ms(8));
+    s.on_event(Event::Report(report(a, 1, 0, 1, 8)), ms(9));
+    assert_eq!(s.checkpoint_wait(), CheckpointWait::Draining);
+    s.on_event(Event::Report(report(b, 1, 1, 1, 8)), ms(10));
+    assert_eq!(s.committed(), 2);
+    assert_eq!(s.checkpoint_wait(), CheckpointWait::Writing { step: 2 });
+    // The first worker holding both steps writes step-2; the other just stops.
+    match ask(&mut s, b, 1, 2, 2, 11) {
+        Assignment::Stop {
+            success,
+            reason,
+            checkpoint_step,
+        } => {
+            assert!(!success);
+            assert_eq!(reason, "cancelled: SIGTERM");
+            assert_eq!(checkpoint_step, Some(2));
+        }
+        other => panic!("{other:?}"),
+    }
+    match ask(&mut s, a, 1, 2, 2, 11) {
+        Assignment::Stop {
+            checkpoint_step, ..
+        } => assert_eq!(checkpoint_step, None),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.checkpoint_wait(), CheckpointWait::Writing { step: 2 });
+    assert!(s.is_done());
+    s.on_event(Event::Leave(b, "checkpoint written".into()), ms(20));
+    assert_eq!(s.checkpoint_wait(), CheckpointWait::Written { step: 2 });
+    assert_eq!(s.committed(), 2);
+}
+
+#[test]
+fn shutdown_needs_no_checkpoint_when_rank_0_reported_one_of_the_last_step() {
+    let (mut s, config) = scheduler(10, 2, 3, settings(2));
+    let (a, b) = formed_pair(&mut s, &config);
+    ask(&mut s, a, 1, 0, 0, 4);
+    let mut with_checkpoint = report(a, 1, 0, 0, 7);
+    with_checkpoint.checkpoint_dir = Some(PathBuf::from("/out/checkpoints/step-00000001"));
+    s.on_event(Event::Report(with_checkpoint), ms(5));
+    s.on_event(Event::Report(report(b, 1, 1, 0, 7)), ms(5));
+    s.on_event(Event::Shutdown("SIGTERM".into()), ms(6));
+    assert_eq!(s.checkpoint_wait(), CheckpointWait::Nothing);
+    match ask(&mut s, a, 1, 1, 1, 7) {
+        Assignment::Stop {
+            checkpoint_step, ..
+        } => assert_eq!(checkpoint_step, None),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn shutdown_with_nobody_holding_the_committed_step_gives_up_on_the_checkpoint() {
+    let (mut s, config) = scheduler(10, 2, 3, settings(2));
+    let (a, b) = formed_pair(&mut s, &config);
+    ask(&mut s, a, 1, 0, 0, 4);
+    s.on_event(Event::Report(report(a, 1, 0, 0, 7)), ms(5));
+    s.on_event(Event::Report(report(b, 1, 1, 0, 7)), ms(5));
+    s.on_event(Event::Shutdown("SIGTERM".into()), ms(6));
+    // Both claim to hold another step than the committed one (a bug or a race):
+    // neither may write `step-1`.
+    ask(&mut s, a, 1, 0, 0, 7);
+    ask(&mut s, b, 1, 0, 0, 7);
+    assert_eq!(s.checkpoint_wait(), CheckpointWait::Unavailable { step: 1 });
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Op {
     /// Let worker i take its next action.
@@ -404,7 +696,7 @@ impl Sim {
             match action {
                 Action::Reply(r) => reply = Some(r),
                 Action::Commit(_) | Action::Rollback { .. } => self.ledger.push(action),
-                Action::Wake => {}
+                Action::Wake | Action::Checkpoint { .. } => {}
             }
         }
         reply
@@ -507,6 +799,7 @@ impl Sim {
             next_step: w.next_step,
             want_step: want,
             group_error,
+            held: Vec::new(),
         };
         match self.feed(Event::Assignment(request)) {
             Some(Reply::Assignment(Assignment::Group(g))) => {
@@ -535,7 +828,9 @@ impl Sim {
                 assert_eq!(t.step, want, "a train for the wanted step");
                 self.workers[i].queue.push(t);
             }
-            Some(Reply::Assignment(Assignment::Stop { success, reason })) => {
+            Some(Reply::Assignment(Assignment::Stop {
+                success, reason, ..
+            })) => {
                 assert!(success, "{reason}");
                 self.workers[i].stopped = true;
             }

@@ -25,8 +25,10 @@
 //!
 //! Layout: `types` (the typed config, public), `raw` (the TOML layout), `layers`
 //! (merging and key/type checks), `validate` (ranges and cross-field rules),
-//! `compare` (differences and fingerprints of two configs).
+//! `cluster` (the `[cluster]` section: raw, typed and its checks), `compare`
+//! (differences and fingerprints of two configs).
 
+mod cluster;
 mod compare;
 mod layers;
 mod raw;
@@ -39,6 +41,7 @@ mod tests;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+pub use cluster::{ClusterConfig, SILENT_HEARTBEATS};
 pub(crate) use compare::compare_hex;
 pub use compare::{Difference, WORKER_LOCAL_KEYS, config_differences, config_fingerprint};
 pub use types::{

@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+use super::cluster::RawCluster;
 use super::types::{Config, WarmupSteps};
 
 /// Root of the raw configuration.
@@ -23,6 +24,7 @@ pub(crate) struct RawConfig {
     pub model: RawModel,
     pub training: RawTraining,
     pub eval: RawEval,
+    pub cluster: RawCluster,
 }
 
 /// `[eval]`
@@ -266,6 +268,7 @@ impl From<&Config> for RawConfig {
             model,
             training,
             eval,
+            cluster,
         } = config;
         let attack = &training.attack;
         let objective = &training.objective;
@@ -379,6 +382,7 @@ impl From<&Config> for RawConfig {
                 mifgsm_decay: eval.mifgsm_decay,
                 attack_target: eval.attack_target.name().to_owned(),
             },
+            cluster: RawCluster::from(cluster),
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::*;
 
@@ -53,7 +54,9 @@ fn defaults_are_the_papers() {
         model,
         training,
         eval,
+        cluster,
     } = config;
+    assert_eq!(cluster, ClusterConfig::default());
     assert_eq!(eval.knn_k, 200);
     assert_eq!(infra.seed, 1000);
     assert_eq!(infra.out_dir, PathBuf::from("runs/hsat"));
@@ -413,7 +416,7 @@ fn unknown_keys_are_rejected_in_every_layer() {
         problems(load_with(None, &[], &["trainer.seed=1"])),
         [
             "trainer.seed: unknown key (set by --set trainer.seed=1); the top-level sections are \
-          data, eval, infra, model, training"
+          cluster, data, eval, infra, model, training"
         ]
     );
 }
@@ -846,7 +849,7 @@ fn docs_describe_every_key() {
     let docs = include_str!("../../../docs/config.md");
     let mut keys = Vec::new();
     leaf_keys(&layers::schema().unwrap(), "", &mut keys);
-    assert_eq!(keys.len(), 65);
+    assert_eq!(keys.len(), 77);
     for key in keys {
         assert!(
             docs.contains(&format!("`{key}`")),
@@ -900,4 +903,81 @@ fn eval_section_defaults_layers_and_checks() {
     // Round trip through the raw form (checkpoints store it).
     let back = Config::from_json_value(&cfg.to_json_value()).unwrap();
     assert_eq!(back.eval, cfg.eval);
+}
+
+#[test]
+fn cluster_section_keys_from_every_layer() {
+    let file = toml_file("[cluster]\nworkers = 3\nlease_s = 4\nheartbeat_s = 0.25\n");
+    let cfg = load_with(
+        Some(&file),
+        &[("HSAT__CLUSTER__MIN_WORKERS", "2")],
+        &["cluster.formation_wait_s=1.5", "cluster.bucket_mb=8"],
+    )
+    .unwrap();
+    let c = &cfg.cluster;
+    assert_eq!((c.workers, c.min_workers, c.bucket_mb), (3, 2, 8));
+    assert_eq!(c.lease, Duration::from_secs(4));
+    assert_eq!(c.heartbeat, Duration::from_millis(250));
+    assert_eq!(c.formation_wait, Duration::from_millis(1500));
+    assert_eq!(c.silent_after(), Duration::from_millis(750));
+    assert_eq!(c.bucket_bytes(), 8 << 20);
+    // Round trip through the raw form (checkpoints store it).
+    let back = Config::from_json_value(&cfg.to_json_value()).unwrap();
+    assert_eq!(back.cluster, cfg.cluster);
+}
+
+#[test]
+fn cluster_rules_name_both_keys_and_the_layer() {
+    let found = problems(load_with(
+        None,
+        &[],
+        &[
+            "cluster.workers=2",
+            "cluster.min_workers=3",
+            "cluster.heartbeat_s=2",
+            "cluster.lease_s=5",
+            "cluster.collective_timeout_s=60",
+            "cluster.regroup_wait_s=50",
+            "cluster.shutdown_grace_s=45",
+        ],
+    ));
+    let text = found.join("\n");
+    for needle in [
+        "cluster.min_workers = 3 must be at most cluster.workers = 2",
+        "cluster.lease_s = 5 must be more than 3 x cluster.heartbeat_s = 6",
+        "cluster.collective_timeout_s = 60 must be less than cluster.regroup_wait_s = 50",
+        "cluster.regroup_wait_s = 50 must be less than cluster.shutdown_grace_s = 45",
+        "(set by --set cluster.min_workers=3)",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from\n{text}");
+    }
+    assert_eq!(found.len(), 4, "{text}");
+}
+
+#[test]
+fn cluster_values_out_of_range_name_their_key() {
+    let found = problems(load_with(
+        None,
+        &[("HSAT__CLUSTER__HEARTBEAT_S", "0")],
+        &["cluster.workers=0", "cluster.rpc_retry_deadline_s=-1"],
+    ));
+    let text = found.join("\n");
+    for needle in [
+        "cluster.heartbeat_s = 0: must be a number of seconds > 0",
+        "cluster.workers = 0: must be >= 1",
+        "cluster.rpc_retry_deadline_s = -1: must be a number of seconds >= 0",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from\n{text}");
+    }
+    // A zero retry deadline (no retries) and formation wait are fine.
+    let cfg = load_with(
+        None,
+        &[],
+        &[
+            "cluster.rpc_retry_deadline_s=0",
+            "cluster.formation_wait_s=0",
+        ],
+    )
+    .unwrap();
+    assert!(cfg.cluster.rpc_retry_deadline.is_zero());
 }

@@ -9,6 +9,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use super::cluster::ClusterConfig;
 use crate::schedule;
 
 /// A name in the configuration (backbone, loss type, scheduler, ...) that is not one of
@@ -119,6 +120,9 @@ pub struct Config {
     pub training: TrainingConfig,
     /// `hsat eval`: kNN, attacks and batching of the robustness evaluation.
     pub eval: EvalConfig,
+    /// Distributed jobs: membership, timing, collectives (per process, not part of
+    /// the job's identity).
+    pub cluster: ClusterConfig,
 }
 
 /// Process-level settings.
@@ -668,6 +672,7 @@ impl Default for Config {
                 mifgsm_decay: 1.0,
                 attack_target: EvalTarget::Backbone,
             },
+            cluster: ClusterConfig::default(),
         }
     }
 }

@@ -129,6 +129,10 @@ pub(crate) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let training = training(&mut checker, raw);
     check_positive_pairs(&mut checker, raw, &training.attack);
     let eval = eval(&mut checker, raw);
+    let cluster = super::cluster::validate(&raw.cluster).unwrap_or_else(|problems| {
+        checker.problems.extend(problems);
+        super::cluster::ClusterConfig::default()
+    });
     if checker.problems.is_empty() {
         Ok(Config {
             infra,
@@ -136,6 +140,7 @@ pub(crate) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             model,
             training,
             eval,
+            cluster,
         })
     } else {
         Err(checker.problems)

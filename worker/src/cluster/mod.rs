@@ -9,7 +9,8 @@
 //!   heartbeats        │            │            (up to two steps ahead: loading of
 //!   (own task)        │            │            step s+1 overlaps training of s)
 //!                     │            ├─ Wait   -> train what is queued, or sleep
-//!                     │            └─ Stop   -> leave, exit
+//!                     │            └─ Stop   -> (write the checkpoint asked for),
+//!                     │                         leave, exit
 //!                     └── train front step: PGD, loss, backward, all-reduce,
 //!                         AdamW, rank 0's BN buffers, checksum, report
 //! ```
@@ -20,6 +21,11 @@
 //! the group, its loader and the queued steps, and tells the coordinator, which forms
 //! the next generation; the model keeps the last update it applied, which the
 //! coordinator uses to pick the state everyone continues from.
+//!
+//! Shutdown (SIGTERM, the `shutdown` flag): the step being trained finishes (or is
+//! abandoned when its collective fails), a trained step is still reported, then the
+//! worker leaves. A coordinator that shuts down may ask, in the `Stop`, for a
+//! checkpoint of the last committed step: the worker writes it before leaving.
 //!
 //! The protocol's rules (what to ask next, the lookahead, the group error, when to
 //! stop prefetching) are [`hsat_proto::worker_protocol`]'s, shared with the
@@ -33,6 +39,12 @@
 //! (the report of a later step, or of the last step, which waits for it), so the
 //! coordinator never learns of a checkpoint that is not complete on disk; the
 //! coordinator takes the checkpoint's step from its directory name.
+//!
+//! A coordinator that answers `UnknownWorker` (it was restarted, or it expired this
+//! worker's lease) gets a new registration: the collective and the queued steps are
+//! dropped, the model is kept, and the next check-in tells the coordinator the step
+//! it holds and the checksums of its last steps, from which a restarted
+//! coordinator continues the job without restarting any worker.
 //!
 //! - [`checksum`]: the parameter fingerprint sent with each report.
 
@@ -88,7 +100,7 @@ pub struct WorkerOptions {
     /// How long to keep trying to reach the coordinator at start-up.
     pub connect_deadline: Duration,
     /// How long each call to the coordinator keeps being retried (backoff 100 ms
-    /// doubling to 5 s) while it fails with retryable errors (unreachable,
+    /// doubling to 1 s) while it fails with retryable errors (unreachable,
     /// restarting, too slow); zero: fail at the first error.
     pub rpc_retry_deadline: Duration,
 }
@@ -152,6 +164,7 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         session: None,
         heartbeats: None,
         lost: Arc::new(AtomicBool::new(false)),
+        steps_per_epoch: 1,
     };
     worker
         .trainer
@@ -228,19 +241,29 @@ struct Worker<'a> {
     heartbeats: Option<tokio::task::JoinHandle<()>>,
     /// Set by the heartbeat task when the coordinator no longer knows this worker.
     lost: Arc<AtomicBool>,
+    /// Steps per epoch of the job, from the last group (for checkpoint metadata).
+    steps_per_epoch: u64,
 }
 
 impl Worker<'_> {
     /// The protocol loop; returns the coordinator's reason to stop.
     fn run(&mut self, shutdown: &AtomicBool) -> Result<String> {
         loop {
-            if shutdown.load(Ordering::SeqCst) {
+            let action = self.protocol.next_action();
+            // A step already trained is reported first: its update is in every
+            // rank's model, and the report lets the step commit without a regroup.
+            if shutdown.load(Ordering::SeqCst) && !matches!(action, Action::Report(_)) {
                 return Ok("shut down on request".into());
             }
-            if self.lost.load(Ordering::SeqCst) {
-                return Err(WorkerError::LeaseLost);
+            if self.lost.swap(false, Ordering::SeqCst)
+                && !matches!(self.protocol.next_action(), Action::Register(_))
+            {
+                let event = self.forget();
+                self.protocol.on_event(event)?;
+                self.session = None;
+                continue;
             }
-            let event = match self.protocol.next_action() {
+            let event = match action {
                 Action::Register(registration) => {
                     let registered = self.call("register with the coordinator", || {
                         self.client.register(registration.clone())
@@ -254,24 +277,36 @@ impl Worker<'_> {
                     )));
                     Event::Registered(registered)
                 }
-                Action::Ask(request) => {
-                    Event::Assigned(self.call("ask the coordinator for work", || {
-                        self.client.next_assignment(request.clone())
-                    })?)
-                }
+                Action::Ask(request) => match self.call("ask the coordinator for work", || {
+                    self.client.next_assignment(request.clone())
+                }) {
+                    Ok(assignment) => Event::Assigned(assignment),
+                    Err(err) if is_forgotten(&err) => self.forget(),
+                    Err(err) => return Err(err),
+                },
                 Action::FormGroup(group) => self.join(group)?,
                 Action::Train(train) => self.train(&train)?,
                 Action::Report(report) => {
-                    self.call("report a step", || self.client.report_step(report.clone()))?;
-                    Event::Reported
+                    match self.call("report a step", || self.client.report_step(report.clone())) {
+                        Ok(()) => Event::Reported,
+                        Err(err) if is_forgotten(&err) => self.forget(),
+                        Err(err) => return Err(err),
+                    }
                 }
                 Action::Sleep(duration) => {
                     tracing::debug!(?duration, "waiting for work");
                     std::thread::sleep(duration);
                     Event::Slept
                 }
-                Action::Stop { success, reason } => {
+                Action::Stop {
+                    success,
+                    reason,
+                    checkpoint_step,
+                } => {
                     self.session = None;
+                    if let Some(step) = checkpoint_step {
+                        self.write_stop_checkpoint(step);
+                    }
                     return if success {
                         Ok(reason)
                     } else {
@@ -293,6 +328,22 @@ impl Worker<'_> {
                 self.feed_loader(&train)?;
             }
         }
+    }
+
+    /// The coordinator does not know this worker (restarted, or the lease expired):
+    /// stop heartbeating under the old id; the protocol registers again keeping
+    /// the model.
+    fn forget(&mut self) -> Event {
+        tracing::warn!(
+            next_step = self.protocol.next_step(),
+            "the coordinator no longer knows this worker (restarted, or the lease expired): \
+             registering again, keeping the model"
+        );
+        if let Some(heartbeats) = self.heartbeats.take() {
+            heartbeats.abort();
+        }
+        self.lost.store(false, Ordering::SeqCst);
+        Event::Forgotten
     }
 
     /// Runs `call` on the RPC runtime, retrying retryable errors with backoff up to
@@ -326,9 +377,13 @@ impl Worker<'_> {
             StoreRole::Host => {
                 let store = Store::host(&self.advertise_host, 0, world, timeout)?;
                 let worker = self.worker_id();
-                self.call("publish the rendezvous store", || {
+                match self.call("publish the rendezvous store", || {
                     self.client.publish_store(worker, generation, store.port())
-                })?;
+                }) {
+                    Ok(()) => {}
+                    Err(err) if is_forgotten(&err) => return Ok(self.forget()),
+                    Err(err) => return Err(err),
+                }
                 store
             }
             StoreRole::Connect { host, port } => Store::connect(host, *port, world, timeout)?,
@@ -371,6 +426,7 @@ impl Worker<'_> {
             });
         }
         self.trainer.set_position(group.start_step);
+        self.steps_per_epoch = group.steps_per_epoch;
         let (plans, plans_rx) = bounded(LOOKAHEAD + 1);
         let loader = FileSource::start_with_plans(
             Arc::clone(&self.index),
@@ -387,6 +443,41 @@ impl Worker<'_> {
             gradients: GradientSync::new(bucket),
         });
         Ok(Event::GroupFormed { generation })
+    }
+
+    /// Writes the checkpoint the coordinator asked for when it shut down (the
+    /// protocol checked the model holds exactly `step` steps). A failure is logged,
+    /// not fatal: the coordinator then reports that no checkpoint of the step exists.
+    fn write_stop_checkpoint(&mut self, step: u64) {
+        if self.trainer.position() != step {
+            tracing::warn!(
+                step,
+                holds = self.trainer.position(),
+                "asked for a checkpoint of a step the model does not hold; not writing it"
+            );
+            return;
+        }
+        let epoch = step.saturating_sub(1) / self.steps_per_epoch.max(1);
+        let started = Instant::now();
+        // A background write still in flight completes first (checkpoints stay in
+        // order); the requested one is then written before the process leaves.
+        let written = self.writer.finish().and_then(|_| {
+            let snapshot = self.trainer.snapshot(epoch, None, None)?;
+            crate::checkpoint::write_checkpoint(&self.trainer.checkpoint_root(), &snapshot)
+        });
+        match written {
+            Ok(dir) => tracing::info!(
+                step,
+                checkpoint = %dir.display(),
+                seconds = started.elapsed().as_secs_f64(),
+                "wrote the checkpoint of the last committed step for the coordinator's shutdown"
+            ),
+            Err(err) => tracing::error!(
+                step,
+                error = %crate::error::error_chain(&err),
+                "cannot write the checkpoint the coordinator asked for"
+            ),
+        }
     }
 
     fn worker_id(&self) -> WorkerId {
@@ -527,6 +618,17 @@ impl Worker<'_> {
     }
 }
 
+/// The coordinator answered `UnknownWorker`: register again.
+fn is_forgotten(err: &WorkerError) -> bool {
+    matches!(
+        err,
+        WorkerError::Rpc {
+            source: ApiError::UnknownWorker(_),
+            ..
+        }
+    )
+}
+
 async fn connect_with_backoff(
     address: &str,
     deadline: Duration,
@@ -577,7 +679,7 @@ async fn heartbeat_loop(
             // (or the coordinator's answer to its next request), not through here.
             Ok(_) => {}
             Err(ApiError::UnknownWorker(message)) => {
-                tracing::error!(%message, "the coordinator dropped this worker");
+                tracing::warn!(%message, "the coordinator does not know this worker");
                 lost.store(true, Ordering::SeqCst);
                 return;
             }
