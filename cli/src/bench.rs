@@ -1,9 +1,12 @@
-//! `hsat bench step` and `hsat bench data`: parse the flags, run
-//! [`hsat_worker::bench::step`] / [`hsat_worker::bench::data`] and print their
-//! tables.
+//! `hsat bench step`, `hsat bench data` and `hsat bench checkpoint`: parse the
+//! flags, run [`hsat_worker::bench::step`] / [`hsat_worker::bench::data`] /
+//! [`hsat_worker::bench::checkpoint`] and print their tables.
 
 use std::path::PathBuf;
 
+use hsat_worker::bench::checkpoint::{
+    CheckpointBenchEvent, CheckpointBenchOptions, bench_checkpoint,
+};
 use hsat_worker::bench::data::{DataBenchEvent, DataBenchOptions, bench_data};
 use hsat_worker::bench::default_python;
 use hsat_worker::bench::step::{StepBenchEvent, StepBenchOptions, bench_step};
@@ -115,6 +118,93 @@ pub fn data(args: DataArgs) -> anyhow::Result<()> {
             waiting,
             total
         ),
+    })?;
+    Ok(())
+}
+
+/// Options of `hsat bench checkpoint`.
+#[derive(Debug, clap::Args)]
+pub struct CheckpointArgs {
+    /// Backbone of the training step.
+    #[arg(long, default_value = "resnet50")]
+    backbone: String,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 96)]
+    image_size: usize,
+    /// Steps timed without checkpoints (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Checkpoints per mode (synchronous, then asynchronous).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Intra-op threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// PGD iterations of the step.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+}
+
+/// Runs the checkpoint benchmark and prints the stalls.
+pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<()> {
+    let options = CheckpointBenchOptions {
+        backbone: args.backbone,
+        image_size: args.image_size,
+        steps: args.steps,
+        rounds: args.rounds,
+        threads: args.threads,
+        iters: args.iters,
+    };
+    bench_checkpoint(&options, |event| match event {
+        CheckpointBenchEvent::Started => println!(
+            "hsat bench checkpoint: {} @ {} px, PGD-{} step (batch 2x2x2x2 views), {} threads; {} steps plain, {} checkpoints per mode",
+            options.backbone,
+            options.image_size,
+            options.iters,
+            options.threads,
+            options.steps,
+            options.rounds
+        ),
+        CheckpointBenchEvent::Phase(phase) => println!("  {phase} phase done"),
+        CheckpointBenchEvent::Timing(t) => {
+            let share = |s: f64| 100.0 * s / t.step_seconds;
+            println!(
+                "step without checkpoint: {:.3} s; checkpoint {:.1} MB (model, AdamW moments, manifest)",
+                t.step_seconds,
+                t.checkpoint_bytes as f64 / 1e6
+            );
+            println!(
+                "{:<14} {:>10} {:>12}",
+                "checkpoint", "stall (s)", "% of a step"
+            );
+            println!(
+                "{:<14} {:>10.3} {:>11.1}%",
+                "synchronous",
+                t.sync_stall,
+                share(t.sync_stall)
+            );
+            println!(
+                "{:<14} {:>10.3} {:>11.1}%   (blocking {:.3} s + overlapped steps slower by {:.3} s over {} steps)",
+                "asynchronous",
+                t.async_stall,
+                share(t.async_stall),
+                t.async_blocking,
+                t.async_overlap,
+                t.overlapped_steps
+            );
+            if let Some(cpu) = t.async_cpu_seconds {
+                println!(
+                    "a background write uses {cpu:.3} s of CPU: at most {:.3} s ({:.1}% of a step) taken from training on busy cores, plus the blocking {:.3} s",
+                    cpu,
+                    share(cpu),
+                    t.async_blocking
+                );
+            }
+            println!(
+                "synchronous / asynchronous stall: {:.1}x (target: asynchronous < 5% of a step)",
+                t.sync_stall / t.async_stall
+            );
+        }
     })?;
     Ok(())
 }

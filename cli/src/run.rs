@@ -5,14 +5,21 @@ use std::path::PathBuf;
 
 use hsat_core::config::{self, AttackKind, ConfigSources};
 use hsat_core::losses::LevelLosses;
-use hsat_worker::train::run::{RunEvent, run_training};
+use hsat_worker::train::run::{RunEvent, RunOptions, run_training};
 use hsat_worker::train::trainer::StepProgress;
 use tch::Device;
 
-/// Runs a training job described by `file` and `overrides`.
-pub fn run(file: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> {
+/// Runs (or resumes) a training job described by `file` and `overrides`.
+pub fn run(
+    file: Option<PathBuf>,
+    overrides: Vec<String>,
+    options: RunOptions,
+) -> anyhow::Result<()> {
     let cfg = config::load(&ConfigSources::from_process_env(file, overrides))?;
-    let summary = run_training(cfg, Device::cuda_if_available(), &mut print_event)?;
+    let summary = run_training(cfg, Device::cuda_if_available(), options, &mut print_event)?;
+    if summary.already_finished {
+        return Ok(());
+    }
     if let Some(share) = summary.waiting_share() {
         println!(
             "hsat: waited for data {:.1}% of the time after the first step ({:.2} s of {:.2} s)",
@@ -57,6 +64,27 @@ fn print_event(event: RunEvent<'_>) {
         RunEvent::Model { parameters } => {
             println!("hsat: model has {parameters} trainable parameters");
         }
+        RunEvent::Archived { from, to } => println!(
+            "hsat: new job: moved the previous job's checkpoints from {} to {}",
+            from.display(),
+            to.display()
+        ),
+        RunEvent::Resumed {
+            step,
+            total_steps,
+            checkpoint,
+        } => println!(
+            "hsat: resuming the job at step {}/{total_steps} from checkpoint {}",
+            step + 1,
+            checkpoint.display()
+        ),
+        RunEvent::Finished {
+            total_steps,
+            checkpoint,
+        } => println!(
+            "hsat: the job is finished ({total_steps}/{total_steps} steps, final checkpoint {}); nothing to train (pass --new-job to train it again)",
+            checkpoint.display()
+        ),
         RunEvent::Step(progress) => println!("{}", progress_line(progress)),
     }
 }

@@ -21,6 +21,7 @@ fn every_subcommand_explains_itself_with_an_example() {
         vec!["status", "--help"],
         vec!["bench", "sync", "--help"],
         vec!["bench", "control-plane", "--help"],
+        vec!["bench", "checkpoint", "--help"],
     ] {
         let out = hsat().args(&args).output().expect("run hsat");
         assert!(out.status.success(), "{args:?}");
@@ -83,6 +84,20 @@ fn a_missing_config_file_is_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("cannot read config file /nonexistent/hsat.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn resume_and_new_job_exclude_each_other() {
+    let out = hsat()
+        .args(["run", "--resume", "--new-job"])
+        .output()
+        .expect("run hsat");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'--resume' cannot be used with '--new-job'"),
         "{err}"
     );
 }

@@ -74,6 +74,13 @@ fn hsat_trains_and_checkpoints_on_the_synthetic_source() {
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(ckpt.join("checkpoint.json")).expect("meta"))
                 .expect("json");
+        assert_eq!(meta["format_version"], 2);
+        assert!(
+            meta["config_fingerprint"]
+                .as_str()
+                .is_some_and(|f| f.len() == 64)
+        );
+        assert!(ckpt.join("optimizer.safetensors").is_file());
         assert_eq!(meta["backbone"], "small_cnn");
         assert_eq!(meta["config"]["training"]["attack"]["name"], "pgd");
         assert!(meta["mean_total_loss"].as_f64().is_some_and(f64::is_finite));
@@ -172,6 +179,10 @@ fn a_killed_run_leaves_only_complete_checkpoints_and_can_be_run_again() {
                 .expect("complete json");
         assert!(meta["step"].as_u64().is_some(), "{name}");
         assert!(
+            ckpt.join("manifest.json").is_file(),
+            "{name} has no manifest"
+        );
+        assert!(
             !tensor_names(&ckpt.join("backbone.safetensors")).is_empty(),
             "{name}"
         );
@@ -181,12 +192,21 @@ fn a_killed_run_leaves_only_complete_checkpoints_and_can_be_run_again() {
         );
     }
 
-    let again = run_hsat(&["run", "--config", &config, "--set", "training.num_epochs=1"]);
+    // Another config in the same out_dir: a new job, the old checkpoints archived.
+    let again = run_hsat(&[
+        "run",
+        "--config",
+        &config,
+        "--set",
+        "training.num_epochs=1",
+        "--new-job",
+    ]);
     assert!(
         again.status.success(),
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
+    assert!(dir.path().join("run/archive").is_dir());
 }
 
 fn hsat_worker_checkpoints(root: &Path) -> usize {

@@ -68,6 +68,24 @@ pub enum WorkerError {
         step: u64,
     },
 
+    /// A checkpoint failed verification (a missing, truncated or altered file) or its
+    /// manifest could not be written; the source names the file and what is wrong.
+    #[error("checkpoint {} rejected", dir.display())]
+    Checkpoint {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// What is wrong, naming the file.
+        #[source]
+        source: hsat_core::checkpoint::CheckpointError,
+    },
+
+    /// The background thread writing a checkpoint panicked.
+    #[error("the thread writing a checkpoint under {} panicked (see the message above)", root.display())]
+    CheckpointThread {
+        /// Where it was writing.
+        root: PathBuf,
+    },
+
     /// Checkpoint metadata could not be serialised.
     #[error("serialising checkpoint metadata")]
     Metadata(#[source] serde_json::Error),

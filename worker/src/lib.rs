@@ -9,7 +9,8 @@
 //! - [`train`]: hierarchical loss, PGD, AdamW, the training step and loop.
 //! - [`data`]: the batch source trait, hsat-data batches as tensors, an in-memory
 //!   synthetic source.
-//! - [`checkpoint`]: atomic checkpoint directories.
+//! - [`checkpoint`]: checkpoint directories of the complete training state (model,
+//!   AdamW state, position) with a manifest, verified on load; the asynchronous writer.
 //! - [`cluster`]: the worker process of a distributed job (coordinator client loop).
 //! - [`collective`]: c10d process groups, bucketed gradient averaging, state broadcast.
 //! - [`eval`]: features, white-box and transfer attacks for `hsat eval`.

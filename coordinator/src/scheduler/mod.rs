@@ -771,7 +771,13 @@ impl Scheduler {
             ))));
         }
         if let Some(dir) = &report.checkpoint_dir {
-            let holds = report.step + 1;
+            // Rank 0 names a checkpoint once its (background) write completed, which
+            // may be in the report of a later step: the directory name says its step.
+            let holds = dir
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(hsat_core::checkpoint::step_of_dir_name)
+                .unwrap_or(report.step + 1);
             if self
                 .latest_checkpoint
                 .as_ref()

@@ -245,6 +245,23 @@ fn steps_are_issued_two_ahead_and_committed_when_every_rank_reported() {
     assert!(matches!(ask(&mut s, a, 1, 1, 2, 6), Assignment::Train(_)));
 }
 
+/// Rank 0 writes checkpoints in the background and names one in the report of a
+/// later step, once complete: the checkpoint holds the step its directory names.
+#[test]
+fn a_checkpoint_reported_after_its_step_holds_the_step_its_directory_names() {
+    let (mut s, config) = scheduler(10, 4, 2, settings(2));
+    let (a, b) = formed_pair(&mut s, &config);
+    ask(&mut s, a, 1, 0, 0, 4);
+    ask(&mut s, a, 1, 0, 1, 4);
+    s.on_event(Event::Report(report(a, 1, 0, 0, 7)), ms(5));
+    s.on_event(Event::Report(report(b, 1, 1, 0, 7)), ms(5));
+    let dir = std::path::PathBuf::from("/out/checkpoints/step-00000001");
+    let mut late = report(a, 1, 0, 1, 8);
+    late.checkpoint_dir = Some(dir.clone());
+    s.on_event(Event::Report(late), ms(6));
+    assert_eq!(s.latest_checkpoint(), Some(&(dir, 1)));
+}
+
 #[test]
 fn checksum_mismatch_fails_the_job_loudly() {
     let (mut s, config) = scheduler(10, 4, 2, settings(2));

@@ -1,14 +1,18 @@
 //! Benchmarks against PyTorch (`hsat bench step|data|sync`): each times this
 //! engine and the Python reference in `bench/*.py` in the same run, alternating, so
-//! the ratio holds on whatever machine runs it. The CLI parses flags into the
-//! options here, calls one function and prints what comes back.
+//! the ratio holds on whatever machine runs it; and `hsat bench checkpoint`, which
+//! compares synchronous and asynchronous checkpoints in one run. The CLI parses
+//! flags into the options here, calls one function and prints what comes back.
 //!
 //! - [`step`]: one full HSAT step against `bench/reference_step.py`.
 //! - [`data`]: loader throughput against torchvision (`bench/augment_reference.py`),
 //!   then the share of step time a training run waits for data.
+//! - [`checkpoint`]: the stall a synchronous and an asynchronous checkpoint add
+//!   to a ResNet-50 step.
 //! - [`sync`]: gradient averaging of two local processes against PyTorch DDP
 //!   (`bench/ddp_sync_reference.py`).
 
+pub mod checkpoint;
 pub mod data;
 pub mod step;
 pub mod sync;

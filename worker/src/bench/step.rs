@@ -116,17 +116,18 @@ pub fn bench_step(
     Ok(())
 }
 
-/// This engine's step on a fixed random batch.
-struct OurStep {
-    model: Encoder,
-    optimizer: AdamW,
+/// This engine's step on a fixed random batch (also the step `hsat bench
+/// checkpoint` checkpoints).
+pub(super) struct OurStep {
+    pub(super) model: Encoder,
+    pub(super) optimizer: AdamW,
     loss: HierarchicalLoss,
     images: Tensor,
     pgd: Pgd,
 }
 
 impl OurStep {
-    fn new(backbone: Backbone, size: usize, iters: usize) -> Result<Self, BenchError> {
+    pub(super) fn new(backbone: Backbone, size: usize, iters: usize) -> Result<Self, BenchError> {
         tch::manual_seed(0);
         let model = Encoder::new(backbone, &[], 128, Device::Cpu)?;
         // The paper's optimiser and loss settings, as the config defaults hold them.
@@ -150,7 +151,8 @@ impl OurStep {
         })
     }
 
-    fn run(&mut self) -> Result<f64, BenchError> {
+    /// One step; its wall time in seconds.
+    pub(super) fn run(&mut self) -> Result<f64, BenchError> {
         let started = Instant::now();
         let delta0 = self.pgd.random_start(&self.images)?;
         train_step(

@@ -33,6 +33,13 @@
 //! is retried with backoff while it fails with a retryable error (unreachable,
 //! restarting, too slow), up to `WorkerOptions::rpc_retry_deadline`.
 //!
+//! Rank 0 writes the checkpoints: it copies the state to host memory at the step
+//! boundary and writes it in the background (`training.async_checkpoints`) while
+//! training goes on. A step report names a checkpoint only once its write completed
+//! (the report of a later step, or of the last step, which waits for it), so the
+//! coordinator never learns of a checkpoint that is not complete on disk; the
+//! coordinator takes the checkpoint's step from its directory name.
+//!
 //! A coordinator that answers `UnknownWorker` (it was restarted, or it expired this
 //! worker's lease) gets a new registration: the collective and the queued steps are
 //! dropped, the model is kept, and the next check-in tells the coordinator the step
@@ -64,6 +71,8 @@ use hsat_proto::worker_protocol::{Action, Event, LOOKAHEAD, StepOutcome, WorkerP
 use tch::Device;
 use tokio::runtime::Runtime;
 
+use crate::checkpoint::CheckpointWriter;
+use crate::checkpoint::writer::WriterOptions;
 use crate::collective::{Backend, GradientSync, ProcessGroup, Store, broadcast_state};
 use crate::data::{BatchSource, FileSource};
 use crate::error::{Result, WorkerError};
@@ -135,12 +144,21 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         advertise_host: advertise_host.clone(),
         hsat_version: hsat_proto::HSAT_VERSION.to_owned(),
     };
+    let trainer = Trainer::new(options.config.clone(), options.device)?;
+    let writer = CheckpointWriter::new(WriterOptions {
+        root: trainer.checkpoint_root(),
+        asynchronous: options.config.training.async_checkpoints,
+        // The coordinator decides which checkpoints the job still needs.
+        retention: None,
+    });
     let mut worker = Worker {
         runtime: &runtime,
         client: client.clone(),
         advertise_host,
         index: Arc::new(index),
-        trainer: Trainer::new(options.config.clone(), options.device)?,
+        trainer,
+        writer,
+        unreported_checkpoint: None,
         options: &options,
         protocol: WorkerProtocol::new(registration),
         session: None,
@@ -152,6 +170,12 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         .trainer
         .set_dataset_fingerprint(worker.index.fingerprint.clone());
     let outcome = worker.run(&shutdown);
+    // A checkpoint still being written completes before the process goes; its
+    // failure is the run's failure unless the run failed first.
+    let outcome = match (outcome, worker.writer.finish()) {
+        (Ok(_), Err(err)) => Err(err),
+        (outcome, _) => outcome,
+    };
     let worker_id = worker.protocol.worker_id();
     let summary = WorkerSummary {
         worker_id: worker_id.map_or(0, |id| id.0),
@@ -205,6 +229,10 @@ struct Worker<'a> {
     advertise_host: String,
     index: Arc<DatasetIndex>,
     trainer: Trainer,
+    /// Rank 0's checkpoint writer (other ranks never submit).
+    writer: CheckpointWriter,
+    /// A checkpoint whose write completed but that no report has named yet.
+    unreported_checkpoint: Option<PathBuf>,
     options: &'a WorkerOptions,
     protocol: WorkerProtocol,
     /// The collective and loader of the generation the protocol is a member of;
@@ -380,7 +408,9 @@ impl Worker<'_> {
         if rank == group.broadcast_root as usize
             && let Some(dir) = &group.resume_checkpoint
         {
-            self.trainer.load_checkpoint(dir)?;
+            // The complete state (model, AdamW moments and counter, position),
+            // verified first; the broadcast hands it to every rank.
+            self.trainer.restore(dir)?;
         }
         let bucket = self.options.bucket_bytes;
         if let Err(err) = broadcast_state(
@@ -429,7 +459,13 @@ impl Worker<'_> {
         }
         let epoch = step.saturating_sub(1) / self.steps_per_epoch.max(1);
         let started = Instant::now();
-        match self.trainer.write_checkpoint(epoch, None) {
+        // A background write still in flight completes first (checkpoints stay in
+        // order); the requested one is then written before the process leaves.
+        let written = self.writer.finish().and_then(|_| {
+            let snapshot = self.trainer.snapshot(epoch, None, None)?;
+            crate::checkpoint::write_checkpoint(&self.trainer.checkpoint_root(), &snapshot)
+        });
+        match written {
             Ok(dir) => tracing::info!(
                 step,
                 checkpoint = %dir.display(),
@@ -536,8 +572,8 @@ impl Worker<'_> {
         let done = train.step + 1;
         let checkpoint_due =
             (interval > 0 && done.is_multiple_of(interval)) || done == train.total_steps;
-        let checkpoint_dir: Option<PathBuf> = if rank == 0 && checkpoint_due {
-            Some(self.trainer.write_checkpoint(train.epoch, losses)?)
+        let checkpoint_dir = if rank == 0 {
+            self.checkpoint_after(train, losses, checkpoint_due)?
         } else {
             None
         };
@@ -549,6 +585,36 @@ impl Worker<'_> {
             data_wait_seconds: data_wait,
             checkpoint_dir,
         }))
+    }
+}
+
+impl Worker<'_> {
+    /// Rank 0 after a step: submits a checkpoint when one is due and returns the
+    /// newest checkpoint completed since the last report, for this report. The last
+    /// step of the job waits for its checkpoint, so the final report names it.
+    fn checkpoint_after(
+        &mut self,
+        train: &TrainAssignment,
+        losses: Option<hsat_core::losses::StepLosses>,
+        due: bool,
+    ) -> Result<Option<PathBuf>> {
+        let completed = if due {
+            let snapshot = self
+                .trainer
+                .snapshot(train.epoch, losses, losses.map(|l| l.total))?;
+            self.writer.submit(snapshot)?
+        } else {
+            self.writer.poll()?
+        };
+        if completed.is_some() {
+            self.unreported_checkpoint = completed;
+        }
+        if train.step + 1 == train.total_steps
+            && let Some(last) = self.writer.finish()?
+        {
+            self.unreported_checkpoint = Some(last);
+        }
+        Ok(self.unreported_checkpoint.take())
     }
 }
 

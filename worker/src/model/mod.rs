@@ -54,6 +54,9 @@ pub fn resnet_spec(backbone: Backbone) -> Option<ResNetSpec> {
     })
 }
 
+/// Tensors with their state-dict names.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// Backbone + projection head + L2 normalisation.
 #[derive(Debug)]
 pub struct Encoder {
@@ -220,6 +223,19 @@ impl Encoder {
     pub fn save(&self, dir: &Path) -> Result<()> {
         self.backbone_store.save(&dir.join(BACKBONE_FILE))?;
         self.head_store.save(&dir.join(HEAD_FILE))
+    }
+
+    /// Deep copies in host memory of the backbone's and the head's state dicts, named
+    /// as in their files (what [`Encoder::save`] writes): a checkpoint taken at a step
+    /// boundary while training goes on mutating the live tensors.
+    pub fn state_snapshot(&self) -> Result<(NamedTensors, NamedTensors)> {
+        let copy = |store: &ParamStore| {
+            store
+                .state()
+                .map(|n| crate::train::optim::host_copy(&n.tensor).map(|t| (n.name.clone(), t)))
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok((copy(&self.backbone_store)?, copy(&self.head_store)?))
     }
 
     /// Loads backbone weights from a `.safetensors` file with torchvision names

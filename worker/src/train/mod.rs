@@ -5,7 +5,8 @@
 //! - [`optim`]: AdamW as PyTorch computes it.
 //! - [`step`]: one min-max step in the three outer modes.
 //! - [`trainer`]: the single-worker loop with schedules and checkpoints.
-//! - [`run`]: `hsat run` in one process: batch source, the loop, data-wait summary.
+//! - [`run`]: `hsat run` in one process: batch source, resuming from checkpoints
+//!   (`--resume`, `--new-job`), the loop, data-wait summary.
 
 pub mod attack;
 pub mod loss;

@@ -1,8 +1,13 @@
 //! The single-worker training loop: schedules (learning rate, attack epsilon,
 //! dynamic augmentation strength) from the config, one [`train_step`](super::step::train_step) per batch,
 //! progress reports, and checkpoints every N steps and at the end.
+//!
+//! The trainer owns the complete training state (model, AdamW moments and update
+//! counter, position): [`Trainer::snapshot`] copies it to host memory at a step
+//! boundary for a checkpoint, and [`Trainer::restore`] puts a verified checkpoint
+//! back, after which training continues exactly as if it had never stopped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use hsat_core::config::{AttackKind, Config};
@@ -14,9 +19,12 @@ use super::attack::Pgd;
 use super::loss::HierarchicalLoss;
 use super::optim::AdamW;
 use super::step::{GradientHook, OuterObjective, StepInputs, StepLosses, train_step_synced};
-use crate::checkpoint::{CheckpointMeta, FORMAT_VERSION, write_checkpoint};
+use crate::checkpoint::writer::WriterOptions;
+use crate::checkpoint::{
+    CheckpointMeta, CheckpointWriter, FORMAT_VERSION, OPTIMIZER_FILE, Snapshot, open_for_resume,
+};
 use crate::data::BatchSource;
-use crate::error::Result;
+use crate::error::{Result, WorkerError};
 use crate::model::Encoder;
 
 /// What one step reports to the caller.
@@ -38,7 +46,9 @@ pub struct StepProgress {
     pub step_seconds: f64,
     /// Wall time spent getting the batch.
     pub data_seconds: f64,
-    /// Checkpoint written after this step, if any.
+    /// Checkpoint of the state after this step, if one is taken: complete on disk
+    /// when synchronous, being written in the background when asynchronous (it
+    /// completes before the next checkpoint starts and before the run returns).
     pub checkpoint: Option<PathBuf>,
 }
 
@@ -67,6 +77,8 @@ pub struct Trainer {
     loss: HierarchicalLoss,
     step: u64,
     dataset_fingerprint: Option<String>,
+    /// [`hsat_core::checkpoint::config_fingerprint`] of the config, for checkpoints.
+    config_fingerprint: String,
 }
 
 impl Trainer {
@@ -79,6 +91,7 @@ impl Trainer {
         let model = Encoder::from_config(&config.model, device)?;
         let optimizer = AdamW::new(model.parameters(), &config.training.optimizer)?;
         let loss = HierarchicalLoss::from(&config.training.objective);
+        let config_fingerprint = hsat_core::checkpoint::config_fingerprint(&config.to_json_value());
         Ok(Trainer {
             config,
             model,
@@ -86,6 +99,7 @@ impl Trainer {
             loss,
             step: 0,
             dataset_fingerprint: None,
+            config_fingerprint,
         })
     }
 
@@ -142,16 +156,59 @@ impl Trainer {
         self.step
     }
 
-    /// Loads the model (backbone and head) of a checkpoint directory. The optimiser
-    /// moments are not in checkpoints: they restart from zero.
-    pub fn load_checkpoint(&mut self, dir: &std::path::Path) -> Result<()> {
-        tracing::warn!(checkpoint = %dir.display(), "resuming from a checkpoint: AdamW moments restart from zero");
-        self.model.load(dir)
+    /// The config fingerprint recorded in checkpoints.
+    pub fn config_fingerprint(&self) -> &str {
+        &self.config_fingerprint
     }
 
-    /// Writes a checkpoint of the current state (see [`crate::checkpoint`]).
-    pub fn write_checkpoint(&self, epoch: u64, last_step: Option<StepLosses>) -> Result<PathBuf> {
-        self.save(epoch, last_step, last_step.map(|l| l.total))
+    /// Puts the complete training state of checkpoint `dir` back: verifies its
+    /// manifest first (a missing, truncated or altered file is an error naming it),
+    /// then loads the model, the AdamW moments and update counter, and moves to its
+    /// step. Returns its metadata.
+    pub fn restore(&mut self, dir: &Path) -> Result<CheckpointMeta> {
+        let (_, meta) = open_for_resume(dir)?;
+        self.model.load(dir)?;
+        let optimizer_file = dir.join(OPTIMIZER_FILE);
+        let entries =
+            tch::Tensor::read_safetensors(&optimizer_file).map_err(|err| WorkerError::Weights {
+                path: optimizer_file.clone(),
+                reason: format!("cannot read it as safetensors ({err})"),
+            })?;
+        self.optimizer.restore_state(entries, &optimizer_file)?;
+        self.step = meta.step;
+        tracing::info!(checkpoint = %dir.display(), step = meta.step, "restored the training state");
+        Ok(meta)
+    }
+
+    /// The complete training state after the last step, copied to host memory (see
+    /// [`crate::checkpoint`]): `epoch` of that step, its losses, and the mean loss
+    /// since the previous checkpoint.
+    pub fn snapshot(
+        &self,
+        epoch: u64,
+        last_step: Option<StepLosses>,
+        mean_total_loss: Option<f64>,
+    ) -> Result<Snapshot> {
+        let (backbone, head) = self.model.state_snapshot()?;
+        let optimizer = self.optimizer.state_snapshot()?;
+        Ok(Snapshot {
+            backbone,
+            head,
+            optimizer,
+            meta: CheckpointMeta {
+                format_version: FORMAT_VERSION,
+                step: self.step,
+                epoch,
+                hsat_version: hsat_proto::HSAT_VERSION.to_owned(),
+                backbone: self.model.kind().to_string(),
+                feature_dim: self.model.feature_dim(),
+                config: self.config.to_json_value(),
+                config_fingerprint: self.config_fingerprint.clone(),
+                last_step,
+                mean_total_loss,
+                dataset_fingerprint: self.dataset_fingerprint.clone(),
+            },
+        })
     }
 
     /// Where checkpoints go: `<infra.out_dir>/checkpoints`.
@@ -159,7 +216,11 @@ impl Trainer {
         self.config.infra.out_dir.join("checkpoints")
     }
 
-    /// Trains for `training.num_epochs` epochs of `source`, calling `on_step` after each step.
+    /// Trains from the current position to the end of `training.num_epochs` epochs
+    /// of `source`, calling `on_step` after each step. Checkpoints are written with
+    /// retention applied after each (in the background when
+    /// `training.async_checkpoints`); the last one is complete when this returns,
+    /// and its directory is returned.
     pub fn fit(
         &mut self,
         source: &mut dyn BatchSource,
@@ -168,6 +229,11 @@ impl Trainer {
         let steps_per_epoch = source.steps_per_epoch();
         let total_steps = steps_per_epoch * self.config.training.num_epochs as u64;
         let interval = self.config.training.save_checkpoint_interval as u64;
+        let mut writer = CheckpointWriter::new(WriterOptions {
+            root: self.checkpoint_root(),
+            asynchronous: self.config.training.async_checkpoints,
+            retention: Some(self.config.training.retention()),
+        });
         let mut last_checkpoint = None;
         let mut since_checkpoint = (0.0f64, 0u64);
         while self.step < total_steps {
@@ -183,7 +249,12 @@ impl Trainer {
             let checkpoint = if due {
                 let mean = since_checkpoint.0 / since_checkpoint.1 as f64;
                 since_checkpoint = (0.0, 0);
-                Some(self.save(batch.epoch, Some(losses), Some(mean))?)
+                let snapshot = self.snapshot(batch.epoch, Some(losses), Some(mean))?;
+                let dir = self
+                    .checkpoint_root()
+                    .join(crate::checkpoint::checkpoint_dir_name(self.step));
+                writer.submit(snapshot)?;
+                Some(dir)
             } else {
                 None
             };
@@ -202,6 +273,7 @@ impl Trainer {
                 checkpoint,
             });
         }
+        writer.finish()?;
         Ok(last_checkpoint)
     }
 
@@ -306,25 +378,5 @@ impl Trainer {
         )?;
         self.step = step + 1;
         Ok((losses, lr, eps))
-    }
-
-    fn save(
-        &self,
-        epoch: u64,
-        last_step: Option<StepLosses>,
-        mean_total_loss: Option<f64>,
-    ) -> Result<PathBuf> {
-        let meta = CheckpointMeta {
-            format_version: FORMAT_VERSION,
-            step: self.step,
-            epoch,
-            backbone: self.model.kind().to_string(),
-            feature_dim: self.model.feature_dim(),
-            config: self.config.to_json_value(),
-            last_step,
-            mean_total_loss,
-            dataset_fingerprint: self.dataset_fingerprint.clone(),
-        };
-        write_checkpoint(&self.checkpoint_root(), &self.model, &meta)
     }
 }
