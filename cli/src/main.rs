@@ -45,10 +45,10 @@ enum Command {
     /// <infra.out_dir>/checkpoints. Without --workers it trains in this process; with
     /// --workers N it runs a coordinator here and N worker processes on this machine
     /// that split every step and average gradients (Gloo all-reduce); Ctrl-C stops all.
-    /// In one process, a run in an out_dir that holds checkpoints of the same job
-    /// resumes from the newest complete one (exactly: same parameters as if never
-    /// stopped); a finished job is not trained again; another job's checkpoints are
-    /// refused unless --new-job.
+    /// A run in an out_dir that holds the same job resumes it (in one process from
+    /// the newest complete checkpoint, exactly: same parameters as if never stopped;
+    /// with --workers at the ledger's committed step); a finished job is not trained
+    /// again; another job is refused, naming the differing keys, unless --new-job.
     ///
     /// Example:
     ///   hsat run --config examples/quickstart.toml --workers 2
@@ -191,12 +191,13 @@ struct RunArgs {
     workers: Option<usize>,
     #[command(flatten)]
     membership: hsat_coordinator::cli::MembershipArgs,
-    /// Resume the job in <infra.out_dir> from its newest complete checkpoint; fail
-    /// if there is none. (Without it, a run resumes when there is one.)
+    /// Resume the job in <infra.out_dir> (from its newest complete checkpoint, or
+    /// with --workers its ledger); fail if there is none. (Without it, a run
+    /// resumes when there is one.)
     #[arg(long, conflicts_with = "new_job")]
     resume: bool,
-    /// Start a new job even if <infra.out_dir> holds another (or the same) job:
-    /// its checkpoints move to <infra.out_dir>/archive/<time>/.
+    /// Start a new job even if <infra.out_dir> holds another (or the same) job: its
+    /// checkpoints (and with --workers its ledger) move to <infra.out_dir>/archive/.
     #[arg(long)]
     new_job: bool,
 }
@@ -223,25 +224,21 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(RunArgs {
-            workers: Some(_),
-            resume,
-            new_job,
-            ..
-        }) if resume || new_job => Err(anyhow::anyhow!(
-            "--resume and --new-job are not implemented with --workers yet; run without them"
-        )),
-        Command::Run(RunArgs {
             config,
             workers: Some(workers),
             membership,
-            ..
+            resume,
+            new_job,
         }) => cluster::run_local(
             config.config,
             config.set,
             workers,
             &membership,
-            // `--resume` / `--new-job` of `hsat run` map to StartMode::Resume / NewJob.
-            hsat_coordinator::StartMode::Auto,
+            match (resume, new_job) {
+                (true, _) => hsat_coordinator::StartMode::Resume,
+                (_, true) => hsat_coordinator::StartMode::NewJob,
+                _ => hsat_coordinator::StartMode::Auto,
+            },
         ),
         Command::Run(args) => run::run(
             args.config.config,
