@@ -1,7 +1,9 @@
 //! What a worker must share with the coordinator to join: the same effective
 //! config (up to worker-local keys), the same dataset and the same hsat version.
 
-pub use hsat_core::config::{Difference, WORKER_LOCAL_KEYS, config_differences, config_fingerprint};
+pub use hsat_core::config::{
+    Difference, WORKER_LOCAL_KEYS, config_differences, config_fingerprint,
+};
 use hsat_proto::domain::Registration;
 use serde_json::Value;
 

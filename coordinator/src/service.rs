@@ -27,8 +27,7 @@ use crate::durable::{self, JobStart, StartMode};
 use crate::identity::JobIdentity;
 use crate::ledger::{self, EndOutcome, EndRecord, LedgerWriter};
 use crate::scheduler::{
-    Action, CheckpointCheck, CheckpointWait, ClusterSettings, Event, LedgerEntry, Reply,
-    Scheduler,
+    Action, CheckpointCheck, CheckpointWait, ClusterSettings, Event, LedgerEntry, Reply, Scheduler,
 };
 use crate::{CoordinatorError, Job};
 
@@ -496,7 +495,7 @@ pub async fn serve_job(
             (
                 scheduler.failure().is_some()
                     || scheduler.state() == hsat_proto::domain::JobState::Finished,
-                scheduler.is_done(),
+                scheduler.is_done(shared.started.elapsed()),
                 scheduler.checkpoint_wait(),
             )
         };

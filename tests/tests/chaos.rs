@@ -62,14 +62,14 @@ fn job_config(dir: &Path, data: &Path) -> PathBuf {
         &SmallJob {
             data: data.to_path_buf(),
             batch_size: 6,
-            epochs: 4,
+            epochs: 6,
             attack_iters: 1,
         },
     );
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("save_checkpoint_interval = 0", "save_checkpoint_interval = 2")
-        + "[cluster]\nworkers = 3\nmin_workers = 3\n";
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "save_checkpoint_interval = 0",
+        "save_checkpoint_interval = 2",
+    ) + "[cluster]\nworkers = 3\nmin_workers = 3\n";
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -82,30 +82,36 @@ fn total_steps(sandbox: &Sandbox) -> u64 {
 /// The final checkpoint's tensors, file by file.
 fn final_weights(out_dir: &Path, step: u64) -> Vec<(String, Vec<u8>)> {
     let dir = out_dir.join("checkpoints").join(format!("step-{step:08}"));
-    ["backbone.safetensors", "head.safetensors", "optimizer.safetensors"]
-        .iter()
-        .map(|name| {
-            let path = dir.join(name);
-            let bytes = std::fs::read(&path)
-                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-            (name.to_string(), bytes)
-        })
-        .collect()
+    [
+        "backbone.safetensors",
+        "head.safetensors",
+        "optimizer.safetensors",
+    ]
+    .iter()
+    .map(|name| {
+        let path = dir.join(name);
+        let bytes =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        (name.to_string(), bytes)
+    })
+    .collect()
 }
 
-/// Polls for rank 0's checkpoint staging directory (`.step-N.tmp-PID`) for up to
-/// `window`; returns the writer's pid when one shows up.
-fn catch_checkpoint_writer(out_dir: &Path, window: Duration) -> Option<u32> {
+/// Polls for a checkpoint staging directory (`.step-N.tmp-PID`) of one of the
+/// running workers `pids` for up to `window`; returns that worker's index.
+fn catch_checkpoint_writer(out_dir: &Path, pids: &[u32], window: Duration) -> Option<usize> {
     let root = out_dir.join("checkpoints");
     let deadline = Instant::now() + window;
     while Instant::now() < deadline {
         if let Ok(entries) = std::fs::read_dir(&root) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(".step-")
-                    && let Some(pid) = name.rsplit("tmp-").next().and_then(|p| p.parse().ok())
-                {
-                    return Some(pid);
+                let pid: Option<u32> = name
+                    .strip_prefix(".step-")
+                    .and_then(|rest| rest.rsplit_once(".tmp-"))
+                    .and_then(|(_, pid)| pid.parse().ok());
+                if let Some(k) = pid.and_then(|pid| pids.iter().position(|&p| p == pid)) {
+                    return Some(k);
                 }
             }
         }
@@ -144,7 +150,10 @@ fn calm() -> &'static Calm {
         assert!(end.coordinator.success(), "{}", calm.logs());
         calm.assert_ledger_complete(&[WORKERS]);
         let total = total_steps(&calm);
-        assert!(total >= 8, "the job is too short for a chaos schedule: {total} steps");
+        assert!(
+            total >= 8,
+            "the job is too short for a chaos schedule: {total} steps"
+        );
         let weights = final_weights(calm.out_dir(), total);
         Calm {
             _scratch: scratch,
@@ -202,23 +211,29 @@ fn a_job_survives_seeded_kills_of_workers_and_the_coordinator_and_ends_bitwise_e
         }
         // A worker: rank 0 while it writes a checkpoint when we can catch it, else
         // a random one at a random moment.
-        let writer = catch_checkpoint_writer(chaos.out_dir(), Duration::from_millis(1500));
-        let victim = writer
-            .and_then(|pid| (0..WORKERS).find(|&k| chaos.worker_pid(k) == pid))
-            .inspect(|_| caught_mid_checkpoint = true)
-            .unwrap_or_else(|| {
-                std::thread::sleep(Duration::from_millis(rng.below(300)));
-                rng.below(WORKERS as u64) as usize
-            });
+        let pids: Vec<u32> = (0..WORKERS).map(|k| chaos.worker_pid(k)).collect();
+        let writer = catch_checkpoint_writer(chaos.out_dir(), &pids, Duration::from_millis(1500));
+        let victim = writer.unwrap_or_else(|| {
+            std::thread::sleep(Duration::from_millis(rng.below(300)));
+            rng.below(WORKERS as u64) as usize
+        });
+        caught_mid_checkpoint |= writer.is_some();
         let status = chaos.kill_worker(victim);
         eprintln!(
             "event {i}: after {after} commits, kill -9 worker w{victim}{} ({status})",
-            if writer.is_some() { " (writing a checkpoint)" } else { "" }
+            if writer.is_some() {
+                " while it wrote a checkpoint"
+            } else {
+                ""
+            }
         );
         std::thread::sleep(Duration::from_millis(rng.below(1500)));
         chaos.restart_worker(victim);
     }
     let end = chaos.wait_for_end(LIMIT);
+    if std::env::var_os("HSAT_CHAOS_LOGS").is_some() {
+        eprintln!("{}", chaos.logs());
+    }
     assert!(end.coordinator.success(), "{}", chaos.logs());
     chaos.assert_ledger_complete(&[WORKERS]);
     assert_same_weights(calm, &chaos);
@@ -297,7 +312,7 @@ fn a_job_killed_whole_resumes_past_damaged_checkpoints_and_ends_bitwise_equal() 
     let third_name = third.file_name().unwrap().to_string_lossy().into_owned();
     assert!(
         logs.lines()
-            .any(|l| l.contains("roll") && l.contains(&third_name)),
+            .any(|l| l.contains("rolling back") && l.contains(&third_name)),
         "the job did not roll back to {third_name}\n{logs}"
     );
     job.assert_ledger_complete(&[WORKERS]);

@@ -12,7 +12,7 @@ use super::{Action, GenStatus, Phase, Scheduler, Worker};
 impl Scheduler {
     /// Heard from within `silent_after`: a worker that missed several heartbeats
     /// (killed, frozen, partitioned) is not waited for, long before its lease ends.
-    fn is_heard_from(&self, worker: &Worker, now: Duration) -> bool {
+    pub(super) fn is_heard_from(&self, worker: &Worker, now: Duration) -> bool {
         now.saturating_sub(worker.last_seen) <= self.settings.silent_after
     }
 

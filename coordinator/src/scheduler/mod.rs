@@ -439,9 +439,15 @@ impl Scheduler {
     }
 
     /// The job is over and every live worker was told to stop.
-    pub fn is_done(&self) -> bool {
+    ///
+    /// A worker that stopped heartbeating (killed before it heard the end) is not
+    /// waited for: the coordinator does not sit out its whole lease at the end.
+    pub fn is_done(&self, now: Duration) -> bool {
         matches!(self.phase, Phase::Finished | Phase::Failed(_))
-            && self.workers.values().all(|w| w.stopped)
+            && self
+                .workers
+                .values()
+                .all(|w| w.stopped || !self.is_heard_from(w, now))
     }
 
     /// Applies `event` at `now` (time since the coordinator started) and says what
@@ -1081,6 +1087,9 @@ impl Scheduler {
                 tracing::warn!(
                     committed = self.committed,
                     resume = step,
+                    checkpoint = %checkpoint
+                        .as_ref()
+                        .map_or_else(|| "none (the start)".to_owned(), |d| d.display().to_string()),
                     "no live worker holds the committed state: rolling back"
                 );
                 actions.push(Action::Rollback {

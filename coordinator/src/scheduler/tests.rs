@@ -612,7 +612,7 @@ fn shutdown_drains_issued_steps_then_asks_a_holder_for_the_checkpoint() {
         other => panic!("{other:?}"),
     }
     assert_eq!(s.checkpoint_wait(), CheckpointWait::Writing { step: 2 });
-    assert!(s.is_done());
+    assert!(s.is_done(Duration::ZERO));
     s.on_event(Event::Leave(b, "checkpoint written".into()), ms(20));
     assert_eq!(s.checkpoint_wait(), CheckpointWait::Written { step: 2 });
     assert_eq!(s.committed(), 2);

@@ -100,6 +100,37 @@ pub struct Snapshot {
     pub meta: CheckpointMeta,
 }
 
+/// Removes the hidden staging and retired directories of earlier steps that a
+/// killed writer left behind (`.step-N.tmp-PID`, `.step-N.old-PID`). Only rank 0
+/// writes, one step after another, so nobody can still be writing an earlier step;
+/// a failure to remove one is logged and does not stop the new checkpoint.
+fn remove_abandoned(root: &Path, step: u64) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let abandoned_step = name
+            .strip_prefix('.')
+            .and_then(|rest| {
+                rest.split_once(".tmp-")
+                    .or_else(|| rest.split_once(".old-"))
+            })
+            .and_then(|(dir, _)| hsat_core::checkpoint::step_of_dir_name(dir));
+        if abandoned_step.is_some_and(|s| s < step) {
+            let path = entry.path();
+            match fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    tracing::info!(dir = %path.display(), "removed an abandoned checkpoint staging directory")
+                }
+                Err(err) => {
+                    tracing::warn!(dir = %path.display(), error = %err, "cannot remove an abandoned checkpoint staging directory")
+                }
+            }
+        }
+    }
+}
+
 /// Writes `snapshot` as the checkpoint of its step under `root` and returns its
 /// directory: staging directory, every file fsynced, the manifest last, one rename.
 pub fn write_checkpoint(root: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
@@ -116,6 +147,7 @@ pub fn write_checkpoint(root: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
     if staging.exists() {
         fs::remove_dir_all(&staging).map_err(WorkerError::io("removing", &staging))?;
     }
+    remove_abandoned(root, meta.step);
     fs::create_dir(&staging).map_err(WorkerError::io("creating", &staging))?;
     for (file, entries) in [
         (BACKBONE_FILE, &snapshot.backbone),

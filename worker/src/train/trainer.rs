@@ -364,7 +364,13 @@ impl Trainer {
                 }
             }
         };
-        let losses = train_step_synced(
+        // The training forward pass updates the batch-norm running statistics before
+        // the gradients are averaged. A step abandoned because a collective failed (a
+        // peer died) must leave this rank exactly at `step` applied steps: the
+        // coordinator may make it the state every rank continues from.
+        let buffers = self.buffers();
+        let saved: Vec<tch::Tensor> = buffers.iter().map(tch::Tensor::copy).collect();
+        let result = train_step_synced(
             &self.model,
             &self.loss,
             &mut self.optimizer,
@@ -375,7 +381,15 @@ impl Trainer {
                 lr,
             },
             sync,
-        )?;
+        );
+        if result.is_err() {
+            tch::no_grad(|| {
+                for (buffer, before) in buffers.iter().zip(&saved) {
+                    buffer.shallow_clone().copy_(before);
+                }
+            });
+        }
+        let losses = result?;
         self.step = step + 1;
         Ok((losses, lr, eps))
     }
