@@ -79,9 +79,11 @@ fn total_steps(sandbox: &Sandbox) -> u64 {
     sandbox.ledger().committed().len() as u64
 }
 
-/// The final checkpoint's tensors, file by file.
-fn final_weights(out_dir: &Path, step: u64) -> Vec<(String, Vec<u8>)> {
-    let dir = out_dir.join("checkpoints").join(format!("step-{step:08}"));
+/// The final checkpoint's tensors, file by file; panics with every process's
+/// output and the checkpoint folder's listing when one is missing.
+fn final_weights(sandbox: &Sandbox, step: u64) -> Vec<(String, Vec<u8>)> {
+    let root = sandbox.out_dir().join("checkpoints");
+    let dir = root.join(format!("step-{step:08}"));
     [
         "backbone.safetensors",
         "head.safetensors",
@@ -90,8 +92,23 @@ fn final_weights(out_dir: &Path, step: u64) -> Vec<(String, Vec<u8>)> {
     .iter()
     .map(|name| {
         let path = dir.join(name);
-        let bytes =
-            std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+            let listing: Vec<String> = std::fs::read_dir(&root)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            panic!(
+                "cannot read {}: {e}; {} holds {listing:?}\n----- ledger -----\n{}\n{}",
+                path.display(),
+                root.display(),
+                std::fs::read_to_string(sandbox.ledger_path()).unwrap_or_default(),
+                sandbox.logs()
+            )
+        });
         (name.to_string(), bytes)
     })
     .collect()
@@ -154,7 +171,7 @@ fn calm() -> &'static Calm {
             total >= 8,
             "the job is too short for a chaos schedule: {total} steps"
         );
-        let weights = final_weights(calm.out_dir(), total);
+        let weights = final_weights(&calm, total);
         Calm {
             _scratch: scratch,
             data,
@@ -166,7 +183,7 @@ fn calm() -> &'static Calm {
 }
 
 fn assert_same_weights(calm: &Calm, sandbox: &Sandbox) {
-    let weights = final_weights(sandbox.out_dir(), calm.total);
+    let weights = final_weights(sandbox, calm.total);
     for ((name, calm_bytes), (_, bytes)) in calm.weights.iter().zip(&weights) {
         assert!(
             calm_bytes == bytes,

@@ -573,10 +573,12 @@ impl Scheduler {
         match phase {
             Phase::Finished => {
                 record.stopped = true;
+                let checkpoint_step =
+                    self.checkpoint_request_for(request.worker_id, request.next_step);
                 return Some(Reply::Assignment(Assignment::Stop {
                     success: true,
                     reason: "every step is committed".to_owned(),
-                    checkpoint_step: None,
+                    checkpoint_step,
                 }));
             }
             Phase::Failed(message) => {
@@ -931,6 +933,7 @@ impl Scheduler {
                 "every step committed: the job is finished"
             );
             self.phase = Phase::Finished;
+            self.request_final_checkpoint();
         }
     }
 
@@ -1117,6 +1120,7 @@ impl Scheduler {
         }
         if self.committed >= self.plan.total_steps {
             self.phase = Phase::Finished;
+            self.request_final_checkpoint();
             return;
         }
         let broadcast_root = match restored {

@@ -151,6 +151,34 @@ impl Scheduler {
 
     /// The checkpoint step for the `Stop` of `worker`, whose model holds
     /// `next_step` steps: the first worker holding the requested step writes it.
+    /// At the job's end: unless rank 0 reported a checkpoint of the last step (its
+    /// final report can be missing when it died after the last all-reduce and the
+    /// step was committed as recovered), the first worker holding that step writes
+    /// it before it leaves, as on a shutdown.
+    pub(super) fn request_final_checkpoint(&mut self) {
+        let last = self.committed;
+        let have_checkpoint = self
+            .latest_checkpoint
+            .as_ref()
+            .is_some_and(|(_, step)| *step == last);
+        if last == 0 || have_checkpoint || self.shutdown.is_some() {
+            return;
+        }
+        tracing::info!(
+            step = last,
+            "the job is finished but no checkpoint of its last step was reported: a worker holding it will write one"
+        );
+        self.shutdown = Some(Shutdown {
+            reason: "finished".to_owned(),
+            drained: true,
+            checkpoint: Some(CheckpointRequest {
+                step: last,
+                writer: None,
+                writer_gone: false,
+            }),
+        });
+    }
+
     pub(super) fn checkpoint_request_for(
         &mut self,
         worker: WorkerId,

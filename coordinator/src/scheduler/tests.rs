@@ -974,3 +974,72 @@ proptest! {
         }
     }
 }
+
+/// Trains the whole job with the formed pair `a` (rank 0), `b`; rank 0's report of
+/// the last step names the final checkpoint when `final_checkpoint`. Returns the
+/// number of steps.
+fn train_to_the_end(
+    s: &mut Scheduler,
+    (a, b): (WorkerId, WorkerId),
+    final_checkpoint: bool,
+) -> u64 {
+    let total = s.plan().total_steps;
+    for step in 0..total {
+        for w in [a, b] {
+            assert!(matches!(ask(s, w, 1, step, step, 4), Assignment::Train(_)));
+        }
+        let mut first = report(a, 1, 0, step, 7);
+        if step + 1 == total {
+            first.checkpoint_dir = final_checkpoint
+                .then(|| PathBuf::from(format!("/out/checkpoints/step-{total:08}")));
+        }
+        s.on_event(Event::Report(first), ms(5));
+        s.on_event(Event::Report(report(b, 1, 1, step, 7)), ms(5));
+    }
+    assert_eq!(s.committed(), total);
+    assert_eq!(s.state(), JobState::Finished);
+    total
+}
+
+#[test]
+fn a_job_that_ends_without_its_final_checkpoint_has_a_holder_write_it() {
+    // Rank 0 died after the last all-reduce (its report, naming the final
+    // checkpoint, never came): the first worker holding the last step writes it.
+    let (mut s, config) = scheduler(4, 2, 1, settings(2));
+    let pair = formed_pair(&mut s, &config);
+    let total = train_to_the_end(&mut s, pair, false);
+    assert_eq!(s.checkpoint_wait(), CheckpointWait::Writing { step: total });
+    match ask(&mut s, pair.1, 1, total, total, 6) {
+        Assignment::Stop {
+            success,
+            checkpoint_step,
+            ..
+        } => {
+            assert!(success, "the job itself succeeded");
+            assert_eq!(checkpoint_step, Some(total));
+        }
+        other => panic!("{other:?}"),
+    }
+    match ask(&mut s, pair.0, 1, total, total, 6) {
+        Assignment::Stop {
+            checkpoint_step, ..
+        } => assert_eq!(checkpoint_step, None, "one writer is enough"),
+        other => panic!("{other:?}"),
+    }
+    s.on_event(Event::Leave(pair.1, "checkpoint written".into()), ms(7));
+    assert_eq!(s.checkpoint_wait(), CheckpointWait::Written { step: total });
+}
+
+#[test]
+fn a_job_whose_rank_0_reported_the_final_checkpoint_asks_for_none() {
+    let (mut s, config) = scheduler(4, 2, 1, settings(2));
+    let pair = formed_pair(&mut s, &config);
+    let total = train_to_the_end(&mut s, pair, true);
+    assert_eq!(s.checkpoint_wait(), CheckpointWait::Nothing);
+    match ask(&mut s, pair.1, 1, total, total, 6) {
+        Assignment::Stop {
+            checkpoint_step, ..
+        } => assert_eq!(checkpoint_step, None),
+        other => panic!("{other:?}"),
+    }
+}

@@ -190,9 +190,9 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         heartbeats.abort();
     }
     drop(worker);
-    if let Some(worker_id) = worker_id
-        && (shutdown.load(Ordering::SeqCst) || outcome.is_err())
-    {
+    // Leave in every case: after a stop too, so that a coordinator waiting for a
+    // checkpoint this worker was asked to write knows at once that it is done.
+    if let Some(worker_id) = worker_id {
         let reason = if shutdown.load(Ordering::SeqCst) {
             "worker shut down".to_owned()
         } else {
@@ -470,7 +470,7 @@ impl Worker<'_> {
                 step,
                 checkpoint = %dir.display(),
                 seconds = started.elapsed().as_secs_f64(),
-                "wrote the checkpoint of the last committed step for the coordinator's shutdown"
+                "wrote the checkpoint of the last committed step the coordinator asked for"
             ),
             Err(err) => tracing::error!(
                 step,
