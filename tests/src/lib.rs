@@ -62,6 +62,11 @@ pub fn synth_dataset(out: &std::path::Path, args: &[&str]) {
     );
 }
 
+/// Whether process `pid` still exists (a reaped process has no `/proc` entry).
+pub fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// A small OpenSRH-style dataset under `dir`: 2 classes x 3 patients (2 train + 1
 /// val each), 2 slides of `patches` patches, 32 px, drawn from `seed`. Returns its
 /// root (named after seed and patches, so two calls may coexist).

@@ -143,6 +143,7 @@ struct Calm {
     data: PathBuf,
     total: u64,
     weights: Vec<(String, Vec<u8>)>,
+    patients: Vec<Vec<usize>>,
     seconds: f64,
 }
 
@@ -177,12 +178,28 @@ fn calm() -> &'static Calm {
             data,
             total,
             weights,
+            patients: patients_per_step(&calm),
             seconds: started.elapsed().as_secs_f64(),
         }
     })
 }
 
-fn assert_same_weights(calm: &Calm, sandbox: &Sandbox) {
+/// Every step's patients, rank after rank, as the ledger's standing commits list them.
+fn patients_per_step(sandbox: &Sandbox) -> Vec<Vec<usize>> {
+    sandbox
+        .ledger()
+        .committed()
+        .values()
+        .map(|commit| commit.patients().collect())
+        .collect()
+}
+
+fn assert_same_trajectory(calm: &Calm, sandbox: &Sandbox) {
+    assert!(
+        patients_per_step(sandbox) == calm.patients,
+        "the ledger lists other patients per step than the undisturbed run's\n{}",
+        sandbox.logs()
+    );
     let weights = final_weights(sandbox, calm.total);
     for ((name, calm_bytes), (_, bytes)) in calm.weights.iter().zip(&weights) {
         assert!(
@@ -253,7 +270,7 @@ fn a_job_survives_seeded_kills_of_workers_and_the_coordinator_and_ends_bitwise_e
     }
     assert!(end.coordinator.success(), "{}", chaos.logs());
     chaos.assert_ledger_complete(&[WORKERS]);
-    assert_same_weights(calm, &chaos);
+    assert_same_trajectory(calm, &chaos);
     eprintln!(
         "chaos: {} steps, {events} kills (one mid-checkpoint: {caught_mid_checkpoint}); \
          undisturbed run {:.1} s, chaos run {:.1} s",
@@ -333,7 +350,7 @@ fn a_job_killed_whole_resumes_past_damaged_checkpoints_and_ends_bitwise_equal() 
         "the job did not roll back to {third_name}\n{logs}"
     );
     job.assert_ledger_complete(&[WORKERS]);
-    assert_same_weights(calm, &job);
+    assert_same_trajectory(calm, &job);
 }
 
 fn step_of(dir: &Path) -> u64 {

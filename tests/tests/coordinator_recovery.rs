@@ -15,7 +15,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use hsat_tests::{
-    Sandbox, SandboxSpec, SmallJob, hsat_binary, synth_opensrh, write_small_job_config,
+    Sandbox, SandboxSpec, SmallJob, hsat_binary, process_alive, synth_opensrh,
+    write_small_job_config,
 };
 
 /// 2 patients per step over 2 ranks, enough steps to kill the coordinator mid-job.
@@ -30,10 +31,6 @@ fn job(dir: &Path) -> PathBuf {
             attack_iters: 2,
         },
     )
-}
-
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 #[test]
@@ -63,7 +60,7 @@ fn a_killed_coordinator_restarted_on_the_same_out_dir_finishes_the_job_with_the_
     }
     for pid in &worker_pids {
         assert!(
-            sandbox.pids().contains(pid) && !alive(*pid),
+            sandbox.pids().contains(pid) && !process_alive(*pid),
             "worker {pid} ran until the end"
         );
     }

@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hsat_tests::{Sandbox, SandboxSpec, SmallJob, synth_opensrh, write_small_job_config};
+use hsat_tests::{
+    Sandbox, SandboxSpec, SmallJob, process_alive, synth_opensrh, write_small_job_config,
+};
 
 /// A job whose coordinator waits for 2 workers: with fewer it never commits.
 fn waiting_job(dir: &Path) -> std::path::PathBuf {
@@ -20,11 +22,6 @@ fn waiting_job(dir: &Path) -> std::path::PathBuf {
             attack_iters: 1,
         },
     )
-}
-
-/// Whether process `pid` still exists (a reaped process has no `/proc` entry).
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 #[test]
@@ -50,7 +47,10 @@ fn a_passed_deadline_panics_with_every_log_and_kills_every_process() {
         "the panic carries every process's output:\n{message}"
     );
     for pid in pids {
-        assert!(!alive(pid), "process {pid} outlived the failed wait");
+        assert!(
+            !process_alive(pid),
+            "process {pid} outlived the failed wait"
+        );
     }
 }
 
@@ -60,9 +60,12 @@ fn dropping_the_sandbox_kills_its_processes() {
     let config = waiting_job(dir.path());
     let sandbox = Sandbox::start(SandboxSpec::new(&config, 2).start_workers(1));
     let pids = sandbox.pids();
-    assert!(pids.iter().all(|&pid| alive(pid)), "both run while waiting");
+    assert!(
+        pids.iter().all(|&pid| process_alive(pid)),
+        "both run while waiting"
+    );
     drop(sandbox);
     for pid in pids {
-        assert!(!alive(pid), "process {pid} outlived the sandbox");
+        assert!(!process_alive(pid), "process {pid} outlived the sandbox");
     }
 }
