@@ -71,7 +71,23 @@ pub fn process_alive(pid: u32) -> bool {
 /// val each), 2 slides of `patches` patches, 32 px, drawn from `seed`. Returns its
 /// root (named after seed and patches, so two calls may coexist).
 pub fn synth_opensrh(dir: &Path, seed: u64, patches: usize) -> PathBuf {
-    let data = dir.join(format!("data-{seed}-{patches}"));
+    synth_opensrh_with(dir, seed, 3, patches)
+}
+
+/// [`synth_opensrh`] with `patients_per_class` patients per class (the root is
+/// named after all three numbers).
+pub fn synth_opensrh_with(
+    dir: &Path,
+    seed: u64,
+    patients_per_class: usize,
+    patches: usize,
+) -> PathBuf {
+    let name = if patients_per_class == 3 {
+        format!("data-{seed}-{patches}")
+    } else {
+        format!("data-{seed}-{patients_per_class}-{patches}")
+    };
+    let data = dir.join(name);
     synth_dataset(
         &data,
         &[
@@ -80,7 +96,7 @@ pub fn synth_opensrh(dir: &Path, seed: u64, patches: usize) -> PathBuf {
             "--classes",
             "2",
             "--patients-per-class",
-            "3",
+            &patients_per_class.to_string(),
             "--slides",
             "2",
             "--patches",

@@ -22,36 +22,16 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use hsat_core::rng::SplitMix64;
-use hsat_tests::{Sandbox, SandboxSpec, SmallJob, synth_dataset, write_small_job_config};
+use hsat_tests::{Sandbox, SandboxSpec, SmallJob, synth_opensrh_with, write_small_job_config};
 
 const WORKERS: usize = 3;
 /// Generous: the whole scenario takes about a minute on 2 cores.
 const LIMIT: Duration = Duration::from_secs(240);
 
-/// A dataset with 12 patients per class, so that a step of 6 patients leaves room
-/// for several steps per epoch.
+/// A dataset with 5 patients per class, so that a step of 6 patients leaves
+/// room for several steps per epoch.
 fn dataset(dir: &Path) -> PathBuf {
-    let data = dir.join("data");
-    synth_dataset(
-        &data,
-        &[
-            "--format",
-            "opensrh",
-            "--classes",
-            "2",
-            "--patients-per-class",
-            "5",
-            "--slides",
-            "2",
-            "--patches",
-            "3",
-            "--size",
-            "32",
-            "--seed",
-            "21",
-        ],
-    );
-    data
+    synth_opensrh_with(dir, 21, 5, 3)
 }
 
 /// The job: 3 workers that must all be present, a checkpoint every 2 steps.
