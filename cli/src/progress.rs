@@ -127,9 +127,16 @@ mod tests {
         let mut progress = Progress::with_mode("work", false);
         let start = progress.started;
         assert!(progress.text_at(start, 0, 1000).is_some());
-        assert!(progress.text_at(start + Duration::from_secs(1), 1, 1000).is_none());
+        assert!(
+            progress
+                .text_at(start + Duration::from_secs(1), 1, 1000)
+                .is_none()
+        );
         let text = progress.text_at(start + Duration::from_secs(6), 2, 1000);
-        assert_eq!(text.as_deref().map(|t| t.starts_with("work: 2/1000")), Some(true));
+        assert_eq!(
+            text.as_deref().map(|t| t.starts_with("work: 2/1000")),
+            Some(true)
+        );
     }
 
     #[test]
@@ -137,7 +144,15 @@ mod tests {
         let mut progress = Progress::with_mode("work", true);
         let start = progress.started;
         assert!(progress.text_at(start, 0, 10).is_some());
-        assert!(progress.text_at(start + Duration::from_millis(50), 5, 10).is_none());
-        assert!(progress.text_at(start + Duration::from_millis(60), 10, 10).is_some());
+        assert!(
+            progress
+                .text_at(start + Duration::from_millis(50), 5, 10)
+                .is_none()
+        );
+        assert!(
+            progress
+                .text_at(start + Duration::from_millis(60), 10, 10)
+                .is_some()
+        );
     }
 }

@@ -189,7 +189,11 @@ mod tests {
         let loss = log.steps[0].loss.unwrap();
         assert_eq!(loss.clean, None);
         assert_eq!(loss.adversarial.and_then(|v| v.patient), Some(1.5));
-        assert_eq!(log.steps[1].attack_gain, Some(0.5), "the last record of step 2");
+        assert_eq!(
+            log.steps[1].attack_gain,
+            Some(0.5),
+            "the last record of step 2"
+        );
         assert_eq!(log.skipped_lines, vec![4]);
     }
 

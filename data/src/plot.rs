@@ -353,7 +353,11 @@ impl Curve {
             points: log
                 .steps
                 .iter()
-                .filter_map(|r| value(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v)))
+                .filter_map(|r| {
+                    value(r)
+                        .filter(|v| v.is_finite())
+                        .map(|v| (r.step as f64, v))
+                })
                 .collect(),
             colour,
             dashed,
