@@ -490,7 +490,7 @@ pub fn training_curves(log: &MetricsLog, out: &Path) -> Result<Vec<PathBuf>, Plo
             })
         };
         (
-            format!("{name}"),
+            name.to_owned(),
             "loss",
             vec![
                 Curve::of(log, "clean", clean, false, |r| {
@@ -553,7 +553,7 @@ pub fn training_curves(log: &MetricsLog, out: &Path) -> Result<Vec<PathBuf>, Plo
                 "seconds per step".to_owned(),
                 "seconds",
                 vec![
-                    Curve::of(log, "step", BLACK.into(), false, |r| r.step_seconds),
+                    Curve::of(log, "step", BLACK, false, |r| r.step_seconds),
                     Curve::of(log, "attack", adversarial, false, |r| r.attack_seconds),
                     Curve::of(log, "data wait", colour(2), true, |r| r.data_wait_seconds),
                     Curve::of(log, "all-reduce", clean, true, |r| r.allreduce_seconds),

@@ -10,7 +10,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 fn repo_file(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
 }
 
 /// Metric names of `docs/metrics.md`: the first cell of each table row, in
@@ -116,12 +118,18 @@ fn metric_names(expr: &str) -> Vec<String> {
                 }
                 let word: String = chars[start..i].iter().collect();
                 let next = chars[i..].iter().find(|c| !c.is_whitespace());
-                if ["by", "without", "on", "ignoring", "group_left", "group_right"]
-                    .contains(&word.as_str())
+                if [
+                    "by",
+                    "without",
+                    "on",
+                    "ignoring",
+                    "group_left",
+                    "group_right",
+                ]
+                .contains(&word.as_str())
                 {
                     labels_next = true;
-                } else if next != Some(&'(') && !KEYWORDS.contains(&word.to_lowercase().as_str())
-                {
+                } else if next != Some(&'(') && !KEYWORDS.contains(&word.to_lowercase().as_str()) {
                     names.push(word);
                 }
             }
