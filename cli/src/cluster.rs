@@ -223,19 +223,121 @@ pub struct StatusArgs {
     /// The coordinator, `host:port` or `http://host:port`.
     #[arg(long)]
     pub coordinator: String,
-    /// Print the status as JSON.
+    /// Print the status as JSON (with --watch: one object per line).
     #[arg(long)]
     pub json: bool,
+    /// Refresh until the job ends or Ctrl-C: on a terminal the screen is redrawn,
+    /// elsewhere each refresh is printed after the last. Ends with exit status 0
+    /// when the job finished or its coordinator exited (it does when the job ends
+    /// or is stopped; its output and ledger tell how), 1 when the job failed.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between refreshes with --watch.
+    #[arg(long, default_value_t = 2.0, requires = "watch", value_parser = positive_seconds)]
+    pub interval: f64,
 }
 
-/// Prints the job's status.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && (0.05..=3600.0).contains(&value) => Ok(value),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds in [0.05, 3600]"
+        )),
+    }
+}
+
+/// How long `--watch` keeps trying a coordinator that stopped answering before it
+/// decides the coordinator has exited (a restarted coordinator answers again
+/// within this, and the watch goes on).
+const WATCH_UNREACHABLE_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Prints the job's status (once, or refreshed with `--watch`).
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let runtime = runtime()?;
-    let status = runtime.block_on(async {
-        let client = hsat_proto::client::CoordinatorClient::connect(&args.coordinator).await?;
-        anyhow::Ok(client.status().await?)
-    })?;
-    if args.json {
+    if !args.watch {
+        let status = runtime.block_on(async {
+            let client = hsat_proto::client::CoordinatorClient::connect(&args.coordinator).await?;
+            anyhow::Ok(client.status().await?)
+        })?;
+        print!("{}", render_status(&status, args.json, true)?);
+        return Ok(());
+    }
+    runtime.block_on(watch_status(&args))
+}
+
+/// `hsat status --watch`: fetch, show, sleep, until the job ends or Ctrl-C.
+async fn watch_status(args: &StatusArgs) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+
+    use hsat_proto::domain::JobState;
+
+    let interval = std::time::Duration::from_secs_f64(args.interval);
+    let redraw = std::io::stdout().is_terminal();
+    let client = hsat_proto::client::CoordinatorClient::connect(&args.coordinator).await?;
+    let mut last: Option<hsat_proto::domain::JobStatus> = None;
+    let mut unreachable_since: Option<std::time::Instant> = None;
+    loop {
+        match client.status().await {
+            Ok(status) => {
+                unreachable_since = None;
+                let text = render_status(&status, args.json, redraw)?;
+                if redraw {
+                    // Clear the screen and home the cursor, then the status.
+                    print!("\x1b[2J\x1b[H{text}");
+                    println!("\n(every {} s; Ctrl-C to stop)", args.interval);
+                } else {
+                    print!("{text}");
+                    if !args.json {
+                        println!();
+                    }
+                }
+                std::io::stdout().flush()?;
+                match status.state {
+                    JobState::Finished => return Ok(()),
+                    JobState::Failed => bail!("the job failed: {}", status.message),
+                    _ => {}
+                }
+                last = Some(status);
+            }
+            Err(err) => {
+                let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= WATCH_UNREACHABLE_FOR {
+                    // The coordinator exits as soon as its workers have left after the
+                    // last commit, often between two refreshes: a coordinator that is
+                    // gone is the normal end of a watch, not an error of it.
+                    let Some(seen) = last else {
+                        return Err(err.into());
+                    };
+                    println!(
+                        "hsat status: the coordinator at {} has exited (last seen: {} at step {}/{}); \
+                         it exits when its job ends or is stopped: its output and its ledger \
+                         (<out_dir>/coordinator/ledger.jsonl) say how",
+                        args.coordinator,
+                        seen.state.describe(),
+                        seen.step,
+                        seen.total_steps
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// The status as `hsat status` prints it: text, or JSON (pretty, or one line when
+/// `pretty` is false).
+fn render_status(
+    status: &hsat_proto::domain::JobStatus,
+    json: bool,
+    pretty: bool,
+) -> anyhow::Result<String> {
+    use std::fmt::Write;
+
+    if json {
         let workers: Vec<serde_json::Value> = status
             .workers
             .iter()
@@ -260,15 +362,21 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             "patients_per_second": status.patients_per_second,
             "workers": workers,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
+        let text = if pretty {
+            serde_json::to_string_pretty(&value)?
+        } else {
+            serde_json::to_string(&value)?
+        };
+        return Ok(format!("{text}\n"));
     }
     let message = if status.message.is_empty() {
         String::new()
     } else {
         format!(" ({})", status.message)
     };
-    println!(
+    let mut out = String::new();
+    writeln!(
+        out,
         "job {}{message}: step {}/{} epoch {} generation {}, {:.2} steps/s, {:.1} patients/s",
         status.state.describe(),
         status.step,
@@ -277,16 +385,17 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         status.generation,
         status.steps_per_second,
         status.patients_per_second
-    );
+    )?;
     for w in &status.workers {
-        println!(
+        writeln!(
+            out,
             "  {:<6} {:<24} rank {:<4} {:<10} last heartbeat {:.1} s ago",
             w.worker_id.to_string(),
             w.name,
             w.rank.map_or("-".to_owned(), |r| r.to_string()),
             w.state,
             w.last_heartbeat_age.as_secs_f64()
-        );
+        )?;
     }
-    Ok(())
+    Ok(out)
 }

@@ -12,6 +12,7 @@
 //! - [`bench_recovery`]: `hsat bench recovery`, time to the next commit after a kill -9.
 //! - [`bench_sync`]: `hsat bench sync`, gradient synchronisation against PyTorch DDP.
 //! - [`eval`]: `hsat eval`, the paper's kNN and robustness tables.
+//! - [`plot`](mod@plot): `hsat plot`, PNG curves of a run's `metrics.jsonl`.
 //! - [`progress`]: the progress line of long stages.
 
 mod bench;
@@ -21,6 +22,7 @@ mod bench_sync;
 mod cluster;
 mod data;
 mod eval;
+mod plot;
 mod progress;
 mod run;
 
@@ -34,6 +36,8 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: hsat_coordinator::logging::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -75,9 +79,11 @@ enum Command {
     Worker(cluster::WorkerArgs),
 
     /// Show a running job: state, committed step, generation, workers, throughput.
+    /// With --watch it refreshes until the job ends (exit 0 when it finished).
     ///
     /// Example:
     ///   hsat status --coordinator http://127.0.0.1:50051
+    ///   hsat status --coordinator http://127.0.0.1:50051 --watch --interval 5
     #[command(verbatim_doc_comment)]
     Status(cluster::StatusArgs),
 
@@ -100,6 +106,17 @@ enum Command {
     ///   hsat eval --config examples/quickstart.toml --checkpoint hsat=runs/quickstart --out runs/eval
     #[command(verbatim_doc_comment)]
     Eval(eval::EvalArgs),
+
+    /// Draw a run's training curves from <DIR>/metrics.jsonl (one record per committed
+    /// step) as PNG files: loss per level on clean vs adversarial views, the attack's
+    /// gain, learning rate and eps, step time and its parts. Works on a live run too
+    /// (a half-written last line is skipped).
+    ///
+    /// Example:
+    ///   hsat plot --run runs/quickstart
+    ///   hsat plot --run runs/quickstart --out /tmp/quickstart-plots
+    #[command(verbatim_doc_comment)]
+    Plot(plot::PlotArgs),
 
     /// Datasets on disk.
     #[command(subcommand)]
@@ -214,14 +231,11 @@ struct ConfigArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if let Err(err) = hsat_coordinator::logging::init(cli.log.log_format) {
+        eprintln!("error: {err}");
+        return std::process::ExitCode::FAILURE;
+    }
     let outcome = match cli.command {
         Command::Run(RunArgs {
             config,
@@ -253,6 +267,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => cluster::status(args),
         Command::Synth(args) => data::synth(args),
         Command::Eval(args) => eval::eval(args),
+        Command::Plot(args) => plot::plot(args),
         Command::Data(DataCommand::Check(args)) => data::check_dataset(args),
         Command::Bench(BenchCommand::Step(args)) => bench::step(args),
         Command::Bench(BenchCommand::Data(args)) => bench::data(args),

@@ -22,6 +22,7 @@ fn every_subcommand_explains_itself_with_an_example() {
         vec!["bench", "sync", "--help"],
         vec!["bench", "control-plane", "--help"],
         vec!["bench", "checkpoint", "--help"],
+        vec!["plot", "--help"],
     ] {
         let out = hsat().args(&args).output().expect("run hsat");
         assert!(out.status.success(), "{args:?}");
@@ -100,4 +101,58 @@ fn resume_and_new_job_exclude_each_other() {
         err.contains("'--resume' cannot be used with '--new-job'"),
         "{err}"
     );
+}
+
+#[test]
+fn plot_draws_a_runs_metrics_and_names_what_is_missing() {
+    let run = tempfile::tempdir().unwrap();
+    let out = hsat()
+        .args(["plot", "--run"])
+        .arg(run.path())
+        .output()
+        .expect("run hsat");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{} does not exist",
+            run.path().join("metrics.jsonl").display()
+        )) && stderr.contains("older than metrics.jsonl"),
+        "{stderr}"
+    );
+
+    // Two steps and a torn third (a run killed mid-write).
+    std::fs::write(
+        run.path().join("metrics.jsonl"),
+        concat!(
+            r#"{"step":0,"loss":{"clean":null,"adversarial":{"patient":2.0,"slide":1.5,"patch":1.0,"total":4.5}},"attack_gain":0.1,"lr":0.001,"eps":0.01,"step_seconds":1.0}"#,
+            "\n",
+            r#"{"step":1,"loss":{"clean":null,"adversarial":{"patient":1.8,"slide":1.4,"patch":0.9,"total":4.1}},"attack_gain":0.2,"lr":0.001,"eps":0.02,"step_seconds":1.1}"#,
+            "\n",
+            r#"{"step":2,"loss":"#,
+        ),
+    )
+    .unwrap();
+    let out = hsat()
+        .args(["plot", "--run"])
+        .arg(run.path())
+        .output()
+        .expect("run hsat");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("skipped 1 line(s)"), "{stdout}");
+    assert!(stdout.contains("2 steps (0 to 1)"), "{stdout}");
+    for png in [
+        "loss_levels.png",
+        "attack_gain.png",
+        "lr_eps.png",
+        "step_time.png",
+    ] {
+        let bytes = std::fs::read(run.path().join("plots").join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{png}");
+    }
 }

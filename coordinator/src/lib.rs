@@ -20,6 +20,8 @@
 //!   coordinator sees them (listing, verification, retention).
 //! - [`local`]: a whole job on one machine (`hsat run --workers N`): the
 //!   coordinator in-process and N supervised worker processes.
+//! - [`logging`]: `--log-format text|json`, the level from `HSAT_LOG`/`RUST_LOG`,
+//!   colours only on a terminal (both binaries and their worker processes).
 //! - [`recovery_bench`]: `hsat bench recovery`: a small real job whose processes
 //!   are killed with SIGKILL, timed to the next committed step.
 //! - [`service`]: the async shell: the gRPC handler over the scheduler, leases on
@@ -39,6 +41,7 @@ pub mod durable;
 pub mod identity;
 pub mod ledger;
 pub mod local;
+pub mod logging;
 pub mod recovery_bench;
 pub mod scheduler;
 pub mod service;

@@ -304,6 +304,11 @@ fn worker_command(
     if std::env::var_os("RUST_LOG").is_none() {
         command.env("RUST_LOG", "warn");
     }
+    // One job, one log format (the flag is not passed on; the variable is).
+    command.env(
+        crate::logging::LOG_FORMAT_ENV,
+        crate::logging::current_format().name(),
+    );
     command.stdin(Stdio::null());
     command
 }

@@ -11,13 +11,16 @@
 //!   results -> one batch with the fallback rules applied (pure), a prefetch queue.
 //! - [`synth`]: `hsat synth`, a generator of realistic datasets on disk.
 //! - [`check`]: `hsat data check`, the index and every patch decoded, with a report.
-//! - [`plot`]: the PNG plots of an `hsat eval` report.
+//! - [`plot`]: the PNG plots of an `hsat eval` report and of a run's
+//!   `metrics.jsonl` (`hsat plot`).
+//! - [`metrics_log`]: reading a run's `metrics.jsonl`.
 //! - [`error`]: the loader's error type.
 
 pub mod check;
 pub mod error;
 pub mod image;
 pub mod loader;
+pub mod metrics_log;
 pub mod plot;
 pub mod synth;
 

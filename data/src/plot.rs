@@ -1,4 +1,5 @@
-//! PNG plots of an `hsat eval` report ([`EvalReport`]), drawn with `plotters` into an RGB buffer and
+//! PNG plots of an `hsat eval` report ([`EvalReport`]) and of a training run's
+//! metrics ([`MetricsLog`]), drawn with `plotters` into an RGB buffer and
 //! encoded with `png`. Text uses DejaVu Sans from the `dejavu` crate, registered with
 //! plotters' `ab_glyph` backend: no system font is needed on a fresh machine.
 //!
@@ -6,6 +7,8 @@
 //!   model and attack.
 //! - [`clean_vs_robust`]: per level, clean and strongest-PGD accuracy of each model
 //!   side by side.
+//! - [`training_curves`]: a run's `metrics.jsonl` (`hsat plot`): loss per level on
+//!   clean and adversarial views, attack gain, lr and eps, step time.
 //!
 //! They live here rather than beside the report types in `hsat_core::eval::report`
 //! because they need `plotters`, a font and `png`: this crate already encodes PNG
@@ -16,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use hsat_core::eval::report::{EvalReport, LEVELS, attack_title, find_attack, level};
+
+use crate::metrics_log::{MetricsLog, StepRecord, ViewLosses};
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
@@ -314,4 +319,323 @@ pub fn clean_vs_robust(report: &EvalReport, path: &Path) -> Result<(), PlotError
         }
         Ok(())
     })
+}
+
+// ---- training curves of a run's metrics.jsonl (`hsat plot`) ----
+
+/// The files [`training_curves`] writes, in order.
+pub const TRAINING_PLOT_FILES: [&str; 4] = [
+    "loss_levels.png",
+    "attack_gain.png",
+    "lr_eps.png",
+    "step_time.png",
+];
+
+/// One line of a panel: its legend label, points `(step, value)`, colour and style.
+struct Curve {
+    label: String,
+    points: Vec<(f64, f64)>,
+    colour: RGBColor,
+    dashed: bool,
+}
+
+impl Curve {
+    /// The finite values `value(record)` over the run, by step.
+    fn of(
+        log: &MetricsLog,
+        label: &str,
+        colour: RGBColor,
+        dashed: bool,
+        value: impl Fn(&StepRecord) -> Option<f64>,
+    ) -> Self {
+        Self {
+            label: label.to_owned(),
+            points: log
+                .steps
+                .iter()
+                .filter_map(|r| {
+                    value(r)
+                        .filter(|v| v.is_finite())
+                        .map(|v| (r.step as f64, v))
+                })
+                .collect(),
+            colour,
+            dashed,
+        }
+    }
+}
+
+/// `lo..hi` padded so that a flat or single-point series still has a visible range.
+fn padded(lo: f64, hi: f64) -> std::ops::Range<f64> {
+    let span = hi - lo;
+    let pad = if span > 0.0 {
+        span * 0.06
+    } else {
+        (lo.abs() * 0.1).max(1e-3)
+    };
+    lo - pad..hi + pad
+}
+
+/// A panel of `curves` against the step; says so when none has a point.
+fn curves_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    caption: &str,
+    y_desc: &str,
+    curves: &[Curve],
+) -> Result<(), PlotError> {
+    let all = || curves.iter().flat_map(|c| c.points.iter());
+    let Some(first) = all().next() else {
+        let (w, h) = area.dim_in_pixel();
+        area.draw(&Text::new(
+            format!("{caption}: not recorded in this run"),
+            (w as i32 / 6, h as i32 / 2),
+            (FONT, 18),
+        ))
+        .map_err(plot_error)?;
+        return Ok(());
+    };
+    let (mut x0, mut x1, mut y0, mut y1) = (first.0, first.0, first.1, first.1);
+    for &(x, y) in all() {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, (FONT, 22))
+        .margin(12)
+        .x_label_area_size(48)
+        .y_label_area_size(72)
+        .build_cartesian_2d(padded(x0, x1), padded(y0, y1))
+        .map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| {
+            if y.abs() >= 1e-2 || *y == 0.0 {
+                // 3 decimals without trailing zeros: 2.5, 0.125, 10.
+                let text = format!("{y:.3}");
+                text.trim_end_matches('0').trim_end_matches('.').to_owned()
+            } else {
+                format!("{y:.1e}")
+            }
+        })
+        .y_desc(y_desc)
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 16))
+        .draw()
+        .map_err(plot_error)?;
+    for curve in curves.iter().filter(|c| !c.points.is_empty()) {
+        let style = curve.colour.stroke_width(2);
+        let drawn = if curve.dashed {
+            chart.draw_series(DashedLineSeries::new(curve.points.clone(), 10, 6, style))
+        } else {
+            chart.draw_series(LineSeries::new(curve.points.clone(), style))
+        };
+        let (colour, dashed) = (curve.colour, curve.dashed);
+        drawn
+            .map_err(plot_error)?
+            .label(curve.label.clone())
+            .legend(move |(x, y)| {
+                let length = if dashed { 8 } else { 20 };
+                PathElement::new(vec![(x, y), (x + length, y)], colour.stroke_width(2))
+            });
+        // A lone point draws no line: mark it.
+        if curve.points.len() == 1 {
+            chart
+                .draw_series([Circle::new(curve.points[0], 4, curve.colour.filled())])
+                .map_err(plot_error)?;
+        }
+    }
+    draw_legend(&mut chart)
+}
+
+/// A figure of `panels` (rows x columns) under a bold `title`.
+fn curves_figure(
+    path: &Path,
+    title: &str,
+    grid: (usize, usize),
+    panels: Vec<(String, &str, Vec<Curve>)>,
+) -> Result<(), PlotError> {
+    let size = (PANEL.0 * grid.1 as u32, PANEL.1 * grid.0 as u32 + 60);
+    render(path, size, |root| {
+        let (head, body) = root.split_vertically(60);
+        head.titled(title, (FONT, 26).into_font().style(FontStyle::Bold))
+            .map_err(plot_error)?;
+        for (area, (caption, y_desc, curves)) in body.split_evenly(grid).iter().zip(&panels) {
+            curves_panel(area, caption, y_desc, curves)?;
+        }
+        Ok(())
+    })
+}
+
+/// The curves of a run's `metrics.jsonl` as PNG files in `out` (created if needed),
+/// named [`TRAINING_PLOT_FILES`]: the loss per level on clean and adversarial views,
+/// the attack's gain, the learning rate and eps, and the step time with its parts.
+pub fn training_curves(log: &MetricsLog, out: &Path) -> Result<Vec<PathBuf>, PlotError> {
+    std::fs::create_dir_all(out).map_err(|source| PlotError::Write {
+        path: out.to_path_buf(),
+        source: source.into(),
+    })?;
+    let paths: Vec<PathBuf> = TRAINING_PLOT_FILES.iter().map(|f| out.join(f)).collect();
+    let (clean, adversarial) = (colour(1), colour(0));
+    let level = |name: &'static str| -> (String, &str, Vec<Curve>) {
+        let pick = |v: Option<ViewLosses>| {
+            v.and_then(|v| match name {
+                "patient" => v.patient,
+                "slide" => v.slide,
+                "patch" => v.patch,
+                _ => v.total,
+            })
+        };
+        (
+            name.to_owned(),
+            "loss",
+            vec![
+                Curve::of(log, "clean", clean, false, |r| {
+                    pick(r.loss.and_then(|l| l.clean))
+                }),
+                Curve::of(log, "adversarial", adversarial, true, |r| {
+                    pick(r.loss.and_then(|l| l.adversarial))
+                }),
+            ],
+        )
+    };
+    curves_figure(
+        &paths[0],
+        "Loss per level: clean vs adversarial views",
+        (2, 2),
+        vec![
+            level("patient"),
+            level("slide"),
+            level("patch"),
+            level("total"),
+        ],
+    )?;
+    curves_figure(
+        &paths[1],
+        "Attack gain: PGD's loss increase from its random start to its last iterate",
+        (1, 1),
+        vec![(
+            "attack gain".to_owned(),
+            "loss increase",
+            vec![Curve::of(log, "attack gain", adversarial, false, |r| {
+                r.attack_gain
+            })],
+        )],
+    )?;
+    curves_figure(
+        &paths[2],
+        "Schedules in effect",
+        (1, 2),
+        vec![
+            (
+                "learning rate".to_owned(),
+                "lr",
+                vec![Curve::of(log, "lr", colour(2), false, |r| r.lr)],
+            ),
+            (
+                "attack eps".to_owned(),
+                "eps (x/255)",
+                vec![Curve::of(log, "eps", colour(3), false, |r| {
+                    r.eps.map(|e| e * 255.0)
+                })],
+            ),
+        ],
+    )?;
+    curves_figure(
+        &paths[3],
+        "Step time and its parts",
+        (1, 2),
+        vec![
+            (
+                "seconds per step".to_owned(),
+                "seconds",
+                vec![
+                    Curve::of(log, "step", BLACK, false, |r| r.step_seconds),
+                    Curve::of(log, "attack", adversarial, false, |r| r.attack_seconds),
+                    Curve::of(log, "data wait", colour(2), true, |r| r.data_wait_seconds),
+                    Curve::of(log, "all-reduce", clean, true, |r| r.allreduce_seconds),
+                ],
+            ),
+            (
+                "throughput".to_owned(),
+                "patches / s",
+                vec![Curve::of(log, "patches/s", colour(4), false, |r| {
+                    r.patches_per_second
+                })],
+            ),
+        ],
+    )?;
+    Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run of 30 steps with every field, and one whose attack was off (nulls).
+    fn log(attacked: bool) -> MetricsLog {
+        let mut text = String::new();
+        for step in 1..=30u64 {
+            let s = step as f64;
+            let adversarial = if attacked {
+                format!(
+                    r#"{{"patient":{},"slide":{},"patch":{},"total":{}}}"#,
+                    3.0 - s / 20.0,
+                    2.5 - s / 25.0,
+                    2.0 - s / 30.0,
+                    7.5 - s / 9.0
+                )
+            } else {
+                "null".to_owned()
+            };
+            text.push_str(&format!(
+                r#"{{"step":{step},"epoch":{},"loss":{{"clean":{{"patient":{},"slide":{},"patch":{},"total":{}}},"adversarial":{adversarial}}},"attack_gain":{},"lr":{},"eps":{},"step_seconds":{},"data_wait_seconds":0.05,"attack_seconds":{},"allreduce_seconds":0.02,"patches_per_second":{}}}"#,
+                step / 10,
+                2.8 - s / 22.0,
+                2.2 - s / 28.0,
+                1.8 - s / 35.0,
+                6.8 - s / 10.0,
+                if attacked { format!("{}", 0.3 + s / 100.0) } else { "null".into() },
+                1e-3 * (1.0 - s / 40.0),
+                if attacked { format!("{}", (s / 30.0) * 8.0 / 255.0) } else { "null".into() },
+                1.2 + (s / 3.0).sin() * 0.1,
+                if attacked { "0.8" } else { "null" },
+                40.0 + s,
+            ));
+            text.push('\n');
+        }
+        MetricsLog::parse(PathBuf::from("metrics.jsonl"), &text).unwrap()
+    }
+
+    #[test]
+    fn training_curves_are_written_as_pngs() {
+        for attacked in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let paths = training_curves(&log(attacked), dir.path()).unwrap();
+            assert_eq!(paths.len(), TRAINING_PLOT_FILES.len());
+            for path in paths {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 5_000,
+                    "{} is not a drawn PNG ({} bytes)",
+                    path.display(),
+                    bytes.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_single_step_still_plots() {
+        let log = MetricsLog::parse(
+            PathBuf::from("m"),
+            r#"{"step":0,"lr":0.001,"step_seconds":2.0}"#,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        training_curves(&log, dir.path()).unwrap();
+    }
 }

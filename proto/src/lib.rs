@@ -21,6 +21,8 @@
 
 pub mod client;
 mod convert;
+#[cfg(test)]
+mod convert_tests;
 pub mod domain;
 pub mod error;
 pub mod retry;

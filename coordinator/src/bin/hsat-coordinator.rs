@@ -3,6 +3,7 @@
 
 use clap::Parser;
 use hsat_coordinator::cli::{CoordinatorArgs, run_coordinator};
+use hsat_coordinator::logging::{self, LogArgs};
 
 /// Coordinates a distributed hsat training job: waits for --workers workers, hands
 /// out steps, commits them to <out_dir>/coordinator/ledger.jsonl.
@@ -11,17 +12,16 @@ use hsat_coordinator::cli::{CoordinatorArgs, run_coordinator};
 struct Cli {
     #[command(flatten)]
     args: CoordinatorArgs,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if let Err(err) = logging::init(cli.log.log_format) {
+        eprintln!("error: {err}");
+        return std::process::ExitCode::FAILURE;
+    }
     match run_coordinator("hsat-coordinator", cli.args) {
         Ok(outcome) => {
             println!(

@@ -171,7 +171,17 @@ impl Check {
             );
             return Duration::ZERO;
         }
-        Duration::from_secs_f64(value)
+        let duration = Duration::from_secs_f64(value);
+        // A positive value below a nanosecond rounds to zero, which the key refuses
+        // (a zero heartbeat would make the heartbeat timer panic); found by
+        // `fuzz_tests`.
+        if duration.is_zero() && !allow_zero {
+            self.problem(
+                &key,
+                format!("{key} = {value}: must be at least 1e-9 (a nanosecond; smaller values round to 0 s)"),
+            );
+        }
+        duration
     }
 
     fn count(&mut self, name: &str, value: i64, note: &str) -> usize {

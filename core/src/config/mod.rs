@@ -36,6 +36,8 @@ mod types;
 mod validate;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
