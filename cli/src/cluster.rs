@@ -256,13 +256,18 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let runtime = runtime()?;
     if !args.watch {
         let status = runtime.block_on(async {
-            let client = hsat_proto::client::CoordinatorClient::connect(&args.coordinator).await?;
+            let client = status_client(&args).await?;
             anyhow::Ok(client.status().await?)
         })?;
         print!("{}", render_status(&status, args.json, true)?);
         return Ok(());
     }
     runtime.block_on(watch_status(&args))
+}
+
+/// The client both `hsat status` forms use (one place for how it connects).
+async fn status_client(args: &StatusArgs) -> anyhow::Result<hsat_proto::client::CoordinatorClient> {
+    Ok(hsat_proto::client::CoordinatorClient::connect(&args.coordinator).await?)
 }
 
 /// `hsat status --watch`: fetch, show, sleep, until the job ends or Ctrl-C.
@@ -273,7 +278,7 @@ async fn watch_status(args: &StatusArgs) -> anyhow::Result<()> {
 
     let interval = std::time::Duration::from_secs_f64(args.interval);
     let redraw = std::io::stdout().is_terminal();
-    let client = hsat_proto::client::CoordinatorClient::connect(&args.coordinator).await?;
+    let client = status_client(args).await?;
     let mut last: Option<hsat_proto::domain::JobStatus> = None;
     let mut unreachable_since: Option<std::time::Instant> = None;
     loop {

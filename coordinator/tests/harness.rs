@@ -536,10 +536,7 @@ async fn a_coordinator_restarted_mid_job_continues_with_the_same_workers() {
         .unwrap();
     let generation = |r: &serde_json::Value| r["generation"].as_u64().unwrap();
     let commits = |rs: &[serde_json::Value]| -> Vec<serde_json::Value> {
-        rs.iter()
-            .filter(|r| r["kind"] == "commit")
-            .cloned()
-            .collect()
+        rs.iter().filter(|r| r["kind"] == "commit").cloned().collect()
     };
     let first_highest = commits(&records[..restart])
         .iter()
