@@ -20,6 +20,8 @@
 //!   coordinator sees them (listing, verification, retention).
 //! - [`local`]: a whole job on one machine (`hsat run --workers N`): the
 //!   coordinator in-process and N supervised worker processes.
+//! - [`metrics`]: the coordinator's Prometheus metrics (job, control plane,
+//!   checkpoints, robustness telemetry), kept current by the service.
 //! - [`recovery_bench`]: `hsat bench recovery`: a small real job whose processes
 //!   are killed with SIGKILL, timed to the next committed step.
 //! - [`service`]: the async shell: the gRPC handler over the scheduler, leases on
@@ -39,6 +41,7 @@ pub mod durable;
 pub mod identity;
 pub mod ledger;
 pub mod local;
+pub mod metrics;
 pub mod recovery_bench;
 pub mod scheduler;
 pub mod service;
@@ -54,7 +57,7 @@ use hsat_core::sampler::{balanced_patients, steps_per_epoch};
 
 pub use durable::StartMode;
 pub use scheduler::{ClusterSettings, JobPlan, Scheduler};
-pub use service::{JobOutcome, OutcomeKind, serve, serve_job};
+pub use service::{JobOutcome, OutcomeKind, serve, serve_job, serve_job_with};
 
 /// Why the coordinator cannot run a job.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +151,9 @@ pub enum CoordinatorError {
         /// What the operating system said.
         source: std::io::Error,
     },
+    /// The metrics endpoint could not be started.
+    #[error(transparent)]
+    Metrics(hsat_metrics::MetricsError),
     /// The listening address could not be printed.
     #[error("cannot print the listening address")]
     Stdout(#[source] std::io::Error),

@@ -126,6 +126,22 @@ impl MetricsLog {
         })
     }
 
+    /// Opens `<out_dir>/metrics.jsonl` for a job that starts at step 0: a file
+    /// already there (an earlier job's) is renamed to
+    /// `metrics.jsonl.replaced-<unix seconds>` first, so the new job's steps are
+    /// not skipped as already written.
+    pub fn start_over(out_dir: &Path) -> Result<MetricsLog, MetricsError> {
+        let path = out_dir.join(METRICS_FILE);
+        if path.exists() {
+            let aside = out_dir.join(format!("{METRICS_FILE}.replaced-{}", now_unix_s() as u64));
+            std::fs::rename(&path, &aside).map_err(|source| MetricsError::Log {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        MetricsLog::open(out_dir)
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -240,6 +256,25 @@ mod tests {
         assert!(log.append(&record(3)).unwrap());
         let steps: Vec<u64> = read(log.path()).unwrap().iter().map(|r| r.step).collect();
         assert_eq!(steps, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_new_job_starts_over_and_keeps_the_old_file_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = MetricsLog::open(dir.path()).unwrap();
+        log.append(&record(5)).unwrap();
+        drop(log);
+        let mut log = MetricsLog::start_over(dir.path()).unwrap();
+        assert_eq!(log.last_step(), None);
+        assert!(log.append(&record(0)).unwrap());
+        let steps: Vec<u64> = read(log.path()).unwrap().iter().map(|r| r.step).collect();
+        assert_eq!(steps, [0]);
+        let aside: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("metrics.jsonl.replaced-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
     }
 
     #[test]

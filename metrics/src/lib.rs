@@ -9,6 +9,8 @@
 //!   OpenMetrics or the classic text format by the scraper's `Accept` header;
 //! - [`exposition`]: encoding a registry, the classic text format, and a small
 //!   parser of expositions (tests and tools read scrapes with it);
+//! - [`auth`]: the hook the gRPC authentication layer calls on a refused call;
+//! - [`families`]: metric families both sides export alike (losses by level and view);
 //! - [`rpc`]: a tower layer counting and timing gRPC calls by method and code;
 //! - [`jsonl`]: `<out_dir>/metrics.jsonl`, one line per committed step, written by
 //!   the coordinator and by single-process `hsat run`, read by `hsat plot`.
@@ -16,13 +18,16 @@
 //! The metric names and their meaning are listed in `docs/metrics.md` (a test checks
 //! the list against a live scrape).
 
+pub mod auth;
 pub mod exposition;
+pub mod families;
 pub mod http;
 pub mod jsonl;
 pub mod rpc;
 
 use std::path::PathBuf;
 
+pub use auth::{AuthFailureHook, AuthFailures};
 pub use exposition::Exposition;
 pub use http::MetricsServer;
 pub use jsonl::{MetricsLog, StepRecord};

@@ -151,6 +151,7 @@ pub(super) fn report(
         step_seconds: 0.1,
         data_wait_seconds: 0.0,
         checkpoint_dir: None,
+        telemetry: Default::default(),
     }
 }
 
