@@ -10,13 +10,13 @@
 //! the caller's choice ([`hsat_metrics::MetricsServer`] over this as an
 //! [`Exposition`]).
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use hsat_metrics::exposition::encode_openmetrics;
 use hsat_metrics::families::{FloatGauge, LossLabels, loss_family, set_losses};
 use hsat_metrics::rpc::RpcMetrics;
-use hsat_metrics::{AuthFailures, Exposition, StepRecord};
+use hsat_metrics::{AuthFailureHook, AuthFailures, Exposition, StepRecord};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -147,7 +147,11 @@ impl CoordinatorMetrics {
             registry.register(name, help, gauge.clone());
             gauge
         };
-        let committed_steps = gauge(&mut registry, "hsat_committed_steps", "Steps committed to the ledger");
+        let committed_steps = gauge(
+            &mut registry,
+            "hsat_committed_steps",
+            "Steps committed to the ledger",
+        );
         let total_steps = gauge(&mut registry, "hsat_total_steps", "Steps of the whole job");
         let epoch = gauge(&mut registry, "hsat_epoch", "Epoch of the next step");
         let generation = gauge(
@@ -240,10 +244,22 @@ impl CoordinatorMetrics {
         &self.rpc
     }
 
-    /// `hsat_auth_failures_total`: hand [`AuthFailures::hook`] to the
-    /// authentication layer.
+    /// `hsat_auth_failures_total`.
     pub fn auth_failures(&self) -> &AuthFailures {
         &self.auth_failures
+    }
+
+    /// The hook to hand to the gRPC authentication layer: it counts the refused
+    /// call by reason, and a refused `Register` also as a registration refused for
+    /// `auth`.
+    pub fn auth_failure_hook(self: &Arc<Self>) -> AuthFailureHook {
+        let metrics = Arc::clone(self);
+        Arc::new(move |reason: &str, path: &str| {
+            metrics.auth_failures.record(reason);
+            if path.rsplit('/').next() == Some("Register") {
+                metrics.refused(RefusalReason::Auth);
+            }
+        })
     }
 
     /// Counts a refused registration.
@@ -268,7 +284,8 @@ impl CoordinatorMetrics {
         self.total_steps.set(saturating(view.total_steps));
         self.epoch.set(saturating(view.epoch));
         self.generation.set(saturating(view.generation));
-        self.workers_alive.set(saturating(view.workers_alive as u64));
+        self.workers_alive
+            .set(saturating(view.workers_alive as u64));
     }
 
     /// A committed step: its losses and telemetry become the current values and
@@ -281,7 +298,11 @@ impl CoordinatorMetrics {
             return;
         }
         set_losses(&self.loss, "clean", entry.losses.and_then(|l| l.clean));
-        set_losses(&self.loss, "adversarial", entry.losses.and_then(|l| l.adversarial));
+        set_losses(
+            &self.loss,
+            "adversarial",
+            entry.losses.and_then(|l| l.adversarial),
+        );
         if let Some(telemetry) = &entry.telemetry {
             self.attack_gain
                 .set(telemetry.ranks.attack_gain.unwrap_or(f64::NAN));
@@ -350,5 +371,69 @@ pub fn step_record(entry: &LedgerEntry) -> StepRecord {
         patches_per_second: ranks
             .filter(|_| seconds > 0.0)
             .map(|t| t.patches as f64 / seconds),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hsat_metrics::exposition::{Scrape, openmetrics_to_text};
+
+    fn scrape(metrics: &CoordinatorMetrics) -> Scrape {
+        Scrape::parse(&openmetrics_to_text(&metrics.render())).unwrap()
+    }
+
+    #[test]
+    fn the_auth_hook_counts_failures_and_refused_registrations() {
+        let metrics = Arc::new(CoordinatorMetrics::new());
+        let hook = metrics.auth_failure_hook();
+        hook("wrong_token", "/hsat.v1.Coordinator/Register");
+        hook("wrong_session", "/hsat.v1.Coordinator/ReportStep");
+        let scrape = scrape(&metrics);
+        let failures = |reason| scrape.value("hsat_auth_failures_total", &[("reason", reason)]);
+        assert_eq!(failures("wrong_token"), Some(1.0));
+        assert_eq!(failures("wrong_session"), Some(1.0));
+        assert_eq!(failures("missing_token"), Some(0.0));
+        assert_eq!(
+            scrape.value("hsat_registrations_refused_total", &[("reason", "auth")]),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn exactly_one_job_state_is_set() {
+        let metrics = CoordinatorMetrics::new();
+        metrics.set_view(&MetricsView {
+            phase: JobPhase::Paused,
+            committed: 3,
+            total_steps: 10,
+            epoch: 1,
+            generation: 2,
+            workers_alive: 1,
+        });
+        let scrape = scrape(&metrics);
+        for phase in JobPhase::ALL {
+            let expected = if phase == JobPhase::Paused { 1.0 } else { 0.0 };
+            assert_eq!(
+                scrape.value("hsat_job_state", &[("state", phase.label())]),
+                Some(expected),
+                "{phase:?}"
+            );
+        }
+        assert_eq!(scrape.value("hsat_committed_steps", &[]), Some(3.0));
+        assert_eq!(scrape.value("hsat_workers_alive", &[]), Some(1.0));
+        let age = scrape.value("hsat_checkpoint_age_seconds", &[]).unwrap();
+        assert!(age.is_nan(), "no checkpoint yet: {age}");
+    }
+
+    #[test]
+    fn a_checkpoints_age_is_measured_when_scraped() {
+        let metrics = CoordinatorMetrics::new();
+        let written = SystemTime::now() - std::time::Duration::from_secs(30);
+        metrics.on_checkpoint(8, written);
+        let scrape = scrape(&metrics);
+        assert_eq!(scrape.value("hsat_checkpoint_step", &[]), Some(8.0));
+        let age = scrape.value("hsat_checkpoint_age_seconds", &[]).unwrap();
+        assert!((30.0..60.0).contains(&age), "{age}");
     }
 }

@@ -122,7 +122,8 @@ impl Shared {
                         self.append(&ledger::rollback_record(to_step, checkpoint.as_deref()));
                     }
                     Action::Checkpoint { step, dir } => {
-                        self.metrics.on_checkpoint(step, std::time::SystemTime::now());
+                        self.metrics
+                            .on_checkpoint(step, std::time::SystemTime::now());
                         self.append(&ledger::checkpoint_record(step, &dir));
                         self.apply_retention(scheduler.committed());
                     }
@@ -150,7 +151,9 @@ impl Shared {
         let record = crate::metrics::step_record(entry);
         let log = Arc::clone(log);
         ledger.after_writes(Box::new(move || {
-            let mut log = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut log = log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Err(err) = log.append(&record) {
                 tracing::warn!(error = %err, step = record.step, "cannot append to metrics.jsonl");
             }
@@ -161,8 +164,11 @@ impl Shared {
     fn refusal_reason(&self, registration: &Registration) -> RefusalReason {
         if registration.hsat_version != self.identity.hsat_version {
             RefusalReason::Version
-        } else if !hsat_core::config::config_differences(&registration.config, &self.identity.config)
-            .is_empty()
+        } else if !hsat_core::config::config_differences(
+            &registration.config,
+            &self.identity.config,
+        )
+        .is_empty()
         {
             RefusalReason::Config
         } else if registration.dataset_fingerprint != self.identity.dataset_fingerprint {

@@ -17,8 +17,7 @@ use hsat_proto::ApiError;
 use hsat_proto::client::CoordinatorClient;
 use hsat_proto::domain::{
     AssignmentRequest, GroupAssignment, LevelLosses, Registration, StepLosses, StepTelemetry,
-    StoreRole,
-    TrainAssignment, WorkerId,
+    StoreRole, TrainAssignment, WorkerId,
 };
 use hsat_proto::retry::{Backoff, RetryError, retry};
 use hsat_proto::worker_protocol::{Action, Event, ProtocolError, StepOutcome, WorkerProtocol};

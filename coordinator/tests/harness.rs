@@ -536,7 +536,10 @@ async fn a_coordinator_restarted_mid_job_continues_with_the_same_workers() {
         .unwrap();
     let generation = |r: &serde_json::Value| r["generation"].as_u64().unwrap();
     let commits = |rs: &[serde_json::Value]| -> Vec<serde_json::Value> {
-        rs.iter().filter(|r| r["kind"] == "commit").cloned().collect()
+        rs.iter()
+            .filter(|r| r["kind"] == "commit")
+            .cloned()
+            .collect()
     };
     let first_highest = commits(&records[..restart])
         .iter()
@@ -612,7 +615,8 @@ async fn metrics_follow_the_ledger_and_count_rpcs_and_refusals() {
     let index = dataset(dir.path(), 10);
     let config = job_config(&dir.path().join("out"), &dir.path().join("manifest.csv"));
     let job = Job::from_index(config, index);
-    let start = hsat_coordinator::durable::prepare(&job, hsat_coordinator::StartMode::Auto).unwrap();
+    let start =
+        hsat_coordinator::durable::prepare(&job, hsat_coordinator::StartMode::Auto).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let metrics = Arc::new(CoordinatorMetrics::new());
@@ -640,7 +644,10 @@ async fn metrics_follow_the_ledger_and_count_rpcs_and_refusals() {
     ));
     // Before any worker: forming, nothing committed.
     let (before, _) = scrape().await;
-    assert_eq!(before.value("hsat_job_state", &[("state", "forming")]), Some(1.0));
+    assert_eq!(
+        before.value("hsat_job_state", &[("state", "forming")]),
+        Some(1.0)
+    );
     assert_eq!(before.value("hsat_committed_steps", &[]), Some(0.0));
     assert_eq!(
         before.value("hsat_total_steps", &[]),
@@ -681,15 +688,30 @@ async fn metrics_follow_the_ledger_and_count_rpcs_and_refusals() {
     let entries = check_ledger(&outcome.ledger, &job);
     let total = job.plan.total_steps as f64;
     let (after, text) = scrape().await;
-    assert_eq!(after.value("hsat_committed_steps", &[]), Some(entries.len() as f64));
+    assert_eq!(
+        after.value("hsat_committed_steps", &[]),
+        Some(entries.len() as f64)
+    );
     assert_eq!(after.value("hsat_committed_steps", &[]), Some(total));
     let last_generation = entries.last().unwrap()["generation"].as_u64().unwrap();
-    assert_eq!(after.value("hsat_generation", &[]), Some(last_generation as f64));
-    assert_eq!(after.value("hsat_job_state", &[("state", "finished")]), Some(1.0));
-    assert_eq!(after.value("hsat_job_state", &[("state", "training")]), Some(0.0));
+    assert_eq!(
+        after.value("hsat_generation", &[]),
+        Some(last_generation as f64)
+    );
+    assert_eq!(
+        after.value("hsat_job_state", &[("state", "finished")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        after.value("hsat_job_state", &[("state", "training")]),
+        Some(0.0)
+    );
     let rpc = |method: &str, code: &str| {
         after
-            .value("hsat_rpc_requests_total", &[("method", method), ("code", code)])
+            .value(
+                "hsat_rpc_requests_total",
+                &[("method", method), ("code", code)],
+            )
             .unwrap_or(0.0)
     };
     assert_eq!(rpc("ReportStep", "OK"), 2.0 * total, "{text}");
@@ -712,11 +734,22 @@ async fn metrics_follow_the_ledger_and_count_rpcs_and_refusals() {
     let problems = promtool_check(&text).unwrap();
     assert_eq!(problems, "", "{text}");
     let lines = hsat_metrics::jsonl::read(
-        &job.config.infra.out_dir.join(hsat_metrics::jsonl::METRICS_FILE),
+        &job.config
+            .infra
+            .out_dir
+            .join(hsat_metrics::jsonl::METRICS_FILE),
     )
     .unwrap();
     let steps: Vec<u64> = lines.iter().map(|l| l.step).collect();
     assert_eq!(steps, (0..job.plan.total_steps).collect::<Vec<_>>());
-    assert!(lines.iter().all(|l| l.world_size == 2 && l.attack_gain == Some(0.5)));
-    assert!(lines.iter().all(|l| l.loss.clean.is_some() && l.loss.adversarial.is_none()));
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.world_size == 2 && l.attack_gain == Some(0.5))
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.loss.clean.is_some() && l.loss.adversarial.is_none())
+    );
 }

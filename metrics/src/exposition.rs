@@ -204,6 +204,44 @@ fn parse_sample(line: &str) -> Option<Sample> {
     })
 }
 
+/// Runs `promtool check metrics` on `text`; returns what it printed when it found
+/// problems (empty when it accepted the exposition), or `Err` when promtool cannot
+/// run (it comes with Debian's `prometheus` package; `scripts/setup.sh` installs it).
+pub fn promtool_check(text: &str) -> Result<String, String> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| {
+            format!(
+                "cannot run promtool ({err}): install Debian's `prometheus` package \
+                 (scripts/setup.sh does) so that `promtool` is on PATH"
+            )
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|err| format!("cannot feed promtool: {err}"))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|err| format!("promtool did not finish: {err}"))?;
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() {
+        Ok(String::new())
+    } else {
+        Ok(format!("exit {}: {printed}", output.status))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,7 +282,10 @@ mod tests {
         assert!(open.contains("# TYPE hsat_test_calls counter"), "{open}");
         assert!(open.ends_with("# EOF\n"), "{open}");
         let text = openmetrics_to_text(&open);
-        assert!(text.contains("# TYPE hsat_test_calls_total counter"), "{text}");
+        assert!(
+            text.contains("# TYPE hsat_test_calls_total counter"),
+            "{text}"
+        );
         assert!(
             text.contains("# HELP hsat_test_calls_total Calls by method and code"),
             "{text}"
@@ -276,7 +317,10 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(
-            from_text.families.get("hsat_test_calls_total").map(String::as_str),
+            from_text
+                .families
+                .get("hsat_test_calls_total")
+                .map(String::as_str),
             Some("counter")
         );
     }
@@ -300,43 +344,5 @@ mod tests {
         let text = openmetrics_to_text(&encode_openmetrics(&registry()));
         let problems = crate::exposition::promtool_check(&text).unwrap();
         assert_eq!(problems, "", "promtool found problems:\n{problems}\n{text}");
-    }
-}
-
-/// Runs `promtool check metrics` on `text`; returns what it printed when it found
-/// problems (empty when it accepted the exposition), or `Err` when promtool cannot
-/// run (it comes with Debian's `prometheus` package; `scripts/setup.sh` installs it).
-pub fn promtool_check(text: &str) -> Result<String, String> {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|err| {
-            format!(
-                "cannot run promtool ({err}): install Debian's `prometheus` package \
-                 (scripts/setup.sh does) so that `promtool` is on PATH"
-            )
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(text.as_bytes())
-            .map_err(|err| format!("cannot feed promtool: {err}"))?;
-    }
-    let output = child
-        .wait_with_output()
-        .map_err(|err| format!("promtool did not finish: {err}"))?;
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    if output.status.success() {
-        Ok(String::new())
-    } else {
-        Ok(format!("exit {}: {printed}", output.status))
     }
 }

@@ -162,7 +162,8 @@ pub fn get(
     accept: Option<&str>,
 ) -> std::io::Result<(u16, String, String)> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(5))?;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(5))?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     let accept = accept.map_or_else(String::new, |a| format!("Accept: {a}\r\n"));
     write!(
@@ -204,7 +205,11 @@ mod tests {
     }
 
     /// Runs `get` off the runtime's threads (it blocks).
-    async fn fetch(address: SocketAddr, path: &'static str, accept: Option<&'static str>) -> (u16, String, String) {
+    async fn fetch(
+        address: SocketAddr,
+        path: &'static str,
+        accept: Option<&'static str>,
+    ) -> (u16, String, String) {
         tokio::task::spawn_blocking(move || get(address, path, accept))
             .await
             .unwrap()

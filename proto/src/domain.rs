@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use hsat_core::losses::{LevelLosses, StepLosses};
-pub use hsat_core::telemetry::StepTelemetry;
 pub use hsat_core::sampler::{PatientDraw, SlideDraw};
+pub use hsat_core::telemetry::StepTelemetry;
 
 /// A registered worker, as numbered by the coordinator (never 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

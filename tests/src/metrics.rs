@@ -49,7 +49,10 @@ pub fn documented_metrics() -> BTreeMap<String, String> {
         let [_, name, kind, _meaning, ..] = cells.as_slice() else {
             continue;
         };
-        let Some(name) = name.strip_prefix("`hsat_").and_then(|n| n.strip_suffix('`')) else {
+        let Some(name) = name
+            .strip_prefix("`hsat_")
+            .and_then(|n| n.strip_suffix('`'))
+        else {
             continue;
         };
         let name = format!("hsat_{}", name.split('{').next().unwrap_or(name));
@@ -131,7 +134,10 @@ impl Prometheus {
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address={address}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -156,14 +162,18 @@ impl Prometheus {
         let listed: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
         // Written aside and renamed: Prometheus never reads a half-written file.
         let staging = self.targets.with_extension("json.tmp");
-        std::fs::write(&staging, format!("[{{\"targets\": [{}]}}]", listed.join(", ")))
-            .and_then(|()| std::fs::rename(&staging, &self.targets))
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", self.targets.display()));
+        std::fs::write(
+            &staging,
+            format!("[{{\"targets\": [{}]}}]", listed.join(", ")),
+        )
+        .and_then(|()| std::fs::rename(&staging, &self.targets))
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", self.targets.display()));
     }
 
     /// Each target's URL, health and last scrape error (for failure messages).
     pub fn targets_status(&self) -> String {
-        let Ok((_, _, body)) = hsat_metrics::http::get(self.address, "/api/v1/targets", None) else {
+        let Ok((_, _, body)) = hsat_metrics::http::get(self.address, "/api/v1/targets", None)
+        else {
             return "unknown (no answer)".into();
         };
         let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();

@@ -26,7 +26,9 @@ use hsat_metrics::exposition::promtool_check;
 use hsat_tests::metrics::{
     Prometheus, children_of, documented_metrics, metrics_address, sample_value, scrape, signal,
 };
-use hsat_tests::{Ledger, Sandbox, SandboxSpec, SmallJob, hsat_binary, synth_opensrh, write_small_job_config};
+use hsat_tests::{
+    Ledger, Sandbox, SandboxSpec, SmallJob, hsat_binary, synth_opensrh, write_small_job_config,
+};
 
 /// Steps of [`job`].
 const TOTAL_STEPS: usize = 60;
@@ -54,13 +56,21 @@ fn job(dir: &Path, attack_iters: usize) -> std::path::PathBuf {
 }
 
 /// Polls `find` until it gives a value, or panics after `limit` with `context()`.
-fn wait_until<T>(limit: Duration, mut find: impl FnMut() -> Option<T>, context: impl Fn() -> String) -> T {
+fn wait_until<T>(
+    limit: Duration,
+    mut find: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(value) = find() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?}:\n{}", context());
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}:\n{}",
+            context()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -92,7 +102,12 @@ fn a_running_jobs_metrics_agree_with_the_ledger_and_the_documented_table() {
         .collect();
     sandbox.wait_for_commits(2, Duration::from_secs(120));
     let (running, _) = scrape(coordinator);
-    assert_eq!(running.value("hsat_workers_alive", &[]), Some(2.0), "{}", sandbox.logs());
+    assert_eq!(
+        running.value("hsat_workers_alive", &[]),
+        Some(2.0),
+        "{}",
+        sandbox.logs()
+    );
     let total = running.value("hsat_total_steps", &[]).unwrap();
     assert_eq!(total, TOTAL_STEPS as f64);
 
@@ -126,8 +141,14 @@ fn a_running_jobs_metrics_agree_with_the_ledger_and_the_documented_table() {
         Some(last.generation as f64),
         "{coordinator_text}"
     );
-    assert_eq!(paused.value("hsat_epoch", &[]), Some((committed.len() / 2) as f64));
-    assert_eq!(paused.value("hsat_job_state", &[("state", "training")]), Some(1.0));
+    assert_eq!(
+        paused.value("hsat_epoch", &[]),
+        Some((committed.len() / 2) as f64)
+    );
+    assert_eq!(
+        paused.value("hsat_job_state", &[("state", "training")]),
+        Some(1.0)
+    );
     assert_eq!(
         paused.value("hsat_step_duration_seconds_count", &[]),
         Some(committed.len() as f64)
@@ -138,7 +159,10 @@ fn a_running_jobs_metrics_agree_with_the_ledger_and_the_documented_table() {
     let clean = paused
         .value("hsat_loss", &[("level", "patient"), ("view", "clean")])
         .unwrap();
-    assert!(adversarial.is_finite() && clean.is_finite(), "{coordinator_text}");
+    assert!(
+        adversarial.is_finite() && clean.is_finite(),
+        "{coordinator_text}"
+    );
     assert!(paused.value("hsat_attack_gain", &[]).unwrap().is_finite());
     assert!(paused.value("hsat_learning_rate", &[]).unwrap() > 0.0);
     // Each worker trains a shard of every step: at least the committed ones.
@@ -150,7 +174,12 @@ fn a_running_jobs_metrics_agree_with_the_ledger_and_the_documented_table() {
             committed.len()
         );
         assert!(scraped.value("hsat_worker_patches_total", &[]).unwrap() > 0.0);
-        assert!(scraped.value("hsat_worker_attack_gain", &[]).unwrap().is_finite());
+        assert!(
+            scraped
+                .value("hsat_worker_attack_gain", &[])
+                .unwrap()
+                .is_finite()
+        );
     }
 
     // The documented table is exactly what a live scrape exposes, types included.
@@ -158,10 +187,12 @@ fn a_running_jobs_metrics_agree_with_the_ledger_and_the_documented_table() {
     let (doc_worker, doc_coordinator): (std::collections::BTreeMap<_, _>, _) = documented
         .into_iter()
         .partition(|(name, _)| name.starts_with("hsat_worker_"));
-    assert_eq!(paused.families, doc_coordinator, "coordinator vs docs/metrics.md");
     assert_eq!(
-        worker_scrapes[0].0.families,
-        doc_worker,
+        paused.families, doc_coordinator,
+        "coordinator vs docs/metrics.md"
+    );
+    assert_eq!(
+        worker_scrapes[0].0.families, doc_worker,
         "worker vs docs/metrics.md"
     );
 
@@ -202,8 +233,14 @@ impl LocalRun {
             .unwrap();
         let output = Arc::new(Mutex::new(String::new()));
         for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -225,14 +262,19 @@ impl LocalRun {
     }
 
     fn output(&self) -> String {
-        self.output.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.output
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
 impl Drop for LocalRun {
     fn drop(&mut self) {
         for &pid in &self.paused {
-            let _ = Command::new("kill").args(["-s", "KILL", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", &pid.to_string()])
+                .status();
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -275,9 +317,11 @@ fn prometheus_scrapes_a_local_job_and_answers_the_committed_steps_of_the_ledger(
     prometheus.wait_for("up", Duration::from_secs(60), |result| {
         result.len() == 3 && result.iter().all(|r| sample_value(r) == Some(1.0))
     });
-    prometheus.wait_for("hsat_worker_steps_total", Duration::from_secs(30), |result| {
-        result.len() == 2
-    });
+    prometheus.wait_for(
+        "hsat_worker_steps_total",
+        Duration::from_secs(30),
+        |result| result.len() == 2,
+    );
     wait_until(
         Duration::from_secs(120),
         || {
@@ -301,11 +345,9 @@ fn prometheus_scrapes_a_local_job_and_answers_the_committed_steps_of_the_ledger(
         "the job finished before it was paused; make it longer"
     );
     // ...and the committed steps it stored are the ledger's.
-    let answer = prometheus.wait_for(
-        "hsat_committed_steps",
-        Duration::from_secs(30),
-        |result| result.len() == 1 && sample_value(&result[0]) == Some(committed as f64),
-    );
+    let answer = prometheus.wait_for("hsat_committed_steps", Duration::from_secs(30), |result| {
+        result.len() == 1 && sample_value(&result[0]) == Some(committed as f64)
+    });
     assert_eq!(
         answer[0]["metric"]["instance"].as_str(),
         Some(coordinator.to_string().as_str())
@@ -321,9 +363,16 @@ fn prometheus_scrapes_a_local_job_and_answers_the_committed_steps_of_the_ledger(
         if let Some(status) = run.child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "hsat run did not finish:\n{}", run.output());
+        assert!(
+            Instant::now() < deadline,
+            "hsat run did not finish:\n{}",
+            run.output()
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "{}", run.output());
-    assert_eq!(Ledger::read(&out_dir).unwrap().committed().len(), TOTAL_STEPS);
+    assert_eq!(
+        Ledger::read(&out_dir).unwrap().committed().len(),
+        TOTAL_STEPS
+    );
 }

@@ -243,10 +243,13 @@ fn metrics_jsonl_has_every_step_and_measuring_clean_losses_changes_nothing_train
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let lines =
-            hsat_metrics::jsonl::read(&dir.path().join("run/metrics.jsonl")).expect("metrics.jsonl");
-        let weights = std::fs::read(dir.path().join("run/checkpoints/step-00000004/backbone.safetensors"))
-            .expect("final weights");
+        let lines = hsat_metrics::jsonl::read(&dir.path().join("run/metrics.jsonl"))
+            .expect("metrics.jsonl");
+        let weights = std::fs::read(
+            dir.path()
+                .join("run/checkpoints/step-00000004/backbone.safetensors"),
+        )
+        .expect("final weights");
         runs.push((every, lines, weights, dir));
     }
     let (_, measured, measured_weights, _) = &runs[0];
@@ -272,5 +275,8 @@ fn metrics_jsonl_has_every_step_and_measuring_clean_losses_changes_nothing_train
     // PGD ascends the attack's loss: on average it ends above its random start.
     let mean_gain: f64 =
         measured.iter().filter_map(|l| l.attack_gain).sum::<f64>() / measured.len() as f64;
-    assert!(mean_gain > 0.0, "mean attack gain {mean_gain}: {measured:?}");
+    assert!(
+        mean_gain > 0.0,
+        "mean attack gain {mean_gain}: {measured:?}"
+    );
 }

@@ -173,7 +173,11 @@ impl WorkerMetrics {
                 .set(telemetry.patches as f64 / step_seconds);
         }
         set_losses(&self.loss, "clean", losses.and_then(|l| l.clean));
-        set_losses(&self.loss, "adversarial", losses.and_then(|l| l.adversarial));
+        set_losses(
+            &self.loss,
+            "adversarial",
+            losses.and_then(|l| l.adversarial),
+        );
         self.attack_gain
             .set(telemetry.attack_gain.unwrap_or(f64::NAN));
         self.attack_eps.set(telemetry.eps);
@@ -233,7 +237,10 @@ mod tests {
         let scrape = Scrape::parse(&text).unwrap();
         assert_eq!(scrape.value("hsat_worker_steps_total", &[]), Some(2.0));
         assert_eq!(scrape.value("hsat_worker_patches_total", &[]), Some(24.0));
-        assert_eq!(scrape.value("hsat_worker_patches_per_second", &[]), Some(6.0));
+        assert_eq!(
+            scrape.value("hsat_worker_patches_per_second", &[]),
+            Some(6.0)
+        );
         assert_eq!(
             scrape.value(
                 "hsat_worker_loss",

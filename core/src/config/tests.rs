@@ -870,7 +870,10 @@ fn metrics_addresses_load_and_a_bad_one_is_named_with_the_fix() {
     )
     .unwrap();
     assert_eq!(cfg.metrics.listen, Some("0.0.0.0:9464".parse().unwrap()));
-    assert_eq!(cfg.metrics.worker_listen, Some("127.0.0.1:0".parse().unwrap()));
+    assert_eq!(
+        cfg.metrics.worker_listen,
+        Some("127.0.0.1:0".parse().unwrap())
+    );
     assert!(cfg.metrics.clean_loss_at(20) && !cfg.metrics.clean_loss_at(21));
     let never = Config::from_toml_str("[metrics]\nclean_loss_every = 0\n").unwrap();
     assert!(!never.metrics.clean_loss_at(0));

@@ -316,9 +316,15 @@ mod tests {
         assert_eq!(Some(&stats.dir), written.as_ref());
         let on_disk: u64 = std::fs::read_dir(&stats.dir)
             .map_err(WorkerError::io("listing", &stats.dir))?
-            .map(|e| e.map(|e| e.metadata().map(|m| m.len()).unwrap_or(0)).unwrap_or(0))
+            .map(|e| {
+                e.map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .unwrap_or(0)
+            })
             .sum();
-        assert!(stats.bytes > 0 && stats.bytes == on_disk, "{stats:?} vs {on_disk}");
+        assert!(
+            stats.bytes > 0 && stats.bytes == on_disk,
+            "{stats:?} vs {on_disk}"
+        );
         assert!(stats.seconds > 0.0, "{stats:?}");
         assert_eq!(w.take_last_write(), None);
         Ok(())

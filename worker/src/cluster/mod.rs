@@ -141,7 +141,11 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
                     Ok(hsat_metrics::MetricsServer::spawn(listener, exposition))
                 })
                 .map_err(WorkerError::Metrics)?;
-            println!("hsat worker {}: metrics on {}", options.name, endpoint.url());
+            println!(
+                "hsat worker {}: metrics on {}",
+                options.name,
+                endpoint.url()
+            );
             // Whoever reads our output (hsat run, a test) learns the port now.
             let _ = std::io::Write::flush(&mut std::io::stdout());
             Some(endpoint)

@@ -112,7 +112,10 @@ impl Pgd {
             Some(start) => {
                 let end = tch::no_grad(|| -> Result<f64> {
                     let emb = model.embed_batch(&images.f_add(&delta)?, false)?;
-                    Ok(loss.compute(&emb, self.loss_type)?.total.f_double_value(&[])?)
+                    Ok(loss
+                        .compute(&emb, self.loss_type)?
+                        .total
+                        .f_double_value(&[])?)
                 })?;
                 Some(end - start)
             }
