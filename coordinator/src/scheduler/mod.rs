@@ -236,7 +236,8 @@ pub enum JobPhase {
     Training,
     /// Fewer live workers than `min_workers`: waiting for workers to return.
     Paused,
-    /// Shutting down: draining issued steps and checkpointing.
+    /// Stopping on a shutdown signal: draining issued steps, checkpointing,
+    /// exiting (the job is resumable).
     Finishing,
     /// Every step is committed.
     Finished,
@@ -512,10 +513,12 @@ impl Scheduler {
 
     /// What the metrics show of the job at `now` (see `crate::metrics`).
     pub fn metrics_view(&self, now: Duration) -> MetricsView {
+        // A shutdown ends the job as "cancelled" (a failed phase), but the job is
+        // resumable: it shows as finishing until the process exits.
         let phase = match (&self.phase, &self.shutdown) {
             (Phase::Finished, _) => JobPhase::Finished,
-            (Phase::Failed(_), _) => JobPhase::Failed,
             (_, Some(_)) => JobPhase::Finishing,
+            (Phase::Failed(_), None) => JobPhase::Failed,
             (Phase::Running, None) => JobPhase::Training,
             (Phase::Regrouping { .. }, None) if self.paused.is_some() => JobPhase::Paused,
             (Phase::Waiting | Phase::Regrouping { .. }, None) => JobPhase::Forming,
