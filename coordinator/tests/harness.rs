@@ -502,6 +502,16 @@ async fn a_coordinator_restarted_mid_job_continues_with_the_same_workers() {
     assert_eq!(outcome.kind, OutcomeKind::Finished);
     let entries = check_ledger(&outcome.ledger, &job);
     assert_eq!(entries.len() as u64, job.plan.total_steps);
+    // The second coordinator appended to metrics.jsonl: every step once, in order.
+    let metrics_lines = hsat_metrics::jsonl::read(
+        &job.config
+            .infra
+            .out_dir
+            .join(hsat_metrics::jsonl::METRICS_FILE),
+    )
+    .unwrap();
+    let steps: Vec<u64> = metrics_lines.iter().map(|l| l.step).collect();
+    assert_eq!(steps, (0..job.plan.total_steps).collect::<Vec<_>>());
     let text = std::fs::read_to_string(&ledger).unwrap();
     let kinds: Vec<String> = text
         .lines()
