@@ -4,7 +4,9 @@
 # Installs PyTorch 2.13.0 (the libtorch that tch 0.26 links against) plus the small
 # Python packages used by fixtures and benchmarks into a cache directory outside the
 # clone, so later clones on the same machine reuse it, and writes the untracked
-# `.cargo/config.toml` that points the build at it. Safe to run any number of times.
+# `.cargo/config.toml` that points the build at it; installs Debian's `prometheus`
+# package (promtool, prometheus) for the metrics tests when missing. Safe to run
+# any number of times.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -84,4 +86,19 @@ HSAT_PYTHON = "$venv/bin/python"
 target-dir = "$cache/target"
 TOML
 mv "$root/.cargo/config.toml.tmp" "$root/.cargo/config.toml"
+
+# The metrics tests run `promtool check metrics` and a real Prometheus server
+# scraping a job: both come with Debian's `prometheus` package.
+if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+  log "promtool and prometheus found ($(command -v promtool))"
+elif command -v apt-get >/dev/null 2>&1; then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  log "promtool or prometheus is not on PATH: installing Debian's prometheus package (the metrics tests need both)"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends prometheus \
+    || { $sudo apt-get update && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends prometheus; }
+  log "installed: $(command -v promtool)"
+else
+  log "warning: promtool/prometheus missing and no apt-get here; install Prometheus 2.x (promtool and prometheus on PATH) or the metrics tests fail"
+fi
 log "ready: libtorch $version at $libtorch"

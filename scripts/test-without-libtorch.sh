@@ -20,4 +20,4 @@ if [[ -d "$venv" ]]; then mv "$venv" "$hidden"; fi
 cd /
 env -u LIBTORCH -u HSAT_PYTHON CARGO_TARGET_DIR="$cache/target-without-libtorch" \
   cargo test --manifest-path "$root/Cargo.toml" \
-  -p hsat-core -p hsat-data -p hsat-proto -p hsat-coordinator "$@"
+  -p hsat-core -p hsat-data -p hsat-proto -p hsat-metrics -p hsat-coordinator "$@"

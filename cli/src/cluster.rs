@@ -51,6 +51,10 @@ pub struct WorkerArgs {
     /// slow; 0 = give up at the first such error [cluster.rpc_retry_deadline_s].
     #[arg(long)]
     pub rpc_retry_deadline: Option<f64>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (IP:PORT; port 0 picks a
+    /// free port, printed on stdout; "" = off) [metrics.worker_listen].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 impl WorkerArgs {
@@ -70,6 +74,9 @@ impl WorkerArgs {
         if let Some(s) = self.rpc_retry_deadline {
             sets.push(format!("cluster.rpc_retry_deadline_s={}", float(s)));
         }
+        if let Some(address) = &self.metrics_listen {
+            sets.push(format!("metrics.worker_listen={address:?}"));
+        }
         sets
     }
 }
@@ -88,6 +95,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         .name
         .unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()));
     let cluster = cfg.cluster.clone();
+    let metrics_listen = cfg.metrics.worker_listen;
     let options = WorkerOptions {
         coordinator: args.coordinator,
         config: cfg,
@@ -98,6 +106,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         bucket_bytes: cluster.bucket_bytes(),
         connect_deadline: cluster.connect_timeout,
         rpc_retry_deadline: cluster.rpc_retry_deadline,
+        metrics_listen,
     };
     let summary = run_worker(options, shutdown).with_context(|| format!("worker {name}"))?;
     eprintln!(
@@ -153,6 +162,7 @@ pub fn run_local(
             total_steps,
             config.infra.out_dir.display()
         ),
+        LocalEvent::Metrics { url } => println!("hsat: coordinator metrics on {url}"),
         LocalEvent::WorkerFailed { name, status } => {
             eprintln!("hsat: {name} exited with {status}");
         }

@@ -4,11 +4,15 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use hsat_metrics::MetricsServer;
 
 use hsat_core::config::{self, ConfigSources};
 
 use crate::durable::{self, StartMode};
-use crate::{ClusterSettings, CoordinatorError, JobOutcome, load_job, serve_job};
+use crate::metrics::CoordinatorMetrics;
+use crate::{ClusterSettings, CoordinatorError, JobOutcome, load_job, serve_job_with};
 
 /// Membership and lease flags: each overrides its `[cluster]` key (shown in
 /// brackets; defaults in `docs/config.md`) and is validated with the rest.
@@ -90,6 +94,10 @@ pub struct CoordinatorArgs {
     /// Membership and lease settings.
     #[command(flatten)]
     pub membership: MembershipArgs,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (IP:PORT; port 0 picks a
+    /// free port, printed on stdout; "" = off) [metrics.listen].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Archive the job already in infra.out_dir (ledger and checkpoints, to
     /// `<out_dir>/archive/<job id>/`) and start this one; without it the same job
     /// is resumed and a different one is refused.
@@ -106,16 +114,21 @@ impl CoordinatorArgs {
             overrides.push(format!("cluster.workers={workers}"));
         }
         overrides.extend(self.membership.overrides());
+        if let Some(address) = &self.metrics_listen {
+            overrides.push(format!("metrics.listen={address:?}"));
+        }
         ConfigSources::from_process_env(self.config.clone(), overrides)
     }
 }
 
 /// Loads the job, decides whether it is new, resumed or finished (see
-/// [`durable`]), binds, prints `<name>: listening on ADDR` and serves until the job
+/// [`durable`]), binds, prints `<name>: listening on ADDR` (and `<name>: metrics on
+/// http://ADDR/metrics` when `metrics.listen` is set) and serves until the job
 /// ends or SIGTERM / Ctrl-C.
 pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, CoordinatorError> {
     let config = config::load(&args.sources())?;
     let settings = ClusterSettings::from_config(&config.cluster);
+    let metrics_listen = config.metrics.listen;
     let job = load_job(config)?;
     let mode = if args.new_job {
         StartMode::NewJob
@@ -136,11 +149,33 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
             })?;
         let address = listener.local_addr().map_err(CoordinatorError::Stdout)?;
         println!("{name}: listening on {address}");
+        let metrics = Arc::new(CoordinatorMetrics::new());
+        let _endpoint = match metrics_listen {
+            Some(address) => {
+                let endpoint = serve_metrics(address, &metrics).await?;
+                println!("{name}: metrics on {}", endpoint.url());
+                Some(endpoint)
+            }
+            None => None,
+        };
         std::io::stdout()
             .flush()
             .map_err(CoordinatorError::Stdout)?;
-        serve_job(job, start, settings, listener, shutdown_signal()).await
+        serve_job_with(job, start, settings, listener, metrics, shutdown_signal()).await
     })
+}
+
+/// Serves `metrics` at `http://address/metrics` on the current runtime until the
+/// returned server is dropped.
+pub async fn serve_metrics(
+    address: std::net::SocketAddr,
+    metrics: &Arc<CoordinatorMetrics>,
+) -> Result<MetricsServer, CoordinatorError> {
+    let listener = hsat_metrics::http::bind(&address.to_string())
+        .await
+        .map_err(CoordinatorError::Metrics)?;
+    let exposition: Arc<dyn hsat_metrics::Exposition> = Arc::clone(metrics) as _;
+    Ok(MetricsServer::spawn(listener, exposition))
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.

@@ -22,6 +22,8 @@
 //!   coordinator in-process and N supervised worker processes.
 //! - [`logging`]: `--log-format text|json`, the level from `HSAT_LOG`/`RUST_LOG`,
 //!   colours only on a terminal (both binaries and their worker processes).
+//! - [`metrics`]: the coordinator's Prometheus metrics (job, control plane,
+//!   checkpoints, robustness telemetry), kept current by the service.
 //! - [`recovery_bench`]: `hsat bench recovery`: a small real job whose processes
 //!   are killed with SIGKILL, timed to the next committed step.
 //! - [`service`]: the async shell: the gRPC handler over the scheduler, leases on
@@ -42,6 +44,7 @@ pub mod identity;
 pub mod ledger;
 pub mod local;
 pub mod logging;
+pub mod metrics;
 pub mod recovery_bench;
 pub mod scheduler;
 pub mod service;
@@ -57,7 +60,7 @@ use hsat_core::sampler::{balanced_patients, steps_per_epoch};
 
 pub use durable::StartMode;
 pub use scheduler::{ClusterSettings, JobPlan, Scheduler};
-pub use service::{JobOutcome, OutcomeKind, serve, serve_job};
+pub use service::{JobOutcome, OutcomeKind, serve, serve_job, serve_job_with};
 
 /// Why the coordinator cannot run a job.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +154,9 @@ pub enum CoordinatorError {
         /// What the operating system said.
         source: std::io::Error,
     },
+    /// The metrics endpoint could not be started.
+    #[error(transparent)]
+    Metrics(hsat_metrics::MetricsError),
     /// The listening address could not be printed.
     #[error("cannot print the listening address")]
     Stdout(#[source] std::io::Error),

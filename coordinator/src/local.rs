@@ -15,7 +15,7 @@ use hsat_core::config::{self, Config, ConfigError, ConfigSources};
 use tokio::net::TcpListener;
 
 use crate::durable::{self, JobStart, StartMode};
-use crate::{ClusterSettings, CoordinatorError, JobOutcome, OutcomeKind, load_job, serve_job};
+use crate::{ClusterSettings, CoordinatorError, JobOutcome, OutcomeKind, load_job, serve_job_with};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -45,6 +45,12 @@ pub enum LocalEvent<'a> {
         workers: usize,
         /// Steps of the job.
         total_steps: u64,
+    },
+    /// The coordinator serves its metrics (`hsat run --workers` always does, on
+    /// loopback); each worker prints its own address when it starts.
+    Metrics {
+        /// `http://127.0.0.1:PORT/metrics`.
+        url: &'a str,
     },
     /// A worker process exited with a failure while the job ran (or at its end).
     WorkerFailed {
@@ -141,12 +147,22 @@ pub fn run_local(
         "http://{}",
         listener.local_addr().map_err(LocalClusterError::Listen)?
     );
+    // Metrics on loopback: at `metrics.listen` when set, else on a free port.
+    let metrics = std::sync::Arc::new(crate::metrics::CoordinatorMetrics::new());
+    let metrics_address = cfg
+        .metrics
+        .listen
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let endpoint = runtime.block_on(crate::cli::serve_metrics(metrics_address, &metrics))?;
+    on_event(LocalEvent::Metrics {
+        url: &endpoint.url(),
+    });
     let mut children = LocalWorkers::spawn(&options, &address, &cfg)?;
     let grace = settings.shutdown_grace;
     let workers = options.workers;
     let (crashed_tx, crashed_rx) = tokio::sync::oneshot::channel::<()>();
     let outcome = runtime.block_on(async {
-        let server = serve_job(job, start, settings, listener, async {
+        let server = serve_job_with(job, start, settings, listener, metrics, async {
             tokio::select! {
                 () = shutdown => {}
                 _ = crashed_rx => {}
@@ -296,6 +312,10 @@ fn worker_command(
             .arg("--set")
             .arg(format!("infra.threads={threads_each}"));
     }
+    // Each worker serves its metrics on a free loopback port and prints it.
+    command
+        .arg("--set")
+        .arg("metrics.worker_listen=\"127.0.0.1:0\"");
     if cfg.data.loader.threads == 0 {
         command
             .arg("--set")

@@ -26,6 +26,7 @@ use crate::checkpoints::{self, Retention};
 use crate::durable::{self, JobStart, StartMode};
 use crate::identity::JobIdentity;
 use crate::ledger::{self, EndOutcome, EndRecord, LedgerWriter};
+use crate::metrics::{CoordinatorMetrics, RefusalReason};
 use crate::scheduler::{
     Action, CheckpointCheck, CheckpointWait, ClusterSettings, Event, LedgerEntry, Reply, Scheduler,
 };
@@ -81,6 +82,11 @@ struct Shared {
     /// Where checkpoints go and how many to keep.
     checkpoint_root: PathBuf,
     retention: Retention,
+    metrics: Arc<CoordinatorMetrics>,
+    /// `<out_dir>/metrics.jsonl`, appended to on the ledger thread.
+    metrics_log: Option<Arc<Mutex<hsat_metrics::MetricsLog>>>,
+    /// What a registration must match (to tell why one was refused).
+    identity: JobIdentity,
 }
 
 impl Shared {
@@ -106,6 +112,8 @@ impl Shared {
                     Action::Commit(entry) => {
                         self.append(&ledger_record(&entry));
                         tracing::info!("{}", progress_line(&entry));
+                        self.metrics.on_commit(&entry);
+                        self.append_metrics_line(&entry);
                     }
                     Action::Rollback {
                         to_step,
@@ -114,6 +122,8 @@ impl Shared {
                         self.append(&ledger::rollback_record(to_step, checkpoint.as_deref()));
                     }
                     Action::Checkpoint { step, dir } => {
+                        self.metrics
+                            .on_checkpoint(step, std::time::SystemTime::now());
                         self.append(&ledger::checkpoint_record(step, &dir));
                         self.apply_retention(scheduler.committed());
                     }
@@ -129,6 +139,49 @@ impl Shared {
     fn append(&self, record: &serde_json::Value) {
         if let Some(ledger) = &self.ledger {
             ledger.append(record);
+        }
+    }
+
+    /// Queues the step's `metrics.jsonl` line behind its ledger line (the ledger
+    /// thread writes both, in commit order, off the async threads).
+    fn append_metrics_line(&self, entry: &LedgerEntry) {
+        let (Some(ledger), Some(log)) = (&self.ledger, &self.metrics_log) else {
+            return;
+        };
+        let record = crate::metrics::step_record(entry);
+        let log = Arc::clone(log);
+        ledger.after_writes(Box::new(move || {
+            let mut log = log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Err(err) = log.append(&record) {
+                tracing::warn!(error = %err, step = record.step, "cannot append to metrics.jsonl");
+            }
+        }));
+    }
+
+    /// Why `registration` was refused, for `hsat_registrations_refused_total`.
+    fn refusal_reason(&self, registration: &Registration) -> RefusalReason {
+        if registration.hsat_version != self.identity.hsat_version {
+            RefusalReason::Version
+        } else if !hsat_core::config::config_differences(
+            &registration.config,
+            &self.identity.config,
+        )
+        .is_empty()
+        {
+            RefusalReason::Config
+        } else if registration.dataset_fingerprint != self.identity.dataset_fingerprint {
+            RefusalReason::Dataset
+        } else if matches!(
+            self.lock().metrics_view(self.started.elapsed()).phase,
+            crate::scheduler::JobPhase::Finished
+                | crate::scheduler::JobPhase::Failed
+                | crate::scheduler::JobPhase::Finishing
+        ) {
+            RefusalReason::JobFinished
+        } else {
+            RefusalReason::Other
         }
     }
 
@@ -259,10 +312,14 @@ impl CoordinatorHandler for Handler {
         let worker = registration.worker_name.clone();
         let advertised = registration.advertise_host.clone();
         let peer = peer.map_or_else(|| "unknown".to_owned(), |addr| addr.to_string());
+        let presented = registration.clone();
         let result = expect(self.0.apply(Event::Register(registration)), |r| match r {
             Reply::Registered(r) => Some(r),
             _ => None,
         });
+        if let Err(ApiError::Refused(_)) = &result {
+            self.0.metrics.refused(self.0.refusal_reason(&presented));
+        }
         // Operators see who was turned away and why here; the worker only prints it
         // on its own machine. `peer` is where the request came from, `advertised` the
         // host the worker says other ranks reach it at.
@@ -346,6 +403,18 @@ pub async fn serve(
     serve_job(job, start, settings, listener, shutdown).await
 }
 
+/// [`serve_job_with`] with metrics nobody serves (`metrics.jsonl` is still written).
+pub async fn serve_job(
+    job: Job,
+    start: JobStart,
+    settings: ClusterSettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<JobOutcome, CoordinatorError> {
+    let metrics = Arc::new(CoordinatorMetrics::new());
+    serve_job_with(job, start, settings, listener, metrics, shutdown).await
+}
+
 /// Runs `job` on `listener` until every step is committed (or the job fails) and
 /// every worker was told to stop, or until `shutdown` completes; then drains: the
 /// health service turns NOT_SERVING, workers get `Stop`, and the server waits up to
@@ -356,12 +425,16 @@ pub async fn serve(
 /// coordinator answers for `shutdown_grace` (workers that register get
 /// `Stop { success: true }`) and returns `Finished`.
 ///
-/// The ledger goes to `<out_dir>/coordinator/ledger.jsonl`.
-pub async fn serve_job(
+/// The ledger goes to `<out_dir>/coordinator/ledger.jsonl`, one line per committed
+/// step to `<out_dir>/metrics.jsonl` (started over for a new job, appended to for a
+/// resumed one); `metrics` are kept current (serve them with
+/// [`hsat_metrics::MetricsServer`]).
+pub async fn serve_job_with(
     job: Job,
     start: JobStart,
     settings: ClusterSettings,
     listener: TcpListener,
+    metrics: Arc<CoordinatorMetrics>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobOutcome, CoordinatorError> {
     settings.validate().map_err(CoordinatorError::Settings)?;
@@ -376,6 +449,9 @@ pub async fn serve_job(
     let check = CheckpointCheck::new(checkpoints::verify);
     let total_steps = job.plan.total_steps;
     let (steps_per_epoch, patients_per_step) = (job.plan.steps_per_epoch, job.plan.batch_size);
+    let out_dir = job.config.infra.out_dir.clone();
+    let job_identity = identity.clone();
+    let new_job = matches!(start, JobStart::New { .. });
     let (scheduler, ledger, job_id, already_finished) = match start {
         JobStart::New { header } => {
             let ledger = LedgerWriter::open(&job.coordinator_dir(), Some(0))?;
@@ -434,6 +510,22 @@ pub async fn serve_job(
         expected_workers = settings.expected_workers,
         "coordinator listening"
     );
+    let metrics_log = ledger.as_ref().and_then(|_| {
+        let opened = if new_job {
+            hsat_metrics::MetricsLog::start_over(&out_dir)
+        } else {
+            hsat_metrics::MetricsLog::open(&out_dir)
+        };
+        opened
+            .map_err(|err| tracing::warn!(error = %err, "metrics.jsonl will not be written"))
+            .ok()
+            .map(|log| Arc::new(Mutex::new(log)))
+    });
+    if let Some((step, dir)) = checkpoints::list(&checkpoint_root).into_iter().next_back()
+        && let Ok(written) = std::fs::metadata(&dir).and_then(|m| m.modified())
+    {
+        metrics.on_checkpoint(step, written);
+    }
     let shared = Arc::new(Shared {
         scheduler: Mutex::new(scheduler),
         wake: Notify::new(),
@@ -442,12 +534,17 @@ pub async fn serve_job(
         long_poll: settings.long_poll,
         checkpoint_root: checkpoint_root.clone(),
         retention,
+        metrics: Arc::clone(&metrics),
+        metrics_log,
+        identity: job_identity,
     });
+    metrics.set_view(&shared.lock().metrics_view(shared.started.elapsed()));
     let (routes, health) = routes(Arc::new(Handler(Arc::clone(&shared)))).await;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .layer(metrics.rpc().layer())
             .add_routes(routes)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),
@@ -480,6 +577,7 @@ pub async fn serve_job(
             }
             _ = ticker.tick() => {
                 shared.apply(Event::Tick);
+                metrics.set_view(&shared.lock().metrics_view(shared.started.elapsed()));
             }
             result = &mut server => {
                 server_error = Some(match result {
@@ -545,6 +643,7 @@ pub async fn serve_job(
     }
     let (kind, committed_steps, last_checkpoint) = {
         let scheduler = shared.lock();
+        metrics.set_view(&scheduler.metrics_view(shared.started.elapsed()));
         let kind = match (scheduler.state(), scheduler.failure(), &cancelled) {
             (hsat_proto::domain::JobState::Finished, _, _) => OutcomeKind::Finished,
             (_, _, Some(reason)) => OutcomeKind::Cancelled(reason.clone()),

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use hsat_proto::ApiError;
 use hsat_proto::client::CoordinatorClient;
 use hsat_proto::domain::{
-    AssignmentRequest, GroupAssignment, LevelLosses, Registration, StepLosses, StoreRole,
-    TrainAssignment, WorkerId,
+    AssignmentRequest, GroupAssignment, LevelLosses, Registration, StepLosses, StepTelemetry,
+    StoreRole, TrainAssignment, WorkerId,
 };
 use hsat_proto::retry::{Backoff, RetryError, retry};
 use hsat_proto::worker_protocol::{Action, Event, ProtocolError, StepOutcome, WorkerProtocol};
@@ -42,6 +42,19 @@ pub fn fake_losses(step: u64) -> StepLosses {
             total: 0.6,
         }),
         adversarial: None,
+    }
+}
+
+/// The telemetry a simulated step reports: a fixed attack gain, eps and lr, and
+/// one patch per patient.
+pub fn fake_telemetry(patients: u64) -> StepTelemetry {
+    StepTelemetry {
+        attack_gain: Some(0.5),
+        eps: 8.0 / 255.0,
+        lr: 1e-3,
+        attack_seconds: 0.0,
+        allreduce_seconds: 0.0,
+        patches: patients,
     }
 }
 
@@ -291,6 +304,7 @@ async fn drive<H: SimHooks>(
                         step_seconds: begun.elapsed().as_secs_f64(),
                         data_wait_seconds: 0.0,
                         checkpoint_dir: None,
+                        telemetry: fake_telemetry(step.shard.len() as u64),
                     }),
                     SimStep::CollectiveFailed(error) => Event::CollectiveFailed { error },
                     SimStep::Crash => return Ok(SimExit::Crashed),

@@ -502,6 +502,16 @@ async fn a_coordinator_restarted_mid_job_continues_with_the_same_workers() {
     assert_eq!(outcome.kind, OutcomeKind::Finished);
     let entries = check_ledger(&outcome.ledger, &job);
     assert_eq!(entries.len() as u64, job.plan.total_steps);
+    // The second coordinator appended to metrics.jsonl: every step once, in order.
+    let metrics_lines = hsat_metrics::jsonl::read(
+        &job.config
+            .infra
+            .out_dir
+            .join(hsat_metrics::jsonl::METRICS_FILE),
+    )
+    .unwrap();
+    let steps: Vec<u64> = metrics_lines.iter().map(|l| l.step).collect();
+    assert_eq!(steps, (0..job.plan.total_steps).collect::<Vec<_>>());
     let text = std::fs::read_to_string(&ledger).unwrap();
     let kinds: Vec<String> = text
         .lines()
@@ -536,7 +546,10 @@ async fn a_coordinator_restarted_mid_job_continues_with_the_same_workers() {
         .unwrap();
     let generation = |r: &serde_json::Value| r["generation"].as_u64().unwrap();
     let commits = |rs: &[serde_json::Value]| -> Vec<serde_json::Value> {
-        rs.iter().filter(|r| r["kind"] == "commit").cloned().collect()
+        rs.iter()
+            .filter(|r| r["kind"] == "commit")
+            .cloned()
+            .collect()
     };
     let first_highest = commits(&records[..restart])
         .iter()
@@ -597,4 +610,156 @@ async fn a_finished_job_is_not_trained_again_and_its_ledger_is_left_untouched() 
     assert_eq!(outcome.kind, OutcomeKind::Finished);
     assert!(outcome.already_finished);
     assert_eq!(std::fs::read(&outcome.ledger).unwrap(), before);
+}
+
+/// The coordinator's metrics endpoint during and after a job of fake workers: the
+/// scraped position agrees with the ledger, every RPC is counted by method and
+/// code, a refused registration by reason, `promtool` accepts the exposition, and
+/// `metrics.jsonl` has one line per committed step with the ranks' telemetry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_the_ledger_and_count_rpcs_and_refusals() {
+    use hsat_coordinator::metrics::CoordinatorMetrics;
+    use hsat_metrics::exposition::{Scrape, promtool_check};
+
+    let dir = tempfile::tempdir().unwrap();
+    let index = dataset(dir.path(), 10);
+    let config = job_config(&dir.path().join("out"), &dir.path().join("manifest.csv"));
+    let job = Job::from_index(config, index);
+    let start =
+        hsat_coordinator::durable::prepare(&job, hsat_coordinator::StartMode::Auto).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let metrics = Arc::new(CoordinatorMetrics::new());
+    let endpoint = hsat_coordinator::cli::serve_metrics("127.0.0.1:0".parse().unwrap(), &metrics)
+        .await
+        .unwrap();
+    let metrics_address = endpoint.address();
+    let scrape = move || async move {
+        let (status, _, body) = tokio::task::spawn_blocking(move || {
+            hsat_metrics::http::get(metrics_address, "/metrics", None)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(status, 200);
+        (Scrape::parse(&body).unwrap(), body)
+    };
+    let server = tokio::spawn(hsat_coordinator::serve_job_with(
+        job.clone(),
+        start,
+        settings(2),
+        listener,
+        Arc::clone(&metrics),
+        std::future::pending(),
+    ));
+    // Before any worker: forming, nothing committed.
+    let (before, _) = scrape().await;
+    assert_eq!(
+        before.value("hsat_job_state", &[("state", "forming")]),
+        Some(1.0)
+    );
+    assert_eq!(before.value("hsat_committed_steps", &[]), Some(0.0));
+    assert_eq!(
+        before.value("hsat_total_steps", &[]),
+        Some(job.plan.total_steps as f64)
+    );
+    // A worker with another config is refused and counted as such.
+    let client = CoordinatorClient::connect(&address).await.unwrap();
+    let mut other = job.config.clone();
+    other.training.optimizer.learn_rate = 0.0001;
+    let refused = client
+        .register(Registration {
+            worker_name: "stranger".into(),
+            config: other.to_json_value(),
+            dataset_fingerprint: job.dataset_fingerprint().to_owned(),
+            advertise_host: "127.0.0.1".into(),
+            hsat_version: HSAT_VERSION.into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, ApiError::Refused(_)), "{refused:?}");
+    let fabric = Arc::new(Fabric::default());
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(paced_worker(
+                address.clone(),
+                job.config.clone(),
+                job.dataset_fingerprint().to_owned(),
+                format!("w{i}"),
+                Arc::clone(&fabric),
+                None,
+                Duration::from_millis(20),
+            ))
+        })
+        .collect();
+    assert_eq!(futures_join(workers).await, vec![true, true]);
+    let outcome = server.await.unwrap().unwrap();
+    assert_eq!(outcome.kind, OutcomeKind::Finished);
+    let entries = check_ledger(&outcome.ledger, &job);
+    let total = job.plan.total_steps as f64;
+    let (after, text) = scrape().await;
+    assert_eq!(
+        after.value("hsat_committed_steps", &[]),
+        Some(entries.len() as f64)
+    );
+    assert_eq!(after.value("hsat_committed_steps", &[]), Some(total));
+    let last_generation = entries.last().unwrap()["generation"].as_u64().unwrap();
+    assert_eq!(
+        after.value("hsat_generation", &[]),
+        Some(last_generation as f64)
+    );
+    assert_eq!(
+        after.value("hsat_job_state", &[("state", "finished")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        after.value("hsat_job_state", &[("state", "training")]),
+        Some(0.0)
+    );
+    let rpc = |method: &str, code: &str| {
+        after
+            .value(
+                "hsat_rpc_requests_total",
+                &[("method", method), ("code", code)],
+            )
+            .unwrap_or(0.0)
+    };
+    assert_eq!(rpc("ReportStep", "OK"), 2.0 * total, "{text}");
+    assert_eq!(rpc("Register", "OK"), 2.0, "{text}");
+    assert_eq!(rpc("Register", "FailedPrecondition"), 1.0, "{text}");
+    assert_eq!(
+        after.value("hsat_registrations_refused_total", &[("reason", "config")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        after.value("hsat_step_duration_seconds_count", &[]),
+        Some(total)
+    );
+    // The fake workers report gain 0.5 and clean losses 0.1 / 0.2 / 0.3.
+    assert_eq!(after.value("hsat_attack_gain", &[]), Some(0.5));
+    assert_eq!(
+        after.value("hsat_loss", &[("level", "slide"), ("view", "clean")]),
+        Some(0.2)
+    );
+    let problems = promtool_check(&text).unwrap();
+    assert_eq!(problems, "", "{text}");
+    let lines = hsat_metrics::jsonl::read(
+        &job.config
+            .infra
+            .out_dir
+            .join(hsat_metrics::jsonl::METRICS_FILE),
+    )
+    .unwrap();
+    let steps: Vec<u64> = lines.iter().map(|l| l.step).collect();
+    assert_eq!(steps, (0..job.plan.total_steps).collect::<Vec<_>>());
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.world_size == 2 && l.attack_gain == Some(0.5))
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.loss.clean.is_some() && l.loss.adversarial.is_none())
+    );
 }

@@ -24,6 +24,8 @@
 //!   learning-rate warm-up and cosine decay, attack epsilon warm-up, dynamic
 //!   augmentation strength and the clean/adversarial loss weight.
 //! - [`losses`]: loss values as plain numbers, shared by engine, reports and ledger.
+//! - [`telemetry`]: what a training step measured besides its losses (attack gain,
+//!   eps and lr in effect, phase durations), for metrics and `metrics.jsonl`.
 //! - [`eval`]: the evaluation protocol's math: kNN class scores against the train
 //!   bank, slide and patient aggregation, and the metrics of the paper's tables.
 
@@ -35,3 +37,4 @@ pub mod losses;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;
+pub mod telemetry;

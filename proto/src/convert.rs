@@ -475,7 +475,34 @@ impl From<StepReport> for pb::StepReport {
             step_seconds: r.step_seconds,
             data_wait_seconds: r.data_wait_seconds,
             checkpoint_dir: r.checkpoint_dir.map(|p| p.to_string_lossy().into_owned()),
+            telemetry: Some(pb::StepTelemetry {
+                attack_gain: r.telemetry.attack_gain,
+                eps: r.telemetry.eps,
+                lr: r.telemetry.lr,
+                attack_seconds: r.telemetry.attack_seconds,
+                allreduce_seconds: r.telemetry.allreduce_seconds,
+                patches: r.telemetry.patches,
+            }),
         }
+    }
+}
+
+impl TryFrom<pb::StepTelemetry> for StepTelemetry {
+    type Error = ApiError;
+    fn try_from(t: pb::StepTelemetry) -> Result<Self, ApiError> {
+        // The attack gain is reported, not judged (NaN when training diverges);
+        // durations and schedules feed histograms and gauges and must be sane.
+        Ok(Self {
+            attack_gain: t.attack_gain,
+            eps: finite_non_negative(t.eps, "telemetry.eps")?,
+            lr: finite_non_negative(t.lr, "telemetry.lr")?,
+            attack_seconds: finite_non_negative(t.attack_seconds, "telemetry.attack_seconds")?,
+            allreduce_seconds: finite_non_negative(
+                t.allreduce_seconds,
+                "telemetry.allreduce_seconds",
+            )?,
+            patches: t.patches,
+        })
     }
 }
 
@@ -503,6 +530,11 @@ impl TryFrom<pb::StepReport> for StepReport {
             step_seconds: finite_non_negative(r.step_seconds, "step_seconds")?,
             data_wait_seconds: finite_non_negative(r.data_wait_seconds, "data_wait_seconds")?,
             checkpoint_dir: optional_path(r.checkpoint_dir),
+            telemetry: r
+                .telemetry
+                .map(StepTelemetry::try_from)
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -682,5 +714,50 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("JSON object"), "{err}");
+    }
+
+    fn report_with(telemetry: StepTelemetry) -> StepReport {
+        StepReport {
+            worker_id: WorkerId(3),
+            generation: 2,
+            step: 7,
+            rank: 1,
+            local_patients: 4,
+            losses: StepLosses::default(),
+            param_checksum: 11,
+            step_seconds: 1.5,
+            data_wait_seconds: 0.25,
+            checkpoint_dir: None,
+            telemetry,
+        }
+    }
+
+    #[test]
+    fn step_telemetry_round_trips_and_a_bad_duration_names_its_field() {
+        let telemetry = StepTelemetry {
+            attack_gain: Some(-0.5),
+            eps: 8.0 / 255.0,
+            lr: 1e-4,
+            attack_seconds: 0.75,
+            allreduce_seconds: 0.125,
+            patches: 96,
+        };
+        let report = report_with(telemetry);
+        let back = StepReport::try_from(pb::StepReport::from(report.clone())).unwrap();
+        assert_eq!(back, report);
+        // An older worker sends no telemetry: zeros, not a refusal.
+        let mut wire = pb::StepReport::from(report.clone());
+        wire.telemetry = None;
+        let back = StepReport::try_from(wire).unwrap();
+        assert_eq!(back.telemetry, StepTelemetry::default());
+        let mut wire = pb::StepReport::from(report);
+        if let Some(t) = wire.telemetry.as_mut() {
+            t.attack_seconds = f64::NAN;
+        }
+        let err = StepReport::try_from(wire).unwrap_err();
+        assert!(
+            matches!(&err, ApiError::InvalidArgument(m) if m.contains("telemetry.attack_seconds")),
+            "{err}"
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 pub use hsat_core::losses::{LevelLosses, StepLosses};
 pub use hsat_core::sampler::{PatientDraw, SlideDraw};
+pub use hsat_core::telemetry::StepTelemetry;
 
 /// A registered worker, as numbered by the coordinator (never 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -230,6 +231,8 @@ pub struct StepReport {
     pub data_wait_seconds: f64,
     /// Set by rank 0 when it wrote a (complete) checkpoint after this step.
     pub checkpoint_dir: Option<PathBuf>,
+    /// What the rank measured besides its losses (zeros from an older worker).
+    pub telemetry: StepTelemetry,
 }
 
 /// One worker in [`JobStatus`].

@@ -106,6 +106,8 @@ pub struct StepOutcome {
     pub data_wait_seconds: f64,
     /// Set by rank 0 when it wrote a (complete) checkpoint after this step.
     pub checkpoint_dir: Option<PathBuf>,
+    /// What the rank measured besides its losses.
+    pub telemetry: hsat_core::telemetry::StepTelemetry,
 }
 
 /// What happened: a reply of the coordinator or the outcome of local work.
@@ -432,6 +434,7 @@ impl WorkerProtocol {
                     step_seconds: outcome.step_seconds,
                     data_wait_seconds: outcome.data_wait_seconds,
                     checkpoint_dir: outcome.checkpoint_dir,
+                    telemetry: outcome.telemetry,
                 });
             }
             (Phase::Working, Event::CollectiveFailed { error }) if !self.should_ask() => {

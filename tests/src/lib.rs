@@ -6,9 +6,12 @@
 //! - [`sandbox`]: a cluster of real processes (coordinator on port 0 plus N workers)
 //!   to kill, stop, restart and wait on;
 //! - [`ledger`]: reading and checking the coordinator's step ledger;
+//! - [`metrics`]: scraping a job's metrics endpoints, `docs/metrics.md`'s table, a
+//!   real Prometheus server;
 //! - [`proxy`]: a TCP fault proxy to cut and restore a worker's way to the coordinator.
 
 pub mod ledger;
+pub mod metrics;
 pub mod proxy;
 pub mod sandbox;
 

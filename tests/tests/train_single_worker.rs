@@ -219,3 +219,64 @@ fn hsat_worker_checkpoints(root: &Path) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// `metrics.jsonl` of a single-process run: one line per step with the losses of
+/// both views (the clean ones measured by an extra forward pass under `only_adv`),
+/// the attack's gain, lr and eps. Measuring the clean losses changes nothing that
+/// is trained: the final weights are bitwise those of a run that does not.
+#[test]
+fn metrics_jsonl_has_every_step_and_measuring_clean_losses_changes_nothing_trained() {
+    let mut runs = Vec::new();
+    for every in ["1", "0"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_config(dir.path(), "pgd");
+        let out = run_hsat(&[
+            "run",
+            "--config",
+            &config,
+            "--set",
+            &format!("metrics.clean_loss_every={every}"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines = hsat_metrics::jsonl::read(&dir.path().join("run/metrics.jsonl"))
+            .expect("metrics.jsonl");
+        let weights = std::fs::read(
+            dir.path()
+                .join("run/checkpoints/step-00000004/backbone.safetensors"),
+        )
+        .expect("final weights");
+        runs.push((every, lines, weights, dir));
+    }
+    let (_, measured, measured_weights, _) = &runs[0];
+    let (_, unmeasured, unmeasured_weights, _) = &runs[1];
+    assert!(
+        measured_weights == unmeasured_weights,
+        "the clean-loss forward pass changed the trained weights"
+    );
+    for lines in [measured, unmeasured] {
+        let steps: Vec<u64> = lines.iter().map(|l| l.step).collect();
+        assert_eq!(steps, [0, 1, 2, 3]);
+        for line in lines {
+            assert_eq!((line.world_size, line.generation), (1, 0));
+            assert!(line.loss.adversarial.is_some_and(|l| l.total.is_finite()));
+            assert!(line.attack_gain.is_some_and(f64::is_finite), "{line:?}");
+            assert!(line.lr.is_some_and(|lr| lr > 0.0), "{line:?}");
+            assert!(line.eps.is_some() && line.step_seconds.is_some_and(|s| s > 0.0));
+            assert!(line.patches_per_second.is_some_and(|p| p > 0.0), "{line:?}");
+        }
+    }
+    assert!(measured.iter().all(|l| l.loss.clean.is_some()));
+    assert!(unmeasured.iter().all(|l| l.loss.clean.is_none()));
+    // PGD ascends the attack's loss: on average it ends above its random start.
+    let mean_gain: f64 =
+        measured.iter().filter_map(|l| l.attack_gain).sum::<f64>() / measured.len() as f64;
+    assert!(
+        mean_gain > 0.0,
+        "mean attack gain {mean_gain}: {measured:?}"
+    );
+}

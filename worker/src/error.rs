@@ -96,6 +96,10 @@ pub enum WorkerError {
     )]
     Dataset(#[source] hsat_core::dataset::DatasetError),
 
+    /// The worker's metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(hsat_metrics::MetricsError),
+
     /// The worker's async runtime (for RPCs) could not start.
     #[error("cannot start the RPC runtime")]
     Runtime(#[source] std::io::Error),

@@ -13,6 +13,7 @@
 //!   AdamW state, position) with a manifest, verified on load; the asynchronous writer.
 //! - [`cluster`]: the worker process of a distributed job (coordinator client loop).
 //! - [`collective`]: c10d process groups, bucketed gradient averaging, state broadcast.
+//! - [`metrics`]: the worker's Prometheus metrics (`hsat_worker_*`).
 //! - [`eval`]: features, white-box and transfer attacks for `hsat eval`.
 //! - [`bench`](mod@bench): benchmarks against PyTorch (`hsat bench step|data|sync`).
 //! - [`error`]: the crate's error type.
@@ -26,6 +27,7 @@ pub mod collective;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod metrics;
 pub mod model;
 pub mod train;
 

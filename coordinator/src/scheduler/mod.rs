@@ -30,8 +30,8 @@ use hsat_core::dataset::DatasetIndex;
 use hsat_core::sampler::{StepPlan, plan_step, shard_range};
 use hsat_proto::domain::{
     Assignment, AssignmentRequest, GroupAssignment, HeartbeatReply, HeldStep, JobState, JobStatus,
-    Registered, Registration, StepLosses, StepReport, StoreRole, TrainAssignment, WorkerId,
-    WorkerStatus,
+    Registered, Registration, StepLosses, StepReport, StepTelemetry, StoreRole, TrainAssignment,
+    WorkerId, WorkerStatus,
 };
 use hsat_proto::{ApiError, StorePublication};
 use serde::Serialize;
@@ -227,6 +227,65 @@ pub enum Action {
     Wake,
 }
 
+/// Where a job is, in the words of the `hsat_job_state{state}` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobPhase {
+    /// Waiting for workers, or forming the next generation after a change.
+    Forming,
+    /// A generation trains.
+    Training,
+    /// Fewer live workers than `min_workers`: waiting for workers to return.
+    Paused,
+    /// Stopping on a shutdown signal: draining issued steps, checkpointing,
+    /// exiting (the job is resumable).
+    Finishing,
+    /// Every step is committed.
+    Finished,
+    /// The job stopped on an error.
+    Failed,
+}
+
+impl JobPhase {
+    /// Every phase, in the order the metric lists them.
+    pub const ALL: [JobPhase; 6] = [
+        JobPhase::Forming,
+        JobPhase::Training,
+        JobPhase::Paused,
+        JobPhase::Finishing,
+        JobPhase::Finished,
+        JobPhase::Failed,
+    ];
+
+    /// The `state` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            JobPhase::Forming => "forming",
+            JobPhase::Training => "training",
+            JobPhase::Paused => "paused",
+            JobPhase::Finishing => "finishing",
+            JobPhase::Finished => "finished",
+            JobPhase::Failed => "failed",
+        }
+    }
+}
+
+/// The job as its metrics show it ([`Scheduler::metrics_view`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsView {
+    /// Where the job is.
+    pub phase: JobPhase,
+    /// Committed steps.
+    pub committed: u64,
+    /// Steps of the job.
+    pub total_steps: u64,
+    /// Epoch of the next step.
+    pub epoch: u64,
+    /// The current (or last) generation; 0 before the first.
+    pub generation: u64,
+    /// Workers heard from recently that were not told to stop.
+    pub workers_alive: usize,
+}
+
 /// One rank's part of a committed step in the ledger.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RankRecord {
@@ -272,6 +331,20 @@ pub struct LedgerEntry {
     /// Slowest rank's step time.
     #[serde(skip)]
     pub step_seconds: f64,
+    /// The ranks' telemetry (metrics, `metrics.jsonl`); `None` for a step
+    /// recovered without reports.
+    #[serde(skip)]
+    pub telemetry: Option<CommitTelemetry>,
+}
+
+/// The ranks' telemetry of a committed step: patient-weighted means like the
+/// losses (eps and lr are equal on every rank), patches summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CommitTelemetry {
+    /// Means over ranks, `patches` the step's total.
+    pub ranks: StepTelemetry,
+    /// Mean seconds the ranks waited for data.
+    pub data_wait_seconds: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -436,6 +509,32 @@ impl Scheduler {
     /// The newest checkpoint rank 0 reported, and the steps it holds.
     pub fn latest_checkpoint(&self) -> Option<&(PathBuf, u64)> {
         self.latest_checkpoint.as_ref()
+    }
+
+    /// What the metrics show of the job at `now` (see `crate::metrics`).
+    pub fn metrics_view(&self, now: Duration) -> MetricsView {
+        // A shutdown ends the job as "cancelled" (a failed phase), but the job is
+        // resumable: it shows as finishing until the process exits.
+        let phase = match (&self.phase, &self.shutdown) {
+            (Phase::Finished, _) => JobPhase::Finished,
+            (_, Some(_)) => JobPhase::Finishing,
+            (Phase::Failed(_), None) => JobPhase::Failed,
+            (Phase::Running, None) => JobPhase::Training,
+            (Phase::Regrouping { .. }, None) if self.paused.is_some() => JobPhase::Paused,
+            (Phase::Waiting | Phase::Regrouping { .. }, None) => JobPhase::Forming,
+        };
+        MetricsView {
+            phase,
+            committed: self.committed,
+            total_steps: self.plan.total_steps,
+            epoch: self.committed / self.plan.steps_per_epoch.max(1),
+            generation: self.generation.as_ref().map_or(0, |g| g.number),
+            workers_alive: self
+                .workers
+                .values()
+                .filter(|w| !w.stopped && self.is_heard_from(w, now))
+                .count(),
+        }
     }
 
     /// The job is over and every live worker was told to stop.
@@ -896,6 +995,7 @@ impl Scheduler {
             .collect();
         let losses = mean_losses(reports.values());
         let step_seconds = reports.values().map(|r| r.step_seconds).fold(0.0, f64::max);
+        let telemetry = mean_telemetry(reports.values());
         let entry = LedgerEntry {
             step,
             epoch: plan.epoch,
@@ -906,6 +1006,7 @@ impl Scheduler {
             ranks,
             losses,
             step_seconds,
+            telemetry,
         };
         if let Some(generation) = self.generation.as_mut() {
             generation.reports.remove(&step);
@@ -1230,6 +1331,47 @@ impl Scheduler {
             last_losses: self.last_losses,
         }
     }
+}
+
+/// Patient-weighted means of the ranks' telemetry (plain means when no rank had
+/// patients); the attack gain over the ranks that measured one.
+fn mean_telemetry<'a>(reports: impl Iterator<Item = &'a StepReport>) -> Option<CommitTelemetry> {
+    let reports: Vec<&StepReport> = reports.collect();
+    if reports.is_empty() {
+        return None;
+    }
+    let total_weight: u64 = reports.iter().map(|r| r.local_patients).sum();
+    let weight = |r: &StepReport| {
+        if total_weight == 0 {
+            1.0 / reports.len() as f64
+        } else {
+            r.local_patients as f64 / total_weight as f64
+        }
+    };
+    let mean = |value: fn(&StepReport) -> f64| reports.iter().map(|r| weight(r) * value(r)).sum();
+    let gains: Vec<(f64, f64)> = reports
+        .iter()
+        .filter_map(|r| r.telemetry.attack_gain.map(|g| (weight(r), g)))
+        .collect();
+    let gain_weight: f64 = gains.iter().map(|(w, _)| w).sum();
+    let attack_gain = (!gains.is_empty()).then(|| {
+        if gain_weight > 0.0 {
+            gains.iter().map(|(w, g)| w * g).sum::<f64>() / gain_weight
+        } else {
+            gains.iter().map(|(_, g)| g).sum::<f64>() / gains.len() as f64
+        }
+    });
+    Some(CommitTelemetry {
+        ranks: StepTelemetry {
+            attack_gain,
+            eps: mean(|r| r.telemetry.eps),
+            lr: mean(|r| r.telemetry.lr),
+            attack_seconds: mean(|r| r.telemetry.attack_seconds),
+            allreduce_seconds: mean(|r| r.telemetry.allreduce_seconds),
+            patches: reports.iter().map(|r| r.telemetry.patches).sum(),
+        },
+        data_wait_seconds: mean(|r| r.data_wait_seconds),
+    })
 }
 
 /// Patient-weighted mean of the ranks' losses (plain mean when no rank had patients).

@@ -259,6 +259,7 @@ impl Scheduler {
             ranks,
             losses: None,
             step_seconds: 0.0,
+            telemetry: None,
         };
         self.record_commit(entry, now, actions);
     }

@@ -151,6 +151,7 @@ pub(super) fn report(
         step_seconds: 0.1,
         data_wait_seconds: 0.0,
         checkpoint_dir: None,
+        telemetry: Default::default(),
     }
 }
 
@@ -1042,4 +1043,38 @@ fn a_job_whose_rank_0_reported_the_final_checkpoint_asks_for_none() {
         } => assert_eq!(checkpoint_step, None),
         other => panic!("{other:?}"),
     }
+}
+
+/// `hsat_job_state` follows the job: forming, training, paused below
+/// `min_workers`, finishing on a shutdown; `hsat_workers_alive` counts the live.
+#[test]
+fn the_metrics_view_names_each_phase_and_counts_live_workers() {
+    let mut cluster = settings(2);
+    cluster.min_workers = 2;
+    let (mut s, config) = scheduler(10, 2, 3, cluster);
+    let view = s.metrics_view(ms(0));
+    assert_eq!(
+        (view.phase, view.workers_alive, view.generation),
+        (JobPhase::Forming, 0, 0)
+    );
+    let (a, b) = formed_pair(&mut s, &config);
+    let view = s.metrics_view(ms(5));
+    assert_eq!((view.phase, view.workers_alive), (JobPhase::Training, 2));
+    assert_eq!(view.generation, 1);
+    ask(&mut s, a, 1, 0, 0, 4);
+    ask(&mut s, b, 1, 0, 0, 4);
+    s.on_event(Event::Report(report(a, 1, 0, 0, 7)), ms(5));
+    s.on_event(Event::Report(report(b, 1, 1, 0, 7)), ms(5));
+    assert_eq!(s.metrics_view(ms(5)).committed, 1);
+    s.on_event(Event::Leave(b, "preempted".into()), ms(10));
+    for t in (100..=3000).step_by(100) {
+        s.on_event(Event::Heartbeat(a), ms(t));
+        s.on_event(Event::Tick, ms(t));
+    }
+    let view = s.metrics_view(ms(3000));
+    assert_eq!((view.phase, view.workers_alive), (JobPhase::Paused, 1));
+    s.on_event(Event::Shutdown("SIGTERM".into()), ms(3010));
+    assert_eq!(s.metrics_view(ms(3010)).phase, JobPhase::Finishing);
+    // A worker silent for longer than 3 heartbeats is not counted as alive.
+    assert_eq!(s.metrics_view(ms(4000)).workers_alive, 0);
 }

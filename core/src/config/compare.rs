@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 /// Keys (dotted prefixes) that may differ between machines and between the runs of
 /// one job: threads, output and logging, where the dataset is mounted (the dataset
 /// fingerprint covers its content, whatever the path), the per-process cluster
-/// settings, and checkpoint retention and writing (they do not change what is trained).
+/// and metrics settings, and checkpoint retention and writing (they do not change what is trained).
 pub const WORKER_LOCAL_KEYS: &[&str] = &[
     "data.loader",
     "data.db_root",
@@ -20,6 +20,7 @@ pub const WORKER_LOCAL_KEYS: &[&str] = &[
     "infra.out_dir",
     "infra.log_every",
     "cluster",
+    "metrics",
     "training.keep_checkpoints",
     "training.keep_checkpoint_every",
     "training.async_checkpoints",

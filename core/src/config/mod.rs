@@ -25,12 +25,14 @@
 //!
 //! Layout: `types` (the typed config, public), `raw` (the TOML layout), `layers`
 //! (merging and key/type checks), `validate` (ranges and cross-field rules),
-//! `cluster` (the `[cluster]` section: raw, typed and its checks), `compare`
+//! `cluster` (the `[cluster]` section: raw, typed and its checks), `metrics` (the
+//! `[metrics]` section), `compare`
 //! (differences and fingerprints of two configs).
 
 mod cluster;
 mod compare;
 mod layers;
+mod metrics;
 mod raw;
 mod types;
 mod validate;
@@ -46,6 +48,7 @@ use std::path::PathBuf;
 pub use cluster::{ClusterConfig, SILENT_HEARTBEATS};
 pub(crate) use compare::compare_hex;
 pub use compare::{Difference, WORKER_LOCAL_KEYS, config_differences, config_fingerprint};
+pub use metrics::MetricsConfig;
 pub use types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
     EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,

@@ -55,8 +55,11 @@ fn defaults_are_the_papers() {
         training,
         eval,
         cluster,
+        metrics,
     } = config;
     assert_eq!(cluster, ClusterConfig::default());
+    assert_eq!((metrics.listen, metrics.worker_listen), (None, None));
+    assert_eq!(metrics.clean_loss_every, 1);
     assert_eq!(eval.knn_k, 200);
     assert_eq!(infra.seed, 1000);
     assert_eq!(infra.out_dir, PathBuf::from("runs/hsat"));
@@ -416,7 +419,7 @@ fn unknown_keys_are_rejected_in_every_layer() {
         problems(load_with(None, &[], &["trainer.seed=1"])),
         [
             "trainer.seed: unknown key (set by --set trainer.seed=1); the top-level sections are \
-          cluster, data, eval, infra, model, training"
+          cluster, data, eval, infra, metrics, model, training"
         ]
     );
 }
@@ -849,7 +852,7 @@ fn docs_describe_every_key() {
     let docs = include_str!("../../../docs/config.md");
     let mut keys = Vec::new();
     leaf_keys(&layers::schema().unwrap(), "", &mut keys);
-    assert_eq!(keys.len(), 77);
+    assert_eq!(keys.len(), 80);
     for key in keys {
         assert!(
             docs.contains(&format!("`{key}`")),
@@ -858,6 +861,44 @@ fn docs_describe_every_key() {
         let env_name = layers::env_var_name(&key);
         assert!(docs.contains(&env_name), "docs/config.md lacks {env_name}");
     }
+}
+
+#[test]
+fn metrics_addresses_load_and_a_bad_one_is_named_with_the_fix() {
+    let cfg = Config::from_toml_str(
+        "[metrics]\nlisten = \"0.0.0.0:9464\"\nworker_listen = \"127.0.0.1:0\"\nclean_loss_every = 10\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.metrics.listen, Some("0.0.0.0:9464".parse().unwrap()));
+    assert_eq!(
+        cfg.metrics.worker_listen,
+        Some("127.0.0.1:0".parse().unwrap())
+    );
+    assert!(cfg.metrics.clean_loss_at(20) && !cfg.metrics.clean_loss_at(21));
+    let never = Config::from_toml_str("[metrics]\nclean_loss_every = 0\n").unwrap();
+    assert!(!never.metrics.clean_loss_at(0));
+    let problems = problems(load(&ConfigSources {
+        overrides: vec![
+            "metrics.listen=localhost".into(),
+            "metrics.clean_loss_every=-1".into(),
+        ],
+        ..ConfigSources::default()
+    }));
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("metrics.listen = \"localhost\": must be IP:PORT")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("metrics.clean_loss_every = -1")),
+        "{problems:?}"
+    );
+    // Per process: a worker serving its metrics elsewhere still matches the job.
+    let job = Config::default().to_json_value();
+    assert!(config_differences(&cfg.to_json_value(), &job).is_empty());
 }
 
 #[test]

@@ -133,6 +133,10 @@ pub(crate) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         checker.problems.extend(problems);
         super::cluster::ClusterConfig::default()
     });
+    let metrics = super::metrics::validate(&raw.metrics).unwrap_or_else(|problems| {
+        checker.problems.extend(problems);
+        super::metrics::MetricsConfig::default()
+    });
     if checker.problems.is_empty() {
         Ok(Config {
             infra,
@@ -141,6 +145,7 @@ pub(crate) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             training,
             eval,
             cluster,
+            metrics,
         })
     } else {
         Err(checker.problems)

@@ -39,11 +39,24 @@ pub struct WriterOptions {
     pub retention: Option<Retention>,
 }
 
+/// How a completed checkpoint write went (for the worker's metrics).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteStats {
+    /// The checkpoint's directory.
+    pub dir: PathBuf,
+    /// Seconds writing it (files, manifest, rename; retention excluded).
+    pub seconds: f64,
+    /// Bytes of its files.
+    pub bytes: u64,
+}
+
 /// Writes checkpoints one at a time; see the [module docs](self).
 #[derive(Debug)]
 pub struct CheckpointWriter {
     options: WriterOptions,
-    in_flight: Option<JoinHandle<Result<PathBuf>>>,
+    in_flight: Option<JoinHandle<Result<WriteStats>>>,
+    /// The newest completed write not yet taken by [`CheckpointWriter::take_last_write`].
+    last_write: Option<WriteStats>,
 }
 
 impl CheckpointWriter {
@@ -52,6 +65,7 @@ impl CheckpointWriter {
         CheckpointWriter {
             options,
             in_flight: None,
+            last_write: None,
         }
     }
 
@@ -62,7 +76,8 @@ impl CheckpointWriter {
     pub fn submit(&mut self, snapshot: Snapshot) -> Result<Option<PathBuf>> {
         let previous = self.finish()?;
         if !self.options.asynchronous {
-            return write_and_retain(&self.options, &snapshot).map(Some);
+            let stats = write_and_retain(&self.options, &snapshot)?;
+            return Ok(Some(self.completed(stats)));
         }
         let options = self.options.clone();
         let handle = std::thread::Builder::new()
@@ -91,7 +106,7 @@ impl CheckpointWriter {
             return Ok(None);
         };
         match handle.join() {
-            Ok(written) => written.map(Some),
+            Ok(written) => Ok(Some(self.completed(written?))),
             Err(_) => Err(WorkerError::CheckpointThread {
                 root: self.options.root.clone(),
             }),
@@ -101,6 +116,17 @@ impl CheckpointWriter {
     /// Whether a write is in flight.
     pub fn busy(&self) -> bool {
         self.in_flight.is_some()
+    }
+
+    /// How the newest write completed since the last call went.
+    pub fn take_last_write(&mut self) -> Option<WriteStats> {
+        self.last_write.take()
+    }
+
+    fn completed(&mut self, stats: WriteStats) -> PathBuf {
+        let dir = stats.dir.clone();
+        self.last_write = Some(stats);
+        dir
     }
 }
 
@@ -112,12 +138,27 @@ impl Drop for CheckpointWriter {
     }
 }
 
-fn write_and_retain(options: &WriterOptions, snapshot: &Snapshot) -> Result<PathBuf> {
+fn write_and_retain(options: &WriterOptions, snapshot: &Snapshot) -> Result<WriteStats> {
+    let started = std::time::Instant::now();
     let written = write_checkpoint(&options.root, snapshot)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let bytes = std::fs::read_dir(&written)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok()?.metadata().ok())
+                .filter(|meta| meta.is_file())
+                .map(|meta| meta.len())
+                .sum()
+        })
+        .unwrap_or(0);
     if let Some(retention) = options.retention {
         retain(&options.root, retention, snapshot.meta.step);
     }
-    Ok(written)
+    Ok(WriteStats {
+        dir: written,
+        seconds,
+        bytes,
+    })
 }
 
 /// Deletes the checkpoints `retention` lets go, never `newest`. Each goes in two
@@ -261,6 +302,31 @@ mod tests {
             Some(dir.path().join("step-00000004"))
         );
         assert!(!w.busy());
+        Ok(())
+    }
+
+    #[test]
+    fn a_completed_write_reports_its_time_and_size_once() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(WorkerError::io("creating", "tempdir"))?;
+        let mut w = writer(dir.path(), true, None);
+        assert_eq!(w.take_last_write(), None);
+        w.submit(snapshot(2))?;
+        let written = w.finish()?;
+        let stats = w.take_last_write().expect("the finished write's stats");
+        assert_eq!(Some(&stats.dir), written.as_ref());
+        let on_disk: u64 = std::fs::read_dir(&stats.dir)
+            .map_err(WorkerError::io("listing", &stats.dir))?
+            .map(|e| {
+                e.map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .unwrap_or(0)
+            })
+            .sum();
+        assert!(
+            stats.bytes > 0 && stats.bytes == on_disk,
+            "{stats:?} vs {on_disk}"
+        );
+        assert!(stats.seconds > 0.0, "{stats:?}");
+        assert_eq!(w.take_last_write(), None);
         Ok(())
     }
 

@@ -76,6 +76,7 @@ use crate::checkpoint::writer::WriterOptions;
 use crate::collective::{Backend, GradientSync, ProcessGroup, Store, broadcast_state};
 use crate::data::{BatchSource, FileSource};
 use crate::error::{Result, WorkerError};
+use crate::metrics::WorkerMetrics;
 use crate::train::trainer::{ShardStep, Trainer};
 use hsat_data::loader::LoaderSpec;
 
@@ -103,6 +104,9 @@ pub struct WorkerOptions {
     /// doubling to 1 s) while it fails with retryable errors (unreachable,
     /// restarting, too slow); zero: fail at the first error.
     pub rpc_retry_deadline: Duration,
+    /// Where to serve the worker's metrics (`None`: nowhere); the bound address is
+    /// printed on stdout as `hsat worker NAME: metrics on http://ADDR/metrics`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What the worker did, for its exit message.
@@ -127,6 +131,27 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         .enable_all()
         .build()
         .map_err(WorkerError::Runtime)?;
+    let metrics = Arc::new(WorkerMetrics::new());
+    let _endpoint = match options.metrics_listen {
+        Some(address) => {
+            let endpoint = runtime
+                .block_on(async {
+                    let listener = hsat_metrics::http::bind(&address.to_string()).await?;
+                    let exposition: Arc<dyn hsat_metrics::Exposition> = Arc::clone(&metrics) as _;
+                    Ok(hsat_metrics::MetricsServer::spawn(listener, exposition))
+                })
+                .map_err(WorkerError::Metrics)?;
+            println!(
+                "hsat worker {}: metrics on {}",
+                options.name,
+                endpoint.url()
+            );
+            // Whoever reads our output (hsat run, a test) learns the port now.
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            Some(endpoint)
+        }
+        None => None,
+    };
     let index = DatasetIndex::load(&options.config.data).map_err(WorkerError::Dataset)?;
     let client = runtime.block_on(connect_with_backoff(
         &options.coordinator,
@@ -165,6 +190,7 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         heartbeats: None,
         lost: Arc::new(AtomicBool::new(false)),
         steps_per_epoch: 1,
+        metrics,
     };
     worker
         .trainer
@@ -243,6 +269,7 @@ struct Worker<'a> {
     lost: Arc<AtomicBool>,
     /// Steps per epoch of the job, from the last group (for checkpoint metadata).
     steps_per_epoch: u64,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl Worker<'_> {
@@ -536,18 +563,20 @@ impl Worker<'_> {
             },
             &mut sync,
         );
-        let trained = trained.and_then(|result| {
+        let trained = trained.and_then(|(losses, mut telemetry)| {
             // Each rank's batch-norm statistics come from its own shard; take rank 0's,
             // as DDP does, so that all ranks stay identical.
+            let broadcast = Instant::now();
             broadcast_state(
                 process_group,
                 &self.trainer.buffers(),
                 0,
                 self.options.bucket_bytes,
             )?;
-            Ok(result)
+            telemetry.allreduce_seconds += broadcast.elapsed().as_secs_f64();
+            Ok((losses, telemetry))
         });
-        let (losses, _lr, _eps) = match trained {
+        let (losses, telemetry) = match trained {
             Ok(result) => result,
             Err(WorkerError::Collective(err)) => {
                 tracing::warn!(step = train.step, error = %err, "collective failed; asking the coordinator to regroup");
@@ -577,6 +606,11 @@ impl Worker<'_> {
         } else {
             None
         };
+        self.metrics
+            .on_step(losses, &telemetry, step_seconds, data_wait);
+        if let Some(write) = self.writer.take_last_write() {
+            self.metrics.on_checkpoint(&write);
+        }
         Ok(Event::Trained(StepOutcome {
             local_patients: local as u64,
             losses: losses.unwrap_or_default(),
@@ -584,6 +618,7 @@ impl Worker<'_> {
             step_seconds,
             data_wait_seconds: data_wait,
             checkpoint_dir,
+            telemetry,
         }))
     }
 }

@@ -64,13 +64,43 @@ impl Pgd {
         images: &Tensor,
         delta0: &Tensor,
     ) -> Result<Tensor> {
+        Ok(self.iterate(model, loss, images, delta0, false)?.0)
+    }
+
+    /// [`Pgd::run`] that also measures the attack's gain: the attack's loss at the
+    /// final delta minus at `delta0`, both in eval mode as the attack sees them.
+    /// The loss at the start comes from the first iteration; the one at the end
+    /// costs one more forward pass without gradients (eval mode: no batch-norm
+    /// update, no random draw, so training is unchanged). `None` with 0 iterations.
+    pub fn run_with_gain(
+        &self,
+        model: &Encoder,
+        loss: &HierarchicalLoss,
+        images: &Tensor,
+        delta0: &Tensor,
+    ) -> Result<(Tensor, Option<f64>)> {
+        self.iterate(model, loss, images, delta0, true)
+    }
+
+    fn iterate(
+        &self,
+        model: &Encoder,
+        loss: &HierarchicalLoss,
+        images: &Tensor,
+        delta0: &Tensor,
+        measure: bool,
+    ) -> Result<(Tensor, Option<f64>)> {
         let _frozen = FrozenParams::new(model)?;
         let images = images.f_detach()?;
         let mut delta = delta0.f_detach()?;
+        let mut start_loss = None;
         for _ in 0..self.iters {
             let delta_var = delta.f_detach()?.f_set_requires_grad(true)?;
             let emb = model.embed_batch(&images.f_add(&delta_var)?, false)?;
             let value = loss.compute(&emb, self.loss_type)?.total;
+            if measure && start_loss.is_none() {
+                start_loss = Some(value.f_double_value(&[])?);
+            }
             let grad = Tensor::f_run_backward(&[&value], &[&delta_var], false, false)?
                 .pop()
                 .ok_or_else(|| {
@@ -78,7 +108,20 @@ impl Pgd {
                 })?;
             delta = tch::no_grad(|| self.project(&images, &delta, &grad))?;
         }
-        Ok(delta)
+        let gain = match start_loss {
+            Some(start) => {
+                let end = tch::no_grad(|| -> Result<f64> {
+                    let emb = model.embed_batch(&images.f_add(&delta)?, false)?;
+                    Ok(loss
+                        .compute(&emb, self.loss_type)?
+                        .total
+                        .f_double_value(&[])?)
+                })?;
+                Some(end - start)
+            }
+            None => None,
+        };
+        Ok((delta, gain))
     }
 
     /// One sign step and both clamps, in the reference's order of operations.

@@ -251,7 +251,15 @@ pub fn run_training(
     let mut source = data.start(trainer.position())?;
     let (mut busy, mut waiting) = (0.0f64, 0.0f64);
     let first = trainer.position();
+    let mut metrics_log = open_metrics_log(&trainer.checkpoint_root(), first);
     let last = trainer.fit(source.as_mut(), |report| {
+        if let Some(log) = &mut metrics_log
+            && let Err(err) = log.append(&metrics_record(report))
+        {
+            // Telemetry never stops training: warn once and stop writing.
+            tracing::warn!(error = %err, "cannot append to metrics.jsonl; no more lines are written");
+            metrics_log = None;
+        }
         if report.step > first {
             busy += report.step_seconds;
             waiting += report.data_seconds;
@@ -269,6 +277,46 @@ pub fn run_training(
         busy_seconds: busy,
         waiting_seconds: waiting,
     })
+}
+
+/// `<out_dir>/metrics.jsonl` for this run (`checkpoints` is `<out_dir>/checkpoints`):
+/// appended to when resuming, started over (the old file kept beside it) when the
+/// run starts at step 0. `None`, with a warning, when it cannot be written.
+fn open_metrics_log(checkpoints: &Path, first_step: u64) -> Option<hsat_metrics::MetricsLog> {
+    let out_dir = checkpoints.parent().unwrap_or(checkpoints);
+    let opened = if first_step == 0 {
+        hsat_metrics::MetricsLog::start_over(out_dir)
+    } else {
+        hsat_metrics::MetricsLog::open(out_dir)
+    };
+    opened
+        .map_err(|err| tracing::warn!(error = %err, "metrics.jsonl will not be written"))
+        .ok()
+}
+
+/// The `metrics.jsonl` line of a single-process step.
+fn metrics_record(report: &StepProgress) -> hsat_metrics::StepRecord {
+    let telemetry = &report.telemetry;
+    let seconds = report.step_seconds + report.data_seconds;
+    hsat_metrics::StepRecord {
+        step: report.step,
+        epoch: report.epoch,
+        generation: 0,
+        time_unix_s: hsat_metrics::jsonl::now_unix_s(),
+        world_size: 1,
+        loss: hsat_metrics::jsonl::ViewLosses {
+            clean: report.losses.clean,
+            adversarial: report.losses.adversarial,
+        },
+        attack_gain: telemetry.attack_gain,
+        lr: Some(telemetry.lr),
+        eps: Some(telemetry.eps),
+        step_seconds: Some(seconds),
+        data_wait_seconds: Some(report.data_seconds),
+        attack_seconds: Some(telemetry.attack_seconds),
+        allreduce_seconds: Some(telemetry.allreduce_seconds),
+        patches_per_second: (seconds > 0.0).then(|| telemetry.patches as f64 / seconds),
+    }
 }
 
 /// The checkpoint to resume from (`None`: start at step 0), after applying

@@ -1,6 +1,8 @@
 //! One HSAT training step (method.md §5): PGD (inner maximisation), then the outer
 //! minimisation in one of three modes, then the optimiser update.
 
+use std::time::Instant;
+
 use hsat_core::config::LossType;
 use tch::Tensor;
 
@@ -62,6 +64,17 @@ fn unreachable_empty() -> StepLosses {
     }
 }
 
+/// What a step measured besides its losses (telemetry, `hsat_core::telemetry`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepMeasures {
+    /// The attack's gain (see [`Pgd::run_with_gain`]), when measured.
+    pub attack_gain: Option<f64>,
+    /// Seconds crafting the adversarial examples.
+    pub attack_seconds: f64,
+    /// Seconds in the gradient hook (the all-reduce in distributed runs).
+    pub sync_seconds: f64,
+}
+
 /// Runs one step with `sync` called between the backward pass and the optimiser
 /// update: in distributed runs it replaces each rank's gradients by the weighted mean
 /// over ranks, so every rank applies the same update.
@@ -75,6 +88,27 @@ pub fn train_step_synced(
     plan: StepInputs<'_>,
     sync: &mut GradientHook<'_>,
 ) -> Result<Option<StepLosses>> {
+    Ok(train_step_measured(model, loss, optimizer, plan, sync, false)?.0)
+}
+
+/// [`train_step_synced`] that also times the attack and `sync` and, with
+/// `measure_gain`, measures the attack's gain. The measurements change nothing that
+/// is trained.
+pub fn train_step_measured(
+    model: &Encoder,
+    loss: &HierarchicalLoss,
+    optimizer: &mut AdamW,
+    plan: StepInputs<'_>,
+    sync: &mut GradientHook<'_>,
+    measure_gain: bool,
+) -> Result<(Option<StepLosses>, StepMeasures)> {
+    let mut sync_seconds = 0.0;
+    let mut timed_sync = |params: &[(String, Tensor)]| -> Result<()> {
+        let started = Instant::now();
+        let result = sync(params);
+        sync_seconds += started.elapsed().as_secs_f64();
+        result
+    };
     optimizer.zero_grad()?;
     if plan.images.size().first() == Some(&0) {
         // A zero-weight contribution that still defines every parameter's gradient.
@@ -83,9 +117,13 @@ pub fn train_step_synced(
             zero = zero.f_add(&param.f_sum(tch::Kind::Float)?.f_mul_scalar(0.0)?)?;
         }
         zero.f_backward()?;
-        sync(optimizer.params())?;
+        timed_sync(optimizer.params())?;
         optimizer.step(plan.lr)?;
-        return Ok(None);
+        let measures = StepMeasures {
+            sync_seconds,
+            ..StepMeasures::default()
+        };
+        return Ok((None, measures));
     }
     let StepInputs {
         images,
@@ -93,14 +131,22 @@ pub fn train_step_synced(
         objective,
         lr,
     } = plan;
+    let attack_started = Instant::now();
+    let mut attack_gain = None;
     let x_adv = match &attack {
-        Some((pgd, delta0)) => Some(
-            images
-                .f_add(&pgd.run(model, loss, images, delta0)?)?
-                .f_detach()?,
-        ),
+        Some((pgd, delta0)) => {
+            let delta = if measure_gain {
+                let (delta, gain) = pgd.run_with_gain(model, loss, images, delta0)?;
+                attack_gain = gain;
+                delta
+            } else {
+                pgd.run(model, loss, images, delta0)?
+            };
+            Some(images.f_add(&delta)?.f_detach()?)
+        }
         None => None,
     };
+    let attack_seconds = attack_started.elapsed().as_secs_f64();
     // The reference's order: adversarial forward first, then clean (batch-norm running
     // statistics depend on it).
     let adv = match (&x_adv, objective) {
@@ -130,11 +176,17 @@ pub fn train_step_synced(
         }
     };
     total.f_backward()?;
-    sync(optimizer.params())?;
+    timed_sync(optimizer.params())?;
     optimizer.step(lr)?;
-    Ok(Some(StepLosses {
+    let losses = StepLosses {
         total: total.f_double_value(&[])?,
         clean: clean.as_ref().map(|c| c.values()).transpose()?,
         adversarial: adv.as_ref().map(|a| a.values()).transpose()?,
-    }))
+    };
+    let measures = StepMeasures {
+        attack_gain,
+        attack_seconds,
+        sync_seconds,
+    };
+    Ok((Some(losses), measures))
 }

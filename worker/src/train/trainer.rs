@@ -13,12 +13,13 @@ use std::time::Instant;
 use hsat_core::config::{AttackKind, Config};
 use hsat_core::rng::derive_seed;
 use hsat_core::schedule::{attack_eps, dynamic_strength, dynamic_weight};
+use hsat_core::telemetry::StepTelemetry;
 use tch::Device;
 
 use super::attack::Pgd;
 use super::loss::HierarchicalLoss;
 use super::optim::AdamW;
-use super::step::{GradientHook, OuterObjective, StepInputs, StepLosses, train_step_synced};
+use super::step::{GradientHook, OuterObjective, StepInputs, StepLosses, train_step_measured};
 use crate::checkpoint::writer::WriterOptions;
 use crate::checkpoint::{
     CheckpointMeta, CheckpointWriter, FORMAT_VERSION, OPTIMIZER_FILE, Snapshot, open_for_resume,
@@ -46,6 +47,8 @@ pub struct StepProgress {
     pub step_seconds: f64,
     /// Wall time spent getting the batch.
     pub data_seconds: f64,
+    /// Attack gain, phase durations and patches of the step.
+    pub telemetry: StepTelemetry,
     /// Checkpoint of the state after this step, if one is taken: complete on disk
     /// when synchronous, being written in the background when asynchronous (it
     /// completes before the next checkpoint starts and before the run returns).
@@ -241,7 +244,8 @@ impl Trainer {
             let batch = source.batch(self.step)?;
             let images = batch.images.f_to_device(self.model.device())?;
             let data_seconds = started.elapsed().as_secs_f64();
-            let (losses, lr, eps) = self.step_on(&images, batch.epoch, total_steps)?;
+            let (losses, telemetry) = self.step_on(&images, batch.epoch, total_steps)?;
+            let (lr, eps) = (telemetry.lr, telemetry.eps);
             let step_seconds = started.elapsed().as_secs_f64() - data_seconds;
             since_checkpoint = (since_checkpoint.0 + losses.total, since_checkpoint.1 + 1);
             let due =
@@ -270,6 +274,7 @@ impl Trainer {
                 losses,
                 step_seconds,
                 data_seconds,
+                telemetry,
                 checkpoint,
             });
         }
@@ -277,13 +282,13 @@ impl Trainer {
         Ok(last_checkpoint)
     }
 
-    /// One step on `images` at `epoch`: returns the losses, the learning rate and eps used.
+    /// One step on `images` at `epoch`: returns the losses and the telemetry.
     fn step_on(
         &mut self,
         images: &tch::Tensor,
         epoch: u64,
         total_steps: u64,
-    ) -> Result<(StepLosses, f64, f64)> {
+    ) -> Result<(StepLosses, StepTelemetry)> {
         let rows = images.size().first().copied().unwrap_or(0);
         let shard = ShardStep {
             step: self.step,
@@ -293,20 +298,27 @@ impl Trainer {
             global_patients: rows,
             first_row: 0,
         };
-        let (losses, lr, eps) = self.train_shard(shard, &mut |_| Ok(()))?;
+        let (losses, telemetry) = self.train_shard(shard, &mut |_| Ok(()))?;
         let losses = losses.ok_or(crate::error::WorkerError::EmptyStep { step: self.step })?;
-        Ok((losses, lr, eps))
+        Ok((losses, telemetry))
     }
 
     /// One step on this rank's share of a global step; `sync` averages the gradients
-    /// across ranks between backward and update (see [`train_step_synced`]). Returns
-    /// the local losses (`None` for an empty shard), the learning rate and eps used.
+    /// across ranks between backward and update (see
+    /// [`train_step_synced`](super::step::train_step_synced)). Returns the local
+    /// losses (`None` for an empty shard) and the telemetry: learning rate and eps
+    /// used, the attack's gain, the attack's and `sync`'s time, the shard's patches.
     /// Afterwards the trainer's position is `shard.step + 1`.
+    ///
+    /// When the objective has no clean forward pass (`training.only_adv`) the clean
+    /// losses are measured every `metrics.clean_loss_every` steps by a forward pass
+    /// without gradients before the attack; the batch-norm statistics it updates are
+    /// put back, so what is trained does not change.
     pub fn train_shard(
         &mut self,
         shard: ShardStep<'_>,
         sync: &mut GradientHook<'_>,
-    ) -> Result<(Option<StepLosses>, f64, f64)> {
+    ) -> Result<(Option<StepLosses>, StepTelemetry)> {
         let ShardStep {
             step,
             epoch,
@@ -370,7 +382,33 @@ impl Trainer {
         // coordinator may make it the state every rank continues from.
         let buffers = self.buffers();
         let saved: Vec<tch::Tensor> = buffers.iter().map(tch::Tensor::copy).collect();
-        let result = train_step_synced(
+        let put_back = || {
+            tch::no_grad(|| {
+                for (buffer, before) in buffers.iter().zip(&saved) {
+                    buffer.shallow_clone().copy_(before);
+                }
+            });
+        };
+        let rows = images.size().first().copied().unwrap_or(0);
+        let measure_clean = objective == OuterObjective::OnlyAdv
+            && rows > 0
+            && self.config.metrics.clean_loss_at(step);
+        let clean = if measure_clean {
+            // Train mode, as the adversarial loss it is compared with; batch
+            // statistics normalise, so the running statistics put back below do
+            // not change this value.
+            let measured = tch::no_grad(|| -> Result<_> {
+                let emb = self.model.embed_batch(images, true)?;
+                self.loss
+                    .compute(&emb, hsat_core::config::LossType::P_S_PT)?
+                    .values()
+            });
+            put_back();
+            Some(measured?)
+        } else {
+            None
+        };
+        let result = train_step_measured(
             &self.model,
             &self.loss,
             &mut self.optimizer,
@@ -381,16 +419,27 @@ impl Trainer {
                 lr,
             },
             sync,
+            true,
         );
         if result.is_err() {
-            tch::no_grad(|| {
-                for (buffer, before) in buffers.iter().zip(&saved) {
-                    buffer.shallow_clone().copy_(before);
-                }
-            });
+            put_back();
         }
-        let losses = result?;
+        let (losses, measures) = result?;
+        let losses = losses.map(|mut losses| {
+            losses.clean = losses.clean.or(clean);
+            losses
+        });
         self.step = step + 1;
-        Ok((losses, lr, eps))
+        let shape = images.size();
+        let patches = shape.iter().take(3).product::<i64>().max(0) as u64;
+        let telemetry = StepTelemetry {
+            attack_gain: measures.attack_gain,
+            eps,
+            lr,
+            attack_seconds: measures.attack_seconds,
+            allreduce_seconds: measures.sync_seconds,
+            patches: if rows > 0 { patches } else { 0 },
+        };
+        Ok((losses, telemetry))
     }
 }
