@@ -8,10 +8,12 @@
 //!   `Assignment`, `StepReport`, `JobStatus`, ...).
 //! - [`error`]: [`ApiError`], the one error of the control plane, and its
 //!   `tonic::Code` table.
+//! - [`auth`]: the job token, per-worker session tokens, where a process finds its
+//!   token, the server's checks.
 //! - [`client`]: [`client::CoordinatorClient`], async methods over domain types.
 //! - [`server`]: [`server::CoordinatorHandler`], the trait the coordinator
-//!   implements, and [`server::routes`], the gRPC services over it (with
-//!   `grpc.health.v1`).
+//!   implements, [`server::routes`], the gRPC services over it (with
+//!   `grpc.health.v1`), and [`server::serve_routes`] with the server's limits.
 //! - [`worker_protocol`]: the worker's side of the protocol as a pure state
 //!   machine, driven by the real worker and the simulated ones.
 //! - [`retry`]: exponential backoff up to a deadline for retryable errors.
@@ -19,6 +21,7 @@
 //!
 //! The protocol flow is documented at the top of the `.proto` file.
 
+pub mod auth;
 pub mod client;
 mod convert;
 pub mod domain;
