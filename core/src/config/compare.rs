@@ -20,6 +20,7 @@ pub const WORKER_LOCAL_KEYS: &[&str] = &[
     "infra.out_dir",
     "infra.log_every",
     "cluster",
+    "security",
     "training.keep_checkpoints",
     "training.keep_checkpoint_every",
     "training.async_checkpoints",

@@ -25,13 +25,15 @@
 //!
 //! Layout: `types` (the typed config, public), `raw` (the TOML layout), `layers`
 //! (merging and key/type checks), `validate` (ranges and cross-field rules),
-//! `cluster` (the `[cluster]` section: raw, typed and its checks), `compare`
+//! `cluster` (the `[cluster]` section: raw, typed and its checks), `security`
+//! (the `[security]` section: token file, limits), `compare`
 //! (differences and fingerprints of two configs).
 
 mod cluster;
 mod compare;
 mod layers;
 mod raw;
+mod security;
 mod types;
 mod validate;
 
@@ -42,6 +44,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub use cluster::{ClusterConfig, SILENT_HEARTBEATS};
+pub use security::SecurityConfig;
 pub(crate) use compare::compare_hex;
 pub use compare::{Difference, WORKER_LOCAL_KEYS, config_differences, config_fingerprint};
 pub use types::{

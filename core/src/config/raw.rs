@@ -13,6 +13,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::cluster::RawCluster;
+use super::security::RawSecurity;
 use super::types::{Config, WarmupSteps};
 
 /// Root of the raw configuration.
@@ -25,6 +26,7 @@ pub(crate) struct RawConfig {
     pub training: RawTraining,
     pub eval: RawEval,
     pub cluster: RawCluster,
+    pub security: RawSecurity,
 }
 
 /// `[eval]`
@@ -269,6 +271,7 @@ impl From<&Config> for RawConfig {
             training,
             eval,
             cluster,
+            security,
         } = config;
         let attack = &training.attack;
         let objective = &training.objective;
@@ -383,6 +386,7 @@ impl From<&Config> for RawConfig {
                 attack_target: eval.attack_target.name().to_owned(),
             },
             cluster: RawCluster::from(cluster),
+            security: RawSecurity::from(security),
         }
     }
 }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::cluster::ClusterConfig;
+use super::security::SecurityConfig;
 use crate::schedule;
 
 /// A name in the configuration (backbone, loss type, scheduler, ...) that is not one of
@@ -123,6 +124,8 @@ pub struct Config {
     /// Distributed jobs: membership, timing, collectives (per process, not part of
     /// the job's identity).
     pub cluster: ClusterConfig,
+    /// Authentication and server limits of the control plane (per process).
+    pub security: SecurityConfig,
 }
 
 /// Process-level settings.
@@ -673,6 +676,7 @@ impl Default for Config {
                 attack_target: EvalTarget::Backbone,
             },
             cluster: ClusterConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }

@@ -133,6 +133,12 @@ pub(crate) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         checker.problems.extend(problems);
         super::cluster::ClusterConfig::default()
     });
+    let security = super::security::validate(&raw.security, cluster.long_poll).unwrap_or_else(
+        |problems| {
+            checker.problems.extend(problems);
+            super::security::SecurityConfig::default()
+        },
+    );
     if checker.problems.is_empty() {
         Ok(Config {
             infra,
@@ -141,6 +147,7 @@ pub(crate) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             training,
             eval,
             cluster,
+            security,
         })
     } else {
         Err(checker.problems)
