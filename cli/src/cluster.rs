@@ -51,6 +51,10 @@ pub struct WorkerArgs {
     /// slow; 0 = give up at the first such error [cluster.rpc_retry_deadline_s].
     #[arg(long)]
     pub rpc_retry_deadline: Option<f64>,
+    /// File holding the job token (also HSAT_TOKEN_FILE, HSAT_TOKEN,
+    /// security.token_file); the coordinator's, unless it runs with --insecure.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl WorkerArgs {
@@ -88,7 +92,9 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         .name
         .unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()));
     let cluster = cfg.cluster.clone();
+    let token = hsat_coordinator::cli::client_token(args.token_file.as_deref(), &cfg)?;
     let options = WorkerOptions {
+        token,
         coordinator: args.coordinator,
         config: cfg,
         name: name.clone(),
@@ -128,6 +134,7 @@ pub fn run_local(
     workers: usize,
     membership: &MembershipArgs,
     start_mode: hsat_coordinator::StartMode,
+    insecure: bool,
 ) -> anyhow::Result<()> {
     // The membership flags become `cluster.*` overrides; the workers get them too
     // (harmless: `[cluster]` is per process and not compared at registration).
@@ -139,6 +146,7 @@ pub fn run_local(
         sources: ConfigSources::from_process_env(file, overrides),
         workers,
         start_mode,
+        insecure,
     };
     let outcome = local::run_local(options, shutdown_signal(), |event| match event {
         LocalEvent::Starting {
@@ -226,13 +234,24 @@ pub struct StatusArgs {
     /// Print the status as JSON.
     #[arg(long)]
     pub json: bool,
+    /// File holding the job token (also HSAT_TOKEN_FILE, HSAT_TOKEN); for a local
+    /// job, `<out_dir>/coordinator/token`.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Prints the job's status.
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let runtime = runtime()?;
     let status = runtime.block_on(async {
-        let client = hsat_proto::client::CoordinatorClient::connect(&args.coordinator).await?;
+        let token = hsat_proto::auth::resolve_token(
+            args.token_file.as_deref(),
+            |key| std::env::var(key).ok(),
+            None,
+        )?;
+        let client = hsat_proto::client::CoordinatorClient::connect(&args.coordinator)
+            .await?
+            .with_token(token.as_ref());
         anyhow::Ok(client.status().await?)
     })?;
     if args.json {

@@ -3,9 +3,12 @@
 //! the membership flags).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use hsat_core::config::{self, ConfigSources};
+use hsat_core::config::{self, Config, ConfigSources};
+use hsat_proto::auth::{ServerAuth, Token, resolve_token};
+use hsat_proto::server::{Limits, ServerOptions};
 
 use crate::durable::{self, StartMode};
 use crate::{ClusterSettings, CoordinatorError, JobOutcome, load_job, serve_job};
@@ -95,6 +98,14 @@ pub struct CoordinatorArgs {
     /// is resumed and a different one is refused.
     #[arg(long)]
     pub new_job: bool,
+    /// File holding the job token every call must carry (also HSAT_TOKEN_FILE,
+    /// HSAT_TOKEN, security.token_file); the workers and `hsat status` use the same.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Serve without authentication [security.insecure]: anyone reaching the port
+    /// can join the job, act for any worker and read its status.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl CoordinatorArgs {
@@ -115,6 +126,19 @@ impl CoordinatorArgs {
 /// ends or SIGTERM / Ctrl-C.
 pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, CoordinatorError> {
     let config = config::load(&args.sources())?;
+    let token = if args.insecure || config.security.insecure {
+        None
+    } else {
+        Some(
+            resolve_token(
+                args.token_file.as_deref(),
+                |key| std::env::var(key).ok(),
+                config.security.token_file.as_deref(),
+            )?
+            .ok_or(CoordinatorError::NoToken)?,
+        )
+    };
+    let server = server_options(&config, token);
     let settings = ClusterSettings::from_config(&config.cluster);
     let job = load_job(config)?;
     let mode = if args.new_job {
@@ -139,8 +163,45 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
         std::io::stdout()
             .flush()
             .map_err(CoordinatorError::Stdout)?;
-        serve_job(job, start, settings, listener, shutdown_signal()).await
+        if !server.auth.is_enabled() {
+            warn_insecure(&address.to_string());
+        }
+        serve_job(job, start, settings, server, listener, shutdown_signal()).await
     })
+}
+
+/// The server options of `config`'s `[security]` section: every call must carry
+/// `token`, or (`None`) no authentication at all.
+pub fn server_options(config: &Config, token: Option<Token>) -> ServerOptions {
+    let auth = match token {
+        Some(token) => ServerAuth::new(token),
+        None => ServerAuth::insecure(),
+    };
+    ServerOptions {
+        auth: Arc::new(auth),
+        limits: Limits::from_config(&config.security),
+    }
+}
+
+/// Says what serving without authentication exposes.
+pub fn warn_insecure(address: &str) {
+    tracing::warn!(
+        %address,
+        "authentication is OFF (--insecure): anyone who can reach this port can register as a worker \
+         and receive the data plan, act for any worker (leave, report steps, fail the job with a forged \
+         checksum) and read the job's status; run it only on an isolated network"
+    );
+}
+
+/// Reads the job token a client (`hsat worker`, `hsat status`) sends: `flag`, then
+/// `HSAT_TOKEN`, `HSAT_TOKEN_FILE`, then `security.token_file`; `None` when none
+/// is configured (a coordinator started with `--insecure` needs none).
+pub fn client_token(flag: Option<&Path>, config: &Config) -> Result<Option<Token>, CoordinatorError> {
+    Ok(resolve_token(
+        flag,
+        |key| std::env::var(key).ok(),
+        config.security.token_file.as_deref(),
+    )?)
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.

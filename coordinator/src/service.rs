@@ -15,7 +15,7 @@ use hsat_proto::domain::{
     Assignment, AssignmentRequest, HeartbeatReply, JobStatus, LevelLosses, Registered,
     Registration, StepReport, WorkerId,
 };
-use hsat_proto::server::{CoordinatorHandler, routes};
+use hsat_proto::server::{CoordinatorHandler, ServerOptions, routes, serve_routes};
 use hsat_proto::{ApiError, HSAT_VERSION, StorePublication};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -339,11 +339,12 @@ impl CoordinatorHandler for Handler {
 pub async fn serve(
     job: Job,
     settings: ClusterSettings,
+    server: ServerOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobOutcome, CoordinatorError> {
     let start = durable::prepare(&job, StartMode::Auto)?;
-    serve_job(job, start, settings, listener, shutdown).await
+    serve_job(job, start, settings, server, listener, shutdown).await
 }
 
 /// Runs `job` on `listener` until every step is committed (or the job fails) and
@@ -356,11 +357,13 @@ pub async fn serve(
 /// coordinator answers for `shutdown_grace` (workers that register get
 /// `Stop { success: true }`) and returns `Finished`.
 ///
-/// The ledger goes to `<out_dir>/coordinator/ledger.jsonl`.
+/// The ledger goes to `<out_dir>/coordinator/ledger.jsonl`. `server` says how
+/// calls are authenticated and limited (see `hsat_proto::auth`).
 pub async fn serve_job(
     job: Job,
     start: JobStart,
     settings: ClusterSettings,
+    server: ServerOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobOutcome, CoordinatorError> {
@@ -432,6 +435,7 @@ pub async fn serve_job(
         steps_per_epoch,
         patients_per_step,
         expected_workers = settings.expected_workers,
+        authenticated = server.auth.is_enabled(),
         "coordinator listening"
     );
     let shared = Arc::new(Shared {
@@ -443,19 +447,12 @@ pub async fn serve_job(
         checkpoint_root: checkpoint_root.clone(),
         retention,
     });
-    let (routes, health) = routes(Arc::new(Handler(Arc::clone(&shared)))).await;
+    let ServerOptions { auth, limits } = server;
+    let (routes, health) = routes(Arc::new(Handler(Arc::clone(&shared))), auth, limits).await;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
-                async {
-                    let _ = server_stopped.await;
-                },
-            ),
-    );
+    let mut server = tokio::spawn(serve_routes(routes, limits, listener, async {
+        let _ = server_stopped.await;
+    }));
     let tick_every = (settings.heartbeat / 2).min(Duration::from_millis(100));
     let mut ticker = tokio::time::interval(tick_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

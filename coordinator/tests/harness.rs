@@ -15,10 +15,17 @@ use hsat_coordinator::{ClusterSettings, Job, OutcomeKind, serve};
 use hsat_core::config::Config;
 use hsat_core::dataset::DatasetIndex;
 use hsat_core::sampler::epoch_order;
+use hsat_proto::auth::Token;
 use hsat_proto::client::CoordinatorClient;
+use hsat_proto::server::ServerOptions;
 use hsat_proto::domain::*;
 use hsat_proto::{ApiError, HSAT_VERSION};
 use tokio::sync::Notify;
+
+/// The job token of every coordinator the harness starts (secured, as by default).
+fn job_token() -> Token {
+    Token::parse("harness-job-token-0123456789", "harness").unwrap()
+}
 
 /// A manifest dataset of `patients` patients (empty tile files; the index never
 /// opens images).
@@ -170,7 +177,9 @@ async fn paced_worker(
     die_after: Option<usize>,
     pace: Duration,
 ) -> Result<bool, ApiError> {
-    let client = CoordinatorClient::connect(&address).await?;
+    let client = CoordinatorClient::connect(&address)
+        .await?
+        .with_token(Some(&job_token()));
     let registration = Registration {
         worker_name: name,
         config: config.to_json_value(),
@@ -263,6 +272,7 @@ async fn start(workers: usize) -> Cluster {
     let server = tokio::spawn(serve(
         job.clone(),
         settings(workers),
+        ServerOptions::secured(job_token()),
         listener,
         std::future::pending(),
     ));
@@ -354,7 +364,10 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<Result<bool, ApiError
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_another_config_or_dataset_is_refused_with_a_clear_message() {
     let cluster = start(1).await;
-    let client = CoordinatorClient::connect(&cluster.address).await.unwrap();
+    let client = CoordinatorClient::connect(&cluster.address)
+        .await
+        .unwrap()
+        .with_token(Some(&job_token()));
     let mut other = cluster.job.config.clone();
     other.training.optimizer.learn_rate = 0.0001;
     let registration = |config: &Config, fingerprint: &str| Registration {
@@ -421,7 +434,14 @@ async fn serve_at(
             Err(err) => panic!("cannot listen on {address} again: {err}"),
         }
     };
-    serve(job, settings(workers), listener, std::future::pending()).await
+    serve(
+        job,
+        settings(workers),
+        ServerOptions::secured(job_token()),
+        listener,
+        std::future::pending(),
+    )
+    .await
 }
 
 /// The committed steps the ledger at `path` shows so far (commits minus rollbacks).
@@ -580,6 +600,7 @@ async fn a_finished_job_is_not_trained_again_and_its_ledger_is_left_untouched() 
     let again = tokio::spawn(serve(
         cluster.job.clone(),
         short,
+        ServerOptions::secured(job_token()),
         listener,
         std::future::pending(),
     ));

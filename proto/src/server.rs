@@ -105,6 +105,44 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The limits of a `[security]` section.
+    pub fn from_config(security: &hsat_core::config::SecurityConfig) -> Self {
+        Self {
+            max_message_bytes: security.max_message_bytes,
+            request_timeout: security.request_timeout,
+            max_concurrent_requests: security.max_concurrent_requests,
+        }
+    }
+}
+
+/// How the coordinator's gRPC server authenticates and limits calls.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The job token and sessions ([`ServerAuth::insecure`]: none).
+    pub auth: Arc<ServerAuth>,
+    /// Message size, timeout, concurrency.
+    pub limits: Limits,
+}
+
+impl ServerOptions {
+    /// Every call must carry `token`; default limits.
+    pub fn secured(token: crate::auth::Token) -> Self {
+        Self {
+            auth: Arc::new(ServerAuth::new(token)),
+            limits: Limits::default(),
+        }
+    }
+
+    /// No authentication (tests, `--insecure`); default limits.
+    pub fn insecure() -> Self {
+        Self {
+            auth: Arc::new(ServerAuth::insecure()),
+            limits: Limits::default(),
+        }
+    }
+}
+
 /// The coordinator, admin and health services over `handler`, to serve with
 /// [`serve_routes`]; the health status starts SERVING. `auth` checks every
 /// Coordinator and Admin call ([`ServerAuth::insecure`]: none).

@@ -84,6 +84,9 @@ use hsat_data::loader::LoaderSpec;
 pub struct WorkerOptions {
     /// `host:port` or `http://host:port` of the coordinator.
     pub coordinator: String,
+    /// The job token every call carries (`None`: the coordinator runs
+    /// `--insecure`).
+    pub token: Option<hsat_proto::auth::Token>,
     /// The job's config (must equal the coordinator's but for worker-local keys).
     pub config: Config,
     /// Name shown in the coordinator's status (pod or host name).
@@ -128,11 +131,13 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         .build()
         .map_err(WorkerError::Runtime)?;
     let index = DatasetIndex::load(&options.config.data).map_err(WorkerError::Dataset)?;
-    let client = runtime.block_on(connect_with_backoff(
-        &options.coordinator,
-        options.connect_deadline,
-        &shutdown,
-    ))?;
+    let client = runtime
+        .block_on(connect_with_backoff(
+            &options.coordinator,
+            options.connect_deadline,
+            &shutdown,
+        ))?
+        .with_token(options.token.as_ref());
     let advertise_host = match &options.advertise_host {
         Some(host) => host.clone(),
         None => route_to(&options.coordinator),
@@ -289,6 +294,16 @@ impl Worker<'_> {
                 Action::Report(report) => {
                     match self.call("report a step", || self.client.report_step(report.clone())) {
                         Ok(()) => Event::Reported,
+                        // Already reported (a retry whose first attempt got through)
+                        // or of a generation that is over: the coordinator has what
+                        // it needs from this report.
+                        Err(WorkerError::Rpc {
+                            source: ApiError::Stale(reason),
+                            ..
+                        }) => {
+                            tracing::debug!(%reason, "the coordinator had this report already or no longer needs it");
+                            Event::Reported
+                        }
                         Err(err) if is_forgotten(&err) => self.forget(),
                         Err(err) => return Err(err),
                     }
