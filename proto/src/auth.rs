@@ -517,7 +517,7 @@ impl FailureLog {
         let peer = peer.map_or_else(|| "unknown".to_owned(), |addr| addr.to_string());
         tracing::warn!(
             %peer,
-            reason = failure.label(),
+            reason = %failure.label(),
             suppressed_since_last_line = suppressed,
             "refused a control-plane call (authentication)"
         );

@@ -85,7 +85,7 @@ pub const COORDINATOR_SERVICE: &str = "hsat.v1.Coordinator";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest message decoded or encoded, bytes; a larger request fails with
-    /// `RESOURCE_EXHAUSTED` before it is decoded.
+    /// `OUT_OF_RANGE` ("decoded message length too large") before it is decoded.
     pub max_message_bytes: usize,
     /// A call still running after this is cancelled (`CANCELLED`); well above the
     /// long poll of `NextAssignment`.
