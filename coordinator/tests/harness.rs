@@ -619,3 +619,101 @@ async fn a_finished_job_is_not_trained_again_and_its_ledger_is_left_untouched() 
     assert!(outcome.already_finished);
     assert_eq!(std::fs::read(&outcome.ledger).unwrap(), before);
 }
+
+/// Asks until the answer is not `Wait`.
+async fn ask_until_work(client: &CoordinatorClient, request: AssignmentRequest) -> Assignment {
+    for _ in 0..100 {
+        match client.next_assignment(request.clone()).await.unwrap() {
+            Assignment::Wait { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => return other,
+        }
+    }
+    panic!("no work after 100 asks")
+}
+
+/// A report is accepted once per (worker, generation, step): the worker's own
+/// report sent again over gRPC with its session (what an eavesdropper on an
+/// unencrypted network could replay), even with another checksum, is `ABORTED`
+/// (`ApiError::Stale`) and the job goes on; this session used for an id the
+/// coordinator never gave out gets `NOT_FOUND` (register first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_report_is_rejected_over_grpc_and_the_job_goes_on() {
+    let cluster = start(1).await;
+    let client = CoordinatorClient::connect(&cluster.address)
+        .await
+        .unwrap()
+        .with_token(Some(&job_token()));
+    let registered = client
+        .register(Registration {
+            worker_name: "w0".into(),
+            config: cluster.job.config.to_json_value(),
+            dataset_fingerprint: cluster.job.dataset_fingerprint().into(),
+            advertise_host: "127.0.0.1".into(),
+            hsat_version: HSAT_VERSION.into(),
+        })
+        .await
+        .unwrap();
+    let worker = registered.worker_id;
+    assert!(client.session(worker).is_some(), "register kept the session");
+    let ask = |generation: u64, next_step: u64| AssignmentRequest {
+        worker_id: worker,
+        generation,
+        next_step,
+        want_step: next_step,
+        group_error: None,
+        held: Vec::new(),
+    };
+    let Assignment::Group(group) = ask_until_work(&client, ask(0, 0)).await else {
+        panic!("expected a group")
+    };
+    client
+        .publish_store(worker, group.generation, 4242)
+        .await
+        .unwrap();
+    let Assignment::Train(train) = ask_until_work(&client, ask(group.generation, 0)).await else {
+        panic!("expected a step")
+    };
+    let report = StepReport {
+        worker_id: worker,
+        generation: train.generation,
+        step: train.step,
+        rank: 0,
+        local_patients: train.shard.len() as u64,
+        losses: hsat_core::losses::StepLosses {
+            total: 1.0,
+            clean: None,
+            adversarial: None,
+        },
+        param_checksum: 7,
+        step_seconds: 0.1,
+        data_wait_seconds: 0.0,
+        checkpoint_dir: None,
+    };
+    client.report_step(report.clone()).await.unwrap();
+    for checksum in [7, 0xbad] {
+        let replay = StepReport {
+            param_checksum: checksum,
+            ..report.clone()
+        };
+        match client.report_step(replay).await {
+            Err(ApiError::Stale(message)) => {
+                assert!(message.contains("already reported step 0"), "{message}")
+            }
+            other => panic!("a replayed report: {other:?}"),
+        }
+    }
+    // A session is no key to ids the coordinator never gave out.
+    let other = WorkerId(worker.0 + 1);
+    client.set_session(other, client.session(worker).as_ref());
+    let err = client.heartbeat(other).await.unwrap_err();
+    assert!(matches!(err, ApiError::UnknownWorker(_)), "{err:?}");
+    let status = client.status().await.unwrap();
+    assert_eq!(status.step, 1, "step 0 committed once");
+    assert_eq!(status.state, JobState::Running, "{status:?}");
+    // The worker goes on with step 1.
+    let Assignment::Train(next) = ask_until_work(&client, ask(group.generation, 1)).await else {
+        panic!("expected step 1")
+    };
+    assert_eq!(next.step, 1);
+    cluster.server.abort();
+}
