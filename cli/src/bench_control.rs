@@ -82,10 +82,11 @@ pub fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
         }
         ControlPlaneEvent::Run(run) => {
             print_run(run);
-            if let Some(on) = previous.take().filter(|p| p.workers == run.workers) {
-                if on.authenticated && !run.authenticated {
-                    print_ratios(&on, run);
-                }
+            if let Some(on) = previous
+                .take()
+                .filter(|p| p.workers == run.workers && p.authenticated && !run.authenticated)
+            {
+                print_ratios(&on, run);
             }
             previous = Some(run.clone());
         }
@@ -129,13 +130,7 @@ fn print_run(run: &ControlPlaneRun) {
     for rpc in &run.rpcs {
         println!(
             "{:>7} {:>5} {:>22} {:>10.3} {:>10.3} {:>9} {:>12.1}",
-            workers,
-            auth,
-            rpc.name,
-            rpc.p50_ms,
-            rpc.p99_ms,
-            rpc.calls,
-            run.coordinator_cpu_percent
+            workers, auth, rpc.name, rpc.p50_ms, rpc.p99_ms, rpc.calls, run.coordinator_cpu_percent
         );
     }
     println!(

@@ -196,7 +196,10 @@ pub fn warn_insecure(address: &str) {
 /// Reads the job token a client (`hsat worker`, `hsat status`) sends: `flag`, then
 /// `HSAT_TOKEN`, `HSAT_TOKEN_FILE`, then `security.token_file`; `None` when none
 /// is configured (a coordinator started with `--insecure` needs none).
-pub fn client_token(flag: Option<&Path>, config: &Config) -> Result<Option<Token>, CoordinatorError> {
+pub fn client_token(
+    flag: Option<&Path>,
+    config: &Config,
+) -> Result<Option<Token>, CoordinatorError> {
     Ok(resolve_token(
         flag,
         |key| std::env::var(key).ok(),

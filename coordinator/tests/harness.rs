@@ -17,8 +17,8 @@ use hsat_core::dataset::DatasetIndex;
 use hsat_core::sampler::epoch_order;
 use hsat_proto::auth::Token;
 use hsat_proto::client::CoordinatorClient;
-use hsat_proto::server::ServerOptions;
 use hsat_proto::domain::*;
+use hsat_proto::server::ServerOptions;
 use hsat_proto::{ApiError, HSAT_VERSION};
 use tokio::sync::Notify;
 
@@ -556,7 +556,10 @@ async fn a_coordinator_restarted_mid_job_continues_with_the_same_workers() {
         .unwrap();
     let generation = |r: &serde_json::Value| r["generation"].as_u64().unwrap();
     let commits = |rs: &[serde_json::Value]| -> Vec<serde_json::Value> {
-        rs.iter().filter(|r| r["kind"] == "commit").cloned().collect()
+        rs.iter()
+            .filter(|r| r["kind"] == "commit")
+            .cloned()
+            .collect()
     };
     let first_highest = commits(&records[..restart])
         .iter()
@@ -654,7 +657,10 @@ async fn a_replayed_report_is_rejected_over_grpc_and_the_job_goes_on() {
         .await
         .unwrap();
     let worker = registered.worker_id;
-    assert!(client.session(worker).is_some(), "register kept the session");
+    assert!(
+        client.session(worker).is_some(),
+        "register kept the session"
+    );
     let ask = |generation: u64, next_step: u64| AssignmentRequest {
         worker_id: worker,
         generation,

@@ -604,7 +604,10 @@ mod tests {
         let auth = ServerAuth::insecure();
         assert!(auth.check_job_token(&metadata(&[]), None).is_ok());
         assert!(auth.open_session(WorkerId(1)).unwrap().is_none());
-        assert!(auth.check_session(WorkerId(7), &metadata(&[]), None).is_ok());
+        assert!(
+            auth.check_session(WorkerId(7), &metadata(&[]), None)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -626,7 +629,10 @@ mod tests {
             .check_session(WorkerId(2), &metadata(&[]), None)
             .unwrap_err();
         assert_eq!(missing.code(), tonic::Code::Unauthenticated);
-        assert!(missing.message().contains("missing session token"), "{missing}");
+        assert!(
+            missing.message().contains("missing session token"),
+            "{missing}"
+        );
         // An id the coordinator does not know (e.g. from before a restart): register again.
         let unknown = auth
             .check_session(WorkerId(9), &with(&two), None)
@@ -690,7 +696,10 @@ mod tests {
         let missing = resolve_token(Some(&dir.path().join("nope")), env(vec![]), None)
             .unwrap_err()
             .to_string();
-        assert!(missing.contains("nope") && missing.contains("--token-file"), "{missing}");
+        assert!(
+            missing.contains("nope") && missing.contains("--token-file"),
+            "{missing}"
+        );
     }
 
     #[cfg(unix)]

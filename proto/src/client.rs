@@ -121,9 +121,7 @@ impl CoordinatorClient {
     fn request<T>(&self, message: T, worker: Option<WorkerId>) -> Request<T> {
         let mut request = Request::new(message);
         if let Some(bearer) = &self.bearer {
-            request
-                .metadata_mut()
-                .insert(AUTHORIZATION, bearer.clone());
+            request.metadata_mut().insert(AUTHORIZATION, bearer.clone());
         }
         if let Some(session) = worker.and_then(|w| self.sessions().get(&w).cloned()) {
             request.metadata_mut().insert(SESSION_HEADER, session);
@@ -143,9 +141,10 @@ impl CoordinatorClient {
         let session = response.session_token.clone();
         let registered = Registered::try_from(response)?;
         if !session.is_empty() {
-            let token = Token::parse(&session, "the coordinator's session token").map_err(|err| {
-                ApiError::InvalidArgument(format!("RegisterResponse.session_token: {err}"))
-            })?;
+            let token =
+                Token::parse(&session, "the coordinator's session token").map_err(|err| {
+                    ApiError::InvalidArgument(format!("RegisterResponse.session_token: {err}"))
+                })?;
             self.set_session(registered.worker_id, Some(&token));
         }
         Ok(registered)

@@ -251,7 +251,7 @@ impl<H: CoordinatorHandler> pb::coordinator_server::Coordinator for Adapter<H> {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let worker = WorkerId::try_from(request.get_ref().clone())?;
+        let worker = WorkerId::try_from(*request.get_ref())?;
         self.authorize(worker, &request)?;
         let result = self.handler.heartbeat(worker).await;
         self.settle(worker, &result);
@@ -275,7 +275,7 @@ impl<H: CoordinatorHandler> pb::coordinator_server::Coordinator for Adapter<H> {
         &self,
         request: Request<pb::PublishStoreRequest>,
     ) -> Result<Response<pb::PublishStoreResponse>, Status> {
-        let publication = StorePublication::try_from(request.get_ref().clone())?;
+        let publication = StorePublication::try_from(*request.get_ref())?;
         let worker = publication.worker_id;
         self.authorize(worker, &request)?;
         let result = self.handler.publish_store(publication).await;

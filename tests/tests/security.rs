@@ -52,21 +52,28 @@ impl Credentials {
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         if let Some(value) = &self.authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", MetadataValue::try_from(value.as_str()).unwrap());
+            request.metadata_mut().insert(
+                "authorization",
+                MetadataValue::try_from(value.as_str()).unwrap(),
+            );
         }
         if let Some(value) = &self.session {
-            request
-                .metadata_mut()
-                .insert("x-hsat-session", MetadataValue::try_from(value.as_str()).unwrap());
+            request.metadata_mut().insert(
+                "x-hsat-session",
+                MetadataValue::try_from(value.as_str()).unwrap(),
+            );
         }
         request
     }
 }
 
 /// Asserts `result` failed with `code` and a message containing `reason`.
-fn assert_refused<T: std::fmt::Debug>(what: &str, result: Result<T, Status>, code: Code, reason: &str) {
+fn assert_refused<T: std::fmt::Debug>(
+    what: &str,
+    result: Result<T, Status>,
+    code: Code,
+    reason: &str,
+) {
     match result {
         Ok(value) => panic!("{what}: expected {code:?}, the call succeeded: {value:?}"),
         Err(status) => assert!(
@@ -169,7 +176,9 @@ fn unauthenticated_forged_oversized_malformed_and_stale_calls_are_refused_while_
         // Health stays open, and says only whether the coordinator serves.
         let mut health = tonic_health_client(channel.clone());
         let reply = health
-            .check(Request::new(HealthCheckRequest { service: String::new() }))
+            .check(Request::new(HealthCheckRequest {
+                service: String::new(),
+            }))
             .await
             .unwrap()
             .into_inner();
@@ -235,16 +244,18 @@ fn unauthenticated_forged_oversized_malformed_and_stale_calls_are_refused_while_
             assert_refused(
                 "a report for a real worker with a made-up session",
                 coordinator
-                    .report_step(job.clone().with_session("0123456789abcdef0123456789abcdef").request(
-                        pb::StepReport {
-                            worker_id: *id,
-                            generation: status.generation,
-                            step: status.step,
-                            rank: 0,
-                            param_checksum: 0xbad,
-                            ..Default::default()
-                        },
-                    ))
+                    .report_step(
+                        job.clone()
+                            .with_session("0123456789abcdef0123456789abcdef")
+                            .request(pb::StepReport {
+                                worker_id: *id,
+                                generation: status.generation,
+                                step: status.step,
+                                rank: 0,
+                                param_checksum: 0xbad,
+                                ..Default::default()
+                            }),
+                    )
                     .await,
                 Code::PermissionDenied,
                 "is not worker",
@@ -339,9 +350,10 @@ fn unauthenticated_forged_oversized_malformed_and_stale_calls_are_refused_while_
     sandbox.assert_ledger_complete(&[2]);
     let ledger = sandbox.ledger();
     assert!(
-        ledger
-            .commits()
-            .all(|c| c.ranks.iter().all(|r| ["w0", "w1"].contains(&r.worker_name.as_str()))),
+        ledger.commits().all(|c| c
+            .ranks
+            .iter()
+            .all(|r| ["w0", "w1"].contains(&r.worker_name.as_str()))),
         "only the real workers trained:\n{logs}"
     );
 
@@ -349,9 +361,11 @@ fn unauthenticated_forged_oversized_malformed_and_stale_calls_are_refused_while_
     // token.
     let coordinator_output = sandbox.coordinator_output();
     assert!(
-        coordinator_output.lines().any(|line| line.contains("refused a control-plane call")
-            && line.contains("peer=127.0.0.1")
-            && line.contains("reason=missing_token")),
+        coordinator_output
+            .lines()
+            .any(|line| line.contains("refused a control-plane call")
+                && line.contains("peer=127.0.0.1")
+                && line.contains("reason=missing_token")),
         "the refusal is logged with its peer:\n{coordinator_output}"
     );
     let logged = coordinator_output
@@ -364,7 +378,10 @@ fn unauthenticated_forged_oversized_malformed_and_stale_calls_are_refused_while_
         "one line per peer per 10 s, however many refusals ({logged} lines):\n{coordinator_output}"
     );
     assert!(!logs.contains(&token), "a log shows the job token");
-    assert!(!logs.contains(&token[..16]), "a log shows part of the job token");
+    assert!(
+        !logs.contains(&token[..16]),
+        "a log shows part of the job token"
+    );
 }
 
 /// The standard health protocol, by hand (two messages and one method): what a
@@ -397,9 +414,8 @@ impl HealthClient {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let codec = tonic_prost::ProstCodec::default();
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-            "/grpc.health.v1.Health/Check",
-        );
+        let path =
+            tonic::codegen::http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
         self.0.unary(request, path, codec).await
     }
 }

@@ -253,7 +253,10 @@ fn a_replayed_report_is_rejected_and_changes_nothing() {
     let (a, b) = formed_pair(&mut s, &config);
     ask(&mut s, a, 1, 0, 0, 4);
     ask(&mut s, a, 1, 0, 1, 4);
-    assert_eq!(reply(&s.on_event(Event::Report(report(a, 1, 0, 0, 7)), ms(5))), Reply::Done);
+    assert_eq!(
+        reply(&s.on_event(Event::Report(report(a, 1, 0, 0, 7)), ms(5))),
+        Reply::Done
+    );
     // Before the commit: a replay with a forged checksum would fail the job.
     let replay = s.on_event(Event::Report(report(a, 1, 0, 0, 0xbad)), ms(5));
     match reply(&replay) {
@@ -262,12 +265,19 @@ fn a_replayed_report_is_rejected_and_changes_nothing() {
     }
     assert!(commits(&replay).is_empty());
     let done = commits(&s.on_event(Event::Report(report(b, 1, 1, 0, 7)), ms(5)));
-    assert_eq!(done.len(), 1, "the step commits with the first report's checksum");
+    assert_eq!(
+        done.len(),
+        1,
+        "the step commits with the first report's checksum"
+    );
     assert_eq!(s.state(), JobState::Running);
     // After the commit: the same replay again, and an older step.
     for step in [0, 0] {
         let again = s.on_event(Event::Report(report(b, 1, 1, step, 7)), ms(6));
-        assert!(matches!(reply(&again), Reply::Error(ApiError::Stale(_))), "{again:?}");
+        assert!(
+            matches!(reply(&again), Reply::Error(ApiError::Stale(_))),
+            "{again:?}"
+        );
         assert!(commits(&again).is_empty());
     }
     assert_eq!(s.committed(), 1);

@@ -44,9 +44,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub use cluster::{ClusterConfig, SILENT_HEARTBEATS};
-pub use security::SecurityConfig;
 pub(crate) use compare::compare_hex;
 pub use compare::{Difference, WORKER_LOCAL_KEYS, config_differences, config_fingerprint};
+pub use security::SecurityConfig;
 pub use types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
     EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,

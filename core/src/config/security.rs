@@ -68,8 +68,7 @@ impl From<&SecurityConfig> for RawSecurity {
             insecure: c.insecure,
             max_message_bytes: i64::try_from(c.max_message_bytes).unwrap_or(i64::MAX),
             request_timeout_s: c.request_timeout.as_secs_f64(),
-            max_concurrent_requests: i64::try_from(c.max_concurrent_requests)
-                .unwrap_or(i64::MAX),
+            max_concurrent_requests: i64::try_from(c.max_concurrent_requests).unwrap_or(i64::MAX),
         }
     }
 }

@@ -133,12 +133,11 @@ pub(crate) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         checker.problems.extend(problems);
         super::cluster::ClusterConfig::default()
     });
-    let security = super::security::validate(&raw.security, cluster.long_poll).unwrap_or_else(
-        |problems| {
+    let security =
+        super::security::validate(&raw.security, cluster.long_poll).unwrap_or_else(|problems| {
             checker.problems.extend(problems);
             super::security::SecurityConfig::default()
-        },
-    );
+        });
     if checker.problems.is_empty() {
         Ok(Config {
             infra,
