@@ -93,8 +93,10 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()));
     let cluster = cfg.cluster.clone();
     let token = hsat_coordinator::cli::client_token(args.token_file.as_deref(), &cfg)?;
+    let tls = hsat_coordinator::cli::client_tls(&cfg)?;
     let options = WorkerOptions {
         token,
+        tls,
         coordinator: args.coordinator,
         config: cfg,
         name: name.clone(),
@@ -244,14 +246,15 @@ pub struct StatusArgs {
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let runtime = runtime()?;
     let status = runtime.block_on(async {
-        let token = hsat_proto::auth::resolve_token(
-            args.token_file.as_deref(),
-            |key| std::env::var(key).ok(),
-            None,
-        )?;
-        let client = hsat_proto::client::CoordinatorClient::connect(&args.coordinator)
-            .await?
-            .with_token(token.as_ref());
+        // No config file: `[security]` comes from HSAT__SECURITY__* variables
+        // (token file, TLS CA and client certificate).
+        let cfg = config::load(&ConfigSources::from_process_env(None, Vec::new()))?;
+        let token = hsat_coordinator::cli::client_token(args.token_file.as_deref(), &cfg)?;
+        let tls = hsat_coordinator::cli::client_tls(&cfg)?;
+        let client =
+            hsat_proto::client::CoordinatorClient::connect_tls(&args.coordinator, tls.as_ref())
+                .await?
+                .with_token(token.as_ref());
         anyhow::Ok(client.status().await?)
     })?;
     if args.json {

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use hsat_core::config::{self, Config, ConfigSources};
 use hsat_proto::auth::{ServerAuth, Token, resolve_token};
 use hsat_proto::server::{Limits, ServerOptions};
+use hsat_proto::tls::TlsFiles;
+use tonic::transport::ClientTlsConfig;
 
 use crate::durable::{self, StartMode};
 use crate::{ClusterSettings, CoordinatorError, JobOutcome, load_job, serve_job};
@@ -138,7 +140,7 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
             .ok_or(CoordinatorError::NoToken)?,
         )
     };
-    let server = server_options(&config, token);
+    let server = server_options(&config, token)?;
     let settings = ClusterSettings::from_config(&config.cluster);
     let job = load_job(config)?;
     let mode = if args.new_job {
@@ -171,16 +173,30 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
 }
 
 /// The server options of `config`'s `[security]` section: every call must carry
-/// `token`, or (`None`) no authentication at all.
-pub fn server_options(config: &Config, token: Option<Token>) -> ServerOptions {
+/// `token`, or (`None`) no authentication at all; TLS when it names a certificate.
+pub fn server_options(
+    config: &Config,
+    token: Option<Token>,
+) -> Result<ServerOptions, CoordinatorError> {
+    // metrics: count refusals in `hsat_auth_failures_total{reason}` with
+    // `auth.with_failure_hook(...)` (`AuthFailure::label` is the reason label).
     let auth = match token {
         Some(token) => ServerAuth::new(token),
         None => ServerAuth::insecure(),
     };
-    ServerOptions {
+    Ok(ServerOptions {
         auth: Arc::new(auth),
         limits: Limits::from_config(&config.security),
-    }
+        tls: hsat_proto::tls::server_tls(&TlsFiles::from_config(&config.security))?,
+    })
+}
+
+/// A client's TLS from `config`'s `[security]` (`tls_ca`, and `tls_cert` +
+/// `tls_key` for mutual TLS); `None`: plain HTTP/2.
+pub fn client_tls(config: &Config) -> Result<Option<ClientTlsConfig>, CoordinatorError> {
+    Ok(hsat_proto::tls::client_tls(&TlsFiles::from_config(
+        &config.security,
+    ))?)
 }
 
 /// Says what serving without authentication exposes.

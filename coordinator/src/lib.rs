@@ -159,6 +159,9 @@ pub enum CoordinatorError {
     /// The job token could not be read or made.
     #[error(transparent)]
     Token(#[from] hsat_proto::auth::AuthError),
+    /// The TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] hsat_proto::tls::TlsError),
     /// The listening address could not be printed.
     #[error("cannot print the listening address")]
     Stdout(#[source] std::io::Error),

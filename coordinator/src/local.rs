@@ -164,7 +164,10 @@ pub fn run_local(
         write_token_file(&path, &token)?;
         Some((token, path))
     };
-    let server = crate::cli::server_options(&cfg, token_file.as_ref().map(|(t, _)| t.clone()));
+    let mut server = crate::cli::server_options(&cfg, token_file.as_ref().map(|(t, _)| t.clone()))?;
+    // Loopback only: the workers connect over plain HTTP/2 whatever `[security]`
+    // says about TLS.
+    server.tls = None;
     let token_path = token_file.map(|(_, path)| path);
     let mut children = LocalWorkers::spawn(&options, &address, &cfg, token_path.as_deref())?;
     let grace = settings.shutdown_grace;

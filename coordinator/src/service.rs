@@ -436,6 +436,7 @@ pub async fn serve_job(
         patients_per_step,
         expected_workers = settings.expected_workers,
         authenticated = server.auth.is_enabled(),
+        tls = server.tls.is_some(),
         "coordinator listening"
     );
     let shared = Arc::new(Shared {
@@ -447,10 +448,10 @@ pub async fn serve_job(
         checkpoint_root: checkpoint_root.clone(),
         retention,
     });
-    let ServerOptions { auth, limits } = server;
+    let ServerOptions { auth, limits, tls } = server;
     let (routes, health) = routes(Arc::new(Handler(Arc::clone(&shared))), auth, limits).await;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(serve_routes(routes, limits, listener, async {
+    let mut server = tokio::spawn(serve_routes(routes, limits, tls, listener, async {
         let _ = server_stopped.await;
     }));
     let tick_every = (settings.heartbeat / 2).min(Duration::from_millis(100));

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tonic::Request;
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -42,13 +42,13 @@ pub struct CoordinatorClient {
     sessions: Arc<Mutex<HashMap<WorkerId, AsciiMetadataValue>>>,
 }
 
-fn endpoint(address: &str) -> Result<Endpoint, ApiError> {
-    let uri = if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
+fn endpoint(address: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, ApiError> {
+    let uri = match (address.contains("://"), tls) {
+        (true, _) => address.to_owned(),
+        (false, None) => format!("http://{address}"),
+        (false, Some(_)) => format!("https://{address}"),
     };
-    Endpoint::from_shared(uri)
+    let endpoint = Endpoint::from_shared(uri)
         .map(|e| {
             e.connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
@@ -58,13 +58,30 @@ fn endpoint(address: &str) -> Result<Endpoint, ApiError> {
             ApiError::InvalidArgument(format!(
                 "coordinator address {address:?} is not a URI ({err}): give host:port"
             ))
-        })
+        })?;
+    match tls {
+        Some(tls) => endpoint.tls_config(tls.clone()).map_err(|err| {
+            ApiError::InvalidArgument(format!(
+                "cannot use TLS for the coordinator at {address} ({err}): check security.tls_*"
+            ))
+        }),
+        None => Ok(endpoint),
+    }
 }
 
 impl CoordinatorClient {
     /// Connects to `address` (`host:port` or `http://host:port`).
     pub async fn connect(address: &str) -> Result<Self, ApiError> {
-        let channel = endpoint(address)?.connect().await.map_err(|err| {
+        Self::connect_tls(address, None).await
+    }
+
+    /// Connects to `address` over TLS when `tls` is set (`host:port` then means
+    /// `https://host:port`).
+    pub async fn connect_tls(
+        address: &str,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self, ApiError> {
+        let channel = endpoint(address, tls)?.connect().await.map_err(|err| {
             ApiError::Unavailable(format!(
                 "cannot connect to the coordinator at {address} ({err}): check that it runs and the address"
             ))
@@ -74,7 +91,7 @@ impl CoordinatorClient {
 
     /// A client that connects on first use (and reconnects after failures).
     pub fn connect_lazy(address: &str) -> Result<Self, ApiError> {
-        Ok(Self::from_channel(endpoint(address)?.connect_lazy()))
+        Ok(Self::from_channel(endpoint(address, None)?.connect_lazy()))
     }
 
     fn from_channel(channel: Channel) -> Self {

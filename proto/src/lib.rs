@@ -14,6 +14,7 @@
 //! - [`server`]: [`server::CoordinatorHandler`], the trait the coordinator
 //!   implements, [`server::routes`], the gRPC services over it (with
 //!   `grpc.health.v1`), and [`server::serve_routes`] with the server's limits.
+//! - [`tls`]: server TLS, mutual TLS and the client side, from `[security]`.
 //! - [`worker_protocol`]: the worker's side of the protocol as a pure state
 //!   machine, driven by the real worker and the simulated ones.
 //! - [`retry`]: exponential backoff up to a deadline for retryable errors.
@@ -28,6 +29,7 @@ pub mod domain;
 pub mod error;
 pub mod retry;
 pub mod server;
+pub mod tls;
 pub mod worker_protocol;
 
 pub use convert::StorePublication;

@@ -123,6 +123,9 @@ pub struct ServerOptions {
     pub auth: Arc<ServerAuth>,
     /// Message size, timeout, concurrency.
     pub limits: Limits,
+    /// Server TLS, mutual when it names a client CA ([`crate::tls::server_tls`]);
+    /// `None`: plain HTTP/2.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl ServerOptions {
@@ -131,6 +134,7 @@ impl ServerOptions {
         Self {
             auth: Arc::new(ServerAuth::new(token)),
             limits: Limits::default(),
+            tls: None,
         }
     }
 
@@ -139,6 +143,7 @@ impl ServerOptions {
         Self {
             auth: Arc::new(ServerAuth::insecure()),
             limits: Limits::default(),
+            tls: None,
         }
     }
 }
@@ -173,14 +178,19 @@ pub async fn routes<H: CoordinatorHandler>(
 }
 
 /// Serves `routes` on `listener` with `limits` (request timeout, global
-/// concurrency limit) until `shutdown` completes.
+/// concurrency limit) and `tls` until `shutdown` completes.
 pub async fn serve_routes(
     routes: tonic::service::Routes,
     limits: Limits,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .tcp_nodelay(true)
         .timeout(limits.request_timeout)
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(

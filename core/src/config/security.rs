@@ -23,6 +23,10 @@ pub(crate) struct RawSecurity {
     pub max_message_bytes: i64,
     pub request_timeout_s: f64,
     pub max_concurrent_requests: i64,
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_client_ca: String,
+    pub tls_ca: String,
 }
 
 /// Validated `[security]` settings.
@@ -43,6 +47,17 @@ pub struct SecurityConfig {
     /// Coordinator: calls handled at once (default 4096); more wait. Each worker
     /// holds up to two at a time (a long poll and a heartbeat).
     pub max_concurrent_requests: usize,
+    /// PEM certificate chain: the coordinator's (turns on TLS), or a client's own
+    /// for mutual TLS (default none).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (default none).
+    pub tls_key: Option<PathBuf>,
+    /// Coordinator: PEM CA that client certificates must chain to; set, every
+    /// client must present one (mutual TLS; default none).
+    pub tls_client_ca: Option<PathBuf>,
+    /// Client: PEM CA that the coordinator's certificate must chain to; set, the
+    /// client speaks TLS (default none).
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for SecurityConfig {
@@ -53,8 +68,22 @@ impl Default for SecurityConfig {
             max_message_bytes: 4 << 20,
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 4096,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_ca: None,
         }
     }
+}
+
+fn path_text(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn optional_path(text: &str) -> Option<PathBuf> {
+    (!text.trim().is_empty()).then(|| PathBuf::from(text))
 }
 
 impl From<&SecurityConfig> for RawSecurity {
@@ -69,6 +98,10 @@ impl From<&SecurityConfig> for RawSecurity {
             max_message_bytes: i64::try_from(c.max_message_bytes).unwrap_or(i64::MAX),
             request_timeout_s: c.request_timeout.as_secs_f64(),
             max_concurrent_requests: i64::try_from(c.max_concurrent_requests).unwrap_or(i64::MAX),
+            tls_cert: path_text(&c.tls_cert),
+            tls_key: path_text(&c.tls_key),
+            tls_client_ca: path_text(&c.tls_client_ca),
+            tls_ca: path_text(&c.tls_ca),
         }
     }
 }
@@ -139,8 +172,21 @@ pub(crate) fn validate(
             0
         }
     };
+    let (tls_cert, tls_key) = (optional_path(&raw.tls_cert), optional_path(&raw.tls_key));
+    if tls_cert.is_some() != tls_key.is_some() {
+        problem(
+            "security.tls_cert",
+            "security.tls_cert and security.tls_key go together: set both (a certificate and its \
+             key) or neither"
+                .to_owned(),
+        );
+    }
     if problems.is_empty() {
         Ok(SecurityConfig {
+            tls_cert,
+            tls_key,
+            tls_client_ca: optional_path(&raw.tls_client_ca),
+            tls_ca: optional_path(&raw.tls_ca),
             token_file,
             insecure: raw.insecure,
             max_message_bytes,

@@ -852,7 +852,7 @@ fn docs_describe_every_key() {
     let docs = include_str!("../../../docs/config.md");
     let mut keys = Vec::new();
     leaf_keys(&layers::schema().unwrap(), "", &mut keys);
-    assert_eq!(keys.len(), 82);
+    assert_eq!(keys.len(), 86);
     for key in keys {
         assert!(
             docs.contains(&format!("`{key}`")),
@@ -1019,6 +1019,7 @@ fn security_limits_are_checked_naming_the_key() {
             "security.max_message_bytes=10",
             "security.request_timeout_s=0.5",
             "security.max_concurrent_requests=0",
+            "security.tls_key=/etc/hsat/key.pem",
         ],
     ));
     let text = found.join("\n");
@@ -1026,8 +1027,9 @@ fn security_limits_are_checked_naming_the_key() {
         "security.max_message_bytes = 10: must be between 1024 and 1073741824",
         "security.request_timeout_s = 0.5 must be more than cluster.long_poll_s = 1",
         "security.max_concurrent_requests = 0: must be >= 1",
+        "security.tls_cert and security.tls_key go together",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from\n{text}");
     }
-    assert_eq!(found.len(), 3, "{text}");
+    assert_eq!(found.len(), 4, "{text}");
 }

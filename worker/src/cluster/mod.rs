@@ -87,6 +87,8 @@ pub struct WorkerOptions {
     /// The job token every call carries (`None`: the coordinator runs
     /// `--insecure`).
     pub token: Option<hsat_proto::auth::Token>,
+    /// TLS to the coordinator (`security.tls_ca`, ...); `None`: plain HTTP/2.
+    pub tls: Option<hsat_proto::tls::ClientTlsConfig>,
     /// The job's config (must equal the coordinator's but for worker-local keys).
     pub config: Config,
     /// Name shown in the coordinator's status (pod or host name).
@@ -134,6 +136,7 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
     let client = runtime
         .block_on(connect_with_backoff(
             &options.coordinator,
+            options.tls.as_ref(),
             options.connect_deadline,
             &shutdown,
         ))?
@@ -646,6 +649,7 @@ fn is_forgotten(err: &WorkerError) -> bool {
 
 async fn connect_with_backoff(
     address: &str,
+    tls: Option<&hsat_proto::tls::ClientTlsConfig>,
     deadline: Duration,
     shutdown: &AtomicBool,
 ) -> Result<CoordinatorClient> {
@@ -653,7 +657,7 @@ async fn connect_with_backoff(
     let started = Instant::now();
     let mut attempt = 0;
     loop {
-        let err = match CoordinatorClient::connect(address).await {
+        let err = match CoordinatorClient::connect_tls(address, tls).await {
             Ok(client) => return Ok(client),
             Err(err) if err.is_retryable() => err,
             Err(err) => {
