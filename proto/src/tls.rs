@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_rustls::rustls;
-pub use tonic::transport::{ClientTlsConfig, ServerTlsConfig};
 use tonic::transport::{Certificate, Identity};
+pub use tonic::transport::{ClientTlsConfig, ServerTlsConfig};
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]

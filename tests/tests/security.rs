@@ -419,3 +419,58 @@ impl HealthClient {
         self.0.unary(request, path, codec).await
     }
 }
+
+/// `hsat coordinator` without a token refuses to start and says how to make one;
+/// with `--insecure` it serves anyone and logs what that exposes.
+#[test]
+fn a_coordinator_without_a_token_refuses_to_start_unless_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth_opensrh(dir.path(), 5, 3);
+    let config = write_small_job_config(
+        dir.path(),
+        &SmallJob {
+            data,
+            batch_size: 2,
+            epochs: 1,
+            attack_iters: 1,
+        },
+    );
+    let config_arg = config.display().to_string();
+    let refused = std::process::Command::new(hsat_tests::hsat_binary())
+        .args([
+            "coordinator",
+            "--config",
+            &config_arg,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("HSAT_TOKEN")
+        .env_remove("HSAT_TOKEN_FILE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains("no job token")
+            && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+
+    let sandbox = Sandbox::start(
+        SandboxSpec::new(&config, 1)
+            .start_workers(0)
+            .coordinator_args(&["--insecure"]),
+    );
+    let status = hsat_tests::run_hsat(&["status", "--coordinator", sandbox.address()]);
+    assert!(
+        status.status.success(),
+        "an insecure coordinator answers without a token:\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let output = sandbox.coordinator_output();
+    assert!(
+        output.contains("authentication is OFF (--insecure)")
+            && output.contains("act for any worker"),
+        "{output}"
+    );
+}
