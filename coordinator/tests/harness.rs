@@ -859,3 +859,72 @@ async fn a_job_trains_over_mutual_tls_and_clients_without_a_certificate_are_refu
     assert_eq!(outcome.committed_steps, cluster.job.plan.total_steps);
     check_ledger(&outcome.ledger, &cluster.job);
 }
+
+/// The server's limits are in force: a call held longer than the request timeout
+/// is cancelled (retryable for a worker), and with one call at a time two long
+/// polls run one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_timeout_and_the_concurrency_limit_apply() {
+    use hsat_proto::server::Limits;
+    let limited = |timeout_ms: u64, concurrent: usize| {
+        let mut options = ServerOptions::secured(job_token());
+        options.limits = Limits {
+            request_timeout: Duration::from_millis(timeout_ms),
+            max_concurrent_requests: concurrent,
+            ..Limits::default()
+        };
+        options
+    };
+    let register = |client: CoordinatorClient, job: Job, name: &'static str| async move {
+        let registered = client
+            .register(Registration {
+                worker_name: name.into(),
+                config: job.config.to_json_value(),
+                dataset_fingerprint: job.dataset_fingerprint().into(),
+                advertise_host: "127.0.0.1".into(),
+                hsat_version: HSAT_VERSION.into(),
+            })
+            .await
+            .unwrap();
+        AssignmentRequest {
+            worker_id: registered.worker_id,
+            generation: 0,
+            next_step: 0,
+            want_step: 0,
+            group_error: None,
+            held: Vec::new(),
+        }
+    };
+    // 3 workers expected, so asks are held for the whole 200 ms long poll.
+    let cluster = start_with(3, limited(50, 64)).await;
+    let client = CoordinatorClient::connect(&cluster.address)
+        .await
+        .unwrap()
+        .with_token(Some(&job_token()));
+    let ask = register(client.clone(), cluster.job.clone(), "a").await;
+    let err = client.next_assignment(ask).await.unwrap_err();
+    assert!(
+        matches!(&err, ApiError::Unavailable(m) if m.contains("Timeout expired")),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+    cluster.server.abort();
+
+    let cluster = start_with(3, limited(5_000, 1)).await;
+    let client = CoordinatorClient::connect(&cluster.address)
+        .await
+        .unwrap()
+        .with_token(Some(&job_token()));
+    let a = register(client.clone(), cluster.job.clone(), "a").await;
+    let b = register(client.clone(), cluster.job.clone(), "b").await;
+    let started = std::time::Instant::now();
+    let (ra, rb) = tokio::join!(client.next_assignment(a), client.next_assignment(b));
+    assert!(matches!(ra.unwrap(), Assignment::Wait { .. }));
+    assert!(matches!(rb.unwrap(), Assignment::Wait { .. }));
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "two 200 ms long polls ran at once under a limit of one: {:?}",
+        started.elapsed()
+    );
+    cluster.server.abort();
+}
