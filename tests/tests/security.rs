@@ -474,3 +474,106 @@ fn a_coordinator_without_a_token_refuses_to_start_unless_insecure() {
         "{output}"
     );
 }
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Writes a CA, a coordinator certificate for 127.0.0.1 and a worker certificate
+/// (PEM) to `dir`; returns `(ca, (coordinator cert, key), (worker cert, key))`.
+fn test_pki(dir: &Path) -> (String, (String, String), (String, String)) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let leaf = |name: &str, san: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![san.to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (
+            write(&format!("{name}.crt"), cert.pem()),
+            write(&format!("{name}.key"), key.serialize_pem()),
+        )
+    };
+    let coordinator = leaf("coordinator", "127.0.0.1");
+    let worker = leaf("worker", "worker");
+    (write("ca.crt", ca.pem()), coordinator, worker)
+}
+
+/// Mutual TLS with real processes: the coordinator requires client certificates
+/// from the job's CA; two workers holding one train the job to the end, and a
+/// worker without one never gets a call through.
+#[test]
+fn a_job_trains_over_mutual_tls_and_a_worker_without_a_certificate_cannot_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth_opensrh(dir.path(), 5, 3);
+    let config = write_small_job_config(
+        dir.path(),
+        &SmallJob {
+            data,
+            batch_size: 2,
+            epochs: 4,
+            attack_iters: 1,
+        },
+    );
+    let (ca, (server_cert, server_key), (worker_cert, worker_key)) = test_pki(dir.path());
+    let set = |key: &str, value: &str| format!("security.{key}={value}");
+    let coordinator_sets = [
+        set("tls_cert", &server_cert),
+        set("tls_key", &server_key),
+        set("tls_client_ca", &ca),
+    ];
+    let worker_sets = [
+        set("tls_ca", &ca),
+        set("tls_cert", &worker_cert),
+        set("tls_key", &worker_key),
+    ];
+    let flags = |sets: &[String]| -> Vec<String> {
+        sets.iter()
+            .flat_map(|s| ["--set".to_owned(), s.clone()])
+            .collect()
+    };
+    let coordinator_flags = flags(&coordinator_sets);
+    let worker_flags = flags(&worker_sets);
+    let mut sandbox = Sandbox::start(
+        SandboxSpec::new(&config, 2)
+            .coordinator_args(&strs(&coordinator_flags))
+            .worker_args(&strs(&worker_flags)),
+    );
+    // The same worker without its certificate (the later --set wins).
+    let k = sandbox.add_worker_with(&[
+        "--set",
+        "security.tls_cert=",
+        "--set",
+        "security.tls_key=",
+        "--rpc-retry-deadline",
+        "1",
+    ]);
+    let exit = sandbox.wait_for_worker_exit(k, Duration::from_secs(60));
+    let output = sandbox.worker_output(k);
+    assert!(
+        !exit.success() && output.contains("transport error"),
+        "a worker without a client certificate fails at the TLS layer:\n{output}"
+    );
+    let end = sandbox.wait_for_end(Duration::from_secs(300));
+    let logs = sandbox.logs();
+    assert!(
+        end.coordinator.success(),
+        "the job finished over TLS:\n{logs}"
+    );
+    for name in ["w0", "w1"] {
+        assert!(end.worker(name).success(), "{name} exited cleanly:\n{logs}");
+    }
+    assert!(
+        sandbox.coordinator_output().contains("tls=true"),
+        "the coordinator served TLS:\n{logs}"
+    );
+    sandbox.assert_ledger_complete(&[2]);
+}
