@@ -34,6 +34,10 @@ pub struct ControlPlaneArgs {
     /// The coordinator binary (default: `hsat-coordinator` beside this executable).
     #[arg(long)]
     coordinator: Option<PathBuf>,
+    /// Authentication: `both` (with, then without, per worker count, and the
+    /// ratios), `on` or `off`.
+    #[arg(long, default_value = "both", value_parser = ["both", "on", "off"])]
+    auth: String,
 }
 
 /// Runs the benchmark for each worker count.
@@ -53,7 +57,13 @@ pub fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
         channels: args.channels,
         heartbeat_ms: args.heartbeat_ms,
         coordinator,
+        auth_modes: match args.auth.as_str() {
+            "on" => vec![true],
+            "off" => vec![false],
+            _ => vec![true, false],
+        },
     };
+    let mut previous: Option<ControlPlaneRun> = None;
     run_benchmark(&options, |event| match event {
         ControlPlaneEvent::Started => {
             println!(
@@ -66,17 +76,48 @@ pub fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
                 options.coordinator.display()
             );
             println!(
-                "{:>7} {:>22} {:>10} {:>10} {:>9} {:>12}",
-                "workers", "rpc", "p50 (ms)", "p99 (ms)", "calls", "coord cpu %"
+                "{:>7} {:>5} {:>22} {:>10} {:>10} {:>9} {:>12}",
+                "workers", "auth", "rpc", "p50 (ms)", "p99 (ms)", "calls", "coord cpu %"
             );
         }
-        ControlPlaneEvent::Run(run) => print_run(run),
+        ControlPlaneEvent::Run(run) => {
+            print_run(run);
+            if let Some(on) = previous
+                .take()
+                .filter(|p| p.workers == run.workers && p.authenticated && !run.authenticated)
+            {
+                print_ratios(&on, run);
+            }
+            previous = Some(run.clone());
+        }
     })?;
     Ok(())
 }
 
+/// Authentication on / off, same worker count, same invocation.
+fn print_ratios(on: &ControlPlaneRun, off: &ControlPlaneRun) {
+    let workers = on.workers;
+    for (a, b) in on.rpcs.iter().zip(&off.rpcs) {
+        println!(
+            "{workers:>7} {:>5} {:>22} {:>9.2}x {:>9.2}x",
+            "on/off",
+            a.name,
+            a.p50_ms / b.p50_ms,
+            a.p99_ms / b.p99_ms
+        );
+    }
+    println!(
+        "{workers:>7} {:>5} coordinator cpu {:.1}% with authentication vs {:.1}% without: {:.2}x",
+        "on/off",
+        on.coordinator_cpu_percent,
+        off.coordinator_cpu_percent,
+        on.coordinator_cpu_percent / off.coordinator_cpu_percent
+    );
+}
+
 fn print_run(run: &ControlPlaneRun) {
     let workers = run.workers;
+    let auth = if run.authenticated { "on" } else { "off" };
     if let Some(err) = &run.failure {
         println!("{workers:>7} a simulated worker failed: {err}");
     }
@@ -88,12 +129,12 @@ fn print_run(run: &ControlPlaneRun) {
     }
     for rpc in &run.rpcs {
         println!(
-            "{:>7} {:>22} {:>10.3} {:>10.3} {:>9} {:>12.1}",
-            workers, rpc.name, rpc.p50_ms, rpc.p99_ms, rpc.calls, run.coordinator_cpu_percent
+            "{:>7} {:>5} {:>22} {:>10.3} {:>10.3} {:>9} {:>12.1}",
+            workers, auth, rpc.name, rpc.p50_ms, rpc.p99_ms, rpc.calls, run.coordinator_cpu_percent
         );
     }
     println!(
-        "{:>7} committed {} steps, {:.1} steps/s over the last commits; {} NextAssignment calls answered Wait; Register p99 {:.1} ms",
-        workers, run.committed_steps, run.steps_per_second, run.waits, run.register_p99_ms
+        "{:>7} {:>5} committed {} steps, {:.1} steps/s over the last commits; {} NextAssignment calls answered Wait; Register p99 {:.1} ms",
+        workers, auth, run.committed_steps, run.steps_per_second, run.waits, run.register_p99_ms
     );
 }

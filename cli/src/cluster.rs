@@ -55,6 +55,10 @@ pub struct WorkerArgs {
     /// free port, printed on stdout; "" = off) [metrics.worker_listen].
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// File holding the job token (also HSAT_TOKEN_FILE, HSAT_TOKEN,
+    /// security.token_file); the coordinator's, unless it runs with --insecure.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl WorkerArgs {
@@ -96,7 +100,11 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()));
     let cluster = cfg.cluster.clone();
     let metrics_listen = cfg.metrics.worker_listen;
+    let token = hsat_coordinator::cli::client_token(args.token_file.as_deref(), &cfg)?;
+    let tls = hsat_coordinator::cli::client_tls(&cfg)?;
     let options = WorkerOptions {
+        token,
+        tls,
         coordinator: args.coordinator,
         config: cfg,
         name: name.clone(),
@@ -137,6 +145,7 @@ pub fn run_local(
     workers: usize,
     membership: &MembershipArgs,
     start_mode: hsat_coordinator::StartMode,
+    insecure: bool,
 ) -> anyhow::Result<()> {
     // The membership flags become `cluster.*` overrides; the workers get them too
     // (harmless: `[cluster]` is per process and not compared at registration).
@@ -148,6 +157,7 @@ pub fn run_local(
         sources: ConfigSources::from_process_env(file, overrides),
         workers,
         start_mode,
+        insecure,
     };
     let outcome = local::run_local(options, shutdown_signal(), |event| match event {
         LocalEvent::Starting {
@@ -245,6 +255,10 @@ pub struct StatusArgs {
     /// Seconds between refreshes with --watch.
     #[arg(long, default_value_t = 2.0, requires = "watch", value_parser = positive_seconds)]
     pub interval: f64,
+    /// File holding the job token (also HSAT_TOKEN_FILE, HSAT_TOKEN); for a local
+    /// job, `<out_dir>/coordinator/token`.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
 }
 
 fn positive_seconds(text: &str) -> Result<f64, String> {
@@ -277,7 +291,16 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
 
 /// The client both `hsat status` forms use (one place for how it connects).
 async fn status_client(args: &StatusArgs) -> anyhow::Result<hsat_proto::client::CoordinatorClient> {
-    Ok(hsat_proto::client::CoordinatorClient::connect(&args.coordinator).await?)
+    // No config file: `[security]` comes from HSAT__SECURITY__* variables (token
+    // file, TLS CA and client certificate).
+    let cfg = config::load(&ConfigSources::from_process_env(None, Vec::new()))?;
+    let token = hsat_coordinator::cli::client_token(args.token_file.as_deref(), &cfg)?;
+    let tls = hsat_coordinator::cli::client_tls(&cfg)?;
+    Ok(
+        hsat_proto::client::CoordinatorClient::connect_tls(&args.coordinator, tls.as_ref())
+            .await?
+            .with_token(token.as_ref()),
+    )
 }
 
 /// `hsat status --watch`: fetch, show, sleep, until the job ends or Ctrl-C.
@@ -314,6 +337,8 @@ async fn watch_status(args: &StatusArgs) -> anyhow::Result<()> {
                 }
                 last = Some(status);
             }
+            // A refusal (no or a wrong token, ...) will not change: say it now.
+            Err(err) if !err.is_retryable() => return Err(err.into()),
             Err(err) => {
                 let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
                 if since.elapsed() >= WATCH_UNREACHABLE_FOR {

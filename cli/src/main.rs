@@ -217,6 +217,10 @@ struct RunArgs {
     /// checkpoints (and with --workers its ledger) move to <infra.out_dir>/archive/.
     #[arg(long)]
     new_job: bool,
+    /// With --workers: serve without authentication (by default each run makes a
+    /// job token, <out_dir>/coordinator/token, and hands it to its workers).
+    #[arg(long, requires = "workers")]
+    insecure: bool,
 }
 
 /// Where the config comes from.
@@ -243,6 +247,7 @@ fn main() -> std::process::ExitCode {
             membership,
             resume,
             new_job,
+            insecure,
         }) => cluster::run_local(
             config.config,
             config.set,
@@ -253,6 +258,7 @@ fn main() -> std::process::ExitCode {
                 (_, true) => hsat_coordinator::StartMode::NewJob,
                 _ => hsat_coordinator::StartMode::Auto,
             },
+            insecure,
         ),
         Command::Run(args) => run::run(
             args.config.config,

@@ -5,6 +5,10 @@
 //! heartbeats. Prints p50/p99 latency per RPC kind, the coordinator's CPU (% of one
 //! core, from `/proc/<pid>/stat`) and, as a same-run reference, the latency of a
 //! health check (a no-op RPC) on the same connections.
+//!
+//! Each worker count runs with authentication (job token and session tokens, the
+//! default) and, in the same invocation, without (`--insecure`), so the cost of
+//! authentication reads as ratios of the same run.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -14,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use hsat_core::config::{Config, ConfigError};
 use hsat_core::dataset::DatasetError;
+use hsat_proto::auth::{AuthError, Token, write_token_file};
 use hsat_proto::client::CoordinatorClient;
 use hsat_proto::domain::{AssignmentRequest, Registration, TrainAssignment, WorkerId};
 use hsat_proto::{ApiError, HSAT_VERSION};
@@ -38,6 +43,9 @@ pub struct ControlPlaneOptions {
     pub heartbeat_ms: u64,
     /// The `hsat-coordinator` binary to run.
     pub coordinator: PathBuf,
+    /// For each worker count, a run per entry: `true` with authentication, `false`
+    /// without (`--insecure`).
+    pub auth_modes: Vec<bool>,
 }
 
 /// Latency of one kind of RPC over the measured window.
@@ -58,6 +66,8 @@ pub struct RpcLatency {
 pub struct ControlPlaneRun {
     /// Simulated workers.
     pub workers: usize,
+    /// Calls carried the job token and session tokens (else `--insecure`).
+    pub authenticated: bool,
     /// The first simulated worker's failure, if one failed.
     pub failure: Option<String>,
     /// Simulated workers that stopped before the end of the window.
@@ -91,6 +101,9 @@ pub enum ControlPlaneError {
     /// The async runtime could not start.
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    /// The job token could not be made or written.
+    #[error(transparent)]
+    Token(#[from] AuthError),
     /// The temporary dataset or config could not be written.
     #[error(
         "cannot write the benchmark's dataset under the temporary folder (check free space in $TMPDIR)"
@@ -161,8 +174,10 @@ pub fn control_plane(
         .map_err(ControlPlaneError::Runtime)?;
     on_event(&ControlPlaneEvent::Started);
     for &workers in &options.workers {
-        let run = runtime.block_on(one_run(options, workers))?;
-        on_event(&ControlPlaneEvent::Run(run));
+        for &auth in &options.auth_modes {
+            let run = runtime.block_on(one_run(options, workers, auth))?;
+            on_event(&ControlPlaneEvent::Run(run));
+        }
     }
     Ok(())
 }
@@ -217,6 +232,7 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
 async fn one_run(
     args: &ControlPlaneOptions,
     workers: usize,
+    auth: bool,
 ) -> Result<ControlPlaneRun, ControlPlaneError> {
     let binary = &args.coordinator;
     let dir = tempfile::tempdir().map_err(ControlPlaneError::Scratch)?;
@@ -236,7 +252,19 @@ async fn one_run(
     std::fs::write(&config_path, &config_text).map_err(ControlPlaneError::Scratch)?;
     let config = Config::from_toml_str(&config_text)?;
     let fingerprint = hsat_core::dataset::DatasetIndex::load(&config.data)?.fingerprint;
-    let mut child = Command::new(binary)
+    let token = if auth {
+        let token = Token::generate()?;
+        write_token_file(&dir.path().join("token"), &token)?;
+        Some(token)
+    } else {
+        None
+    };
+    let mut command = Command::new(binary);
+    match &token {
+        Some(_) => command.arg("--token-file").arg(dir.path().join("token")),
+        None => command.arg("--insecure"),
+    };
+    let mut child = command
         .args(["--config"])
         .arg(&config_path)
         .args(["--listen", "127.0.0.1:0", "--workers", &workers.to_string()])
@@ -267,7 +295,11 @@ async fn one_run(
         .to_owned();
     let mut clients = Vec::new();
     for _ in 0..args.channels.max(1) {
-        clients.push(CoordinatorClient::connect(&address).await?);
+        clients.push(
+            CoordinatorClient::connect(&address)
+                .await?
+                .with_token(token.as_ref()),
+        );
     }
     let samples = Arc::new(Mutex::new(Samples::default()));
     let t0: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
@@ -370,6 +402,7 @@ async fn one_run(
     }
     Ok(ControlPlaneRun {
         workers,
+        authenticated: auth,
         failure,
         stopped_early: failed,
         rpcs,
@@ -480,6 +513,7 @@ mod tests {
             channels: 1,
             heartbeat_ms: 1000,
             coordinator: PathBuf::from("/nonexistent/hsat-coordinator"),
+            auth_modes: vec![true, false],
         };
         let mut events = 0;
         let err = control_plane(&options, |_| events += 1).unwrap_err();

@@ -3,12 +3,16 @@
 //! the membership flags).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hsat_metrics::MetricsServer;
 
-use hsat_core::config::{self, ConfigSources};
+use hsat_core::config::{self, Config, ConfigSources};
+use hsat_proto::auth::{ServerAuth, Token, resolve_token};
+use hsat_proto::server::{Limits, ServerOptions};
+use hsat_proto::tls::TlsFiles;
+use tonic::transport::ClientTlsConfig;
 
 use crate::durable::{self, StartMode};
 use crate::metrics::CoordinatorMetrics;
@@ -103,6 +107,14 @@ pub struct CoordinatorArgs {
     /// is resumed and a different one is refused.
     #[arg(long)]
     pub new_job: bool,
+    /// File holding the job token every call must carry (also HSAT_TOKEN_FILE,
+    /// HSAT_TOKEN, security.token_file); the workers and `hsat status` use the same.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Serve without authentication [security.insecure]: anyone reaching the port
+    /// can join the job, act for any worker and read its status.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl CoordinatorArgs {
@@ -127,6 +139,20 @@ impl CoordinatorArgs {
 /// ends or SIGTERM / Ctrl-C.
 pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, CoordinatorError> {
     let config = config::load(&args.sources())?;
+    let token = if args.insecure || config.security.insecure {
+        None
+    } else {
+        Some(
+            resolve_token(
+                args.token_file.as_deref(),
+                |key| std::env::var(key).ok(),
+                config.security.token_file.as_deref(),
+            )?
+            .ok_or(CoordinatorError::NoToken)?,
+        )
+    };
+    let metrics = Arc::new(CoordinatorMetrics::new());
+    let server = server_options(&config, token, &metrics)?;
     let settings = ClusterSettings::from_config(&config.cluster);
     let metrics_listen = config.metrics.listen;
     let job = load_job(config)?;
@@ -149,7 +175,6 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
             })?;
         let address = listener.local_addr().map_err(CoordinatorError::Stdout)?;
         println!("{name}: listening on {address}");
-        let metrics = Arc::new(CoordinatorMetrics::new());
         let _endpoint = match metrics_listen {
             Some(address) => {
                 let endpoint = serve_metrics(address, &metrics).await?;
@@ -161,7 +186,19 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
         std::io::stdout()
             .flush()
             .map_err(CoordinatorError::Stdout)?;
-        serve_job_with(job, start, settings, listener, metrics, shutdown_signal()).await
+        if !server.auth.is_enabled() {
+            warn_insecure(&address.to_string());
+        }
+        serve_job_with(
+            job,
+            start,
+            settings,
+            server,
+            listener,
+            metrics,
+            shutdown_signal(),
+        )
+        .await
     })
 }
 
@@ -176,6 +213,59 @@ pub async fn serve_metrics(
         .map_err(CoordinatorError::Metrics)?;
     let exposition: Arc<dyn hsat_metrics::Exposition> = Arc::clone(metrics) as _;
     Ok(MetricsServer::spawn(listener, exposition))
+}
+
+/// The server options of `config`'s `[security]` section: every call must carry
+/// `token`, or (`None`) no authentication at all; TLS when it names a certificate.
+/// Refused calls are counted in `metrics` (`hsat_auth_failures_total{reason}`).
+pub fn server_options(
+    config: &Config,
+    token: Option<Token>,
+    metrics: &Arc<CoordinatorMetrics>,
+) -> Result<ServerOptions, CoordinatorError> {
+    let auth = match token {
+        Some(token) => ServerAuth::new(token),
+        None => ServerAuth::insecure(),
+    };
+    let count = metrics.auth_failure_hook();
+    let auth = auth.with_failure_hook(Arc::new(move |failure| count(failure.label())));
+    Ok(ServerOptions {
+        auth: Arc::new(auth),
+        limits: Limits::from_config(&config.security),
+        tls: hsat_proto::tls::server_tls(&TlsFiles::from_config(&config.security))?,
+    })
+}
+
+/// A client's TLS from `config`'s `[security]` (`tls_ca`, and `tls_cert` +
+/// `tls_key` for mutual TLS); `None`: plain HTTP/2.
+pub fn client_tls(config: &Config) -> Result<Option<ClientTlsConfig>, CoordinatorError> {
+    Ok(hsat_proto::tls::client_tls(&TlsFiles::from_config(
+        &config.security,
+    ))?)
+}
+
+/// Says what serving without authentication exposes.
+pub fn warn_insecure(address: &str) {
+    tracing::warn!(
+        %address,
+        "authentication is OFF (--insecure): anyone who can reach this port can register as a worker \
+         and receive the data plan, act for any worker (leave, report steps, fail the job with a forged \
+         checksum) and read the job's status; run it only on an isolated network"
+    );
+}
+
+/// Reads the job token a client (`hsat worker`, `hsat status`) sends: `flag`, then
+/// `HSAT_TOKEN`, `HSAT_TOKEN_FILE`, then `security.token_file`; `None` when none
+/// is configured (a coordinator started with `--insecure` needs none).
+pub fn client_token(
+    flag: Option<&Path>,
+    config: &Config,
+) -> Result<Option<Token>, CoordinatorError> {
+    Ok(resolve_token(
+        flag,
+        |key| std::env::var(key).ok(),
+        config.security.token_file.as_deref(),
+    )?)
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.

@@ -157,6 +157,20 @@ pub enum CoordinatorError {
     /// The metrics endpoint could not be started.
     #[error(transparent)]
     Metrics(hsat_metrics::MetricsError),
+    /// No job token and no `--insecure`.
+    #[error(
+        "no job token: the coordinator authenticates every call. Give one with --token-file PATH, \
+         HSAT_TOKEN_FILE, HSAT_TOKEN or security.token_file (e.g. `head -c 32 /dev/urandom | xxd -p -c 64 \
+         > token; chmod 600 token`; in Kubernetes mount it from a Secret), or pass --insecure to serve \
+         without authentication on an isolated network"
+    )]
+    NoToken,
+    /// The job token could not be read or made.
+    #[error(transparent)]
+    Token(#[from] hsat_proto::auth::AuthError),
+    /// The TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] hsat_proto::tls::TlsError),
     /// The listening address could not be printed.
     #[error("cannot print the listening address")]
     Stdout(#[source] std::io::Error),

@@ -5,6 +5,11 @@
 //! Why the supervision: a coordinator alone would wait for workers forever; here
 //! every worker is ours, so when all of them have failed nothing can finish and the
 //! job is stopped instead of hanging.
+//!
+//! Authentication needs nothing from the user: each run draws a new job token,
+//! writes it to `<out_dir>/coordinator/token` (mode 0600) and starts its workers
+//! with `--token-file` pointing there (a flag wins over any `HSAT_TOKEN` the
+//! environment holds).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -12,10 +17,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use hsat_core::config::{self, Config, ConfigError, ConfigSources};
+use hsat_proto::auth::{Token, write_token_file};
 use tokio::net::TcpListener;
 
 use crate::durable::{self, JobStart, StartMode};
 use crate::{ClusterSettings, CoordinatorError, JobOutcome, OutcomeKind, load_job, serve_job_with};
+
+/// The job token file of a local job, under `<out_dir>/coordinator/`.
+pub const TOKEN_FILE: &str = "token";
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -32,6 +41,8 @@ pub struct LocalClusterOptions {
     pub workers: usize,
     /// What to do with a job already in `infra.out_dir` (`--resume`, `--new-job`).
     pub start_mode: StartMode,
+    /// Serve without authentication (`hsat run --insecure`).
+    pub insecure: bool,
 }
 
 /// What happens while a local job runs, in order.
@@ -87,6 +98,9 @@ pub enum LocalClusterError {
     /// No loopback port for the coordinator.
     #[error("cannot open a local port for the coordinator")]
     Listen(#[source] std::io::Error),
+    /// The job token could not be made or written.
+    #[error(transparent)]
+    Token(#[from] hsat_proto::auth::AuthError),
     /// A worker process could not be started.
     #[error("cannot start {name} ({}); check that the hsat executable is still there", program.display())]
     Spawn {
@@ -157,12 +171,27 @@ pub fn run_local(
     on_event(LocalEvent::Metrics {
         url: &endpoint.url(),
     });
-    let mut children = LocalWorkers::spawn(&options, &address, &cfg)?;
+    let token_file = if options.insecure {
+        crate::cli::warn_insecure(&address);
+        None
+    } else {
+        let token = Token::generate()?;
+        let path = job.coordinator_dir().join(TOKEN_FILE);
+        write_token_file(&path, &token)?;
+        Some((token, path))
+    };
+    let mut server =
+        crate::cli::server_options(&cfg, token_file.as_ref().map(|(t, _)| t.clone()), &metrics)?;
+    // Loopback only: the workers connect over plain HTTP/2 whatever `[security]`
+    // says about TLS.
+    server.tls = None;
+    let token_path = token_file.map(|(_, path)| path);
+    let mut children = LocalWorkers::spawn(&options, &address, &cfg, token_path.as_deref())?;
     let grace = settings.shutdown_grace;
     let workers = options.workers;
     let (crashed_tx, crashed_rx) = tokio::sync::oneshot::channel::<()>();
     let outcome = runtime.block_on(async {
-        let server = serve_job_with(job, start, settings, listener, metrics, async {
+        let server = serve_job_with(job, start, settings, server, listener, metrics, async {
             tokio::select! {
                 () = shutdown => {}
                 _ = crashed_rx => {}
@@ -208,6 +237,7 @@ impl LocalWorkers {
         options: &LocalClusterOptions,
         address: &str,
         cfg: &Config,
+        token_file: Option<&Path>,
     ) -> Result<Self, LocalClusterError> {
         let cores = hsat_core::config::available_cores();
         let count = options.workers;
@@ -222,6 +252,9 @@ impl LocalWorkers {
                 cfg,
                 (cores / count).max(1),
             );
+            if let Some(path) = token_file {
+                command.arg("--token-file").arg(path);
+            }
             let child = command.spawn().map_err(|source| LocalClusterError::Spawn {
                 name: name.clone(),
                 program: options.worker_program.clone(),
@@ -377,7 +410,40 @@ mod tests {
             },
             workers,
             start_mode: StartMode::Auto,
+            insecure: false,
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn workers_get_the_generated_token_file_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        // A "worker" that records its arguments and the token file, then fails.
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("worker.sh");
+        let record = dir.path().join("args");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$@\" > {record:?}\nwhile [ $# -gt 0 ]; do [ \"$1\" = --token-file ] && cat \"$2\" >> {record:?}; shift; done\nexit 1\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let opts = options(dir.path(), script.to_str().unwrap(), 1);
+        let outcome = run_local(opts, std::future::pending(), |_| {}).unwrap();
+        assert!(!outcome.is_success());
+        let token_path = dir.path().join("out/coordinator").join(TOKEN_FILE);
+        let mode = std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let token = std::fs::read_to_string(&token_path).unwrap();
+        assert_eq!(token.trim().len(), 64, "{token:?}");
+        let recorded = std::fs::read_to_string(&record).unwrap();
+        assert!(
+            recorded.contains(&format!("--token-file {}", token_path.display())),
+            "{recorded}"
+        );
+        assert!(recorded.contains(token.trim()), "{recorded}");
     }
 
     #[test]

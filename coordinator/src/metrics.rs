@@ -49,8 +49,6 @@ pub enum RefusalReason {
     Dataset,
     /// The hsat version differs.
     Version,
-    /// Refused by authentication.
-    Auth,
     /// The job is over or shutting down.
     JobFinished,
     /// Anything else.
@@ -59,11 +57,10 @@ pub enum RefusalReason {
 
 impl RefusalReason {
     /// Every reason.
-    pub const ALL: [RefusalReason; 6] = [
+    pub const ALL: [RefusalReason; 5] = [
         RefusalReason::Config,
         RefusalReason::Dataset,
         RefusalReason::Version,
-        RefusalReason::Auth,
         RefusalReason::JobFinished,
         RefusalReason::Other,
     ];
@@ -74,7 +71,6 @@ impl RefusalReason {
             RefusalReason::Config => "config",
             RefusalReason::Dataset => "dataset",
             RefusalReason::Version => "version",
-            RefusalReason::Auth => "auth",
             RefusalReason::JobFinished => "job_finished",
             RefusalReason::Other => "other",
         }
@@ -250,16 +246,12 @@ impl CoordinatorMetrics {
     }
 
     /// The hook to hand to the gRPC authentication layer: it counts the refused
-    /// call by reason, and a refused `Register` also as a registration refused for
-    /// `auth`.
+    /// call by reason. (A `Register` refused by authentication never reaches the
+    /// registration checks: it shows here and in
+    /// `hsat_rpc_requests_total{method="Register",code="Unauthenticated"}`.)
     pub fn auth_failure_hook(self: &Arc<Self>) -> AuthFailureHook {
         let metrics = Arc::clone(self);
-        Arc::new(move |reason: &str, path: &str| {
-            metrics.auth_failures.record(reason);
-            if path.rsplit('/').next() == Some("Register") {
-                metrics.refused(RefusalReason::Auth);
-            }
-        })
+        Arc::new(move |reason: &str| metrics.auth_failures.record(reason))
     }
 
     /// Counts a refused registration.
@@ -384,20 +376,16 @@ mod tests {
     }
 
     #[test]
-    fn the_auth_hook_counts_failures_and_refused_registrations() {
+    fn the_auth_hook_counts_failures_by_reason() {
         let metrics = Arc::new(CoordinatorMetrics::new());
         let hook = metrics.auth_failure_hook();
-        hook("wrong_token", "/hsat.v1.Coordinator/Register");
-        hook("wrong_session", "/hsat.v1.Coordinator/ReportStep");
+        hook("wrong_token");
+        hook("wrong_session");
         let scrape = scrape(&metrics);
         let failures = |reason| scrape.value("hsat_auth_failures_total", &[("reason", reason)]);
         assert_eq!(failures("wrong_token"), Some(1.0));
         assert_eq!(failures("wrong_session"), Some(1.0));
         assert_eq!(failures("missing_token"), Some(0.0));
-        assert_eq!(
-            scrape.value("hsat_registrations_refused_total", &[("reason", "auth")]),
-            Some(1.0)
-        );
     }
 
     #[test]

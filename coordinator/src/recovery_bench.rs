@@ -255,6 +255,8 @@ struct Job {
     config: PathBuf,
     ledger: PathBuf,
     listen: String,
+    /// The job token the coordinator and workers share.
+    token_file: PathBuf,
     workers: usize,
     limit: Duration,
     coordinator: Option<Process>,
@@ -326,6 +328,11 @@ impl Job {
             batch = options.workers * 2,
         );
         fs::write(&config, text).map_err(io(format!("writing {}", config.display())))?;
+        let token_file = scratch.join("token");
+        let token = hsat_proto::auth::Token::generate()
+            .map_err(|err| RecoveryBenchError::Job(err.to_string()))?;
+        hsat_proto::auth::write_token_file(&token_file, &token)
+            .map_err(|err| RecoveryBenchError::Job(err.to_string()))?;
         // A fixed port, so that the restarted coordinator is where the workers look.
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -336,6 +343,7 @@ impl Job {
             config,
             ledger: out_dir.join("coordinator").join("ledger.jsonl"),
             listen: format!("127.0.0.1:{port}"),
+            token_file,
             workers: options.workers,
             limit: options.trial_limit,
             coordinator: None,
@@ -351,6 +359,8 @@ impl Job {
             .arg(&self.config)
             .args(["--listen", &self.listen, "--workers"])
             .arg(self.workers.to_string())
+            .arg("--token-file")
+            .arg(&self.token_file)
             .env("RUST_LOG", "warn");
         self.coordinator = Some(Process::spawn("coordinator".into(), command)?);
         Ok(())
@@ -362,6 +372,8 @@ impl Job {
             .args(["worker", "--coordinator", &self.listen, "--config"])
             .arg(&self.config)
             .args(["--name", &format!("bench-{k}")])
+            .arg("--token-file")
+            .arg(&self.token_file)
             .env("RUST_LOG", "warn");
         let process = Process::spawn(format!("worker {k}"), command)?;
         if let Some(old) = self.worker_processes[k].replace(process) {

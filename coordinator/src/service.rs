@@ -15,7 +15,7 @@ use hsat_proto::domain::{
     Assignment, AssignmentRequest, HeartbeatReply, JobStatus, LevelLosses, Registered,
     Registration, StepReport, WorkerId,
 };
-use hsat_proto::server::{CoordinatorHandler, routes};
+use hsat_proto::server::{CoordinatorHandler, Limits, ServerOptions, routes};
 use hsat_proto::{ApiError, HSAT_VERSION, StorePublication};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -391,16 +391,47 @@ impl CoordinatorHandler for Handler {
     }
 }
 
+/// Serves `routes` on `listener` with `limits` (request timeout, global
+/// concurrency limit), `tls` and the RPC metrics layer (outermost, so calls refused
+/// by the limits or authentication are counted too) until `shutdown` completes.
+async fn serve_routes(
+    routes: tonic::service::Routes,
+    limits: Limits,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    rpc_metrics: hsat_metrics::rpc::RpcMetricsLayer,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
+        .tcp_nodelay(true)
+        .timeout(limits.request_timeout)
+        .layer(rpc_metrics)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            limits.max_concurrent_requests.max(1),
+        ))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await
+}
+
 /// [`serve_job`] of the job in `job`'s `out_dir` as [`StartMode::Auto`] finds it:
 /// a new job, the same job resumed, or a finished job reported.
 pub async fn serve(
     job: Job,
     settings: ClusterSettings,
+    server: ServerOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobOutcome, CoordinatorError> {
     let start = durable::prepare(&job, StartMode::Auto)?;
-    serve_job(job, start, settings, listener, shutdown).await
+    serve_job(job, start, settings, server, listener, shutdown).await
 }
 
 /// [`serve_job_with`] with metrics nobody serves (`metrics.jsonl` is still written).
@@ -408,11 +439,12 @@ pub async fn serve_job(
     job: Job,
     start: JobStart,
     settings: ClusterSettings,
+    server: ServerOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<JobOutcome, CoordinatorError> {
     let metrics = Arc::new(CoordinatorMetrics::new());
-    serve_job_with(job, start, settings, listener, metrics, shutdown).await
+    serve_job_with(job, start, settings, server, listener, metrics, shutdown).await
 }
 
 /// Runs `job` on `listener` until every step is committed (or the job fails) and
@@ -433,6 +465,7 @@ pub async fn serve_job_with(
     job: Job,
     start: JobStart,
     settings: ClusterSettings,
+    server: ServerOptions,
     listener: TcpListener,
     metrics: Arc<CoordinatorMetrics>,
     shutdown: impl Future<Output = ()> + Send,
@@ -508,6 +541,8 @@ pub async fn serve_job_with(
         steps_per_epoch,
         patients_per_step,
         expected_workers = settings.expected_workers,
+        authenticated = server.auth.is_enabled(),
+        tls = server.tls.is_some(),
         "coordinator listening"
     );
     let metrics_log = ledger.as_ref().and_then(|_| {
@@ -539,20 +574,19 @@ pub async fn serve_job_with(
         identity: job_identity,
     });
     metrics.set_view(&shared.lock().metrics_view(shared.started.elapsed()));
-    let (routes, health) = routes(Arc::new(Handler(Arc::clone(&shared)))).await;
+    let ServerOptions { auth, limits, tls } = server;
+    let (routes, health) = routes(Arc::new(Handler(Arc::clone(&shared))), auth, limits).await;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .layer(metrics.rpc().layer())
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
-                async {
-                    let _ = server_stopped.await;
-                },
-            ),
-    );
+    let mut server = tokio::spawn(serve_routes(
+        routes,
+        limits,
+        tls,
+        metrics.rpc().layer(),
+        listener,
+        async {
+            let _ = server_stopped.await;
+        },
+    ));
     let tick_every = (settings.heartbeat / 2).min(Duration::from_millis(100));
     let mut ticker = tokio::time::interval(tick_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -15,10 +15,17 @@ use hsat_coordinator::{ClusterSettings, Job, OutcomeKind, serve};
 use hsat_core::config::Config;
 use hsat_core::dataset::DatasetIndex;
 use hsat_core::sampler::epoch_order;
+use hsat_proto::auth::Token;
 use hsat_proto::client::CoordinatorClient;
 use hsat_proto::domain::*;
+use hsat_proto::server::ServerOptions;
 use hsat_proto::{ApiError, HSAT_VERSION};
 use tokio::sync::Notify;
+
+/// The job token of every coordinator the harness starts (secured, as by default).
+fn job_token() -> Token {
+    Token::parse("harness-job-token-0123456789", "harness").unwrap()
+}
 
 /// A manifest dataset of `patients` patients (empty tile files; the index never
 /// opens images).
@@ -170,7 +177,22 @@ async fn paced_worker(
     die_after: Option<usize>,
     pace: Duration,
 ) -> Result<bool, ApiError> {
-    let client = CoordinatorClient::connect(&address).await?;
+    let client = CoordinatorClient::connect(&address)
+        .await?
+        .with_token(Some(&job_token()));
+    worker_with(client, config, fingerprint, name, fabric, die_after, pace).await
+}
+
+/// [`paced_worker`] over an existing client (e.g. a TLS one).
+async fn worker_with(
+    client: CoordinatorClient,
+    config: Config,
+    fingerprint: String,
+    name: String,
+    fabric: Arc<Fabric>,
+    die_after: Option<usize>,
+    pace: Duration,
+) -> Result<bool, ApiError> {
     let registration = Registration {
         worker_name: name,
         config: config.to_json_value(),
@@ -254,6 +276,10 @@ struct Cluster {
 }
 
 async fn start(workers: usize) -> Cluster {
+    start_with(workers, ServerOptions::secured(job_token())).await
+}
+
+async fn start_with(workers: usize, server_options: ServerOptions) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let index = dataset(dir.path(), 10);
     let config = job_config(&dir.path().join("out"), &dir.path().join("manifest.csv"));
@@ -263,6 +289,7 @@ async fn start(workers: usize) -> Cluster {
     let server = tokio::spawn(serve(
         job.clone(),
         settings(workers),
+        server_options,
         listener,
         std::future::pending(),
     ));
@@ -354,7 +381,10 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<Result<bool, ApiError
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_another_config_or_dataset_is_refused_with_a_clear_message() {
     let cluster = start(1).await;
-    let client = CoordinatorClient::connect(&cluster.address).await.unwrap();
+    let client = CoordinatorClient::connect(&cluster.address)
+        .await
+        .unwrap()
+        .with_token(Some(&job_token()));
     let mut other = cluster.job.config.clone();
     other.training.optimizer.learn_rate = 0.0001;
     let registration = |config: &Config, fingerprint: &str| Registration {
@@ -421,7 +451,14 @@ async fn serve_at(
             Err(err) => panic!("cannot listen on {address} again: {err}"),
         }
     };
-    serve(job, settings(workers), listener, std::future::pending()).await
+    serve(
+        job,
+        settings(workers),
+        ServerOptions::secured(job_token()),
+        listener,
+        std::future::pending(),
+    )
+    .await
 }
 
 /// The committed steps the ledger at `path` shows so far (commits minus rollbacks).
@@ -593,6 +630,7 @@ async fn a_finished_job_is_not_trained_again_and_its_ledger_is_left_untouched() 
     let again = tokio::spawn(serve(
         cluster.job.clone(),
         short,
+        ServerOptions::secured(job_token()),
         listener,
         std::future::pending(),
     ));
@@ -610,6 +648,296 @@ async fn a_finished_job_is_not_trained_again_and_its_ledger_is_left_untouched() 
     assert_eq!(outcome.kind, OutcomeKind::Finished);
     assert!(outcome.already_finished);
     assert_eq!(std::fs::read(&outcome.ledger).unwrap(), before);
+}
+
+/// Asks until the answer is not `Wait`.
+async fn ask_until_work(client: &CoordinatorClient, request: AssignmentRequest) -> Assignment {
+    for _ in 0..100 {
+        match client.next_assignment(request.clone()).await.unwrap() {
+            Assignment::Wait { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => return other,
+        }
+    }
+    panic!("no work after 100 asks")
+}
+
+/// A report is accepted once per (worker, generation, step): the worker's own
+/// report sent again over gRPC with its session (what an eavesdropper on an
+/// unencrypted network could replay), even with another checksum, is `ABORTED`
+/// (`ApiError::Stale`) and the job goes on; this session used for an id the
+/// coordinator never gave out gets `NOT_FOUND` (register first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_report_is_rejected_over_grpc_and_the_job_goes_on() {
+    let cluster = start(1).await;
+    let client = CoordinatorClient::connect(&cluster.address)
+        .await
+        .unwrap()
+        .with_token(Some(&job_token()));
+    let registered = client
+        .register(Registration {
+            worker_name: "w0".into(),
+            config: cluster.job.config.to_json_value(),
+            dataset_fingerprint: cluster.job.dataset_fingerprint().into(),
+            advertise_host: "127.0.0.1".into(),
+            hsat_version: HSAT_VERSION.into(),
+        })
+        .await
+        .unwrap();
+    let worker = registered.worker_id;
+    assert!(
+        client.session(worker).is_some(),
+        "register kept the session"
+    );
+    let ask = |generation: u64, next_step: u64| AssignmentRequest {
+        worker_id: worker,
+        generation,
+        next_step,
+        want_step: next_step,
+        group_error: None,
+        held: Vec::new(),
+    };
+    let Assignment::Group(group) = ask_until_work(&client, ask(0, 0)).await else {
+        panic!("expected a group")
+    };
+    client
+        .publish_store(worker, group.generation, 4242)
+        .await
+        .unwrap();
+    let Assignment::Train(train) = ask_until_work(&client, ask(group.generation, 0)).await else {
+        panic!("expected a step")
+    };
+    let report = StepReport {
+        worker_id: worker,
+        generation: train.generation,
+        step: train.step,
+        rank: 0,
+        local_patients: train.shard.len() as u64,
+        losses: hsat_core::losses::StepLosses {
+            total: 1.0,
+            clean: None,
+            adversarial: None,
+        },
+        param_checksum: 7,
+        step_seconds: 0.1,
+        data_wait_seconds: 0.0,
+        checkpoint_dir: None,
+        telemetry: Default::default(),
+    };
+    client.report_step(report.clone()).await.unwrap();
+    for checksum in [7, 0xbad] {
+        let replay = StepReport {
+            param_checksum: checksum,
+            ..report.clone()
+        };
+        match client.report_step(replay).await {
+            Err(ApiError::Stale(message)) => {
+                assert!(message.contains("already reported step 0"), "{message}")
+            }
+            other => panic!("a replayed report: {other:?}"),
+        }
+    }
+    // A session is no key to ids the coordinator never gave out.
+    let other = WorkerId(worker.0 + 1);
+    client.set_session(other, client.session(worker).as_ref());
+    let err = client.heartbeat(other).await.unwrap_err();
+    assert!(matches!(err, ApiError::UnknownWorker(_)), "{err:?}");
+    let status = client.status().await.unwrap();
+    assert_eq!(status.step, 1, "step 0 committed once");
+    assert_eq!(status.state, JobState::Running, "{status:?}");
+    // The worker goes on with step 1.
+    let Assignment::Train(next) = ask_until_work(&client, ask(group.generation, 1)).await else {
+        panic!("expected step 1")
+    };
+    assert_eq!(next.step, 1);
+    cluster.server.abort();
+}
+
+/// PEM files made for one test: a CA, the coordinator's certificate (for
+/// `127.0.0.1` and `localhost`) and a worker's, both signed by the CA.
+struct TestPki {
+    ca: std::path::PathBuf,
+    server: (std::path::PathBuf, std::path::PathBuf),
+    client: (std::path::PathBuf, std::path::PathBuf),
+}
+
+fn test_pki(dir: &Path) -> TestPki {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "hsat test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let leaf = |name: &str, sans: Vec<String>| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(sans)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (
+            write(&format!("{name}.crt"), cert.pem()),
+            write(&format!("{name}.key"), key.serialize_pem()),
+        )
+    };
+    let server = leaf("server", vec!["127.0.0.1".into(), "localhost".into()]);
+    let client = leaf("worker", vec!["worker".into()]);
+    TestPki {
+        ca: write("ca.crt", ca.pem()),
+        server,
+        client,
+    }
+}
+
+/// Mutual TLS: a worker with a certificate from the job's CA trains the job to the
+/// end over TLS; a client without a certificate, or speaking plain HTTP/2, gets
+/// nothing from the coordinator, not even with the job token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_trains_over_mutual_tls_and_clients_without_a_certificate_are_refused() {
+    use hsat_proto::tls::{TlsFiles, client_tls, server_tls};
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = test_pki(pki_dir.path());
+    let mut options = ServerOptions::secured(job_token());
+    options.tls = server_tls(&TlsFiles {
+        cert: Some(pki.server.0.clone()),
+        key: Some(pki.server.1.clone()),
+        client_ca: Some(pki.ca.clone()),
+        ca: None,
+    })
+    .unwrap();
+    assert!(options.tls.is_some());
+    let cluster = start_with(1, options).await;
+
+    let worker_tls = client_tls(&TlsFiles {
+        cert: Some(pki.client.0.clone()),
+        key: Some(pki.client.1.clone()),
+        client_ca: None,
+        ca: Some(pki.ca.clone()),
+    })
+    .unwrap()
+    .unwrap();
+    let client = CoordinatorClient::connect_tls(&cluster.address, Some(&worker_tls))
+        .await
+        .unwrap()
+        .with_token(Some(&job_token()));
+    assert!(client.serving().await.unwrap());
+
+    // Without a client certificate: the handshake fails, no call gets through.
+    let anonymous = client_tls(&TlsFiles {
+        ca: Some(pki.ca.clone()),
+        ..TlsFiles::default()
+    })
+    .unwrap()
+    .unwrap();
+    let refused = match CoordinatorClient::connect_tls(&cluster.address, Some(&anonymous)).await {
+        Ok(c) => c.with_token(Some(&job_token())).status().await.unwrap_err(),
+        Err(err) => err,
+    };
+    // Refused by the TLS layer (the connection never carries a call), not by the
+    // token check: the same token works above with a certificate.
+    assert!(
+        matches!(&refused, ApiError::Unavailable(m) if m.contains("transport error")),
+        "a client without a certificate: {refused:?}"
+    );
+    // Plain HTTP/2 to a TLS port.
+    let plain = match CoordinatorClient::connect(&cluster.address).await {
+        Ok(c) => c.with_token(Some(&job_token())).status().await.unwrap_err(),
+        Err(err) => err,
+    };
+    assert!(
+        matches!(&plain, ApiError::Unavailable(m) if m.contains("transport error")),
+        "a plain client: {plain:?}"
+    );
+
+    let trained = worker_with(
+        client,
+        cluster.job.config.clone(),
+        cluster.job.dataset_fingerprint().to_owned(),
+        "w0".into(),
+        Arc::new(Fabric::default()),
+        None,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    assert!(trained, "the worker got Stop{{success}}");
+    let outcome = cluster.server.await.unwrap().unwrap();
+    assert_eq!(outcome.kind, OutcomeKind::Finished);
+    assert_eq!(outcome.committed_steps, cluster.job.plan.total_steps);
+    check_ledger(&outcome.ledger, &cluster.job);
+}
+
+/// The server's limits are in force: a call held longer than the request timeout
+/// is cancelled (retryable for a worker), and with one call at a time two long
+/// polls run one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_timeout_and_the_concurrency_limit_apply() {
+    use hsat_proto::server::Limits;
+    let limited = |timeout_ms: u64, concurrent: usize| {
+        let mut options = ServerOptions::secured(job_token());
+        options.limits = Limits {
+            request_timeout: Duration::from_millis(timeout_ms),
+            max_concurrent_requests: concurrent,
+            ..Limits::default()
+        };
+        options
+    };
+    let register = |client: CoordinatorClient, job: Job, name: &'static str| async move {
+        let registered = client
+            .register(Registration {
+                worker_name: name.into(),
+                config: job.config.to_json_value(),
+                dataset_fingerprint: job.dataset_fingerprint().into(),
+                advertise_host: "127.0.0.1".into(),
+                hsat_version: HSAT_VERSION.into(),
+            })
+            .await
+            .unwrap();
+        AssignmentRequest {
+            worker_id: registered.worker_id,
+            generation: 0,
+            next_step: 0,
+            want_step: 0,
+            group_error: None,
+            held: Vec::new(),
+        }
+    };
+    // 3 workers expected, so asks are held for the whole 200 ms long poll.
+    let cluster = start_with(3, limited(50, 64)).await;
+    let client = CoordinatorClient::connect(&cluster.address)
+        .await
+        .unwrap()
+        .with_token(Some(&job_token()));
+    let ask = register(client.clone(), cluster.job.clone(), "a").await;
+    let err = client.next_assignment(ask).await.unwrap_err();
+    assert!(
+        matches!(&err, ApiError::Unavailable(m) if m.contains("Timeout expired")),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+    cluster.server.abort();
+
+    let cluster = start_with(3, limited(5_000, 1)).await;
+    let client = CoordinatorClient::connect(&cluster.address)
+        .await
+        .unwrap()
+        .with_token(Some(&job_token()));
+    let a = register(client.clone(), cluster.job.clone(), "a").await;
+    let b = register(client.clone(), cluster.job.clone(), "b").await;
+    let started = std::time::Instant::now();
+    let (ra, rb) = tokio::join!(client.next_assignment(a), client.next_assignment(b));
+    assert!(matches!(ra.unwrap(), Assignment::Wait { .. }));
+    assert!(matches!(rb.unwrap(), Assignment::Wait { .. }));
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "two 200 ms long polls ran at once under a limit of one: {:?}",
+        started.elapsed()
+    );
+    cluster.server.abort();
 }
 
 /// The coordinator's metrics endpoint during and after a job of fake workers: the
@@ -648,6 +976,7 @@ async fn metrics_follow_the_ledger_and_count_rpcs_and_refusals() {
         job.clone(),
         start,
         settings(2),
+        ServerOptions::secured(job_token()),
         listener,
         Arc::clone(&metrics),
         std::future::pending(),
@@ -664,7 +993,10 @@ async fn metrics_follow_the_ledger_and_count_rpcs_and_refusals() {
         Some(job.plan.total_steps as f64)
     );
     // A worker with another config is refused and counted as such.
-    let client = CoordinatorClient::connect(&address).await.unwrap();
+    let client = CoordinatorClient::connect(&address)
+        .await
+        .unwrap()
+        .with_token(Some(&job_token()));
     let mut other = job.config.clone();
     other.training.optimizer.learn_rate = 0.0001;
     let refused = client

@@ -2,11 +2,9 @@
 //! `hsat_auth_failures_total{reason}`.
 //!
 //! The authentication code (in `hsat-proto`) does not depend on this crate: it
-//! takes an [`AuthFailureHook`], a plain `Fn(reason, path)`, and calls it with one
-//! of [`AUTH_FAILURE_REASONS`] and the call's gRPC path
-//! (`/hsat.v1.Coordinator/Register`); the coordinator builds the hook from its
-//! metrics (`CoordinatorMetrics::auth_failure_hook`, which also counts a refused
-//! `Register` as a registration refused for `auth`).
+//! takes a plain closure of the refusal, which the coordinator builds from its
+//! metrics' [`AuthFailureHook`] (`CoordinatorMetrics::auth_failure_hook`), called
+//! with one of [`AUTH_FAILURE_REASONS`].
 
 use std::sync::Arc;
 
@@ -15,8 +13,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-/// What the authentication layer calls for a refused call: `(reason, gRPC path)`.
-pub type AuthFailureHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+/// What the authentication layer calls for a refused call, with its reason.
+pub type AuthFailureHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// The `reason` values: no `authorization` metadata, a token that is not the
 /// job's, a worker's call without its own session token. Anything else is counted
@@ -70,7 +68,7 @@ impl AuthFailures {
     /// A hook that counts by reason (the path is not used).
     pub fn hook(&self) -> AuthFailureHook {
         let counter = self.clone();
-        Arc::new(move |reason: &str, _path: &str| counter.record(reason))
+        Arc::new(move |reason: &str| counter.record(reason))
     }
 
     /// Refused calls counted for `reason` so far.
@@ -92,10 +90,10 @@ mod tests {
         let mut registry = Registry::default();
         let failures = AuthFailures::register(&mut registry);
         let hook = failures.hook();
-        hook("wrong_token", "/hsat.v1.Coordinator/Heartbeat");
-        hook("wrong_token", "/hsat.v1.Coordinator/Heartbeat");
-        hook("missing_token", "/hsat.v1.Admin/GetStatus");
-        hook("a reason nobody planned", "/x.Y/Z");
+        hook("wrong_token");
+        hook("wrong_token");
+        hook("missing_token");
+        hook("a reason nobody planned");
         assert_eq!(failures.count("wrong_token"), 2);
         assert_eq!(failures.count("missing_token"), 1);
         assert_eq!(failures.count("wrong_session"), 0);

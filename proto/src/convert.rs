@@ -90,6 +90,8 @@ impl From<Registered> for pb::RegisterResponse {
             worker_id: r.worker_id.0,
             heartbeat_ms: millis(r.heartbeat),
             lease_ms: millis(r.lease),
+            // The server adapter fills it in (it owns the sessions).
+            session_token: String::new(),
         }
     }
 }

@@ -763,12 +763,14 @@ fn step_report() -> BoxedStrategy<StepReport> {
             non_negative_seconds(),
         ),
         proptest::option::of(path()),
+        step_telemetry(),
     )
         .prop_map(
             |(
                 (worker_id, generation, step, rank, local_patients),
                 (losses, param_checksum, step_seconds, data_wait_seconds),
                 checkpoint_dir,
+                telemetry,
             )| StepReport {
                 worker_id,
                 generation,
@@ -780,6 +782,29 @@ fn step_report() -> BoxedStrategy<StepReport> {
                 step_seconds,
                 data_wait_seconds,
                 checkpoint_dir,
+                telemetry,
+            },
+        )
+        .boxed()
+}
+
+fn step_telemetry() -> BoxedStrategy<StepTelemetry> {
+    (
+        proptest::option::of(-1e6f64..1e6),
+        non_negative_seconds(),
+        non_negative_seconds(),
+        non_negative_seconds(),
+        non_negative_seconds(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(attack_gain, eps, lr, attack_seconds, allreduce_seconds, patches)| StepTelemetry {
+                attack_gain,
+                eps,
+                lr,
+                attack_seconds,
+                allreduce_seconds,
+                patches,
             },
         )
         .boxed()

@@ -23,6 +23,18 @@ pub enum ApiError {
     /// A fault of the coordinator itself (e.g. the ledger cannot be written).
     #[error("coordinator error: {0}")]
     Internal(String),
+    /// No valid job token (or no session token for a worker's call): see
+    /// [`crate::auth`].
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller holds the job token but may not do this: another worker's
+    /// session.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A replayed report (this worker already reported that step of that
+    /// generation) or one of a generation that is over: nothing was changed.
+    #[error("stale: {0}")]
+    Stale(String),
 }
 
 impl ApiError {
@@ -34,6 +46,9 @@ impl ApiError {
             Self::UnknownWorker(_) => tonic::Code::NotFound,
             Self::Unavailable(_) => tonic::Code::Unavailable,
             Self::Internal(_) => tonic::Code::Internal,
+            Self::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Self::PermissionDenied(_) => tonic::Code::PermissionDenied,
+            Self::Stale(_) => tonic::Code::Aborted,
         }
     }
 
@@ -44,7 +59,10 @@ impl ApiError {
             | Self::Refused(m)
             | Self::UnknownWorker(m)
             | Self::Unavailable(m)
-            | Self::Internal(m) => m,
+            | Self::Internal(m)
+            | Self::Unauthenticated(m)
+            | Self::PermissionDenied(m)
+            | Self::Stale(m) => m,
         }
     }
 
@@ -76,10 +94,10 @@ impl ApiError {
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => {
                 Self::InvalidArgument(message)
             }
-            tonic::Code::FailedPrecondition
-            | tonic::Code::AlreadyExists
-            | tonic::Code::PermissionDenied
-            | tonic::Code::Aborted => Self::Refused(message),
+            tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists => Self::Refused(message),
+            tonic::Code::Unauthenticated => Self::Unauthenticated(message),
+            tonic::Code::PermissionDenied => Self::PermissionDenied(message),
+            tonic::Code::Aborted => Self::Stale(message),
             tonic::Code::NotFound => Self::UnknownWorker(message),
             tonic::Code::Unavailable
             | tonic::Code::DeadlineExceeded
@@ -93,8 +111,8 @@ impl ApiError {
     /// restarting, busy or too slow (`Unavailable`, which [`Self::from_status`]
     /// gives for `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `CANCELLED`,
     /// `RESOURCE_EXHAUSTED`, refused connections and connections reset mid-call).
-    /// Refusals, invalid requests, unknown workers and coordinator faults are not:
-    /// asking again gets the same answer.
+    /// Refusals, invalid requests, unknown workers, authentication failures, stale
+    /// reports and coordinator faults are not: asking again gets the same answer.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
     }
@@ -117,14 +135,7 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 impl From<ApiError> for tonic::Status {
     fn from(err: ApiError) -> Self {
-        let code = err.code();
-        match err {
-            ApiError::InvalidArgument(m)
-            | ApiError::Refused(m)
-            | ApiError::UnknownWorker(m)
-            | ApiError::Unavailable(m)
-            | ApiError::Internal(m) => tonic::Status::new(code, m),
-        }
+        tonic::Status::new(err.code(), err.message())
     }
 }
 
@@ -146,6 +157,9 @@ mod tests {
             ApiError::UnknownWorker("c".into()),
             ApiError::Unavailable("d".into()),
             ApiError::Internal("e".into()),
+            ApiError::Unauthenticated("f".into()),
+            ApiError::PermissionDenied("g".into()),
+            ApiError::Stale("h".into()),
         ] {
             let status = tonic::Status::from(err.clone());
             assert_eq!(status.code(), err.code());
@@ -175,6 +189,9 @@ mod tests {
             tonic::Code::Internal,
             tonic::Code::Unknown,
             tonic::Code::Unimplemented,
+            tonic::Code::Unauthenticated,
+            tonic::Code::PermissionDenied,
+            tonic::Code::Aborted,
         ] {
             let err = ApiError::from(tonic::Status::new(code, "m"));
             assert!(!err.is_retryable(), "{code:?} -> {err:?}");

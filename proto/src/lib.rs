@@ -8,10 +8,13 @@
 //!   `Assignment`, `StepReport`, `JobStatus`, ...).
 //! - [`error`]: [`ApiError`], the one error of the control plane, and its
 //!   `tonic::Code` table.
+//! - [`auth`]: the job token, per-worker session tokens, where a process finds its
+//!   token, the server's checks.
 //! - [`client`]: [`client::CoordinatorClient`], async methods over domain types.
 //! - [`server`]: [`server::CoordinatorHandler`], the trait the coordinator
-//!   implements, and [`server::routes`], the gRPC services over it (with
-//!   `grpc.health.v1`).
+//!   implements, [`server::routes`], the gRPC services over it (with
+//!   `grpc.health.v1`), and the server's limits ([`server::Limits`]).
+//! - [`tls`]: server TLS, mutual TLS and the client side, from `[security]`.
 //! - [`worker_protocol`]: the worker's side of the protocol as a pure state
 //!   machine, driven by the real worker and the simulated ones.
 //! - [`retry`]: exponential backoff up to a deadline for retryable errors.
@@ -19,6 +22,7 @@
 //!
 //! The protocol flow is documented at the top of the `.proto` file.
 
+pub mod auth;
 pub mod client;
 mod convert;
 #[cfg(test)]
@@ -27,6 +31,7 @@ pub mod domain;
 pub mod error;
 pub mod retry;
 pub mod server;
+pub mod tls;
 pub mod worker_protocol;
 
 pub use convert::StorePublication;

@@ -1,16 +1,22 @@
 //! The server side: the coordinator implements [`CoordinatorHandler`] over domain
 //! types, [`routes`] wraps it into the gRPC services `hsat.v1.Coordinator`,
-//! `hsat.v1.Admin` and `grpc.health.v1.Health`. Requests are converted (and
-//! rejected with `INVALID_ARGUMENT` and the reason) before the handler sees them.
+//! `hsat.v1.Admin` and `grpc.health.v1.Health`, which the coordinator serves
+//! with the [`Limits`]. Order of the checks of a call: the job token (an
+//! interceptor, before the message is decoded; `grpc.health.v1` is exempt), the
+//! message size, the conversion (rejected with `INVALID_ARGUMENT` naming the
+//! field), the worker's session token (see [`crate::auth`]), then the handler.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::ApiError;
+use crate::auth::{JobTokenCheck, ServerAuth};
 use crate::convert::StorePublication;
 use crate::domain::*;
 use crate::pb;
@@ -75,29 +81,129 @@ impl HealthHandle {
 /// The gRPC name of the coordinator service (for health checks).
 pub const COORDINATOR_SERVICE: &str = "hsat.v1.Coordinator";
 
+/// Bounds on what one call may cost the server (config `[security]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message decoded or encoded, bytes; a larger request fails with
+    /// `OUT_OF_RANGE` ("decoded message length too large") before it is decoded.
+    pub max_message_bytes: usize,
+    /// A call still running after this is cancelled (`CANCELLED`); well above the
+    /// long poll of `NextAssignment`.
+    pub request_timeout: Duration,
+    /// Calls handled at once over all connections; more wait for a slot. Each
+    /// worker holds up to one long poll and one heartbeat at a time.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 << 20,
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 4096,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits of a `[security]` section.
+    pub fn from_config(security: &hsat_core::config::SecurityConfig) -> Self {
+        Self {
+            max_message_bytes: security.max_message_bytes,
+            request_timeout: security.request_timeout,
+            max_concurrent_requests: security.max_concurrent_requests,
+        }
+    }
+}
+
+/// How the coordinator's gRPC server authenticates and limits calls.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The job token and sessions ([`ServerAuth::insecure`]: none).
+    pub auth: Arc<ServerAuth>,
+    /// Message size, timeout, concurrency.
+    pub limits: Limits,
+    /// Server TLS, mutual when it names a client CA ([`crate::tls::server_tls`]);
+    /// `None`: plain HTTP/2.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+impl ServerOptions {
+    /// Every call must carry `token`; default limits.
+    pub fn secured(token: crate::auth::Token) -> Self {
+        Self {
+            auth: Arc::new(ServerAuth::new(token)),
+            limits: Limits::default(),
+            tls: None,
+        }
+    }
+
+    /// No authentication (tests, `--insecure`); default limits.
+    pub fn insecure() -> Self {
+        Self {
+            auth: Arc::new(ServerAuth::insecure()),
+            limits: Limits::default(),
+            tls: None,
+        }
+    }
+}
+
 /// The coordinator, admin and health services over `handler`, to serve with
-/// `tonic::transport::Server::builder().add_routes(..)`; the health status starts
-/// SERVING.
+/// [`serve_routes`]; the health status starts SERVING. `auth` checks every
+/// Coordinator and Admin call ([`ServerAuth::insecure`]: none).
 pub async fn routes<H: CoordinatorHandler>(
     handler: Arc<H>,
+    auth: Arc<ServerAuth>,
+    limits: Limits,
 ) -> (tonic::service::Routes, HealthHandle) {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = HealthHandle { reporter };
     health.set_serving(true).await;
-    let adapter = Adapter(handler);
+    let adapter = Adapter {
+        handler,
+        auth: Arc::clone(&auth),
+    };
+    let check = JobTokenCheck(auth);
+    let bytes = limits.max_message_bytes;
+    let coordinator = pb::coordinator_server::CoordinatorServer::new(adapter.clone())
+        .max_decoding_message_size(bytes)
+        .max_encoding_message_size(bytes);
+    let admin = pb::admin_server::AdminServer::new(adapter)
+        .max_decoding_message_size(bytes)
+        .max_encoding_message_size(bytes);
     let routes = tonic::service::Routes::new(health_service)
-        .add_service(pb::coordinator_server::CoordinatorServer::new(
-            adapter.clone(),
-        ))
-        .add_service(pb::admin_server::AdminServer::new(adapter));
+        .add_service(InterceptedService::new(coordinator, check.clone()))
+        .add_service(InterceptedService::new(admin, check));
     (routes, health)
 }
 
-struct Adapter<H>(Arc<H>);
+struct Adapter<H> {
+    handler: Arc<H>,
+    auth: Arc<ServerAuth>,
+}
 
 impl<H> Clone for Adapter<H> {
     fn clone(&self) -> Self {
-        Self(Arc::clone(&self.0))
+        Self {
+            handler: Arc::clone(&self.handler),
+            auth: Arc::clone(&self.auth),
+        }
+    }
+}
+
+impl<H: CoordinatorHandler> Adapter<H> {
+    /// The caller may act for `worker` (its session token; see [`crate::auth`]).
+    fn authorize<T>(&self, worker: WorkerId, request: &Request<T>) -> Result<(), Status> {
+        self.auth
+            .check_session(worker, request.metadata(), request.remote_addr())
+    }
+
+    /// After a worker's call: a worker the coordinator no longer knows (lease
+    /// expired, left) keeps no session.
+    fn settle<T>(&self, worker: WorkerId, result: &Result<T, ApiError>) {
+        if let Err(ApiError::UnknownWorker(_)) = result {
+            self.auth.close_session(worker);
+        }
     }
 }
 
@@ -115,31 +221,49 @@ impl<H: CoordinatorHandler> pb::coordinator_server::Coordinator for Adapter<H> {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let peer = request.remote_addr();
         let registration = Registration::try_from(request.into_inner())?;
-        reply(self.0.register(registration, peer).await)
+        let registered = self.handler.register(registration, peer).await?;
+        let session = self.auth.open_session(registered.worker_id)?;
+        let mut response = pb::RegisterResponse::from(registered);
+        if let Some(session) = session {
+            response.session_token = session.expose().to_owned();
+        }
+        Ok(Response::new(response))
     }
 
     async fn heartbeat(
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let worker = WorkerId::try_from(request.into_inner())?;
-        reply(self.0.heartbeat(worker).await)
+        let worker = WorkerId::try_from(*request.get_ref())?;
+        self.authorize(worker, &request)?;
+        let result = self.handler.heartbeat(worker).await;
+        self.settle(worker, &result);
+        reply(result)
     }
 
     async fn next_assignment(
         &self,
         request: Request<pb::AssignmentRequest>,
     ) -> Result<Response<pb::Assignment>, Status> {
-        let request = AssignmentRequest::try_from(request.into_inner())?;
-        reply(self.0.next_assignment(request).await)
+        let (metadata, extensions, message) = request.into_parts();
+        let assignment = AssignmentRequest::try_from(message)?;
+        let worker = assignment.worker_id;
+        self.authorize(worker, &Request::from_parts(metadata, extensions, ()))?;
+        let result = self.handler.next_assignment(assignment).await;
+        self.settle(worker, &result);
+        reply(result)
     }
 
     async fn publish_store(
         &self,
         request: Request<pb::PublishStoreRequest>,
     ) -> Result<Response<pb::PublishStoreResponse>, Status> {
-        let publication = StorePublication::try_from(request.into_inner())?;
-        self.0.publish_store(publication).await?;
+        let publication = StorePublication::try_from(*request.get_ref())?;
+        let worker = publication.worker_id;
+        self.authorize(worker, &request)?;
+        let result = self.handler.publish_store(publication).await;
+        self.settle(worker, &result);
+        result?;
         Ok(Response::new(pb::PublishStoreResponse {}))
     }
 
@@ -147,8 +271,13 @@ impl<H: CoordinatorHandler> pb::coordinator_server::Coordinator for Adapter<H> {
         &self,
         request: Request<pb::StepReport>,
     ) -> Result<Response<pb::ReportAck>, Status> {
-        let report = StepReport::try_from(request.into_inner())?;
-        self.0.report_step(report).await?;
+        let (metadata, extensions, message) = request.into_parts();
+        let report = StepReport::try_from(message)?;
+        let worker = report.worker_id;
+        self.authorize(worker, &Request::from_parts(metadata, extensions, ()))?;
+        let result = self.handler.report_step(report).await;
+        self.settle(worker, &result);
+        result?;
         Ok(Response::new(pb::ReportAck {}))
     }
 
@@ -156,8 +285,12 @@ impl<H: CoordinatorHandler> pb::coordinator_server::Coordinator for Adapter<H> {
         &self,
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
-        let (worker, reason) = <(WorkerId, String)>::try_from(request.into_inner())?;
-        self.0.leave(worker, reason).await?;
+        let (worker, reason) = <(WorkerId, String)>::try_from(request.get_ref().clone())?;
+        self.authorize(worker, &request)?;
+        let result = self.handler.leave(worker, reason).await;
+        // Gone either way: its session ends with it.
+        self.auth.close_session(worker);
+        result?;
         Ok(Response::new(pb::LeaveResponse {}))
     }
 }
@@ -168,6 +301,6 @@ impl<H: CoordinatorHandler> pb::admin_server::Admin for Adapter<H> {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        reply(self.0.status().await)
+        reply(self.handler.status().await)
     }
 }

@@ -8,6 +8,11 @@
 //! deadline panics with the captured output of every process, and dropping the
 //! sandbox kills whatever still runs, so a failed scenario leaves no stray process.
 //!
+//! Authentication is on, as by default: the sandbox writes a random job token
+//! beside the config ([`Sandbox::token_file`], mode 0600) and passes
+//! `--token-file` to the coordinator and to every worker (unless a worker's own
+//! flags name another).
+//!
 //! ```no_run
 //! # use std::time::Duration;
 //! # use hsat_tests::sandbox::{Sandbox, SandboxSpec};
@@ -238,6 +243,8 @@ pub struct Sandbox {
     config: PathBuf,
     out_dir: PathBuf,
     address: String,
+    /// The job token file every process gets.
+    token_file: PathBuf,
     worker_args: Vec<String>,
     /// `--workers` and the extra flags of the coordinator (kept for a restart).
     expected_workers: usize,
@@ -268,20 +275,24 @@ impl Sandbox {
                 spec.config.display()
             )
         });
+        let token_file = write_token_beside(&spec.config);
+        let mut coordinator_args = spec.coordinator_args.clone();
+        coordinator_args.extend(["--token-file".to_owned(), token_file.display().to_string()]);
         let (coordinator, address) = start_coordinator(
             &spec.config,
             "127.0.0.1:0",
             spec.expected_workers,
-            &spec.coordinator_args,
+            &coordinator_args,
             spec.startup_deadline,
         );
         let mut sandbox = Sandbox {
             config: spec.config,
             out_dir: cfg.infra.out_dir.clone(),
             address,
+            token_file,
             worker_args: spec.worker_args,
             expected_workers: spec.expected_workers,
-            coordinator_args: spec.coordinator_args,
+            coordinator_args,
             startup_deadline: spec.startup_deadline,
             coordinator,
             old_coordinators: Vec::new(),
@@ -297,6 +308,19 @@ impl Sandbox {
     /// The coordinator's address, `127.0.0.1:PORT`.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The job token file (the coordinator's `--token-file`).
+    pub fn token_file(&self) -> &Path {
+        &self.token_file
+    }
+
+    /// The job token itself.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(&self.token_file)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", self.token_file.display()))
+            .trim()
+            .to_owned()
     }
 
     /// The job's config file.
@@ -344,8 +368,11 @@ impl Sandbox {
             .arg("--config")
             .arg(&self.config)
             .args(["--name", name])
-            .args(&self.worker_args)
-            .args(&extra);
+            .args(&self.worker_args);
+        if !extra.iter().any(|arg| arg == "--token-file") {
+            command.arg("--token-file").arg(&self.token_file);
+        }
+        command.args(&extra);
         Process::spawn(name, command, extra)
     }
 
@@ -604,6 +631,29 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         self.kill_all();
     }
+}
+
+/// Writes a random job token (32 bytes from the OS, hex) to `sandbox.token` beside
+/// `config`, readable by its owner only.
+fn write_token_beside(config: &Path) -> PathBuf {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .expect("read /dev/urandom");
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let path = config
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("sandbox.token");
+    std::fs::write(&path, format!("{token}\n")).expect("write the sandbox's token");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod the sandbox's token");
+    }
+    path
 }
 
 /// Starts `hsat coordinator` listening on `listen` and waits until it prints its

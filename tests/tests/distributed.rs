@@ -133,7 +133,13 @@ fn a_worker_with_another_config_or_dataset_is_refused() {
     // The coordinator waits for 2 workers; none is started with it.
     let mut sandbox = Sandbox::start(SandboxSpec::new(&config, 2).start_workers(0));
 
-    let status = run_hsat(&["status", "--coordinator", sandbox.address()]);
+    let status = run_hsat(&[
+        "status",
+        "--coordinator",
+        sandbox.address(),
+        "--token-file",
+        &sandbox.token_file().display().to_string(),
+    ]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
         status.status.success() && text.contains("waiting for workers") && text.contains("step 0/"),
@@ -190,7 +196,13 @@ fn a_worker_with_another_config_or_dataset_is_refused() {
     );
 
     // Neither was admitted: the job still waits for its two workers.
-    let status = run_hsat(&["status", "--coordinator", sandbox.address()]);
+    let status = run_hsat(&[
+        "status",
+        "--coordinator",
+        sandbox.address(),
+        "--token-file",
+        &sandbox.token_file().display().to_string(),
+    ]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
         text.contains("waiting for workers") && text.contains("step 0/"),

@@ -198,6 +198,8 @@ fn status_watch_follows_a_job_to_its_end() {
     let out = hsat()
         .args(["status", "--watch", "--interval", "0.2", "--coordinator"])
         .arg(sandbox.address())
+        .arg("--token-file")
+        .arg(sandbox.token_file())
         .output()
         .unwrap();
     let (stdout, stderr) = text(&out);

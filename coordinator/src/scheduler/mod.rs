@@ -360,6 +360,10 @@ struct Worker {
     checked_in: bool,
     /// Got a `Stop`.
     stopped: bool,
+    /// `(generation, step)` of its last accepted report. A worker reports its
+    /// steps in order (and generations only grow), so a report not after this one
+    /// is a replay: rejected, changing nothing.
+    last_report: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -626,6 +630,7 @@ impl Scheduler {
                 held: Vec::new(),
                 checked_in: false,
                 stopped: false,
+                last_report: None,
             },
         );
         self.admit_at_next_boundary(now, actions);
@@ -851,20 +856,42 @@ impl Scheduler {
         now: Duration,
         actions: &mut Vec<Action>,
     ) -> Option<Reply> {
+        let key = (report.generation, report.step);
+        let current = self.generation.as_ref().map(|g| g.number);
+        let over = matches!(self.phase, Phase::Finished | Phase::Failed(_));
         let record = match self.touch(report.worker_id, now) {
             Ok(record) => record,
             Err(err) => return Some(Reply::Error(err)),
         };
+        if let Some(last) = record.last_report
+            && key <= last
+        {
+            return Some(Reply::Error(ApiError::Stale(format!(
+                "worker {} already reported step {} of generation {} (or a later one): a report is \
+                 accepted once; this one changed nothing",
+                report.worker_id, report.step, report.generation
+            ))));
+        }
+        // What the worker's model holds (its next ask says the same).
         record.next_step = Some(record.next_step.unwrap_or(0).max(report.step + 1));
-        if matches!(self.phase, Phase::Finished | Phase::Failed(_)) {
+        if over {
+            record.last_report = Some(key);
             return Some(Reply::Done);
+        }
+        if current != Some(report.generation) {
+            // Trained in a generation that is over (its step is redone, or was
+            // recovered, in the current one), or in one of a coordinator before a
+            // restart; a made-up generation lands here too.
+            return Some(Reply::Error(ApiError::Stale(format!(
+                "generation {} is not the current one ({}): the report of step {} changed nothing",
+                report.generation,
+                current.unwrap_or(0),
+                report.step
+            ))));
         }
         let Some(generation) = self.generation.as_mut() else {
             return Some(Reply::Done);
         };
-        if generation.number != report.generation {
-            return Some(Reply::Done); // a report of an older generation: nothing to do
-        }
         if generation.rank_of(report.worker_id) != Some(report.rank) {
             return Some(Reply::Error(ApiError::Refused(format!(
                 "worker {} is not rank {} of generation {}",
@@ -900,6 +927,12 @@ impl Scheduler {
                 });
             }
         }
+        if let Some(record) = self.workers.get_mut(&report.worker_id) {
+            record.last_report = Some(key);
+        }
+        let Some(generation) = self.generation.as_mut() else {
+            return Some(Reply::Done);
+        };
         if report.step < self.committed {
             return Some(Reply::Done);
         }

@@ -246,6 +246,64 @@ fn steps_are_issued_two_ahead_and_committed_when_every_rank_reported() {
     assert!(matches!(ask(&mut s, a, 1, 1, 2, 6), Assignment::Train(_)));
 }
 
+/// A report is accepted once per (worker, generation, step): a replay, even one
+/// with another checksum, is `Stale` and cannot fail or change the job.
+#[test]
+fn a_replayed_report_is_rejected_and_changes_nothing() {
+    let (mut s, config) = scheduler(10, 4, 2, settings(2));
+    let (a, b) = formed_pair(&mut s, &config);
+    ask(&mut s, a, 1, 0, 0, 4);
+    ask(&mut s, a, 1, 0, 1, 4);
+    assert_eq!(
+        reply(&s.on_event(Event::Report(report(a, 1, 0, 0, 7)), ms(5))),
+        Reply::Done
+    );
+    // Before the commit: a replay with a forged checksum would fail the job.
+    let replay = s.on_event(Event::Report(report(a, 1, 0, 0, 0xbad)), ms(5));
+    match reply(&replay) {
+        Reply::Error(ApiError::Stale(m)) => assert!(m.contains("already reported step 0"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(commits(&replay).is_empty());
+    let done = commits(&s.on_event(Event::Report(report(b, 1, 1, 0, 7)), ms(5)));
+    assert_eq!(
+        done.len(),
+        1,
+        "the step commits with the first report's checksum"
+    );
+    assert_eq!(s.state(), JobState::Running);
+    // After the commit: the same replay again, and an older step.
+    for step in [0, 0] {
+        let again = s.on_event(Event::Report(report(b, 1, 1, step, 7)), ms(6));
+        assert!(
+            matches!(reply(&again), Reply::Error(ApiError::Stale(_))),
+            "{again:?}"
+        );
+        assert!(commits(&again).is_empty());
+    }
+    assert_eq!(s.committed(), 1);
+}
+
+#[test]
+fn a_report_of_another_generation_is_rejected_and_changes_nothing() {
+    let (mut s, config) = scheduler(10, 4, 2, settings(2));
+    let (a, b) = formed_pair(&mut s, &config);
+    ask(&mut s, a, 1, 0, 0, 4);
+    for generation in [0, 2, 99] {
+        let stale = s.on_event(Event::Report(report(a, generation, 0, 0, 0xbad)), ms(5));
+        match reply(&stale) {
+            Reply::Error(ApiError::Stale(m)) => {
+                assert!(m.contains("is not the current one (1)"), "{m}")
+            }
+            other => panic!("generation {generation}: {other:?}"),
+        }
+    }
+    s.on_event(Event::Report(report(a, 1, 0, 0, 7)), ms(5));
+    let done = commits(&s.on_event(Event::Report(report(b, 1, 1, 0, 7)), ms(5)));
+    assert_eq!(done.len(), 1);
+    assert_eq!(s.state(), JobState::Running);
+}
+
 /// Rank 0 writes checkpoints in the background and names one in the report of a
 /// later step, once complete: the checkpoint holds the step its directory names.
 #[test]

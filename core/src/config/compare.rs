@@ -21,6 +21,7 @@ pub const WORKER_LOCAL_KEYS: &[&str] = &[
     "infra.log_every",
     "cluster",
     "metrics",
+    "security",
     "training.keep_checkpoints",
     "training.keep_checkpoint_every",
     "training.async_checkpoints",

@@ -27,6 +27,8 @@
 //! (merging and key/type checks), `validate` (ranges and cross-field rules),
 //! `cluster` (the `[cluster]` section: raw, typed and its checks), `metrics` (the
 //! `[metrics]` section), `compare`
+//! `cluster` (the `[cluster]` section: raw, typed and its checks), `security`
+//! (the `[security]` section: token file, limits), `compare`
 //! (differences and fingerprints of two configs).
 
 mod cluster;
@@ -34,6 +36,7 @@ mod compare;
 mod layers;
 mod metrics;
 mod raw;
+mod security;
 mod types;
 mod validate;
 
@@ -49,6 +52,7 @@ pub use cluster::{ClusterConfig, SILENT_HEARTBEATS};
 pub(crate) use compare::compare_hex;
 pub use compare::{Difference, WORKER_LOCAL_KEYS, config_differences, config_fingerprint};
 pub use metrics::MetricsConfig;
+pub use security::SecurityConfig;
 pub use types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
     EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::cluster::RawCluster;
 use super::metrics::RawMetrics;
+use super::security::RawSecurity;
 use super::types::{Config, WarmupSteps};
 
 /// Root of the raw configuration.
@@ -27,6 +28,7 @@ pub(crate) struct RawConfig {
     pub eval: RawEval,
     pub cluster: RawCluster,
     pub metrics: RawMetrics,
+    pub security: RawSecurity,
 }
 
 /// `[eval]`
@@ -272,6 +274,7 @@ impl From<&Config> for RawConfig {
             eval,
             cluster,
             metrics,
+            security,
         } = config;
         let attack = &training.attack;
         let objective = &training.objective;
@@ -387,6 +390,7 @@ impl From<&Config> for RawConfig {
             },
             cluster: RawCluster::from(cluster),
             metrics: RawMetrics::from(metrics),
+            security: RawSecurity::from(security),
         }
     }
 }

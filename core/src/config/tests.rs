@@ -56,10 +56,13 @@ fn defaults_are_the_papers() {
         eval,
         cluster,
         metrics,
+        security,
     } = config;
     assert_eq!(cluster, ClusterConfig::default());
     assert_eq!((metrics.listen, metrics.worker_listen), (None, None));
     assert_eq!(metrics.clean_loss_every, 1);
+    assert_eq!(security, SecurityConfig::default());
+    assert!(!security.insecure && security.token_file.is_none());
     assert_eq!(eval.knn_k, 200);
     assert_eq!(infra.seed, 1000);
     assert_eq!(infra.out_dir, PathBuf::from("runs/hsat"));
@@ -419,7 +422,7 @@ fn unknown_keys_are_rejected_in_every_layer() {
         problems(load_with(None, &[], &["trainer.seed=1"])),
         [
             "trainer.seed: unknown key (set by --set trainer.seed=1); the top-level sections are \
-          cluster, data, eval, infra, metrics, model, training"
+          cluster, data, eval, infra, metrics, model, security, training"
         ]
     );
 }
@@ -852,7 +855,7 @@ fn docs_describe_every_key() {
     let docs = include_str!("../../../docs/config.md");
     let mut keys = Vec::new();
     leaf_keys(&layers::schema().unwrap(), "", &mut keys);
-    assert_eq!(keys.len(), 80);
+    assert_eq!(keys.len(), 89);
     for key in keys {
         assert!(
             docs.contains(&format!("`{key}`")),
@@ -1021,4 +1024,53 @@ fn cluster_values_out_of_range_name_their_key() {
     )
     .unwrap();
     assert!(cfg.cluster.rpc_retry_deadline.is_zero());
+}
+
+#[test]
+fn security_section_keys_from_every_layer() {
+    let file = toml_file("[security]\ntoken_file = \"/run/secrets/hsat/token\"\n");
+    let cfg = load_with(
+        Some(&file),
+        &[("HSAT__SECURITY__MAX_MESSAGE_BYTES", "1048576")],
+        &["security.request_timeout_s=12.5", "security.insecure=true"],
+    )
+    .unwrap();
+    let s = &cfg.security;
+    assert_eq!(
+        s.token_file.as_deref(),
+        Some(std::path::Path::new("/run/secrets/hsat/token"))
+    );
+    assert!(s.insecure);
+    assert_eq!(s.max_message_bytes, 1 << 20);
+    assert_eq!(s.request_timeout, Duration::from_millis(12_500));
+    assert_eq!(s.max_concurrent_requests, 4096);
+    let back = Config::from_json_value(&cfg.to_json_value()).unwrap();
+    assert_eq!(back.security, cfg.security);
+    // Machines name their own token files: not part of the job's identity.
+    let other = load_with(None, &[], &[]).unwrap();
+    assert!(config_differences(&cfg.to_json_value(), &other.to_json_value()).is_empty());
+}
+
+#[test]
+fn security_limits_are_checked_naming_the_key() {
+    let found = problems(load_with(
+        None,
+        &[],
+        &[
+            "security.max_message_bytes=10",
+            "security.request_timeout_s=0.5",
+            "security.max_concurrent_requests=0",
+            "security.tls_key=/etc/hsat/key.pem",
+        ],
+    ));
+    let text = found.join("\n");
+    for needle in [
+        "security.max_message_bytes = 10: must be between 1024 and 1073741824",
+        "security.request_timeout_s = 0.5 must be more than cluster.long_poll_s = 1",
+        "security.max_concurrent_requests = 0: must be >= 1",
+        "security.tls_cert and security.tls_key go together",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from\n{text}");
+    }
+    assert_eq!(found.len(), 4, "{text}");
 }

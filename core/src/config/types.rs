@@ -11,6 +11,7 @@ use std::str::FromStr;
 
 use super::cluster::ClusterConfig;
 use super::metrics::MetricsConfig;
+use super::security::SecurityConfig;
 use crate::schedule;
 
 /// A name in the configuration (backbone, loss type, scheduler, ...) that is not one of
@@ -126,6 +127,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Metrics endpoints and telemetry (per process, not part of the job's identity).
     pub metrics: MetricsConfig,
+    /// Authentication and server limits of the control plane (per process).
+    pub security: SecurityConfig,
 }
 
 /// Process-level settings.
@@ -677,6 +680,7 @@ impl Default for Config {
             },
             cluster: ClusterConfig::default(),
             metrics: MetricsConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }

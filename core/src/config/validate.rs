@@ -137,6 +137,11 @@ pub(crate) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         checker.problems.extend(problems);
         super::metrics::MetricsConfig::default()
     });
+    let security =
+        super::security::validate(&raw.security, cluster.long_poll).unwrap_or_else(|problems| {
+            checker.problems.extend(problems);
+            super::security::SecurityConfig::default()
+        });
     if checker.problems.is_empty() {
         Ok(Config {
             infra,
@@ -146,6 +151,7 @@ pub(crate) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             eval,
             cluster,
             metrics,
+            security,
         })
     } else {
         Err(checker.problems)

@@ -85,6 +85,11 @@ use hsat_data::loader::LoaderSpec;
 pub struct WorkerOptions {
     /// `host:port` or `http://host:port` of the coordinator.
     pub coordinator: String,
+    /// The job token every call carries (`None`: the coordinator runs
+    /// `--insecure`).
+    pub token: Option<hsat_proto::auth::Token>,
+    /// TLS to the coordinator (`security.tls_ca`, ...); `None`: plain HTTP/2.
+    pub tls: Option<hsat_proto::tls::ClientTlsConfig>,
     /// The job's config (must equal the coordinator's but for worker-local keys).
     pub config: Config,
     /// Name shown in the coordinator's status (pod or host name).
@@ -153,11 +158,14 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         None => None,
     };
     let index = DatasetIndex::load(&options.config.data).map_err(WorkerError::Dataset)?;
-    let client = runtime.block_on(connect_with_backoff(
-        &options.coordinator,
-        options.connect_deadline,
-        &shutdown,
-    ))?;
+    let client = runtime
+        .block_on(connect_with_backoff(
+            &options.coordinator,
+            options.tls.as_ref(),
+            options.connect_deadline,
+            &shutdown,
+        ))?
+        .with_token(options.token.as_ref());
     let advertise_host = match &options.advertise_host {
         Some(host) => host.clone(),
         None => route_to(&options.coordinator),
@@ -316,6 +324,16 @@ impl Worker<'_> {
                 Action::Report(report) => {
                     match self.call("report a step", || self.client.report_step(report.clone())) {
                         Ok(()) => Event::Reported,
+                        // Already reported (a retry whose first attempt got through)
+                        // or of a generation that is over: the coordinator has what
+                        // it needs from this report.
+                        Err(WorkerError::Rpc {
+                            source: ApiError::Stale(reason),
+                            ..
+                        }) => {
+                            tracing::debug!(%reason, "the coordinator had this report already or no longer needs it");
+                            Event::Reported
+                        }
                         Err(err) if is_forgotten(&err) => self.forget(),
                         Err(err) => return Err(err),
                     }
@@ -666,6 +684,7 @@ fn is_forgotten(err: &WorkerError) -> bool {
 
 async fn connect_with_backoff(
     address: &str,
+    tls: Option<&hsat_proto::tls::ClientTlsConfig>,
     deadline: Duration,
     shutdown: &AtomicBool,
 ) -> Result<CoordinatorClient> {
@@ -673,7 +692,7 @@ async fn connect_with_backoff(
     let started = Instant::now();
     let mut attempt = 0;
     loop {
-        let err = match CoordinatorClient::connect(address).await {
+        let err = match CoordinatorClient::connect_tls(address, tls).await {
             Ok(client) => return Ok(client),
             Err(err) if err.is_retryable() => err,
             Err(err) => {
