@@ -2,7 +2,7 @@
 //! workers), its control plane (registrations refused, RPCs, authentication
 //! failures), its checkpoints, and the robustness telemetry of the last committed
 //! step averaged over ranks (losses by level and view, attack gain, eps, lr, step
-//! time). `docs/metrics.md` lists them.
+//! time). The README (section "Metrics") lists them.
 //!
 //! The service updates them: the job's position on its ticker (at most 100 ms
 //! old), commits and checkpoints as they happen, RPCs through the layer of

@@ -15,7 +15,7 @@
 //! - [`jsonl`]: `<out_dir>/metrics.jsonl`, one line per committed step, written by
 //!   the coordinator and by single-process `hsat run`, read by `hsat plot`.
 //!
-//! The metric names and their meaning are listed in `docs/metrics.md` (a test checks
+//! The metric names and their meaning are listed in the README's metric tables (a test checks
 //! the list against a live scrape).
 
 pub mod auth;

@@ -6,7 +6,7 @@
 //! - [`sandbox`]: a cluster of real processes (coordinator on port 0 plus N workers)
 //!   to kill, stop, restart and wait on;
 //! - [`ledger`]: reading and checking the coordinator's step ledger;
-//! - [`metrics`]: scraping a job's metrics endpoints, `docs/metrics.md`'s table, a
+//! - [`metrics`]: scraping a job's metrics endpoints, the README's metric tables, a
 //!   real Prometheus server;
 //! - [`proxy`]: a TCP fault proxy to cut and restore a worker's way to the coordinator.
 

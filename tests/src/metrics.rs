@@ -1,6 +1,6 @@
 //! Scraping a running job as an operator's monitoring would: where each process
 //! says it serves its metrics, one scrape parsed, the metric table of
-//! `docs/metrics.md`, and a real Prometheus server (Debian's `prometheus`
+//! the README's metric tables, and a real Prometheus server (Debian's `prometheus`
 //! package) scraping the job.
 
 use std::collections::BTreeMap;
@@ -37,9 +37,10 @@ pub fn scrape(address: SocketAddr) -> (Scrape, String) {
     (parsed, body)
 }
 
-/// `docs/metrics.md`'s tables: metric name (labels stripped) -> type.
+/// The metric tables of the README (section "Metrics"): metric name (labels
+/// stripped) -> type.
 pub fn documented_metrics() -> BTreeMap<String, String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let mut metrics = BTreeMap::new();

@@ -1,6 +1,6 @@
 //! The Grafana dashboard (`k8s/grafana/hsat-dashboard.json`) queries only metrics
 //! hsat exports: every metric name in every PromQL expression (panel targets and
-//! template variables) is in the tables of `docs/metrics.md` (whose names a live
+//! template variables) is in the README's metric tables (whose names a live
 //! scrape is checked against), histogram series (`_bucket`, `_sum`, `_count`) by
 //! their base name. Also: the dashboard shows each thing an operator needs.
 
@@ -15,17 +15,10 @@ fn repo_file(relative: &str) -> PathBuf {
         .join(relative)
 }
 
-/// Metric names of `docs/metrics.md`: the first cell of each table row, in
-/// backticks, without its `{labels}`.
+/// Metric names of the README's metric tables (without their `{labels}`).
 fn documented_metrics() -> BTreeSet<String> {
-    let path = repo_file("docs/metrics.md");
-    let text = std::fs::read_to_string(&path).unwrap();
-    text.lines()
-        .filter_map(|line| {
-            let cell = line.trim().strip_prefix('|')?.split('|').next()?.trim();
-            let name = cell.strip_prefix('`')?.split(['`', '{']).next()?;
-            name.starts_with("hsat_").then(|| name.to_owned())
-        })
+    hsat_tests::metrics::documented_metrics()
+        .into_keys()
         .collect()
 }
 
@@ -213,7 +206,7 @@ fn every_dashboard_query_names_documented_metrics() {
     let documented = documented_metrics();
     assert!(
         documented.len() >= 30,
-        "docs/metrics.md's tables were not found: {documented:?}"
+        "the README's metric tables were not found: {documented:?}"
     );
     let mut exprs = Vec::new();
     expressions(&dashboard(), &mut exprs);
@@ -227,7 +220,7 @@ fn every_dashboard_query_names_documented_metrics() {
                 Some(base) => {
                     used.insert(base.to_owned());
                 }
-                None => panic!("`{name}` in `{expr}` is not a metric of docs/metrics.md"),
+                None => panic!("`{name}` in `{expr}` is not a metric of the README's tables"),
             }
         }
     }

@@ -5,7 +5,7 @@
 //!   with `--metrics-listen 127.0.0.1:0`) is scraped while it runs; with the workers
 //!   paused (SIGSTOP) so that nothing commits, the coordinator's committed steps and
 //!   generation equal the ledger's; the names and types exposed by the coordinator
-//!   and by a worker are exactly those of `docs/metrics.md`; `promtool check
+//!   and by a worker are exactly those of the README's tables; `promtool check
 //!   metrics` accepts both expositions;
 //! - a real Prometheus server (Debian's `prometheus` package) scrapes a local job
 //!   (`hsat run --workers 2`, whose printed metrics addresses it is given) and,
@@ -190,11 +190,11 @@ fn a_running_jobs_metrics_agree_with_the_ledger_and_the_documented_table() {
         .partition(|(name, _)| name.starts_with("hsat_worker_"));
     assert_eq!(
         paused.families, doc_coordinator,
-        "coordinator vs docs/metrics.md"
+        "coordinator vs the README's metric tables"
     );
     assert_eq!(
         worker_scrapes[0].0.families, doc_worker,
-        "worker vs docs/metrics.md"
+        "worker vs the README's metric tables"
     );
 
     // promtool (Debian's `prometheus` package) accepts both expositions.

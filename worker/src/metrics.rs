@@ -1,7 +1,7 @@
 //! A worker's Prometheus metrics (`hsat_worker_*`): its steps, where their time
 //! went (data wait, attack, all-reduce), throughput, checkpoints (rank 0), and the
 //! robustness telemetry of its last step on its own shard (losses by level and
-//! view, attack gain, eps, lr). `docs/metrics.md` lists them; the coordinator's
+//! view, attack gain, eps, lr). The README (section "Metrics") lists them; the coordinator's
 //! `hsat_*` metrics hold the same telemetry averaged over ranks.
 //!
 //! The worker process updates them after every step it trains
