@@ -107,7 +107,7 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Eval(eval::EvalArgs),
 
-    /// Draw a run's training curves from <DIR>/metrics.jsonl (one record per committed
+    /// Draw a run's training curves from DIR/metrics.jsonl (one record per committed
     /// step) as PNG files: loss per level on clean vs adversarial views, the attack's
     /// gain, learning rate and eps, step time and its parts. Works on a live run too
     /// (a half-written last line is skipped).

@@ -12,7 +12,7 @@ pub struct PlotArgs {
     /// The run's folder (its infra.out_dir), holding metrics.jsonl.
     #[arg(long, value_name = "DIR")]
     run: PathBuf,
-    /// Folder for the PNG files [default: <DIR>/plots].
+    /// Folder for the PNG files [default: DIR/plots].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 }

@@ -155,6 +155,8 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
     let server = server_options(&config, token, &metrics)?;
     let settings = ClusterSettings::from_config(&config.cluster);
     let metrics_listen = config.metrics.listen;
+    // The metrics port speaks TLS with the gRPC port's certificate (and client CA).
+    let metrics_tls = hsat_proto::tls::server_config(&TlsFiles::from_config(&config.security))?;
     let job = load_job(config)?;
     let mode = if args.new_job {
         StartMode::NewJob
@@ -177,7 +179,7 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
         println!("{name}: listening on {address}");
         let _endpoint = match metrics_listen {
             Some(address) => {
-                let endpoint = serve_metrics(address, &metrics).await?;
+                let endpoint = serve_metrics(address, &metrics, metrics_tls).await?;
                 println!("{name}: metrics on {}", endpoint.url());
                 Some(endpoint)
             }
@@ -202,17 +204,19 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
     })
 }
 
-/// Serves `metrics` at `http://address/metrics` on the current runtime until the
-/// returned server is dropped.
+/// Serves `metrics` at `http://address/metrics` (`https://` with `tls`, the
+/// gRPC port's [`hsat_proto::tls::server_config`]) on the current runtime until
+/// the returned server is dropped.
 pub async fn serve_metrics(
     address: std::net::SocketAddr,
     metrics: &Arc<CoordinatorMetrics>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 ) -> Result<MetricsServer, CoordinatorError> {
     let listener = hsat_metrics::http::bind(&address.to_string())
         .await
         .map_err(CoordinatorError::Metrics)?;
     let exposition: Arc<dyn hsat_metrics::Exposition> = Arc::clone(metrics) as _;
-    Ok(MetricsServer::spawn(listener, exposition))
+    Ok(MetricsServer::spawn_with_tls(listener, exposition, tls))
 }
 
 /// The server options of `config`'s `[security]` section: every call must carry

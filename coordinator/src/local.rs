@@ -167,7 +167,7 @@ pub fn run_local(
         .metrics
         .listen
         .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
-    let endpoint = runtime.block_on(crate::cli::serve_metrics(metrics_address, &metrics))?;
+    let endpoint = runtime.block_on(crate::cli::serve_metrics(metrics_address, &metrics, None))?;
     on_event(LocalEvent::Metrics {
         url: &endpoint.url(),
     });

@@ -958,9 +958,10 @@ async fn metrics_follow_the_ledger_and_count_rpcs_and_refusals() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let metrics = Arc::new(CoordinatorMetrics::new());
-    let endpoint = hsat_coordinator::cli::serve_metrics("127.0.0.1:0".parse().unwrap(), &metrics)
-        .await
-        .unwrap();
+    let endpoint =
+        hsat_coordinator::cli::serve_metrics("127.0.0.1:0".parse().unwrap(), &metrics, None)
+            .await
+            .unwrap();
     let metrics_address = endpoint.address();
     let scrape = move || async move {
         let (status, _, body) = tokio::task::spawn_blocking(move || {
@@ -981,8 +982,20 @@ async fn metrics_follow_the_ledger_and_count_rpcs_and_refusals() {
         Arc::clone(&metrics),
         std::future::pending(),
     ));
-    // Before any worker: forming, nothing committed.
-    let (before, _) = scrape().await;
+    // Before any worker: forming, nothing committed (once the spawned server has
+    // published its first view).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let (scraped, _) = scrape().await;
+        if scraped.value("hsat_total_steps", &[]) == Some(job.plan.total_steps as f64) {
+            break scraped;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server published no view in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(
         before.value("hsat_job_state", &[("state", "forming")]),
         Some(1.0)
@@ -1094,4 +1107,68 @@ async fn metrics_follow_the_ledger_and_count_rpcs_and_refusals() {
             .iter()
             .all(|l| l.loss.clean.is_some() && l.loss.adversarial.is_none())
     );
+}
+
+/// The coordinator's metrics port speaks TLS with the gRPC port's certificate: a
+/// scraper that trusts the job's CA gets the exposition over HTTPS, one speaking
+/// plain HTTP gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_serves_tls_with_the_coordinators_certificate() {
+    use hsat_coordinator::metrics::CoordinatorMetrics;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = test_pki(dir.path());
+    let files = hsat_proto::tls::TlsFiles {
+        cert: Some(pki.server.0.clone()),
+        key: Some(pki.server.1.clone()),
+        ..Default::default()
+    };
+    let tls = hsat_proto::tls::server_config(&files).unwrap();
+    assert!(tls.is_some());
+    let metrics = Arc::new(CoordinatorMetrics::new());
+    let endpoint =
+        hsat_coordinator::cli::serve_metrics("127.0.0.1:0".parse().unwrap(), &metrics, tls)
+            .await
+            .unwrap();
+    assert!(endpoint.url().starts_with("https://"), "{}", endpoint.url());
+    let address = endpoint.address();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(&pki.ca).unwrap())
+        .unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("hsat_committed_steps"), "{response}");
+
+    // Plain HTTP on the same port: the handshake fails, no exposition.
+    let plain =
+        tokio::task::spawn_blocking(move || hsat_metrics::http::get(address, "/metrics", None))
+            .await
+            .unwrap();
+    if let Ok((status, _, body)) = plain {
+        assert!(
+            status != 200 && !body.contains("hsat_committed_steps"),
+            "plain HTTP got the metrics: {status} {body}"
+        );
+    }
 }

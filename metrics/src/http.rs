@@ -22,6 +22,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls;
 
 use crate::MetricsError;
 use crate::exposition::{
@@ -48,17 +49,34 @@ pub async fn bind(address: &str) -> Result<TcpListener, MetricsError> {
 #[derive(Debug)]
 pub struct MetricsServer {
     address: SocketAddr,
+    tls: bool,
     task: JoinHandle<()>,
 }
 
 impl MetricsServer {
-    /// Serves `exposition` on `listener` on the current tokio runtime.
+    /// Serves `exposition` on `listener` (plain HTTP) on the current tokio runtime.
     pub fn spawn(listener: TcpListener, exposition: Arc<dyn Exposition>) -> MetricsServer {
+        Self::spawn_with_tls(listener, exposition, None)
+    }
+
+    /// Serves `exposition` on `listener`, over TLS when `tls` is given (the
+    /// coordinator passes the certificate of its gRPC port, so a scraper verifies
+    /// the same identity; with a client CA in it, scrapers need a certificate too).
+    pub fn spawn_with_tls(
+        listener: TcpListener,
+        exposition: Arc<dyn Exposition>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> MetricsServer {
         let address = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let task = tokio::spawn(accept_loop(listener, exposition));
-        MetricsServer { address, task }
+        let acceptor = tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let task = tokio::spawn(accept_loop(listener, exposition, acceptor));
+        MetricsServer {
+            address,
+            tls: tls.is_some(),
+            task,
+        }
     }
 
     /// The bound address (the real port when 0 was asked for).
@@ -66,9 +84,10 @@ impl MetricsServer {
         self.address
     }
 
-    /// `http://ADDRESS/metrics`.
+    /// `http://ADDRESS/metrics` (`https://` over TLS).
     pub fn url(&self) -> String {
-        format!("http://{}{METRICS_PATH}", self.address)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{METRICS_PATH}", self.address)
     }
 
     /// Stops accepting scrapes.
@@ -83,7 +102,11 @@ impl Drop for MetricsServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, exposition: Arc<dyn Exposition>) {
+async fn accept_loop(
+    listener: TcpListener,
+    exposition: Arc<dyn Exposition>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -95,15 +118,26 @@ async fn accept_loop(listener: TcpListener, exposition: Arc<dyn Exposition>) {
             }
         };
         let exposition = Arc::clone(&exposition);
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let exposition = Arc::clone(&exposition);
                 async move { Ok::<_, Infallible>(answer(&request, exposition.as_ref())) }
             });
-            if let Err(err) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let http = http1::Builder::new();
+            let served = match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => http.serve_connection(TokioIo::new(stream), service).await,
+                    Err(err) => {
+                        // A plain-HTTP scraper or a client without an accepted
+                        // certificate: its connection ends here.
+                        tracing::debug!(error = %err, "metrics endpoint: TLS handshake failed");
+                        return;
+                    }
+                },
+                None => http.serve_connection(TokioIo::new(stream), service).await,
+            };
+            if let Err(err) = served {
                 tracing::debug!(error = %err, "metrics endpoint: connection ended with an error");
             }
         });

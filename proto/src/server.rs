@@ -148,8 +148,8 @@ impl ServerOptions {
     }
 }
 
-/// The coordinator, admin and health services over `handler`, to serve with
-/// [`serve_routes`]; the health status starts SERVING. `auth` checks every
+/// The coordinator, admin and health services over `handler`, to serve with a
+/// tonic server that applies the [`Limits`]; the health status starts SERVING. `auth` checks every
 /// Coordinator and Admin call ([`ServerAuth::insecure`]: none).
 pub async fn routes<H: CoordinatorHandler>(
     handler: Arc<H>,

@@ -1366,6 +1366,20 @@ impl Scheduler {
     }
 }
 
+/// Each rank's weight in a step's means: its share of the step's patients, or an
+/// equal share when no rank had patients.
+fn patient_weight(reports: &[&StepReport]) -> impl Fn(&StepReport) -> f64 + use<> {
+    let total: u64 = reports.iter().map(|r| r.local_patients).sum();
+    let ranks = reports.len() as f64;
+    move |r: &StepReport| {
+        if total == 0 {
+            1.0 / ranks
+        } else {
+            r.local_patients as f64 / total as f64
+        }
+    }
+}
+
 /// Patient-weighted means of the ranks' telemetry (plain means when no rank had
 /// patients); the attack gain over the ranks that measured one.
 fn mean_telemetry<'a>(reports: impl Iterator<Item = &'a StepReport>) -> Option<CommitTelemetry> {
@@ -1373,14 +1387,7 @@ fn mean_telemetry<'a>(reports: impl Iterator<Item = &'a StepReport>) -> Option<C
     if reports.is_empty() {
         return None;
     }
-    let total_weight: u64 = reports.iter().map(|r| r.local_patients).sum();
-    let weight = |r: &StepReport| {
-        if total_weight == 0 {
-            1.0 / reports.len() as f64
-        } else {
-            r.local_patients as f64 / total_weight as f64
-        }
-    };
+    let weight = patient_weight(&reports);
     let mean = |value: fn(&StepReport) -> f64| reports.iter().map(|r| weight(r) * value(r)).sum();
     let gains: Vec<(f64, f64)> = reports
         .iter()
@@ -1413,14 +1420,7 @@ fn mean_losses<'a>(reports: impl Iterator<Item = &'a StepReport>) -> Option<Step
     if reports.is_empty() {
         return None;
     }
-    let total_weight: u64 = reports.iter().map(|r| r.local_patients).sum();
-    let weight = |r: &StepReport| {
-        if total_weight == 0 {
-            1.0 / reports.len() as f64
-        } else {
-            r.local_patients as f64 / total_weight as f64
-        }
-    };
+    let weight = patient_weight(&reports);
     let levels = |pick: fn(&StepLosses) -> Option<hsat_proto::domain::LevelLosses>| {
         let mut any = false;
         let mut sum = hsat_proto::domain::LevelLosses::default();
