@@ -123,7 +123,10 @@ fn a_local_job_logs_json_lines_from_every_process_and_no_escape_codes() {
     let mut targets = std::collections::BTreeSet::new();
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
         // The CLI's own messages (`hsat worker w0: ...`) are plain; logs are JSON.
-        if line.starts_with("hsat") {
+        // libtorch's C++ warnings (c10d's `[W1201 17:04:03.695 TCPStore.cpp:340] ...`
+        // when a rendezvous connection is retried, more likely on a loaded machine)
+        // are its own, not hsat's, and stay plain.
+        if line.starts_with("hsat") || is_libtorch_log_line(line) {
             continue;
         }
         let value: serde_json::Value = serde_json::from_str(line)
@@ -225,4 +228,14 @@ fn status_watch_follows_a_job_to_its_end() {
         stdout.contains("job finished") || stdout.contains("has exited (last seen: "),
         "{stdout}"
     );
+}
+
+/// A line of libtorch's C++ logging: `[` + level letter + `MMDD ` ...
+fn is_libtorch_log_line(line: &str) -> bool {
+    let bytes = line.as_bytes();
+    bytes.len() > 7
+        && bytes[0] == b'['
+        && matches!(bytes[1], b'I' | b'W' | b'E' | b'F')
+        && bytes[2..6].iter().all(u8::is_ascii_digit)
+        && bytes[6] == b' '
 }
