@@ -431,6 +431,20 @@ impl LedgerWriter {
     }
 }
 
+/// A writer dropped without [`LedgerWriter::close`] (its job's tasks were dropped)
+/// still writes what was queued before it goes: no record the job handed out is
+/// left to a detached thread that could append after a successor opened the file.
+impl Drop for LedgerWriter {
+    fn drop(&mut self) {
+        self.sender.take();
+        if let Some(thread) = self.thread.take()
+            && let Ok(Err(message)) = thread.join()
+        {
+            tracing::error!(ledger = %self.path.display(), "ledger write failed: {message}");
+        }
+    }
+}
+
 fn write_loop(mut file: File, receiver: &mpsc::Receiver<Message>) -> Result<(), String> {
     let mut pending: Option<Message> = None;
     loop {

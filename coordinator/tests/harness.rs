@@ -525,7 +525,10 @@ async fn a_coordinator_restarted_mid_job_continues_with_the_same_workers() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    first.shutdown_background();
+    // Dropping the tasks drops the ledger writer, which writes what was queued
+    // before it goes (a real `kill -9` takes its thread with it): wait for that,
+    // so no line of the first coordinator lands after the second opened the ledger.
+    tokio::task::block_in_place(|| first.shutdown_timeout(Duration::from_secs(10)));
     let before = committed_in(&ledger);
     assert!(
         (before as u64) < job.plan.total_steps,
