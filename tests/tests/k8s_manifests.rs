@@ -774,3 +774,105 @@ fn manifests_agree_with_the_code() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The gpu-multi launcher, with a fake `hsat` on PATH.
+
+/// A stand-in for `hsat`: logs its LOCAL_RANK and arguments, sleeps
+/// FAKE_SLEEP_<rank> seconds, exits FAKE_CODE_<rank>; on SIGTERM it logs `term` and
+/// exits FAKE_TERM_CODE_<rank> (default 75, a drained worker).
+const FAKE_HSAT: &str = r#"#!/usr/bin/env bash
+echo "rank=$LOCAL_RANK args=$*" >> "$FAKE_LOG"
+term=FAKE_TERM_CODE_$LOCAL_RANK
+trap 'echo "rank=$LOCAL_RANK term" >> "$FAKE_LOG"; exit "${!term:-75}"' TERM
+s=FAKE_SLEEP_$LOCAL_RANK; c=FAKE_CODE_$LOCAL_RANK
+sleep "${!s:-0}" & wait $!
+exit "${!c:-0}"
+"#;
+
+struct Launch {
+    code: Option<i32>,
+    log: String,
+}
+
+/// Runs the launcher with 3 local workers and `env`; `term`: send it SIGTERM once
+/// its workers run.
+fn launch(env: &[(&str, &str)], term: bool) -> Launch {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("hsat");
+    std::fs::write(&fake, FAKE_HSAT).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = dir.path().join("log");
+    let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap());
+    let mut child = Command::new("bash")
+        .arg(repo().join("k8s/overlays/gpu-multi/launch-workers.sh"))
+        .args(["worker", "--config=/etc/hsat/hsat.toml"])
+        .env("PATH", path)
+        .env("FAKE_LOG", &log)
+        .env("HSAT_LOCAL_WORKERS", "3")
+        .env("POD_NAME", "hsat-worker-0-abcde")
+        .envs(env.iter().copied())
+        .spawn()
+        .unwrap();
+    if term {
+        // Once every worker runs (and the launcher's trap is installed before them).
+        let started = std::time::Instant::now();
+        while std::fs::read_to_string(&log).unwrap_or_default().matches("args=").count() < 3 {
+            assert!(started.elapsed().as_secs() < 30, "the launcher did not start 3 workers");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let (ok, _, stderr) = run(Command::new("kill")
+            .args(["-TERM", &child.id().to_string()]));
+        assert!(ok, "cannot signal the launcher: {stderr}");
+    }
+    let status = child.wait().unwrap();
+    Launch {
+        code: status.code(),
+        log: std::fs::read_to_string(&log).unwrap_or_default(),
+    }
+}
+
+#[test]
+fn the_launcher_starts_one_worker_per_gpu_with_its_own_rank_name_and_port() {
+    let run = launch(&[], false);
+    assert_eq!(run.code, Some(0), "all workers finished: {}", run.log);
+    for rank in 0..3 {
+        let line = format!(
+            "rank={rank} args=worker --config=/etc/hsat/hsat.toml --name=hsat-worker-0-abcde-{rank} --metrics-listen=0.0.0.0:{}",
+            9465 + rank
+        );
+        assert!(run.log.contains(&line), "missing `{line}` in:\n{}", run.log);
+    }
+}
+
+#[test]
+fn the_launcher_stops_the_others_and_exits_with_a_permanent_code_first() {
+    // Rank 0 fails retryably first; stopping the others makes rank 1 exit 78
+    // (refused): the pod must report 78, so the Job fails instead of retrying.
+    let run = launch(
+        &[
+            ("FAKE_CODE_0", "75"),
+            ("FAKE_SLEEP_0", "0.2"),
+            ("FAKE_SLEEP_1", "30"),
+            ("FAKE_TERM_CODE_1", "78"),
+            ("FAKE_SLEEP_2", "30"),
+        ],
+        false,
+    );
+    assert_eq!(run.code, Some(78), "{}", run.log);
+    assert!(run.log.contains("rank=1 term") && run.log.contains("rank=2 term"), "{}", run.log);
+    assert!(!run.log.contains("rank=0 term"), "{}", run.log);
+}
+
+#[test]
+fn the_launcher_forwards_sigterm_to_every_worker() {
+    let run = launch(
+        &[("FAKE_SLEEP_0", "30"), ("FAKE_SLEEP_1", "30"), ("FAKE_SLEEP_2", "30")],
+        true,
+    );
+    for rank in 0..3 {
+        assert!(run.log.contains(&format!("rank={rank} term")), "{}", run.log);
+    }
+    assert_eq!(run.code, Some(75), "drained workers are retryable: {}", run.log);
+}

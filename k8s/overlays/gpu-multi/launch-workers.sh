@@ -13,13 +13,14 @@ n="${HSAT_LOCAL_WORKERS:?set HSAT_LOCAL_WORKERS to the number of GPUs of this po
 name="${POD_NAME:-$(hostname)}"
 
 pids=()
-for ((i = 0; i < n; i++)); do
+# Installed before the workers start: a SIGTERM at any time reaches all of them.
+stop_all() { ((${#pids[@]} > 0)) && kill -TERM "${pids[@]}" 2>/dev/null; }
+stopping=0
+trap 'stopping=1; stop_all' TERM INT
+for ((i = 0; i < n && !stopping; i++)); do
   LOCAL_RANK=$i hsat "$@" --name="$name-$i" --metrics-listen="0.0.0.0:$((9465 + i))" &
   pids+=("$!")
 done
-
-stop_all() { kill -TERM "${pids[@]}" 2>/dev/null; }
-trap stop_all TERM INT
 
 severity() {
   case "$1" in
@@ -30,14 +31,17 @@ severity() {
 }
 
 worst=0
-left=$n
-while ((left > 0)); do
+while ((${#pids[@]} > 0)); do
   # A trapped signal interrupts `wait -n` (status > 128, no child reaped): wait on.
+  unset done_pid
   if wait -n -p done_pid "${pids[@]}"; then code=0; else code=$?; fi
   [[ -z "${done_pid:-}" ]] && continue
-  left=$((left - 1))
-  unset done_pid
+  running=()
+  for pid in "${pids[@]}"; do
+    ((pid != done_pid)) && running+=("$pid")
+  done
+  pids=("${running[@]}")
   if (($(severity "$code") > $(severity "$worst"))); then worst=$code; fi
-  if ((code != 0)); then stop_all; fi
+  if ((code != 0 && ${#pids[@]} > 0)); then stop_all; fi
 done
 exit "$worst"
