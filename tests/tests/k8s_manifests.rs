@@ -68,8 +68,7 @@ fn tools() -> PathBuf {
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("hsat")))
             .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-                    .join(".cache/hsat")
+                PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/hsat")
             });
         cache.join("venv-k8s-tools")
     };
@@ -156,11 +155,13 @@ fn every_overlay_renders_and_validates_strictly() {
                 "overlay {overlay}: {api} {kind} is not a kind the validation covers (kubernetes-validate only warns on unknown kinds): add it to KINDS if it is built in"
             );
             assert_eq!(
-                doc["metadata"]["namespace"].as_str().or(if kind == "Namespace" {
-                    Some("hsat")
-                } else {
-                    None
-                }),
+                doc["metadata"]["namespace"]
+                    .as_str()
+                    .or(if kind == "Namespace" {
+                        Some("hsat")
+                    } else {
+                        None
+                    }),
                 Some("hsat"),
                 "overlay {overlay}: {kind} {} is not in the hsat namespace",
                 doc["metadata"]["name"]
@@ -221,13 +222,18 @@ fn checkov(dir: &Path, framework: &str) -> usize {
         findings.join("\n")
     );
     assert_eq!(
-        summary["parsing_errors"], 0,
+        summary["parsing_errors"],
+        0,
         "checkov ({framework}) could not parse files in {}: {}",
         dir.display(),
         report["results"]["parsing_errors"]
     );
     let passed = summary["passed"].as_u64().unwrap_or(0);
-    assert!(passed > 0, "checkov ({framework}) checked nothing in {}", dir.display());
+    assert!(
+        passed > 0,
+        "checkov ({framework}) checked nothing in {}",
+        dir.display()
+    );
     for skipped in report["results"]["skipped_checks"]
         .as_array()
         .cloned()
@@ -271,7 +277,11 @@ fn dockerfiles() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|e| e == "Dockerfile"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 2, "expected coordinator and worker Dockerfiles: {files:?}");
+    assert_eq!(
+        files.len(),
+        2,
+        "expected coordinator and worker Dockerfiles: {files:?}"
+    );
     files
 }
 
@@ -294,7 +304,8 @@ fn checkov_and_hadolint_find_nothing_in_the_dockerfiles() {
 
 /// The discovery block of k8s/monitoring/prometheus.yml and the static one
 /// promtool is given instead.
-const DISCOVERY: &str = "    kubernetes_sd_configs:\n      - role: pod\n        namespaces:\n          names: [hsat]\n";
+const DISCOVERY: &str =
+    "    kubernetes_sd_configs:\n      - role: pod\n        namespaces:\n          names: [hsat]\n";
 const STATIC: &str = "    static_configs:\n      - targets: ['hsat-coordinator.hsat:9464']\n";
 /// The container port names the scrape configuration keeps.
 const SCRAPED_PORT_NAMES: &str = "regex: metrics(-[0-9]+)?";
@@ -305,8 +316,16 @@ fn the_prometheus_scrape_config_is_valid_and_finds_every_metrics_port() {
     let text = std::fs::read_to_string(&file).unwrap();
     // Debian's promtool is built without Kubernetes discovery: check everything
     // else (relabelling included) with the discovery block swapped for a static one.
-    assert!(text.contains(DISCOVERY), "{}: the pod discovery of the hsat namespace changed", file.display());
-    assert!(text.contains(SCRAPED_PORT_NAMES), "{}: the port-name filter changed", file.display());
+    assert!(
+        text.contains(DISCOVERY),
+        "{}: the pod discovery of the hsat namespace changed",
+        file.display()
+    );
+    assert!(
+        text.contains(SCRAPED_PORT_NAMES),
+        "{}: the port-name filter changed",
+        file.display()
+    );
     assert!(text.contains("__meta_kubernetes_pod_annotation_prometheus_io_scrape"));
     let dir = tempfile::tempdir().unwrap();
     let checked = dir.path().join("prometheus.yml");
@@ -325,7 +344,10 @@ fn the_prometheus_scrape_config_is_valid_and_finds_every_metrics_port() {
         let r = Rendered::of(&overlay);
         for job in ["hsat-coordinator", "hsat-worker"] {
             let template = &r.get("Job", job)["spec"]["template"];
-            assert_eq!(template["metadata"]["annotations"]["prometheus.io/scrape"], "true");
+            assert_eq!(
+                template["metadata"]["annotations"]["prometheus.io/scrape"],
+                "true"
+            );
             let container = &template["spec"]["containers"][0];
             for port in container["ports"].as_array().unwrap() {
                 let name = port["name"].as_str().unwrap();
@@ -468,7 +490,15 @@ fn source_literals() -> BTreeSet<String> {
         }
     }
     let mut out = BTreeSet::new();
-    for krate in ["cli", "coordinator", "worker", "core", "proto", "metrics", "data"] {
+    for krate in [
+        "cli",
+        "coordinator",
+        "worker",
+        "core",
+        "proto",
+        "metrics",
+        "data",
+    ] {
         walk(&repo().join(krate).join("src"), &mut out);
     }
     out
@@ -520,8 +550,8 @@ fn manifests_agree_with_the_code() {
     let worker_flags = help_flags(&hsat, &["worker"]);
     let coordinator_flags = help_flags(&coordinator_binary, &[]);
     let literals = source_literals();
-    let launcher = std::fs::read_to_string(repo().join("k8s/overlays/gpu-multi/launch-workers.sh"))
-        .unwrap();
+    let launcher =
+        std::fs::read_to_string(repo().join("k8s/overlays/gpu-multi/launch-workers.sh")).unwrap();
 
     // The images run what the manifests expect.
     let (coordinator_entry, coordinator_user) = dockerfile_runtime("coordinator.Dockerfile");
@@ -558,7 +588,11 @@ fn manifests_agree_with_the_code() {
         let coordinator_job = r.get("Job", "hsat-coordinator");
         let coordinator = r.container("hsat-coordinator");
         let args = strings(&coordinator["args"]);
-        assert!(coordinator["command"].is_null(), "{}", context("the coordinator runs the image's entrypoint"));
+        assert!(
+            coordinator["command"].is_null(),
+            "{}",
+            context("the coordinator runs the image's entrypoint")
+        );
         for used in flags_used(&args) {
             assert!(
                 coordinator_flags.contains(&used),
@@ -568,7 +602,12 @@ fn manifests_agree_with_the_code() {
         }
         let grpc = container_port(coordinator, "grpc");
         let metrics = container_port(coordinator, "metrics");
-        assert_eq!((grpc, metrics), (50051, 9464), "{}", context("coordinator ports"));
+        assert_eq!(
+            (grpc, metrics),
+            (50051, 9464),
+            "{}",
+            context("coordinator ports")
+        );
         assert_eq!(port_of(flag(&args, "--listen").unwrap()), grpc);
         assert_eq!(port_of(flag(&args, "--metrics-listen").unwrap()), metrics);
         let service = r.get("Service", "hsat-coordinator");
@@ -576,7 +615,12 @@ fn manifests_agree_with_the_code() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| (p["name"].as_str().unwrap().to_owned(), p["port"].as_i64().unwrap()))
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().to_owned(),
+                    p["port"].as_i64().unwrap(),
+                )
+            })
             .collect();
         assert_eq!(
             service_ports,
@@ -600,13 +644,17 @@ fn manifests_agree_with_the_code() {
             assert!(
                 name.is_empty() || name == hsat_proto::server::COORDINATOR_SERVICE,
                 "{}",
-                context(&format!("{probe} asks for health service {name:?}, which the coordinator does not report"))
+                context(&format!(
+                    "{probe} asks for health service {name:?}, which the coordinator does not report"
+                ))
             );
         }
         // Startup covers indexing: at least 5 minutes before liveness takes over.
         let startup = &coordinator["startupProbe"];
         assert!(
-            startup["periodSeconds"].as_i64().unwrap() * startup["failureThreshold"].as_i64().unwrap() >= 300,
+            startup["periodSeconds"].as_i64().unwrap()
+                * startup["failureThreshold"].as_i64().unwrap()
+                >= 300,
             "{}",
             context("the startupProbe allows less than 5 minutes of indexing")
         );
@@ -616,7 +664,9 @@ fn manifests_agree_with_the_code() {
         assert!(
             grace > config.cluster.shutdown_grace.as_secs_f64() + 10.0,
             "{}",
-            context("the coordinator's grace period must exceed cluster.shutdown_grace_s with margin")
+            context(
+                "the coordinator's grace period must exceed cluster.shutdown_grace_s with margin"
+            )
         );
         assert_eq!(
             failure_policy_codes(coordinator_job),
@@ -631,24 +681,44 @@ fn manifests_agree_with_the_code() {
         let worker_job = r.get("Job", "hsat-worker");
         let worker = r.container("hsat-worker");
         let mut args = strings(&worker["args"]);
-        let local_workers: i64 = env(worker, "HSAT_LOCAL_WORKERS").map_or(1, |n| n.parse().unwrap());
+        let local_workers: i64 =
+            env(worker, "HSAT_LOCAL_WORKERS").map_or(1, |n| n.parse().unwrap());
         if local_workers > 1 {
             // The launcher appends --name and --metrics-listen per process.
-            assert_eq!(strings(&worker["command"]), ["bash", "/etc/hsat-launch/launch-workers.sh"]);
-            assert!(launcher.contains("hsat \"$@\""), "the launcher runs hsat with the container's args");
+            assert_eq!(
+                strings(&worker["command"]),
+                ["bash", "/etc/hsat-launch/launch-workers.sh"]
+            );
+            assert!(
+                launcher.contains("hsat \"$@\""),
+                "the launcher runs hsat with the container's args"
+            );
             for appended in ["--name", "--metrics-listen"] {
                 assert!(launcher.contains(&format!("{appended}=")));
-                assert!(flag(&args, appended).is_none(), "{}", context(&format!("{appended} is given twice")));
+                assert!(
+                    flag(&args, appended).is_none(),
+                    "{}",
+                    context(&format!("{appended} is given twice"))
+                );
                 args.push(format!("{appended}=launcher"));
             }
             assert!(launcher.contains("LOCAL_RANK=$i"));
             assert!(launcher.contains("$((9465 + i))"));
         } else {
-            assert!(worker["command"].is_null(), "{}", context("the worker runs the image's entrypoint"));
+            assert!(
+                worker["command"].is_null(),
+                "{}",
+                context("the worker runs the image's entrypoint")
+            );
             let port = port_of(flag(&args, "--metrics-listen").unwrap());
             assert_eq!(port, 9465, "{}", context("worker metrics port"));
         }
-        assert_eq!(args[0], "worker", "{}", context("the worker image runs `hsat worker`"));
+        assert_eq!(
+            args[0],
+            "worker",
+            "{}",
+            context("the worker image runs `hsat worker`")
+        );
         for used in flags_used(&args) {
             assert!(
                 worker_flags.contains(&used),
@@ -674,7 +744,12 @@ fn manifests_agree_with_the_code() {
         }
         let spec = &worker_job["spec"];
         assert_eq!(spec["completionMode"], "Indexed");
-        assert_eq!(spec["parallelism"], spec["completions"], "{}", context("an elastic Indexed Job has parallelism = completions"));
+        assert_eq!(
+            spec["parallelism"],
+            spec["completions"],
+            "{}",
+            context("an elastic Indexed Job has parallelism = completions")
+        );
         let pods = spec["parallelism"].as_i64().unwrap();
         let hsat_workers: i64 = env(coordinator, "HSAT_WORKERS").unwrap().parse().unwrap();
         assert_eq!(
@@ -691,7 +766,9 @@ fn manifests_agree_with_the_code() {
             min_available * local_workers >= min_workers
                 && (min_available - 1) * local_workers < min_workers,
             "{}",
-            context("the worker PodDisruptionBudget keeps exactly the pods cluster.min_workers needs")
+            context(
+                "the worker PodDisruptionBudget keeps exactly the pods cluster.min_workers needs"
+            )
         );
         let worker_grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
             .as_i64()
@@ -719,7 +796,11 @@ fn manifests_agree_with_the_code() {
             .chain(strings(&worker["args"]))
             .collect::<Vec<_>>()
             .join(" ");
-        let launcher_env = if local_workers > 1 { vec!["LOCAL_RANK".to_owned()] } else { vec![] };
+        let launcher_env = if local_workers > 1 {
+            vec!["LOCAL_RANK".to_owned()]
+        } else {
+            vec![]
+        };
         for container in [coordinator, worker] {
             let names = container["env"]
                 .as_array()
@@ -731,7 +812,8 @@ fn manifests_agree_with_the_code() {
                 let substituted = all_args.contains(&format!("$({name})"));
                 let nccl = name.starts_with("NCCL_");
                 let launcher_reads = local_workers > 1 && launcher.contains(&format!("${{{name}"));
-                let code_reads = literals.contains(&name) || READ_BY_CODE_PENDING.contains(&name.as_str());
+                let code_reads =
+                    literals.contains(&name) || READ_BY_CODE_PENDING.contains(&name.as_str());
                 assert!(
                     substituted || nccl || launcher_reads || code_reads,
                     "{}",
@@ -750,16 +832,61 @@ fn manifests_agree_with_the_code() {
             .map(|p| p["port"].as_i64().unwrap())
             .collect();
         assert_eq!(coordinator_ports, BTreeSet::from([grpc, metrics]));
+        // Prometheus (any namespace) is selected by its own label only: a label
+        // added to every selector would shut it out.
+        for name in ["hsat-coordinator", "hsat-worker"] {
+            let rules = r.get("NetworkPolicy", name)["spec"]["ingress"]
+                .as_array()
+                .unwrap();
+            let prometheus = rules
+                .iter()
+                .flat_map(|rule| rule["from"].as_array().cloned().unwrap_or_default())
+                .find(|peer| !peer["namespaceSelector"].is_null())
+                .unwrap_or_else(|| panic!("{}", context(&format!("{name} admits no scraper"))));
+            assert_eq!(
+                prometheus["podSelector"]["matchLabels"],
+                serde_json::json!({"app.kubernetes.io/name": "prometheus"}),
+                "{}",
+                context(&format!("{name}: the scraper's selector"))
+            );
+        }
+        for job in ["hsat-coordinator", "hsat-worker"] {
+            assert_eq!(
+                r.get("Job", job)["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"],
+                "hsat",
+                "{}",
+                context(&format!("{job}'s pods carry the part-of label"))
+            );
+        }
 
         // GPU overlays add the GPU without dropping the CPU and memory limits.
         let limits = &worker["resources"]["limits"];
-        assert_eq!(worker["resources"]["requests"]["cpu"], limits["cpu"], "{}", context("Guaranteed QoS"));
-        assert_eq!(worker["resources"]["requests"]["memory"], limits["memory"], "{}", context("Guaranteed QoS"));
+        assert_eq!(
+            worker["resources"]["requests"]["cpu"],
+            limits["cpu"],
+            "{}",
+            context("Guaranteed QoS")
+        );
+        assert_eq!(
+            worker["resources"]["requests"]["memory"],
+            limits["memory"],
+            "{}",
+            context("Guaranteed QoS")
+        );
         assert!(!limits["cpu"].is_null() && !limits["memory"].is_null());
         let image = worker["image"].as_str().unwrap();
         if overlay.starts_with("gpu") {
-            assert_eq!(limits["nvidia.com/gpu"], local_workers, "{}", context("one GPU per worker process"));
-            assert!(image.contains("worker-gpu"), "{}", context("GPU workers run the nccl image"));
+            assert_eq!(
+                limits["nvidia.com/gpu"],
+                local_workers,
+                "{}",
+                context("one GPU per worker process")
+            );
+            assert!(
+                image.contains("worker-gpu"),
+                "{}",
+                context("GPU workers run the nccl image")
+            );
             assert!(env(worker, "NCCL_SOCKET_IFNAME").is_some());
         } else {
             assert!(limits["nvidia.com/gpu"].is_null());
@@ -804,7 +931,11 @@ fn launch(env: &[(&str, &str)], term: bool) -> Launch {
     std::fs::write(&fake, FAKE_HSAT).unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     let log = dir.path().join("log");
-    let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap());
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap()
+    );
     let mut child = Command::new("bash")
         .arg(repo().join("k8s/overlays/gpu-multi/launch-workers.sh"))
         .args(["worker", "--config=/etc/hsat/hsat.toml"])
@@ -818,12 +949,19 @@ fn launch(env: &[(&str, &str)], term: bool) -> Launch {
     if term {
         // Once every worker runs (and the launcher's trap is installed before them).
         let started = std::time::Instant::now();
-        while std::fs::read_to_string(&log).unwrap_or_default().matches("args=").count() < 3 {
-            assert!(started.elapsed().as_secs() < 30, "the launcher did not start 3 workers");
+        while std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("args=")
+            .count()
+            < 3
+        {
+            assert!(
+                started.elapsed().as_secs() < 30,
+                "the launcher did not start 3 workers"
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let (ok, _, stderr) = run(Command::new("kill")
-            .args(["-TERM", &child.id().to_string()]));
+        let (ok, _, stderr) = run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
         assert!(ok, "cannot signal the launcher: {stderr}");
     }
     let status = child.wait().unwrap();
@@ -861,18 +999,35 @@ fn the_launcher_stops_the_others_and_exits_with_a_permanent_code_first() {
         false,
     );
     assert_eq!(run.code, Some(78), "{}", run.log);
-    assert!(run.log.contains("rank=1 term") && run.log.contains("rank=2 term"), "{}", run.log);
+    assert!(
+        run.log.contains("rank=1 term") && run.log.contains("rank=2 term"),
+        "{}",
+        run.log
+    );
     assert!(!run.log.contains("rank=0 term"), "{}", run.log);
 }
 
 #[test]
 fn the_launcher_forwards_sigterm_to_every_worker() {
     let run = launch(
-        &[("FAKE_SLEEP_0", "30"), ("FAKE_SLEEP_1", "30"), ("FAKE_SLEEP_2", "30")],
+        &[
+            ("FAKE_SLEEP_0", "30"),
+            ("FAKE_SLEEP_1", "30"),
+            ("FAKE_SLEEP_2", "30"),
+        ],
         true,
     );
     for rank in 0..3 {
-        assert!(run.log.contains(&format!("rank={rank} term")), "{}", run.log);
+        assert!(
+            run.log.contains(&format!("rank={rank} term")),
+            "{}",
+            run.log
+        );
     }
-    assert_eq!(run.code, Some(75), "drained workers are retryable: {}", run.log);
+    assert_eq!(
+        run.code,
+        Some(75),
+        "drained workers are retryable: {}",
+        run.log
+    );
 }
