@@ -9,7 +9,8 @@
 //! The linters live in their own venv, `<cache>/venv-k8s-tools` (scripts/setup.sh;
 //! `HSAT_K8S_TOOLS` overrides the path). The flag checks run `hsat worker --help`
 //! and `hsat-coordinator --help`: build them first with
-//! `cargo build -p hsat -p hsat-coordinator`.
+//! `cargo build -p hsat -p hsat-coordinator` (or set `HSAT_BIN` and
+//! `HSAT_COORDINATOR_BIN` to them).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -191,13 +192,19 @@ fn every_overlay_renders_and_validates_strictly() {
 /// parsing error (printing them) and on a skip without a reason.
 fn checkov(dir: &Path, framework: &str) -> usize {
     let (_, stdout, stderr) = run(Command::new(tool("checkov"))
-        .args(["--skip-download", "--quiet", "--framework", framework])
+        // Not --quiet: its JSON leaves out the skipped checks, whose reasons are checked.
+        .args(["--skip-download", "--framework", framework])
         .args(["--output", "json", "--directory"])
         .arg(dir));
     let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
         panic!("checkov ({framework}) printed no JSON report ({e}):\n{stdout}\n{stderr}")
     });
     let summary = &report["summary"];
+    assert!(
+        summary.is_object(),
+        "checkov ({framework}) printed no summary for {}:\n{stdout}",
+        dir.display()
+    );
     let failed = report["results"]["failed_checks"]
         .as_array()
         .cloned()
@@ -257,7 +264,11 @@ fn checkov(dir: &Path, framework: &str) -> usize {
 
 #[test]
 fn checkov_finds_nothing_in_the_rendered_overlays() {
-    let dir = tempfile::tempdir().unwrap();
+    // Not tempfile's default `.tmp...`: checkov skips hidden directories.
+    let dir = tempfile::Builder::new()
+        .prefix("hsat-k8s-")
+        .tempdir()
+        .unwrap();
     for overlay in overlays() {
         std::fs::write(dir.path().join(format!("{overlay}.yaml")), render(&overlay)).unwrap();
     }
@@ -504,6 +515,18 @@ fn source_literals() -> BTreeSet<String> {
     out
 }
 
+/// The gRPC service name the coordinator's health service reports besides `""`
+/// (`hsat_proto::server::COORDINATOR_SERVICE`, read from its source: hsat-tests
+/// does not link hsat-proto).
+fn coordinator_service() -> String {
+    let source = std::fs::read_to_string(repo().join("proto/src/server.rs")).unwrap();
+    let line = source
+        .lines()
+        .find(|l| l.starts_with("pub const COORDINATOR_SERVICE: &str = "))
+        .expect("COORDINATOR_SERVICE in proto/src/server.rs");
+    line.split('"').nth(1).unwrap().to_owned()
+}
+
 /// `ENTRYPOINT ["..."]` and `USER` of a Dockerfile's last stage.
 fn dockerfile_runtime(name: &str) -> (String, String) {
     let text = std::fs::read_to_string(repo().join("k8s/images").join(name)).unwrap();
@@ -546,7 +569,9 @@ fn failure_policy_codes(job: &Value) -> BTreeSet<i64> {
 #[test]
 fn manifests_agree_with_the_code() {
     let hsat = hsat_tests::hsat_binary();
-    let coordinator_binary = hsat.with_file_name("hsat-coordinator");
+    let coordinator_binary = std::env::var_os("HSAT_COORDINATOR_BIN")
+        .map_or_else(|| hsat.with_file_name("hsat-coordinator"), PathBuf::from);
+    let coordinator_service = coordinator_service();
     let worker_flags = help_flags(&hsat, &["worker"]);
     let coordinator_flags = help_flags(&coordinator_binary, &[]);
     let literals = source_literals();
@@ -562,9 +587,10 @@ fn manifests_agree_with_the_code() {
         assert_eq!(user, &format!("{UID}:{UID}"), "the images' USER");
     }
     // `hsat-coordinator` takes `hsat coordinator`'s flags.
+    let mut subcommand_flags = help_flags(&hsat, &["coordinator"]);
+    subcommand_flags.insert("--version".to_owned()); // only the binary has it
     assert_eq!(
-        coordinator_flags,
-        help_flags(&hsat, &["coordinator"]),
+        coordinator_flags, subcommand_flags,
         "hsat-coordinator and hsat coordinator take different flags"
     );
     // The default listen port is the one the manifests open.
@@ -581,8 +607,31 @@ fn manifests_agree_with_the_code() {
             .as_str()
             .unwrap()
             .to_owned();
-        let config = hsat_core::config::Config::from_toml_str(&config_text)
-            .unwrap_or_else(|e| panic!("{}: {e}", context("hsat.toml is not a valid config")));
+        // What a worker loads (the file alone) and what the coordinator loads (the
+        // file and its --workers flag): both must be valid.
+        hsat_core::config::Config::from_toml_str(&config_text).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}",
+                context("hsat.toml as the workers load it is invalid")
+            )
+        });
+        let hsat_workers: i64 = env(r.container("hsat-coordinator"), "HSAT_WORKERS")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let config_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(config_file.path(), &config_text).unwrap();
+        let config = hsat_core::config::load(&hsat_core::config::ConfigSources {
+            file: Some(config_file.path().to_owned()),
+            env: BTreeMap::new(),
+            overrides: vec![format!("cluster.workers={hsat_workers}")],
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}",
+                context("hsat.toml with the coordinator's --workers is invalid")
+            )
+        });
 
         // --- coordinator
         let coordinator_job = r.get("Job", "hsat-coordinator");
@@ -642,7 +691,7 @@ fn manifests_agree_with_the_code() {
             assert_eq!(grpc_probe["port"], grpc, "{}", context(probe));
             let name = grpc_probe["service"].as_str().unwrap_or("");
             assert!(
-                name.is_empty() || name == hsat_proto::server::COORDINATOR_SERVICE,
+                name.is_empty() || name == coordinator_service,
                 "{}",
                 context(&format!(
                     "{probe} asks for health service {name:?}, which the coordinator does not report"
@@ -751,7 +800,6 @@ fn manifests_agree_with_the_code() {
             context("an elastic Indexed Job has parallelism = completions")
         );
         let pods = spec["parallelism"].as_i64().unwrap();
-        let hsat_workers: i64 = env(coordinator, "HSAT_WORKERS").unwrap().parse().unwrap();
         assert_eq!(
             hsat_workers,
             pods * local_workers,
