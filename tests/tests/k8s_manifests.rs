@@ -583,6 +583,29 @@ fn manifests_agree_with_the_code() {
     let (worker_entry, worker_user) = dockerfile_runtime("worker.Dockerfile");
     assert_eq!(coordinator_entry, "/usr/local/bin/hsat-coordinator");
     assert_eq!(worker_entry, "/usr/local/bin/hsat");
+    // The worker image: the GPU variant is the `nccl` feature of `hsat`, and the
+    // wheel's libraries are copied from where setup.sh (HSAT_CACHE_DIR=/opt/hsat)
+    // put them, the path the binary's run path names.
+    let worker_dockerfile =
+        std::fs::read_to_string(repo().join("k8s/images/worker.Dockerfile")).unwrap();
+    let cli_manifest = std::fs::read_to_string(repo().join("cli/Cargo.toml")).unwrap();
+    assert!(
+        cli_manifest.contains("\nnccl = "),
+        "hsat has no nccl feature any more"
+    );
+    assert!(worker_dockerfile.contains("-p hsat --features \"$FEATURES\""));
+    let setup = std::fs::read_to_string(repo().join("scripts/setup.sh")).unwrap();
+    let venv = setup
+        .lines()
+        .find_map(|l| l.strip_prefix("venv=\"$cache/"))
+        .expect("setup.sh's venv line")
+        .trim_end_matches('"');
+    assert!(
+        worker_dockerfile.contains("HSAT_CACHE_DIR=/opt/hsat")
+            && worker_dockerfile
+                .contains(&format!("/opt/hsat/{venv}/lib/python3.11/site-packages")),
+        "worker.Dockerfile does not copy libtorch from setup.sh's venv ({venv}) under /opt/hsat"
+    );
     for user in [&coordinator_user, &worker_user] {
         assert_eq!(user, &format!("{UID}:{UID}"), "the images' USER");
     }
