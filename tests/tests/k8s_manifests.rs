@@ -2,7 +2,8 @@
 //! Kubernetes versions `docs/operations.md` claims, and passes checkov (kubernetes
 //! framework on the rendered manifests, dockerfile framework on `k8s/images`) and
 //! hadolint with zero findings; every check checkov skips carries its reason. The
-//! Prometheus scrape configuration passes `promtool check config`. And the
+//! Prometheus scrape configuration passes `promtool check config`, the alerting
+//! rules `promtool check rules` and name only metrics hsat exports. And the
 //! manifests agree with the code: ports, flags, environment variables, the health
 //! service the probes ask for, exit codes, grace periods, worker counts, images.
 //!
@@ -375,6 +376,49 @@ fn the_prometheus_scrape_config_is_valid_and_finds_every_metrics_port() {
             }
         }
     }
+}
+
+#[test]
+fn the_alerting_rules_are_valid_and_name_only_exported_metrics() {
+    let file = repo().join("k8s/monitoring/alerts.yml");
+    let (ok, stdout, stderr) = run(Command::new("promtool").args(["check", "rules"]).arg(&file));
+    assert!(
+        ok,
+        "promtool check rules {}:\n{stdout}{stderr}",
+        file.display()
+    );
+    let documented = hsat_tests::metrics::documented_metrics();
+    let rules = documents(&std::fs::read_to_string(&file).unwrap());
+    let mut alerts = 0;
+    for group in rules[0]["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            alerts += 1;
+            let expr = rule["expr"].as_str().unwrap();
+            // hsat's metric names, histogram series by their base name.
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("hsat_"))
+                .collect();
+            assert!(
+                !names.is_empty(),
+                "alert {}: names no hsat metric",
+                rule["alert"]
+            );
+            for name in names {
+                let base = ["_sum", "_count", "_bucket"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|base| documented.contains_key(*base))
+                    .unwrap_or(name);
+                assert!(
+                    documented.contains_key(base),
+                    "alert {}: {name} is not in the README's metric tables",
+                    rule["alert"]
+                );
+            }
+        }
+    }
+    assert!(alerts >= 6, "only {alerts} alerts");
 }
 
 // ---------------------------------------------------------------------------
