@@ -41,16 +41,25 @@ const KINDS: [(&str, &str); 7] = [
     ("policy/v1", "PodDisruptionBudget"),
 ];
 
-// The exit codes of `hsat coordinator`, `hsat worker`, `hsat run` and
-// `hsat-coordinator` (issue 12's table). LEAD: point these at `hsat_core::exit`
-// once it is merged (its permanent codes and the retryable one).
-/// Exit codes after which a replacement pod would fail the same way.
-const PERMANENT_EXIT_CODES: [i64; 3] = [1, 2, 78];
-/// The retryable exit code (EX_TEMPFAIL): the Job replaces the pod.
-const RETRYABLE_EXIT_CODE: i64 = 75;
+/// The exit codes of `hsat coordinator`, `hsat worker`, `hsat run` and
+/// `hsat-coordinator` after which a replacement pod would fail the same way (the
+/// Jobs' FailJob codes), and the retryable one (issue 12's table).
+///
+/// LEAD: once `hsat_core::exit` is merged, make the body
+/// `Exit::ALL.into_iter().filter(|e| *e != Exit::Success && !e.is_retryable())
+///  .map(|e| i64::from(e.code())).collect()` and the retryable one
+/// `i64::from(Exit::Retryable.code())`.
+fn permanent_exit_codes() -> BTreeSet<i64> {
+    BTreeSet::from([1, 2, 78])
+}
+
+fn retryable_exit_code() -> i64 {
+    75
+}
 
 /// Environment variables the manifests set for hsat that the code does not read
-/// yet. LEAD: empty once the worker's `--device auto` reads LOCAL_RANK (OPS).
+/// yet. LEAD: empty once OPS's worker/src/cluster/device.rs (`LOCAL_RANK_ENV`) is
+/// merged.
 const READ_BY_CODE_PENDING: [&str; 1] = ["LOCAL_RANK"];
 
 /// The uid:gid the images run as and the pods' securityContext names.
@@ -786,11 +795,11 @@ fn manifests_agree_with_the_code() {
         );
         assert_eq!(
             failure_policy_codes(coordinator_job),
-            PERMANENT_EXIT_CODES.into_iter().collect(),
+            permanent_exit_codes(),
             "{}",
             context("the coordinator's FailJob exit codes are the permanent ones")
         );
-        assert!(!PERMANENT_EXIT_CODES.contains(&RETRYABLE_EXIT_CODE));
+        assert!(!permanent_exit_codes().contains(&retryable_exit_code()));
         assert_eq!(coordinator_job["spec"]["podReplacementPolicy"], "Failed");
 
         // --- workers
@@ -819,6 +828,23 @@ fn manifests_agree_with_the_code() {
                 args.push(format!("{appended}=launcher"));
             }
             assert!(launcher.contains("LOCAL_RANK=$i"));
+            // The launcher ranks exit codes as the Jobs do: its permanent class
+            // is exactly the FailJob codes.
+            let permanent_line = launcher
+                .lines()
+                .find(|l| l.trim_end().ends_with(") echo 2 ;;"))
+                .expect("the launcher's permanent exit codes");
+            let launcher_permanent: BTreeSet<i64> = permanent_line
+                .trim()
+                .trim_end_matches(") echo 2 ;;")
+                .split('|')
+                .map(|code| code.trim().parse().unwrap())
+                .collect();
+            assert_eq!(
+                launcher_permanent,
+                permanent_exit_codes(),
+                "launch-workers.sh"
+            );
             assert!(launcher.contains("$((9465 + i))"));
         } else {
             assert!(
@@ -895,7 +921,7 @@ fn manifests_agree_with_the_code() {
         );
         assert_eq!(
             failure_policy_codes(worker_job),
-            PERMANENT_EXIT_CODES.into_iter().collect(),
+            permanent_exit_codes(),
             "{}",
             context("the workers' FailJob exit codes are the permanent ones")
         );
