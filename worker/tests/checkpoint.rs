@@ -65,9 +65,9 @@ fn a_checkpoint_round_trips_into_a_fresh_model() {
     let x = Tensor::rand([4, 3, 16, 16], (Kind::Float, Device::Cpu));
     assert!(
         model
-            .embed(&x, false)
+            .embed(&x, hsat_worker::model::Pass::EVAL)
             .expect("a")
-            .equal(&other.embed(&x, false).expect("b"))
+            .equal(&other.embed(&x, hsat_worker::model::Pass::EVAL).expect("b"))
     );
 }
 

@@ -176,7 +176,9 @@ fn a_level_without_positives_is_rejected_before_computing() {
 fn parameter_gradients_match_pytorch() {
     let fx = Fixtures::load();
     let model = fx.model();
-    let emb = model.embed_batch(fx.get("x"), true).expect("forward");
+    let emb = model
+        .embed_batch(fx.get("x"), hsat_worker::model::Pass::TRAIN)
+        .expect("forward");
     let total = loss_with("default")
         .compute(&emb, LossType::P_S_PT)
         .expect("loss")
@@ -380,7 +382,8 @@ fn backbones_match_torchvision_on_closed_form_weights() {
         (Backbone::WideResNet50_2, "arch.wide_resnet50_2.features"),
     ] {
         let model = closed_form_backbone(backbone);
-        let features = tch::no_grad(|| model.features(&x, false)).expect("forward");
+        let features =
+            tch::no_grad(|| model.features(&x, hsat_worker::model::Pass::EVAL)).expect("forward");
         let err = tensor_rel_err(&features, fx.get(key));
         assert!(err < 1e-5, "{key}: rel. err. {err:e}");
     }

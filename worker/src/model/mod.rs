@@ -11,6 +11,7 @@
 
 pub mod layers;
 pub mod params;
+pub mod pass;
 pub mod resnet;
 pub mod small_cnn;
 
@@ -22,6 +23,7 @@ use tch::{Device, Tensor};
 use crate::error::{Result, WorkerError};
 use layers::Linear;
 use params::{Named, ParamStore, Scope};
+pub use pass::{BnBranch, Pass};
 use resnet::{ResNet, ResNetSpec};
 use small_cnn::{SMALL_CNN_FEATURES, SmallCnn};
 
@@ -146,16 +148,16 @@ impl Encoder {
     }
 
     /// Backbone features `[N, feature_dim]` of images `[N, 3, H, W]` (what evaluation uses).
-    pub fn features(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn features(&self, images: &Tensor, pass: Pass) -> Result<Tensor> {
         match &self.backbone {
-            BackboneNet::Small(net) => net.forward(images, train),
-            BackboneNet::ResNet(net) => net.forward(images, train),
+            BackboneNet::Small(net) => net.forward(images, pass),
+            BackboneNet::ResNet(net) => net.forward(images, pass),
         }
     }
 
     /// L2-normalised projections `[N, D]` of images `[N, 3, H, W]`.
-    pub fn embed(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        let mut out = self.features(images, train)?;
+    pub fn embed(&self, images: &Tensor, pass: Pass) -> Result<Tensor> {
+        let mut out = self.features(images, pass)?;
         let last = self.head.len() - 1;
         for (i, layer) in self.head.iter().enumerate() {
             out = layer.forward(&out)?;
@@ -167,10 +169,10 @@ impl Encoder {
     }
 
     /// Embeddings `[B, S, P, V, D]` of a hierarchical batch `[B, S, P, V, C, H, W]`.
-    pub fn embed_batch(&self, batch: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn embed_batch(&self, batch: &Tensor, pass: Pass) -> Result<Tensor> {
         let shape = check_batch_shape(batch)?;
         let flat = batch.f_reshape([-1, shape[4], shape[5], shape[6]])?;
-        let emb = self.embed(&flat, train)?;
+        let emb = self.embed(&flat, pass)?;
         let dim = emb.size()[1];
         Ok(emb.f_reshape([shape[0], shape[1], shape[2], shape[3], dim])?)
     }

@@ -6,6 +6,7 @@ use tch::Tensor;
 
 use super::layers::{BatchNorm2d, Conv2d};
 use super::params::Scope;
+use super::pass::Pass;
 use crate::error::Result;
 
 /// The shape of a ResNet: block kind, blocks per stage and bottleneck width.
@@ -33,17 +34,17 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, pass: Pass) -> Result<Tensor> {
         let mut out = xs.shallow_clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            out = bn.forward(&conv.forward(&out)?, train)?;
+            out = bn.forward(&conv.forward(&out)?, pass.train)?;
             if i != last {
                 out = out.f_relu()?;
             }
         }
         let identity = match &self.downsample {
-            Some((conv, bn)) => bn.forward(&conv.forward(xs)?, train)?,
+            Some((conv, bn)) => bn.forward(&conv.forward(xs)?, pass.train)?,
             None => xs.shallow_clone(),
         };
         Ok(out.f_add(&identity)?.f_relu()?)
@@ -104,15 +105,15 @@ impl ResNet {
     }
 
     /// Global-average-pooled features.
-    pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, pass: Pass) -> Result<Tensor> {
         let mut out = self
             .bn1
-            .forward(&self.conv1.forward(xs)?, train)?
+            .forward(&self.conv1.forward(xs)?, pass.train)?
             .f_relu()?;
         out = out.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?;
         for stage in &self.stages {
             for block in stage {
-                out = block.forward(&out, train)?;
+                out = block.forward(&out, pass)?;
             }
         }
         Ok(out.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?)

@@ -10,7 +10,7 @@ use tch::Tensor;
 
 use super::loss::HierarchicalLoss;
 use crate::error::Result;
-use crate::model::Encoder;
+use crate::model::{Encoder, Pass};
 
 /// One PGD attack's settings, in pixel units (images are in [0, 1]).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -96,7 +96,7 @@ impl Pgd {
         let mut start_loss = None;
         for _ in 0..self.iters {
             let delta_var = delta.f_detach()?.f_set_requires_grad(true)?;
-            let emb = model.embed_batch(&images.f_add(&delta_var)?, false)?;
+            let emb = model.embed_batch(&images.f_add(&delta_var)?, Pass::ATTACK)?;
             let value = loss.compute(&emb, self.loss_type)?.total;
             if measure && start_loss.is_none() {
                 start_loss = Some(value.f_double_value(&[])?);
@@ -111,7 +111,7 @@ impl Pgd {
         let gain = match start_loss {
             Some(start) => {
                 let end = tch::no_grad(|| -> Result<f64> {
-                    let emb = model.embed_batch(&images.f_add(&delta)?, false)?;
+                    let emb = model.embed_batch(&images.f_add(&delta)?, Pass::ATTACK)?;
                     Ok(loss
                         .compute(&emb, self.loss_type)?
                         .total

@@ -398,7 +398,7 @@ impl Trainer {
             // statistics normalise, so the running statistics put back below do
             // not change this value.
             let measured = tch::no_grad(|| -> Result<_> {
-                let emb = self.model.embed_batch(images, true)?;
+                let emb = self.model.embed_batch(images, crate::model::Pass::TRAIN)?;
                 self.loss
                     .compute(&emb, hsat_core::config::LossType::P_S_PT)?
                     .values()
