@@ -32,12 +32,13 @@ fn write_checkpoint(
     model: &Encoder,
     meta: &CheckpointMeta,
 ) -> hsat_worker::Result<PathBuf> {
-    let (backbone, head) = model.state_snapshot()?;
+    let state = model.state_snapshot()?;
     let defaults = hsat_core::config::Config::default().training.optimizer;
     let optimizer = AdamW::new(model.parameters(), &defaults)?.state_snapshot()?;
     let snapshot = Snapshot {
-        backbone,
-        head,
+        backbone: state.backbone,
+        backbone_pgd: state.backbone_pgd,
+        head: state.head,
         optimizer,
         meta: meta.clone(),
     };

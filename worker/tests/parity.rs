@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use hsat_core::config::{Backbone, LossType, OptimizerConfig};
 use hsat_core::schedule::lr_multiplier;
 use hsat_worker::model::Encoder;
-use hsat_worker::train::attack::Pgd;
+use hsat_worker::train::attack::{Pgd, PgdVariant};
 use hsat_worker::train::loss::HierarchicalLoss;
 use hsat_worker::train::optim::AdamW;
 use hsat_worker::train::step::{OuterObjective, StepInputs, train_step};
@@ -203,6 +203,7 @@ fn pgd_deltas_match_pytorch_and_no_parameter_gradient_is_computed() {
     let loss = loss_with("default");
     for lt in ["p_s_pt", "pt"] {
         let pgd = Pgd {
+            variant: PgdVariant::Pgd,
             eps: 8.0 / 255.0,
             alpha: 2.0 / 255.0,
             iters: 5,
@@ -253,6 +254,7 @@ fn ten_adamw_steps_with_the_schedule_match_pytorch_in_all_three_modes() {
                 1e-6,
             );
             let pgd = Pgd {
+                variant: PgdVariant::Pgd,
                 eps: 8.0 / 255.0,
                 alpha: 2.0 / 255.0,
                 iters: 2,

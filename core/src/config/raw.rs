@@ -115,6 +115,7 @@ pub(crate) struct RawModel {
     pub backbone: String,
     pub mlp_hidden: Vec<i64>,
     pub num_embedding_out: i64,
+    pub proj_head: bool,
     /// `""` = no checkpoint.
     pub init_checkpoint: String,
 }
@@ -315,6 +316,7 @@ impl From<&Config> for RawConfig {
                 backbone: model.backbone.name().to_owned(),
                 mlp_hidden: model.mlp_hidden.iter().copied().map(int).collect(),
                 num_embedding_out: int(model.num_embedding_out),
+                proj_head: model.proj_head,
                 init_checkpoint: model
                     .init_checkpoint
                     .as_deref()
