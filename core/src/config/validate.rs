@@ -861,7 +861,8 @@ mod tests {
                 "infra.seed = -3: must be >= 0",
                 "data.rand_aug_prob = 1.5: must be in [0, 1] (a probability)",
                 "model.backbone = \"resnet9\": must be one of \"small_cnn\", \"resnet18\", \
-                 \"resnet34\", \"resnet50\", \"resnet101\", \"wide_resnet50_2\"",
+                 \"resnet34\", \"resnet50\", \"resnet101\", \"wide_resnet50_2\", \
+                 \"resnet50_multi_bn\", \"resnet18_multi_bn\"",
                 "training.batch_size = 0: must be >= 1 (patients per step for the whole job)",
                 "training.adamw.betas[1] = 1: must be in [0, 1)",
                 "training.attack.eps = -1: must be in [0, 255] (units of 1/255; the paper uses 8)",
