@@ -71,6 +71,8 @@ pub(crate) struct RawData {
     pub channels: i64,
     pub rand_aug_prob: f64,
     pub dynamic_aug: bool,
+    /// The reference's dynamic-augmentation version; only "v0" (its scripts' value).
+    pub dynamic_aug_version: String,
     pub balance_study_per_class: bool,
     /// `""` = not set.
     pub db_root: String,
@@ -293,6 +295,7 @@ impl From<&Config> for RawConfig {
                 channels: int(data.channels),
                 rand_aug_prob: data.rand_aug_prob,
                 dynamic_aug: data.dynamic_aug,
+                dynamic_aug_version: "v0".to_owned(),
                 balance_study_per_class: data.balance_study_per_class,
                 hidisc: RawHidisc {
                     num_slide_samples: int(data.hidisc.num_slide_samples),

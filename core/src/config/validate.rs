@@ -265,6 +265,12 @@ fn data(c: &mut Checker, raw: &RawConfig) -> DataConfig {
         )
     };
     let files = data_files(c, raw, source);
+    c.fixed(
+        "data.dynamic_aug_version",
+        &r.dynamic_aug_version,
+        "v0",
+        " (the reference's scripts all use v0, the dynamic augmentation hsat implements)",
+    );
     DataConfig {
         source,
         image_size,
@@ -908,6 +914,20 @@ mod tests {
         assert_eq!(
             validate(&raw).unwrap().training.attack.kind,
             AttackKind::Pgd2
+        );
+    }
+
+    #[test]
+    fn the_reference_scripts_dynamic_aug_version_is_accepted() {
+        let mut raw = raw_default();
+        assert_eq!(raw.data.dynamic_aug_version, "v0");
+        raw.data.dynamic_aug_version = "v1".to_owned();
+        assert_eq!(
+            messages(&raw),
+            [
+                "data.dynamic_aug_version = \"v1\": must be \"v0\" (the reference's scripts all \
+                 use v0, the dynamic augmentation hsat implements)"
+            ]
         );
     }
 

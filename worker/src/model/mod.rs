@@ -85,6 +85,20 @@ pub enum HeadSpec<'a> {
     Proj,
 }
 
+impl<'a> HeadSpec<'a> {
+    /// The head a model config describes (`model.proj_head`, else the MLP).
+    pub fn of(cfg: &'a ModelConfig) -> Self {
+        if cfg.proj_head {
+            HeadSpec::Proj
+        } else {
+            HeadSpec::Mlp {
+                hidden: &cfg.mlp_hidden,
+                out: cfg.num_embedding_out,
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Head {
     Mlp(Vec<Linear>),
@@ -187,15 +201,7 @@ impl Encoder {
 
     /// Builds the encoder a model config describes, loading `init_checkpoint` if set.
     pub fn from_config(cfg: &ModelConfig, device: Device) -> Result<Self> {
-        let head = if cfg.proj_head {
-            HeadSpec::Proj
-        } else {
-            HeadSpec::Mlp {
-                hidden: &cfg.mlp_hidden,
-                out: cfg.num_embedding_out,
-            }
-        };
-        let mut encoder = Encoder::with_head(cfg.backbone, head, device)?;
+        let mut encoder = Encoder::with_head(cfg.backbone, HeadSpec::of(cfg), device)?;
         if let Some(path) = &cfg.init_checkpoint {
             encoder.load_backbone(path)?;
         }
