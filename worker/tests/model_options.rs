@@ -466,6 +466,43 @@ fn resnet18_multi_bn_training_steps_with_pgd_2_match_the_reference() {
     }
 }
 
+#[test]
+fn only_the_branches_training_uses_are_optimised() {
+    let dual = Encoder::new(Backbone::ResNet18MultiBn, &[], 8, Device::Cpu).unwrap();
+    let all: Vec<String> = dual.parameters().into_iter().map(|(n, _)| n).collect();
+    let names = |normal, pgd| -> Vec<String> {
+        dual.trained_parameters(normal, pgd)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    };
+    assert_eq!(names(true, true), all);
+    let only_adv = names(false, true);
+    assert!(only_adv.contains(&"bn1.pgd.weight".to_owned()));
+    assert!(only_adv.contains(&"conv1.weight".to_owned()));
+    assert!(only_adv.contains(&"head.layers.0.weight".to_owned()));
+    assert!(!only_adv.contains(&"bn1.weight".to_owned()));
+    assert!(!only_adv.contains(&"layer2.0.downsample.1.bias".to_owned()));
+    let clean = names(true, false);
+    assert!(
+        clean.contains(&"bn1.weight".to_owned()) && !clean.contains(&"bn1.pgd.weight".to_owned())
+    );
+    // Each branch holds the same number of tensors; the rest is shared.
+    assert_eq!(all.len() - only_adv.len(), all.len() - clean.len());
+    assert_eq!(
+        only_adv.len() + clean.len() - all.len(),
+        all.iter()
+            .filter(|n| !n.contains("bn") && !n.contains("downsample.1"))
+            .count()
+    );
+    // Single-BN backbones: everything, whatever the passes.
+    let plain = Encoder::new(Backbone::ResNet18, &[], 8, Device::Cpu).unwrap();
+    assert_eq!(
+        plain.trained_parameters(false, true).len(),
+        plain.parameters().len()
+    );
+}
+
 // ------------------------------------------------------------------- checkpoints
 
 fn meta() -> CheckpointMeta {

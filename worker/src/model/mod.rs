@@ -273,6 +273,33 @@ impl Encoder {
         backbone.chain(head).collect()
     }
 
+    /// The parameters a training run updates when its training forward passes use
+    /// the batch-norm branches `normal` and/or `pgd`: all of them, except that a
+    /// dual-BN backbone leaves out the affine parameters of a branch no training
+    /// forward uses (`only_adv` never trains `normal`, plain HiDisc never `pgd`).
+    /// The reference's DDP (`find_unused_parameters=True`) leaves their gradients
+    /// `None`, so its AdamW skips them, weight decay included; keeping them out of the
+    /// optimiser does the same in a distributed run, whose gradient all-reduce would
+    /// otherwise give them zero gradients (and AdamW would decay them).
+    pub fn trained_parameters(&self, normal: bool, pgd: bool) -> Vec<(String, Tensor)> {
+        if !self.kind.dual_bn() {
+            return self.parameters();
+        }
+        let pgd_branch: std::collections::HashSet<String> = self.pgd_torchvision_names().collect();
+        self.parameters()
+            .into_iter()
+            .filter(|(name, _)| {
+                if torchvision_name_of_pgd(name).is_some() {
+                    pgd
+                } else if pgd_branch.contains(name) {
+                    normal
+                } else {
+                    true
+                }
+            })
+            .collect()
+    }
+
     /// The full state (parameters and buffers), names as in [`Encoder::parameters`].
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let backbone = self

@@ -99,7 +99,14 @@ impl Trainer {
             tracing::warn!("{note}");
         }
         let model = Encoder::from_config(&config.model, device)?;
-        let optimizer = AdamW::new(model.parameters(), &config.training.optimizer)?;
+        // The batch-norm branches the training forward passes use (dual-BN backbones):
+        // clean passes `normal`, adversarial ones `pgd`.
+        let attack = config.training.attack.is_pgd();
+        let normal = !attack || !config.training.only_adv;
+        let optimizer = AdamW::new(
+            model.trained_parameters(normal, attack),
+            &config.training.optimizer,
+        )?;
         let loss = HierarchicalLoss::from(&config.training.objective);
         let config_fingerprint = hsat_core::checkpoint::config_fingerprint(&config.to_json_value());
         Ok(Trainer {
