@@ -3,11 +3,12 @@
 //! code as `resnet50_multi_bn` at a size CI trains), the projection head with batch
 //! norm, the `pgd_2` attack, an eps warm-up longer than the run and
 //! `data.dynamic_aug_version = "v0"`. The run trains, warns that eps never reaches its
-//! maximum, and its checkpoints hold both batch-norm branches.
+//! maximum, its checkpoints hold both batch-norm branches, and `hsat eval` evaluates
+//! the checkpoint (the `normal` branch's features, attacks on the `pgd` branch).
 
 use std::path::Path;
 
-use hsat_tests::run_hsat;
+use hsat_tests::{run_hsat, synth_dataset};
 
 fn tensor_names(file: &Path) -> Vec<String> {
     let bytes = std::fs::read(file).expect("read safetensors");
@@ -20,6 +21,22 @@ fn tensor_names(file: &Path) -> Vec<String> {
 #[test]
 fn the_references_model_options_train_and_checkpoint_both_branches() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    synth_dataset(
+        &data,
+        &[
+            "--classes",
+            "2",
+            "--patients-per-class",
+            "3",
+            "--slides",
+            "2",
+            "--patches",
+            "2",
+            "--size",
+            "16",
+        ],
+    );
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,
@@ -30,11 +47,10 @@ seed = 5
 out_dir = "{out}"
 threads = 2
 [data]
+source = "opensrh"
+db_root = "{data}"
 image_size = 16
 dynamic_aug = true
-[data.synthetic]
-num_patients = 4
-num_classes = 2
 [data.hidisc]
 num_slide_samples = 1
 num_patch_samples = 2
@@ -42,8 +58,15 @@ num_patch_samples = 2
 batch_size = 2
 num_epochs = 1
 save_checkpoint_interval = 2
+[eval]
+knn_k = 3
+steps = 1
+eps = [8]
+batch_size = 4
+attacks = "pgd"
 "#,
-            out = dir.path().join("run").display()
+            out = dir.path().join("run").display(),
+            data = data.display()
         ),
     )
     .expect("write config");
@@ -104,4 +127,26 @@ save_checkpoint_interval = 2
         "{head:?}"
     );
     assert!(!head.contains(&"layers.3.bias".to_owned()), "{head:?}");
+
+    // Evaluation rebuilds the model the checkpoint describes (dual BN, projection head).
+    let eval_out = dir.path().join("eval").display().to_string();
+    let run_dir = format!("opts={}", dir.path().join("run").display());
+    let out = run_hsat(&[
+        "eval",
+        "--config",
+        &config,
+        "--checkpoint",
+        &run_dir,
+        "--out",
+        &eval_out,
+        "--set",
+        "eval.attack_target=projection",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "hsat eval failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| opts |"), "{stdout}");
 }
