@@ -313,7 +313,8 @@ impl Encoder {
         backbone.chain(head).collect()
     }
 
-    /// The backbone's state dict, torchvision names.
+    /// The backbone's trainable parameters, torchvision names (a dual-BN backbone's
+    /// `pgd` branch under `<module>.pgd.<leaf>`, see [`dual_bn::pgd_name`]).
     pub fn backbone_state(&self) -> &[Named] {
         self.backbone_store.params()
     }
