@@ -58,6 +58,7 @@ fn print_event(event: RunEvent<'_>) {
             match attack {
                 AttackKind::None => "no",
                 AttackKind::Pgd => "PGD",
+                AttackKind::Pgd2 => "PGD (pgd_2)",
             },
             out_dir.display()
         ),

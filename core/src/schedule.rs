@@ -27,7 +27,8 @@ pub fn lr_multiplier(step: usize, warmup_steps: usize, total_steps: usize, num_c
 /// Attack budget in pixel units for `epoch` (0-based).
 ///
 /// The reference uses `np.linspace(1, eps_255, warmup_epochs)[epoch]` while
-/// `epoch < warmup_epochs`, then `eps_255`; the result is divided by 255. numpy's
+/// `epoch < warmup_epochs`, then `eps_255` (a warm-up longer than the run is allowed:
+/// the run then ends before eps reaches `eps_255`); the result is divided by 255. numpy's
 /// linspace is replicated exactly: `step = (stop - start) / (num - 1)`, value
 /// `i * step + start`, the last value exactly `stop`, and `start` alone when
 /// `num == 1`.
@@ -154,6 +155,20 @@ mod tests {
         assert_eq!(attack_eps(2, 1.0, 4), 1.0 / 255.0);
         // linspace with a step that does not divide evenly: 1 + 1 * (16/3).
         assert_eq!(linspace_at(1.0, 17.0, 4, 1), 1.0 * (16.0 / 3.0) + 1.0);
+    }
+
+    #[test]
+    fn eps_warm_up_longer_than_the_run_never_reaches_eps() {
+        // The reference: eps = [8] * 3; eps[:5000] = np.linspace(1, 8, 5000) makes the
+        // list 5000 long, and the 3 epochs take its first 3 values (numpy's reprs:
+        // 1.0, 1.0014002800560111, 1.0028005601120225).
+        let expected = [1.0, 1.001_400_280_056_011_1, 1.002_800_560_112_022_5];
+        for (epoch, value) in expected.into_iter().enumerate() {
+            assert_eq!(attack_eps(epoch, 8.0, 5000), value / 255.0, "epoch {epoch}");
+        }
+        // Still rising at the last epoch of the run, far from 8/255.
+        assert!(attack_eps(2, 8.0, 5000) < attack_eps(3, 8.0, 5000));
+        assert!(attack_eps(2, 8.0, 5000) < 1.01 / 255.0);
     }
 
     #[test]

@@ -32,12 +32,13 @@ fn write_checkpoint(
     model: &Encoder,
     meta: &CheckpointMeta,
 ) -> hsat_worker::Result<PathBuf> {
-    let (backbone, head) = model.state_snapshot()?;
+    let state = model.state_snapshot()?;
     let defaults = hsat_core::config::Config::default().training.optimizer;
     let optimizer = AdamW::new(model.parameters(), &defaults)?.state_snapshot()?;
     let snapshot = Snapshot {
-        backbone,
-        head,
+        backbone: state.backbone,
+        backbone_pgd: state.backbone_pgd,
+        head: state.head,
         optimizer,
         meta: meta.clone(),
     };
@@ -65,9 +66,9 @@ fn a_checkpoint_round_trips_into_a_fresh_model() {
     let x = Tensor::rand([4, 3, 16, 16], (Kind::Float, Device::Cpu));
     assert!(
         model
-            .embed(&x, false)
+            .embed(&x, hsat_worker::model::Pass::EVAL)
             .expect("a")
-            .equal(&other.embed(&x, false).expect("b"))
+            .equal(&other.embed(&x, hsat_worker::model::Pass::EVAL).expect("b"))
     );
 }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use hsat_core::config::{Backbone, LossType, OptimizerConfig};
 use hsat_core::schedule::lr_multiplier;
 use hsat_worker::model::Encoder;
-use hsat_worker::train::attack::Pgd;
+use hsat_worker::train::attack::{Pgd, PgdVariant};
 use hsat_worker::train::loss::HierarchicalLoss;
 use hsat_worker::train::optim::AdamW;
 use hsat_worker::train::step::{OuterObjective, StepInputs, train_step};
@@ -176,7 +176,9 @@ fn a_level_without_positives_is_rejected_before_computing() {
 fn parameter_gradients_match_pytorch() {
     let fx = Fixtures::load();
     let model = fx.model();
-    let emb = model.embed_batch(fx.get("x"), true).expect("forward");
+    let emb = model
+        .embed_batch(fx.get("x"), hsat_worker::model::Pass::TRAIN)
+        .expect("forward");
     let total = loss_with("default")
         .compute(&emb, LossType::P_S_PT)
         .expect("loss")
@@ -201,6 +203,7 @@ fn pgd_deltas_match_pytorch_and_no_parameter_gradient_is_computed() {
     let loss = loss_with("default");
     for lt in ["p_s_pt", "pt"] {
         let pgd = Pgd {
+            variant: PgdVariant::Pgd,
             eps: 8.0 / 255.0,
             alpha: 2.0 / 255.0,
             iters: 5,
@@ -251,6 +254,7 @@ fn ten_adamw_steps_with_the_schedule_match_pytorch_in_all_three_modes() {
                 1e-6,
             );
             let pgd = Pgd {
+                variant: PgdVariant::Pgd,
                 eps: 8.0 / 255.0,
                 alpha: 2.0 / 255.0,
                 iters: 2,
@@ -380,7 +384,8 @@ fn backbones_match_torchvision_on_closed_form_weights() {
         (Backbone::WideResNet50_2, "arch.wide_resnet50_2.features"),
     ] {
         let model = closed_form_backbone(backbone);
-        let features = tch::no_grad(|| model.features(&x, false)).expect("forward");
+        let features =
+            tch::no_grad(|| model.features(&x, hsat_worker::model::Pass::EVAL)).expect("forward");
         let err = tensor_rel_err(&features, fx.get(key));
         assert!(err < 1e-5, "{key}: rel. err. {err:e}");
     }

@@ -71,6 +71,8 @@ pub(crate) struct RawData {
     pub channels: i64,
     pub rand_aug_prob: f64,
     pub dynamic_aug: bool,
+    /// The reference's dynamic-augmentation version; only "v0" (its scripts' value).
+    pub dynamic_aug_version: String,
     pub balance_study_per_class: bool,
     /// `""` = not set.
     pub db_root: String,
@@ -115,6 +117,7 @@ pub(crate) struct RawModel {
     pub backbone: String,
     pub mlp_hidden: Vec<i64>,
     pub num_embedding_out: i64,
+    pub proj_head: bool,
     /// `""` = no checkpoint.
     pub init_checkpoint: String,
 }
@@ -292,6 +295,7 @@ impl From<&Config> for RawConfig {
                 channels: int(data.channels),
                 rand_aug_prob: data.rand_aug_prob,
                 dynamic_aug: data.dynamic_aug,
+                dynamic_aug_version: "v0".to_owned(),
                 balance_study_per_class: data.balance_study_per_class,
                 hidisc: RawHidisc {
                     num_slide_samples: int(data.hidisc.num_slide_samples),
@@ -315,6 +319,7 @@ impl From<&Config> for RawConfig {
                 backbone: model.backbone.name().to_owned(),
                 mlp_hidden: model.mlp_hidden.iter().copied().map(int).collect(),
                 num_embedding_out: int(model.num_embedding_out),
+                proj_head: model.proj_head,
                 init_checkpoint: model
                     .init_checkpoint
                     .as_deref()

@@ -599,7 +599,8 @@ fn bad_values_are_reported_together_with_their_layer() {
         ),
         format!(
             "model.backbone = \"resnet9\": must be one of \"small_cnn\", \"resnet18\", \
-             \"resnet34\", \"resnet50\", \"resnet101\", \"wide_resnet50_2\" (set by config file {origin})"
+             \"resnet34\", \"resnet50\", \"resnet101\", \"wide_resnet50_2\", \
+             \"resnet50_multi_bn\", \"resnet18_multi_bn\" (set by config file {origin})"
         ),
         "training.batch_size = 0: must be >= 1 (patients per step for the whole job) (set by --set \
          training.batch_size=0)"
@@ -855,7 +856,7 @@ fn docs_describe_every_key() {
     let docs = include_str!("../../../docs/config.md");
     let mut keys = Vec::new();
     leaf_keys(&layers::schema().unwrap(), "", &mut keys);
-    assert_eq!(keys.len(), 89);
+    assert_eq!(keys.len(), 91);
     for key in keys {
         assert!(
             docs.contains(&format!("`{key}`")),

@@ -247,6 +247,13 @@ named_enum! {
         ResNet101 => "resnet101",
         /// torchvision Wide-ResNet-50-2 (2048 features).
         WideResNet50_2 => "wide_resnet50_2",
+        /// The reference's dual-batch-norm ResNet-50 (2048 features): every batch norm
+        /// has a `normal` branch (clean passes) and a `pgd` branch (the attack and the
+        /// adversarial forward).
+        ResNet50MultiBn => "resnet50_multi_bn",
+        /// ResNet-18 with the same dual batch norm (512 features); the same code at a
+        /// size tests can train.
+        ResNet18MultiBn => "resnet18_multi_bn",
     }
 }
 
@@ -255,9 +262,14 @@ impl Backbone {
     pub fn feature_dim(self) -> usize {
         match self {
             Self::SmallCnn => 16,
-            Self::ResNet18 | Self::ResNet34 => 512,
-            Self::ResNet50 | Self::ResNet101 | Self::WideResNet50_2 => 2048,
+            Self::ResNet18 | Self::ResNet34 | Self::ResNet18MultiBn => 512,
+            Self::ResNet50 | Self::ResNet101 | Self::WideResNet50_2 | Self::ResNet50MultiBn => 2048,
         }
+    }
+
+    /// Whether every batch norm has two branches, `normal` and `pgd`.
+    pub fn dual_bn(self) -> bool {
+        matches!(self, Self::ResNet50MultiBn | Self::ResNet18MultiBn)
     }
 }
 
@@ -269,7 +281,14 @@ pub struct ModelConfig {
     /// Widths of the head's hidden Linear+ReLU layers [] (a single Linear); each >= 1.
     pub mlp_hidden: Vec<usize>,
     /// Embedding size after the head, before L2 normalisation (default 128); >= 1.
+    /// With `proj_head` it must equal the backbone's feature size (the reference's
+    /// head keeps the width; its HSAT runs set 2048).
     pub num_embedding_out: usize,
+    /// The reference's three-layer projection head with batch norm instead of the MLP
+    /// (default false): `Linear(d, d)`, BN, ReLU, `Linear(d, d, bias=False)`, BN, ReLU,
+    /// `Linear(d, d, bias=False)`, BN with `d` the feature size; `mlp_hidden` must then
+    /// be empty.
+    pub proj_head: bool,
     /// Backbone weights to start from (default None = random init): a `.safetensors`
     /// file with torchvision key names. Raw value `""` means `None`.
     pub init_checkpoint: Option<PathBuf>,
@@ -372,6 +391,10 @@ named_enum! {
         None => "none",
         /// Projected gradient descent on the hierarchical loss (HSAT).
         Pgd => "pgd",
+        /// The reference's second PGD variant (`pgd_attack_2`): the uniform start is
+        /// clamped so `x + delta` lies in [0, 1], and each step clamps `delta` into
+        /// `[-x, 1 - x]` instead of clamping `x + delta`.
+        Pgd2 => "pgd_2",
     }
 }
 
@@ -390,7 +413,9 @@ pub struct AttackConfig {
     pub iters: usize,
     /// Loss levels the attack maximises (default p_s_pt).
     pub loss_type: LossType,
-    /// Epochs over which eps grows linearly from 1/255 to `eps` (default 0); <= `num_epochs`.
+    /// Epochs over which eps grows linearly from 1/255 to `eps` (default 0). More than
+    /// `num_epochs` is accepted, as in the reference: eps then never reaches its
+    /// maximum ([`AttackConfig::warmup_note`] says what it reaches).
     pub warmup_epochs: usize,
     /// The budget as written in the config, in units of 1/255 (default 8); in [0, 255].
     pub eps_255: f64,
@@ -402,6 +427,26 @@ impl AttackConfig {
     /// The budget (pixel units) of `epoch`, with the eps warm-up applied.
     pub fn eps_at(&self, epoch: usize) -> f64 {
         schedule::attack_eps(epoch, self.eps_255, self.warmup_epochs)
+    }
+
+    /// Whether an attack runs (`pgd` or `pgd_2`).
+    pub fn is_pgd(&self) -> bool {
+        matches!(self.kind, AttackKind::Pgd | AttackKind::Pgd2)
+    }
+
+    /// A warning when the eps warm-up is longer than the run (`warmup_epochs >
+    /// num_epochs`), with the budget the last epoch reaches; `None` otherwise.
+    pub fn warmup_note(&self, num_epochs: usize) -> Option<String> {
+        if !self.is_pgd() || self.warmup_epochs <= num_epochs || num_epochs == 0 {
+            return None;
+        }
+        let last = self.eps_at(num_epochs - 1) * 255.0;
+        Some(format!(
+            "training.attack.warmup_epochs = {} is more than training.num_epochs = {}: the \
+             attack budget never reaches training.attack.eps = {}/255; the last epoch \
+             attacks with eps = {last:.4}/255",
+            self.warmup_epochs, num_epochs, self.eps_255
+        ))
     }
 }
 
@@ -624,6 +669,7 @@ impl Default for Config {
                 backbone: Backbone::ResNet50,
                 mlp_hidden: Vec::new(),
                 num_embedding_out: 128,
+                proj_head: false,
                 init_checkpoint: None,
             },
             training: TrainingConfig {
@@ -759,6 +805,8 @@ mod tests {
             ("resnet50", 2048),
             ("resnet101", 2048),
             ("wide_resnet50_2", 2048),
+            ("resnet50_multi_bn", 2048),
+            ("resnet18_multi_bn", 512),
         ];
         assert_eq!(Backbone::NAMES.len(), expected.len());
         for (name, dim) in expected {
@@ -770,8 +818,15 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "unknown backbone \"resnet9\": expected one of \"small_cnn\", \"resnet18\", \
-             \"resnet34\", \"resnet50\", \"resnet101\", \"wide_resnet50_2\""
+             \"resnet34\", \"resnet50\", \"resnet101\", \"wide_resnet50_2\", \
+             \"resnet50_multi_bn\", \"resnet18_multi_bn\""
         );
+        let dual: Vec<&str> = Backbone::ALL
+            .iter()
+            .filter(|b| b.dual_bn())
+            .map(|b| b.name())
+            .collect();
+        assert_eq!(dual, ["resnet50_multi_bn", "resnet18_multi_bn"]);
         assert_eq!(Backbone::default(), Backbone::ResNet50);
     }
 

@@ -63,7 +63,7 @@ impl Range {
     }
 }
 
-const WHEN_PGD: &str = " when training.attack.name = \"pgd\"";
+const WHEN_PGD: &str = " when training.attack.name is \"pgd\" or \"pgd_2\"";
 
 /// Collects problems while converting values.
 #[derive(Debug, Default)]
@@ -265,6 +265,12 @@ fn data(c: &mut Checker, raw: &RawConfig) -> DataConfig {
         )
     };
     let files = data_files(c, raw, source);
+    c.fixed(
+        "data.dynamic_aug_version",
+        &r.dynamic_aug_version,
+        "v0",
+        " (the reference's scripts all use v0, the dynamic augmentation hsat implements)",
+    );
     DataConfig {
         source,
         image_size,
@@ -399,16 +405,42 @@ fn model(c: &mut Checker, raw: &RawConfig) -> ModelConfig {
         }
         Some(PathBuf::from(&r.init_checkpoint))
     };
+    let num_embedding_out = c.count(
+        "model.num_embedding_out",
+        r.num_embedding_out,
+        1,
+        None,
+        " (embedding size; the paper uses 128)",
+    );
+    if r.proj_head {
+        if !r.mlp_hidden.is_empty() {
+            c.problem(
+                "model.mlp_hidden",
+                format!(
+                    "model.mlp_hidden = {:?}: must be [] when model.proj_head = true (the \
+                     projection head replaces the MLP)",
+                    r.mlp_hidden
+                ),
+            );
+        }
+        let width = backbone.feature_dim();
+        if num_embedding_out != 0 && num_embedding_out != width {
+            c.problem(
+                "model.num_embedding_out",
+                format!(
+                    "model.num_embedding_out = {num_embedding_out}: must be {width} (the \
+                     feature size of {backbone}) when model.proj_head = true (the reference's \
+                     projection head keeps the width; its HSAT runs set \
+                     model.num_embedding_out=2048)"
+                ),
+            );
+        }
+    }
     ModelConfig {
         backbone,
         mlp_hidden,
-        num_embedding_out: c.count(
-            "model.num_embedding_out",
-            r.num_embedding_out,
-            1,
-            None,
-            " (embedding size; the paper uses 128)",
-        ),
+        num_embedding_out,
+        proj_head: r.proj_head,
         init_checkpoint,
     }
 }
@@ -587,7 +619,7 @@ fn attack(c: &mut Checker, raw: &RawConfig) -> AttackConfig {
     let kind = c
         .choice::<AttackKind>("training.attack.name", &r.name)
         .unwrap_or(AttackKind::None);
-    let pgd = kind == AttackKind::Pgd;
+    let pgd = matches!(kind, AttackKind::Pgd | AttackKind::Pgd2);
     let eps_255 = c.number(
         "training.attack.eps",
         r.eps,
@@ -615,7 +647,7 @@ fn attack(c: &mut Checker, raw: &RawConfig) -> AttackConfig {
         i64::from(pgd),
         None,
         if pgd {
-            " when training.attack.name = \"pgd\" (the paper uses 5)"
+            " when training.attack.name is \"pgd\" or \"pgd_2\" (the paper uses 5)"
         } else {
             ""
         },
@@ -623,24 +655,16 @@ fn attack(c: &mut Checker, raw: &RawConfig) -> AttackConfig {
     let loss_type = c
         .choice::<LossType>("training.attack.loss_type", &r.loss_type)
         .unwrap_or_default();
-    let num_epochs = raw.training.num_epochs;
-    let warmup_epochs = if num_epochs >= 1 {
-        c.count(
-            "training.attack.warmup_epochs",
-            r.warmup_epochs,
-            0,
-            Some(num_epochs),
-            " (at most training.num_epochs)",
-        )
-    } else {
-        c.count(
-            "training.attack.warmup_epochs",
-            r.warmup_epochs,
-            0,
-            None,
-            "",
-        )
-    };
+    // More warm-up epochs than training epochs is accepted, as the reference does
+    // (`linspace(1, eps, warmup)[:num_epochs]`): eps then never reaches its maximum,
+    // which `AttackConfig::warmup_note` reports when training starts.
+    let warmup_epochs = c.count(
+        "training.attack.warmup_epochs",
+        r.warmup_epochs,
+        0,
+        None,
+        " (epochs of the eps warm-up)",
+    );
     AttackConfig {
         kind,
         eps: eps_255 / 255.0,
@@ -755,7 +779,7 @@ fn check_positive_pairs(c: &mut Checker, raw: &RawConfig, attack: &AttackConfig)
     if s < 1 || p < 1 || v < 1 {
         return; // already reported as out of range
     }
-    let attack_levels = (attack.kind == AttackKind::Pgd).then_some(attack.loss_type);
+    let attack_levels = attack.is_pgd().then_some(attack.loss_type);
     let per_slide = p.saturating_mul(v);
     let per_patient = s.saturating_mul(per_slide);
     let levels = [
@@ -843,7 +867,8 @@ mod tests {
                 "infra.seed = -3: must be >= 0",
                 "data.rand_aug_prob = 1.5: must be in [0, 1] (a probability)",
                 "model.backbone = \"resnet9\": must be one of \"small_cnn\", \"resnet18\", \
-                 \"resnet34\", \"resnet50\", \"resnet101\", \"wide_resnet50_2\"",
+                 \"resnet34\", \"resnet50\", \"resnet101\", \"wide_resnet50_2\", \
+                 \"resnet50_multi_bn\", \"resnet18_multi_bn\"",
                 "training.batch_size = 0: must be >= 1 (patients per step for the whole job)",
                 "training.adamw.betas[1] = 1: must be in [0, 1)",
                 "training.attack.eps = -1: must be in [0, 255] (units of 1/255; the paper uses 8)",
@@ -879,24 +904,90 @@ mod tests {
         assert!(problems[0].starts_with("training.attack.alpha = 0: must be > 0 when"));
         assert_eq!(
             problems[1],
-            "training.attack.iters = 0: must be >= 1 when training.attack.name = \"pgd\" \
-             (the paper uses 5)"
+            "training.attack.iters = 0: must be >= 1 when training.attack.name is \"pgd\" \
+             or \"pgd_2\" (the paper uses 5)"
+        );
+        raw.training.attack.name = "pgd_2".to_owned();
+        assert_eq!(messages(&raw).len(), 2, "pgd_2 needs them too");
+        raw.training.attack.iters = 3;
+        raw.training.attack.alpha = 2.0;
+        assert_eq!(
+            validate(&raw).unwrap().training.attack.kind,
+            AttackKind::Pgd2
         );
     }
 
     #[test]
-    fn eps_warm_up_cannot_outlast_training() {
+    fn the_reference_scripts_dynamic_aug_version_is_accepted() {
         let mut raw = raw_default();
-        raw.training.num_epochs = 40;
-        raw.training.attack.warmup_epochs = 41;
+        assert_eq!(raw.data.dynamic_aug_version, "v0");
+        raw.data.dynamic_aug_version = "v1".to_owned();
         assert_eq!(
             messages(&raw),
             [
-                "training.attack.warmup_epochs = 41: must be in [0, 40] (at most training.num_epochs)"
+                "data.dynamic_aug_version = \"v1\": must be \"v0\" (the reference's scripts all \
+                 use v0, the dynamic augmentation hsat implements)"
             ]
         );
-        raw.training.attack.warmup_epochs = 40;
+    }
+
+    #[test]
+    fn the_projection_head_keeps_the_feature_width() {
+        let mut raw = raw_default();
+        raw.model.proj_head = true;
+        raw.model.backbone = "resnet50_multi_bn".to_owned();
+        raw.model.num_embedding_out = 2048;
+        let cfg = validate(&raw).expect("the reference's HSAT run: proj_head, 2048");
+        assert!(cfg.model.proj_head && cfg.model.backbone.dual_bn());
+        raw.model.num_embedding_out = 128;
+        raw.model.mlp_hidden = vec![256];
+        assert_eq!(
+            messages(&raw),
+            [
+                "model.mlp_hidden = [256]: must be [] when model.proj_head = true (the \
+                 projection head replaces the MLP)",
+                "model.num_embedding_out = 128: must be 2048 (the feature size of \
+                 resnet50_multi_bn) when model.proj_head = true (the reference's projection \
+                 head keeps the width; its HSAT runs set model.num_embedding_out=2048)",
+            ]
+        );
+        raw.model.backbone = "small_cnn".to_owned();
+        raw.model.mlp_hidden.clear();
+        raw.model.num_embedding_out = 16;
         assert!(validate(&raw).is_ok());
+    }
+
+    #[test]
+    fn eps_warm_up_may_outlast_training_with_a_warning() {
+        let mut raw = raw_default();
+        raw.training.num_epochs = 3;
+        raw.training.attack.name = "pgd".to_owned();
+        raw.training.attack.warmup_epochs = 40;
+        let cfg = validate(&raw).expect("a warm-up longer than the run is accepted");
+        assert_eq!(cfg.training.attack.warmup_epochs, 40);
+        // linspace(1, 8, 40)[2] = 1 + 2 * 7/39: the budget of the last epoch.
+        let last = cfg.training.attack.eps_at(2) * 255.0;
+        assert!((last - (1.0 + 2.0 * 7.0 / 39.0)).abs() < 1e-12, "{last}");
+        let note = cfg.training.attack.warmup_note(3).expect("a warning");
+        assert!(
+            note.contains("warmup_epochs = 40 is more than training.num_epochs = 3")
+                && note.contains("never reaches training.attack.eps = 8/255")
+                && note.contains("eps = 1.3590/255"),
+            "{note}"
+        );
+        // As long as the run, or no attack: nothing to say.
+        assert_eq!(cfg.training.attack.warmup_note(40), None);
+        raw.training.attack.warmup_epochs = 3;
+        assert_eq!(validate(&raw).unwrap().training.attack.warmup_note(3), None);
+        raw.training.attack.name = "none".to_owned();
+        raw.training.attack.warmup_epochs = 40;
+        assert_eq!(validate(&raw).unwrap().training.attack.warmup_note(3), None);
+        // Negative stays refused.
+        raw.training.attack.warmup_epochs = -1;
+        assert_eq!(
+            messages(&raw),
+            ["training.attack.warmup_epochs = -1: must be >= 0 (epochs of the eps warm-up)"]
+        );
     }
 
     #[test]

@@ -191,11 +191,12 @@ pub fn bench_checkpoint(
 
 /// The complete training state of the benchmark's step, as training takes it.
 fn snapshot(step: &OurStep, backbone: &str, position: u64) -> Result<Snapshot, BenchError> {
-    let (backbone_state, head) = step.model.state_snapshot()?;
+    let model = step.model.state_snapshot()?;
     let config = hsat_core::config::Config::default().to_json_value();
     Ok(Snapshot {
-        backbone: backbone_state,
-        head,
+        backbone: model.backbone,
+        backbone_pgd: model.backbone_pgd,
+        head: model.head,
         optimizer: step.optimizer.state_snapshot()?,
         meta: CheckpointMeta {
             format_version: FORMAT_VERSION,

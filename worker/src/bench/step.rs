@@ -137,6 +137,7 @@ impl OurStep {
         let s = size as i64;
         let images = Tensor::f_rand([2, 2, 2, 2, 3, s, s], (Kind::Float, Device::Cpu))?;
         let pgd = Pgd {
+            variant: crate::train::attack::PgdVariant::Pgd,
             eps: 8.0 / 255.0,
             alpha: 2.0 / 255.0,
             iters,

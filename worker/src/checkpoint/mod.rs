@@ -3,6 +3,8 @@
 //! ```text
 //!   step-00000012/
 //!     backbone.safetensors    backbone state dict (torchvision names)
+//!     backbone_pgd.safetensors  (dual-BN backbones only) the `pgd` batch-norm
+//!                             branch, torchvision names: lay it over backbone.safetensors
 //!     head.safetensors        projection head state dict
 //!     optimizer.safetensors   AdamW moments `exp_avg.<param>`, `exp_avg_sq.<param>`
 //!                             and the update counter `step` (bias corrections)
@@ -41,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::error::{Result, WorkerError};
-use crate::model::{BACKBONE_FILE, HEAD_FILE};
+use crate::model::{BACKBONE_FILE, BACKBONE_PGD_FILE, HEAD_FILE};
 use crate::train::step::StepLosses;
 
 pub use hsat_core::checkpoint::checkpoint_dir_name;
@@ -92,6 +94,9 @@ pub struct CheckpointMeta {
 pub struct Snapshot {
     /// Backbone state dict, torchvision names.
     pub backbone: Vec<(String, Tensor)>,
+    /// The `pgd` batch-norm branch of a dual-BN backbone, torchvision names
+    /// ([`crate::model::ModelSnapshot::backbone_pgd`]); `None` for other backbones.
+    pub backbone_pgd: Option<Vec<(String, Tensor)>>,
     /// Head state dict.
     pub head: Vec<(String, Tensor)>,
     /// Optimiser state ([`crate::train::optim::AdamW::state_snapshot`]).
@@ -149,11 +154,16 @@ pub fn write_checkpoint(root: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
     }
     remove_abandoned(root, meta.step);
     fs::create_dir(&staging).map_err(WorkerError::io("creating", &staging))?;
-    for (file, entries) in [
-        (BACKBONE_FILE, &snapshot.backbone),
-        (HEAD_FILE, &snapshot.head),
-        (OPTIMIZER_FILE, &snapshot.optimizer),
-    ] {
+    let files = [
+        (BACKBONE_FILE, Some(&snapshot.backbone)),
+        (BACKBONE_PGD_FILE, snapshot.backbone_pgd.as_ref()),
+        (HEAD_FILE, Some(&snapshot.head)),
+        (OPTIMIZER_FILE, Some(&snapshot.optimizer)),
+    ];
+    for (file, entries) in files
+        .into_iter()
+        .filter_map(|(file, entries)| entries.map(|e| (file, e)))
+    {
         let path = staging.join(file);
         Tensor::write_safetensors(entries, &path).map_err(|err| WorkerError::Weights {
             path: path.clone(),

@@ -199,6 +199,7 @@ mod tests {
         let t = |v: f32| Tensor::from_slice(&[v, v + 1.0]).to_kind(Kind::Float);
         Snapshot {
             backbone: vec![("conv1.weight".into(), t(step as f32))],
+            backbone_pgd: None,
             head: vec![("layers.0.bias".into(), t(0.5))],
             optimizer: vec![(
                 "step".into(),

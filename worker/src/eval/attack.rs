@@ -22,7 +22,7 @@ use hsat_core::rng::{SplitMix64, derive_seed};
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
-use crate::model::Encoder;
+use crate::model::{Encoder, Pass};
 use crate::train::attack::FrozenParams;
 
 /// Smallest product of norms `cosine_similarity` divides by (PyTorch's default).
@@ -45,11 +45,20 @@ pub struct FeatureAttack {
     pub target: EvalTarget,
 }
 
-/// The attacked output of `model` for images `[N, 3, H, W]`, in eval mode.
-pub fn attacked_output(model: &Encoder, images: &Tensor, target: EvalTarget) -> Result<Tensor> {
+/// The attacked output of `model` for images `[N, 3, H, W]` in `pass`. The attacks use
+/// [`Pass::ATTACK`] for the clean output and the adversarial ones alike (eval mode, and
+/// the `pgd` branch of a dual-batch-norm backbone: the reference's
+/// `get_logits(.., dual_bn)` calls `model(x, 'pgd')` for both); the features the
+/// k-NN then measures use [`Pass::EVAL`] (`get_features(.., bn_name="normal")`).
+pub fn attacked_output(
+    model: &Encoder,
+    images: &Tensor,
+    target: EvalTarget,
+    pass: Pass,
+) -> Result<Tensor> {
     match target {
-        EvalTarget::Backbone => model.features(images, false),
-        EvalTarget::Projection => model.embed(images, false),
+        EvalTarget::Backbone => model.features(images, pass),
+        EvalTarget::Projection => model.embed(images, pass),
     }
 }
 
@@ -76,7 +85,7 @@ impl FeatureAttack {
     pub fn run(&self, model: &Encoder, images: &Tensor, delta0: &Tensor) -> Result<Tensor> {
         let _frozen = FrozenParams::new(model)?;
         let images = images.f_detach()?;
-        let clean = tch::no_grad(|| attacked_output(model, &images, self.target))?;
+        let clean = tch::no_grad(|| attacked_output(model, &images, self.target, Pass::ATTACK))?;
         let mut adv = images.f_add(delta0)?.f_clamp(0.0, 1.0)?;
         let steps = match self.kind {
             EvalAttack::Fgsm => 1,
@@ -117,7 +126,7 @@ impl FeatureAttack {
     /// `d/d adv` of `-mean_n cosine(clean_n, f(adv)_n)`.
     fn gradient(&self, model: &Encoder, clean: &Tensor, adv: &Tensor) -> Result<Tensor> {
         let adv_var = adv.f_detach()?.f_set_requires_grad(true)?;
-        let out = attacked_output(model, &adv_var, self.target)?;
+        let out = attacked_output(model, &adv_var, self.target, Pass::ATTACK)?;
         let n = out.size()[0];
         let out = out.f_reshape([n, -1])?;
         let clean = clean.f_reshape([n, -1])?;

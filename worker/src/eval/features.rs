@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 use super::EvalRunError;
 use super::attack::{FeatureAttack, random_start, start_seed};
 use super::images::{BatchSpec, ImageBatch, ImageBatches, PatchRecord};
-use crate::model::Encoder;
+use crate::model::{Encoder, Pass};
 
 /// Feature rows, one per patch.
 pub type Rows = Vec<Vec<f32>>;
@@ -38,7 +38,7 @@ pub fn clean_features(
     for batch in ImageBatches::start(paths(patches), spec)? {
         let batch = batch?;
         let images = to_tensor(&batch, spec.image_size, model.device())?;
-        let features = tch::no_grad(|| model.features(&images, false))?;
+        let features = tch::no_grad(|| model.features(&images, Pass::EVAL))?;
         rows.extend(to_rows(&features)?);
         progress(batch.start + batch.len, total);
     }
@@ -70,7 +70,7 @@ pub fn val_features(
         let batch = batch?;
         for (m, model) in models.iter().enumerate() {
             let images = to_tensor(&batch, spec.image_size, model.device())?;
-            let features = tch::no_grad(|| model.features(&images, false))?;
+            let features = tch::no_grad(|| model.features(&images, Pass::EVAL))?;
             out.clean[m].extend(to_rows(&features)?);
         }
         for (a, attack) in attacks.iter().enumerate() {
@@ -90,7 +90,7 @@ pub fn val_features(
                         continue;
                     }
                     let adv = adv.f_to_device(target.device())?;
-                    let features = tch::no_grad(|| target.features(&adv, false))?;
+                    let features = tch::no_grad(|| target.features(&adv, Pass::EVAL))?;
                     out.adversarial
                         .entry((s, a, t))
                         .or_default()

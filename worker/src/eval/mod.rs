@@ -181,10 +181,9 @@ pub fn load_checkpoint(
         Some(meta) => model_of(meta, &dir)?,
         None => fallback.clone(),
     };
-    let mut encoder = Encoder::new(
+    let mut encoder = Encoder::with_head(
         model_cfg.backbone,
-        &model_cfg.mlp_hidden,
-        model_cfg.num_embedding_out,
+        crate::model::HeadSpec::of(&model_cfg),
         device,
     )?;
     if weights.file_name().is_some_and(|n| n == BACKBONE_FILE) && meta.is_some() {

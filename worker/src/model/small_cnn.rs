@@ -6,6 +6,7 @@ use tch::Tensor;
 
 use super::layers::{BatchNorm2d, Conv2d};
 use super::params::Scope;
+use super::pass::Pass;
 use crate::error::Result;
 
 /// Output feature dimension.
@@ -32,14 +33,14 @@ impl SmallCnn {
     }
 
     /// Global-average-pooled features `[N, 16]`.
-    pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, pass: Pass) -> Result<Tensor> {
         let out = self
             .bn1
-            .forward(&self.conv1.forward(xs)?, train)?
+            .forward(&self.conv1.forward(xs)?, pass.train)?
             .f_relu()?;
         let out = self
             .bn2
-            .forward(&self.conv2.forward(&out)?, train)?
+            .forward(&self.conv2.forward(&out)?, pass.train)?
             .f_relu()?;
         Ok(out.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?)
     }

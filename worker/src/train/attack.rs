@@ -1,20 +1,42 @@
-//! PGD on the hierarchical loss (method.md §5), the inner maximisation of HSAT.
+//! PGD on the hierarchical loss (method.md §5), the inner maximisation of HSAT, in
+//! the reference's two variants (its `train.py`):
 //!
-//! The model runs in eval mode (batch norm on running statistics) and with parameter
-//! gradients switched off: the backward pass then computes only `d loss / d delta`,
-//! which is all PGD needs. The deltas are the same as those of the reference, which
-//! back-propagates into the parameters too (checked against PyTorch fixtures).
+//! - `pgd` (`pgd_attack`): start `delta0 = U(-eps, eps)` as drawn; each step
+//!   `delta = clamp(delta + alpha sign(g), -eps, eps)`, then
+//!   `delta = clamp(x + delta, 0, 1) - x`;
+//! - `pgd_2` (`pgd_attack_2`): the start is clamped into `[-x, 1 - x]` (so `x + delta`
+//!   lies in [0, 1] from the first forward pass), and each step clamps
+//!   `delta = clamp(clamp(delta + alpha sign(g), -eps, eps), -x, 1 - x)`: the same set,
+//!   with its own rounding.
+//!
+//! The model runs in eval mode (batch norm on running statistics) and, for a dual-BN
+//! backbone, on its `pgd` branch ([`Pass::ATTACK`]), with parameter gradients switched
+//! off: the backward pass then computes only `d loss / d delta`, which is all PGD
+//! needs. The deltas are the same as those of the reference, which back-propagates
+//! into the parameters too (checked against PyTorch fixtures).
 
 use hsat_core::config::LossType;
 use tch::Tensor;
 
 use super::loss::HierarchicalLoss;
 use crate::error::Result;
-use crate::model::Encoder;
+use crate::model::{Encoder, Pass};
+
+/// Which of the reference's PGD variants runs (`training.attack.name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PgdVariant {
+    /// `pgd`: clamp `x + delta` into [0, 1] after each step.
+    #[default]
+    Pgd,
+    /// `pgd_2`: clamp the start and each step's `delta` into `[-x, 1 - x]`.
+    Pgd2,
+}
 
 /// One PGD attack's settings, in pixel units (images are in [0, 1]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pgd {
+    /// The variant.
+    pub variant: PgdVariant,
     /// L-infinity radius.
     pub eps: f64,
     /// Step size of each sign step.
@@ -46,13 +68,19 @@ impl Drop for FrozenParams<'_> {
 }
 
 impl Pgd {
-    /// The reference's uniform random start: `rand_like(x) * eps * 2 - eps`.
+    /// The reference's uniform random start: `rand_like(x) * eps * 2 - eps` for
+    /// `pgd`, `zeros_like(x).uniform_(-eps, eps)` for `pgd_2` (the same draws of the
+    /// generator, each variant's own arithmetic). `pgd_2`'s clamp into `[-x, 1 - x]`
+    /// happens in [`Pgd::run`], which has the images.
     pub fn random_start(&self, images: &Tensor) -> Result<Tensor> {
-        Ok(images
-            .f_rand_like()?
-            .f_mul_scalar(self.eps)?
-            .f_mul_scalar(2.0)?
-            .f_sub_scalar(self.eps)?)
+        match self.variant {
+            PgdVariant::Pgd => Ok(images
+                .f_rand_like()?
+                .f_mul_scalar(self.eps)?
+                .f_mul_scalar(2.0)?
+                .f_sub_scalar(self.eps)?),
+            PgdVariant::Pgd2 => Ok(images.f_zeros_like()?.f_uniform_(-self.eps, self.eps)?),
+        }
     }
 
     /// Crafts adversarial images for a hierarchical batch `[B, S, P, V, C, H, W]`
@@ -92,11 +120,19 @@ impl Pgd {
     ) -> Result<(Tensor, Option<f64>)> {
         let _frozen = FrozenParams::new(model)?;
         let images = images.f_detach()?;
-        let mut delta = delta0.f_detach()?;
+        // pgd_2 keeps x + delta in [0, 1] with tensor bounds: -x and 1 - x.
+        let bounds = match self.variant {
+            PgdVariant::Pgd => None,
+            PgdVariant::Pgd2 => Some((images.f_neg()?, images.f_neg()?.f_add_scalar(1.0)?)),
+        };
+        let mut delta = match &bounds {
+            None => delta0.f_detach()?,
+            Some((low, high)) => delta0.f_detach()?.f_clamp_tensor(Some(low), Some(high))?,
+        };
         let mut start_loss = None;
         for _ in 0..self.iters {
             let delta_var = delta.f_detach()?.f_set_requires_grad(true)?;
-            let emb = model.embed_batch(&images.f_add(&delta_var)?, false)?;
+            let emb = model.embed_batch(&images.f_add(&delta_var)?, Pass::ATTACK)?;
             let value = loss.compute(&emb, self.loss_type)?.total;
             if measure && start_loss.is_none() {
                 start_loss = Some(value.f_double_value(&[])?);
@@ -106,12 +142,12 @@ impl Pgd {
                 .ok_or_else(|| {
                     tch::TchError::Torch("autograd returned no gradient for delta".into())
                 })?;
-            delta = tch::no_grad(|| self.project(&images, &delta, &grad))?;
+            delta = tch::no_grad(|| self.project(&images, bounds.as_ref(), &delta, &grad))?;
         }
         let gain = match start_loss {
             Some(start) => {
                 let end = tch::no_grad(|| -> Result<f64> {
-                    let emb = model.embed_batch(&images.f_add(&delta)?, false)?;
+                    let emb = model.embed_batch(&images.f_add(&delta)?, Pass::ATTACK)?;
                     Ok(loss
                         .compute(&emb, self.loss_type)?
                         .total
@@ -124,10 +160,20 @@ impl Pgd {
         Ok((delta, gain))
     }
 
-    /// One sign step and both clamps, in the reference's order of operations.
-    fn project(&self, images: &Tensor, delta: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    /// One sign step and both clamps, in the reference's order of operations for
+    /// the variant (`bounds` = `(-x, 1 - x)` for `pgd_2`).
+    fn project(
+        &self,
+        images: &Tensor,
+        bounds: Option<&(Tensor, Tensor)>,
+        delta: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Tensor> {
         let stepped = delta.f_add(&grad.f_sign()?.f_mul_scalar(self.alpha)?)?;
         let bounded = stepped.f_clamp(-self.eps, self.eps)?;
-        Ok(images.f_add(&bounded)?.f_clamp(0.0, 1.0)?.f_sub(images)?)
+        match bounds {
+            None => Ok(images.f_add(&bounded)?.f_clamp(0.0, 1.0)?.f_sub(images)?),
+            Some((low, high)) => Ok(bounded.f_clamp_tensor(Some(low), Some(high))?),
+        }
     }
 }

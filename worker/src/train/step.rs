@@ -10,7 +10,7 @@ use super::attack::Pgd;
 use super::loss::HierarchicalLoss;
 use super::optim::AdamW;
 use crate::error::Result;
-use crate::model::Encoder;
+use crate::model::{Encoder, Pass};
 pub use hsat_core::losses::StepLosses;
 
 /// What the outer minimisation optimises.
@@ -151,13 +151,16 @@ pub fn train_step_measured(
     // statistics depend on it).
     let adv = match (&x_adv, objective) {
         (Some(x_adv), OuterObjective::OnlyAdv | OuterObjective::Mixed { .. }) => {
-            Some(loss.compute(&model.embed_batch(x_adv, true)?, LossType::P_S_PT)?)
+            Some(loss.compute(
+                &model.embed_batch(x_adv, Pass::TRAIN_ADV)?,
+                LossType::P_S_PT,
+            )?)
         }
         _ => None,
     };
     let clean = match objective {
         OuterObjective::Clean | OuterObjective::Mixed { .. } => {
-            Some(loss.compute(&model.embed_batch(images, true)?, LossType::P_S_PT)?)
+            Some(loss.compute(&model.embed_batch(images, Pass::TRAIN)?, LossType::P_S_PT)?)
         }
         OuterObjective::OnlyAdv => None,
     };

@@ -16,7 +16,7 @@ use hsat_core::schedule::{attack_eps, dynamic_strength, dynamic_weight};
 use hsat_core::telemetry::StepTelemetry;
 use tch::Device;
 
-use super::attack::Pgd;
+use super::attack::{Pgd, PgdVariant};
 use super::loss::HierarchicalLoss;
 use super::optim::AdamW;
 use super::step::{GradientHook, OuterObjective, StepInputs, StepLosses, train_step_measured};
@@ -91,8 +91,22 @@ impl Trainer {
             tch::set_num_threads(config.infra.threads as i32);
         }
         tch::manual_seed(config.infra.seed as i64);
+        if let Some(note) = config
+            .training
+            .attack
+            .warmup_note(config.training.num_epochs)
+        {
+            tracing::warn!("{note}");
+        }
         let model = Encoder::from_config(&config.model, device)?;
-        let optimizer = AdamW::new(model.parameters(), &config.training.optimizer)?;
+        // The batch-norm branches the training forward passes use (dual-BN backbones):
+        // clean passes `normal`, adversarial ones `pgd`.
+        let attack = config.training.attack.is_pgd();
+        let normal = !attack || !config.training.only_adv;
+        let optimizer = AdamW::new(
+            model.trained_parameters(normal, attack),
+            &config.training.optimizer,
+        )?;
         let loss = HierarchicalLoss::from(&config.training.objective);
         let config_fingerprint = hsat_core::checkpoint::config_fingerprint(&config.to_json_value());
         Ok(Trainer {
@@ -192,11 +206,12 @@ impl Trainer {
         last_step: Option<StepLosses>,
         mean_total_loss: Option<f64>,
     ) -> Result<Snapshot> {
-        let (backbone, head) = self.model.state_snapshot()?;
+        let model = self.model.state_snapshot()?;
         let optimizer = self.optimizer.state_snapshot()?;
         Ok(Snapshot {
-            backbone,
-            head,
+            backbone: model.backbone,
+            backbone_pgd: model.backbone_pgd,
+            head: model.head,
             optimizer,
             meta: CheckpointMeta {
                 format_version: FORMAT_VERSION,
@@ -333,8 +348,12 @@ impl Trainer {
         let lr = training.lr_at(self.step as usize, total_steps as usize);
         let attack = match training.attack.kind {
             AttackKind::None => None,
-            AttackKind::Pgd => {
+            AttackKind::Pgd | AttackKind::Pgd2 => {
                 let pgd = Pgd {
+                    variant: match training.attack.kind {
+                        AttackKind::Pgd2 => PgdVariant::Pgd2,
+                        _ => PgdVariant::Pgd,
+                    },
                     eps: attack_eps(
                         epoch_index,
                         training.attack.eps_255,
@@ -398,7 +417,7 @@ impl Trainer {
             // statistics normalise, so the running statistics put back below do
             // not change this value.
             let measured = tch::no_grad(|| -> Result<_> {
-                let emb = self.model.embed_batch(images, true)?;
+                let emb = self.model.embed_batch(images, crate::model::Pass::TRAIN)?;
                 self.loss
                     .compute(&emb, hsat_core::config::LossType::P_S_PT)?
                     .values()
