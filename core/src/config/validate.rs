@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use super::raw::{RawConfig, RawWarmup};
 use super::types::{
-    AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
+    AttackConfig, AttackKind, LossScope, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
     EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,
     OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig, SyntheticConfig,
     TrainingConfig, WarmupSteps,
@@ -463,6 +463,10 @@ fn training(c: &mut Checker, raw: &RawConfig) -> TrainingConfig {
         keep_checkpoints,
         keep_checkpoint_every,
         async_checkpoints: r.async_checkpoints,
+        sync_bn: r.sync_bn,
+        loss_scope: c
+            .choice::<LossScope>("training.loss_scope", &r.loss_scope)
+            .unwrap_or(LossScope::Global),
     }
 }
 
