@@ -179,12 +179,15 @@ class SyncBatchNormFunction
       backend->allgather(outputs, inputs)->wait();
       gathered = outputs[0];
     }
-    // Chan et al.'s pairwise merge, in rank order (the same on every rank).
+    // Chan et al.'s pairwise merge, in rank order (the same on every rank). The
+    // counts come to the host once (one device sync per layer on CUDA).
+    at::Tensor counts = at::stack(gathered).select(1, 0).to(at::kCPU, at::kDouble).contiguous();
+    const double* count_of = counts.data_ptr<double>();
     at::Tensor mean = at::zeros({channels}, opts);
     at::Tensor m2 = at::zeros({channels}, opts);
     double total = 0.0;
     for (int r = 0; r < world; ++r) {
-      const double n_r = gathered[r][0].item<double>();
+      const double n_r = count_of[r];
       if (n_r <= 0.0) {
         continue;
       }

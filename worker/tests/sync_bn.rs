@@ -205,15 +205,18 @@ fn parity_body(pg: &ProcessGroup) -> anyhow::Result<()> {
         ("running_mean", running_mean),
         ("running_var", running_var),
     ];
+    let mut worst = 0.0f64;
     for (name, got) in checks {
         let want = get(&format!("r{rank}.{name}"))?;
         ensure!(got.defined(), "rank {rank} of {world}: {name} is undefined");
         let diff = max_abs_diff(&got, &want)?;
+        worst = worst.max(diff);
         ensure!(
             diff <= TOLERANCE,
             "rank {rank} of {world} (shard of {rows} rows): {name} differs from PyTorch's SyncBatchNorm by {diff:e}"
         );
     }
+    eprintln!("rank {rank} of {world} ({rows} rows): largest difference from PyTorch {worst:e}");
     Ok(())
 }
 
@@ -222,6 +225,51 @@ fn sync_batch_norm_matches_pytorch_on_2_and_3_ranks_with_an_empty_shard() {
     const TEST: &str = "sync_batch_norm_matches_pytorch_on_2_and_3_ranks_with_an_empty_shard";
     run_ranks(TEST, 2, "parity-2", parity_body);
     run_ranks(TEST, 3, "parity-3", parity_body);
+}
+
+// ---------------------------------------------------------------------------------
+// A peer lost between forward and backward: a collective error, not a torch error
+
+fn lost_peer_body(pg: &ProcessGroup) -> anyhow::Result<()> {
+    let x = Tensor::randn([3, 2, 2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let weight = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let bias = Tensor::zeros([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let (mean, var) = (
+        Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        Tensor::ones([2], (Kind::Float, Device::Cpu)),
+    );
+    let sync = BatchNormSync::new(pg)?;
+    let out = sync.forward(&x, &weight, &bias, &mean, &var, 0.1, 1e-5)?;
+    if pg.rank() == 1 {
+        // Gone before the backward pass's all-reduce.
+        std::process::exit(0);
+    }
+    let backward = out.sum(Kind::Float).f_backward();
+    ensure!(backward.is_err(), "the backward pass succeeded without its peer");
+    let failure = sync
+        .take_backward_failure()
+        .context("the failed all-reduce was not recorded")?;
+    ensure!(
+        failure.needs_regroup()
+            && matches!(
+                failure,
+                hsat_worker::collective::CollectiveError::PeerLost { .. }
+                    | hsat_worker::collective::CollectiveError::Timeout { .. }
+            ),
+        "expected a lost peer, got {failure:?}"
+    );
+    ensure!(
+        failure.to_string().contains("sync_batch_norm backward"),
+        "the error names the operation: {failure}"
+    );
+    ensure!(sync.take_backward_failure().is_none(), "taking the failure clears it");
+    Ok(())
+}
+
+#[test]
+fn a_peer_lost_before_the_backward_pass_is_a_collective_error() {
+    const TEST: &str = "a_peer_lost_before_the_backward_pass_is_a_collective_error";
+    run_ranks(TEST, 2, "lost-2", lost_peer_body);
 }
 
 // ---------------------------------------------------------------------------------
