@@ -122,10 +122,7 @@ fn distributed_step(args: SyncArgs) -> anyhow::Result<()> {
     );
     let reference = variants.first().map_or(f64::NAN, |v| v.median);
     for v in &variants {
-        let name = format!(
-            "loss_scope={} sync_bn={}",
-            v.loss_scope, v.sync_bn
-        );
+        let name = format!("loss_scope={} sync_bn={}", v.loss_scope, v.sync_bn);
         println!(
             "{:<32} {:>10.4} {:>10.4} {:>10.4} {:>7.3}x",
             name,

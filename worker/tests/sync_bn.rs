@@ -188,7 +188,10 @@ fn parity_body(pg: &ProcessGroup) -> anyhow::Result<()> {
     let sizes: Vec<i64> = Vec::<i64>::try_from(get("sizes")?)?;
     let start: i64 = sizes[..rank].iter().sum();
     let rows = sizes[rank];
-    let x = get("x")?.narrow(0, start, rows).copy().set_requires_grad(true);
+    let x = get("x")?
+        .narrow(0, start, rows)
+        .copy()
+        .set_requires_grad(true);
     let g = get("g")?.narrow(0, start, rows);
     let weight = get("weight")?.set_requires_grad(true);
     let bias = get("bias")?.set_requires_grad(true);
@@ -245,7 +248,10 @@ fn lost_peer_body(pg: &ProcessGroup) -> anyhow::Result<()> {
         std::process::exit(0);
     }
     let backward = out.sum(Kind::Float).f_backward();
-    ensure!(backward.is_err(), "the backward pass succeeded without its peer");
+    ensure!(
+        backward.is_err(),
+        "the backward pass succeeded without its peer"
+    );
     let failure = sync
         .take_backward_failure()
         .context("the failed all-reduce was not recorded")?;
@@ -262,7 +268,10 @@ fn lost_peer_body(pg: &ProcessGroup) -> anyhow::Result<()> {
         failure.to_string().contains("sync_batch_norm backward"),
         "the error names the operation: {failure}"
     );
-    ensure!(sync.take_backward_failure().is_none(), "taking the failure clears it");
+    ensure!(
+        sync.take_backward_failure().is_none(),
+        "taking the failure clears it"
+    );
     Ok(())
 }
 
@@ -343,7 +352,11 @@ fn train_as_rank(trainer: &mut Trainer, pg: &ProcessGroup) -> anyhow::Result<Vec
             },
         )?;
         // A global loss is the whole step's on every rank, the empty one too.
-        totals.push(losses.context("a global loss reports the step's loss")?.total);
+        totals.push(
+            losses
+                .context("a global loss reports the step's loss")?
+                .total,
+        );
     }
     Ok(totals)
 }

@@ -9,10 +9,10 @@ use std::str::FromStr;
 
 use super::raw::{RawConfig, RawWarmup};
 use super::types::{
-    AttackConfig, AttackKind, LossScope, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
-    EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,
-    OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig, SyntheticConfig,
-    TrainingConfig, WarmupSteps,
+    AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
+    EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossScope, LossType, ModelConfig,
+    ObjectiveConfig, OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig,
+    SyntheticConfig, TrainingConfig, WarmupSteps,
 };
 
 /// One thing wrong with the configuration.

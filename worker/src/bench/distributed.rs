@@ -69,9 +69,7 @@ pub struct VariantTimes {
 }
 
 /// Runs the benchmark as the driver; one entry per [`VARIANTS`] entry.
-pub fn bench_distributed_step(
-    options: &StepBenchOptions,
-) -> Result<Vec<VariantTimes>, BenchError> {
+pub fn bench_distributed_step(options: &StepBenchOptions) -> Result<Vec<VariantTimes>, BenchError> {
     let store = Store::host("127.0.0.1", 0, WORLD, TIMEOUT)?;
     let mut ranks = Vec::new();
     for rank in 0..WORLD {
@@ -151,18 +149,21 @@ pub fn step_rank(
     let store = Store::connect("127.0.0.1", store_port, WORLD, TIMEOUT)?;
     let pg = ProcessGroup::new(&store, "bench-step", rank, WORLD, Backend::Gloo, TIMEOUT)?;
     let mut trainers = (0..VARIANTS.len())
-        .map(|v| {
-            variant_config(options, v).and_then(|c| Ok(Trainer::new(c, Device::Cpu)?))
-        })
+        .map(|v| variant_config(options, v).and_then(|c| Ok(Trainer::new(c, Device::Cpu)?)))
         .collect::<Result<Vec<_>, _>>()?;
     let batch_norm = RankCollectives::batch_norm_for(&pg, true)?;
-    let mut gradients: Vec<GradientSync> = (0..VARIANTS.len()).map(|_| GradientSync::default()).collect();
+    let mut gradients: Vec<GradientSync> = (0..VARIANTS.len())
+        .map(|_| GradientSync::default())
+        .collect();
     let patients = options.patients as i64;
     let first_row = patients * rank as i64 / WORLD as i64;
     let rows = patients * (rank as i64 + 1) / WORLD as i64 - first_row;
     let side = options.image_size as i64;
     tch::manual_seed(17);
-    let whole = Tensor::f_rand([patients, 2, 2, 2, 3, side, side], (Kind::Float, Device::Cpu))?;
+    let whole = Tensor::f_rand(
+        [patients, 2, 2, 2, 3, side, side],
+        (Kind::Float, Device::Cpu),
+    )?;
     let images = whole.f_narrow(0, first_row, rows)?;
     let mut step = 0u64;
     let mut one_round = |variant: usize| -> Result<f64, BenchError> {

@@ -29,7 +29,8 @@ impl BatchNormSync {
     /// Synchronised batch norm over `pg`'s ranks.
     pub fn new(pg: &ProcessGroup) -> Result<Self, CollectiveError> {
         let context = pg.context("sync_batch_norm");
-        let raw = RawBnGroup::new(pg.raw()).map_err(|e| CollectiveError::from_raw(e, context.clone()))?;
+        let raw =
+            RawBnGroup::new(pg.raw()).map_err(|e| CollectiveError::from_raw(e, context.clone()))?;
         Ok(BatchNormSync { raw, context })
     }
 
@@ -55,7 +56,15 @@ impl BatchNormSync {
         eps: f64,
     ) -> Result<Tensor, CollectiveError> {
         self.raw
-            .batch_norm(input, weight, bias, running_mean, running_var, momentum, eps)
+            .batch_norm(
+                input,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                momentum,
+                eps,
+            )
             .map_err(|e| CollectiveError::from_raw(e, self.context.clone()))
     }
 

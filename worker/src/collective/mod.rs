@@ -28,6 +28,4 @@ pub mod sync;
 pub use batch_norm::BatchNormSync;
 pub use error::{CollectiveError, GroupContext};
 pub use group::{Backend, ProcessGroup, Store};
-pub use sync::{
-    DEFAULT_BUCKET_BYTES, GradientSync, SyncStats, all_gather_rows, broadcast_state,
-};
+pub use sync::{DEFAULT_BUCKET_BYTES, GradientSync, SyncStats, all_gather_rows, broadcast_state};

@@ -23,7 +23,10 @@ pub struct BatchNormSlot(Arc<Mutex<Option<Arc<BatchNormSync>>>>);
 impl BatchNormSlot {
     /// Installs (`Some`) or removes (`None`) the synchronised batch norm.
     pub fn set(&self, sync: Option<Arc<BatchNormSync>>) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = sync;
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = sync;
     }
 
     /// The installed synchronised batch norm, if any.

@@ -260,27 +260,25 @@ pub fn train_step_measured(
     // The reference's order: adversarial forward first, then clean (batch-norm running
     // statistics depend on it).
     let adv = match (&x_adv, objective) {
-        (Some(x_adv), OuterObjective::OnlyAdv | OuterObjective::Mixed { .. }) => Some(
-            scope.objective(loss, &model.embed_batch(x_adv, true)?, LossType::P_S_PT)?,
-        ),
+        (Some(x_adv), OuterObjective::OnlyAdv | OuterObjective::Mixed { .. }) => {
+            Some(scope.objective(loss, &model.embed_batch(x_adv, true)?, LossType::P_S_PT)?)
+        }
         _ => None,
     };
     let clean = match objective {
-        OuterObjective::Clean | OuterObjective::Mixed { .. } => Some(scope.objective(
-            loss,
-            &model.embed_batch(images, true)?,
-            LossType::P_S_PT,
-        )?),
+        OuterObjective::Clean | OuterObjective::Mixed { .. } => {
+            Some(scope.objective(loss, &model.embed_batch(images, true)?, LossType::P_S_PT)?)
+        }
         OuterObjective::OnlyAdv => None,
     };
     let total = match (objective, &clean, &adv) {
         (OuterObjective::Clean, Some(c), _) => c.0.shallow_clone(),
         (OuterObjective::OnlyAdv, _, Some(a)) => a.0.shallow_clone(),
-        (OuterObjective::Mixed { weight }, Some(c), Some(a)) => c
-            .0
-            .f_mul_scalar(1.0 - weight)?
-            .f_add(&a.0.f_mul_scalar(1.0 + weight)?)?
-            .f_div_scalar(2.0)?,
+        (OuterObjective::Mixed { weight }, Some(c), Some(a)) => {
+            c.0.f_mul_scalar(1.0 - weight)?
+                .f_add(&a.0.f_mul_scalar(1.0 + weight)?)?
+                .f_div_scalar(2.0)?
+        }
         _ => {
             return Err(crate::error::WorkerError::Config(
                 "an adversarial objective needs an attack (training.attack.name = \"pgd\")".into(),
@@ -308,7 +306,10 @@ pub fn train_step_measured(
             .map(LevelLossTensors::values)
             .transpose()
     };
-    let measured = clean.iter().chain(adv.iter()).all(|(_, parts)| parts.is_some());
+    let measured = clean
+        .iter()
+        .chain(adv.iter())
+        .all(|(_, parts)| parts.is_some());
     if !measured {
         // An empty shard with a local loss: nothing to report.
         let measures = StepMeasures {
