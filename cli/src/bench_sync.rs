@@ -1,9 +1,12 @@
 //! `hsat bench sync`: parses the flags, runs [`hsat_worker::bench::sync`] (or, with
-//! the hidden `--as-rank`, one hsat rank of it) and prints its table.
+//! the hidden `--as-rank`, one hsat rank of it) and prints its table; with `--step`,
+//! [`hsat_worker::bench::distributed`] instead (the cost of `training.loss_scope`
+//! and `training.sync_bn` in a 2-process step).
 
 use std::path::PathBuf;
 
 use hsat_worker::bench::default_python;
+use hsat_worker::bench::distributed::{StepBenchOptions, bench_distributed_step, step_rank};
 use hsat_worker::bench::sync::{SyncBenchEvent, SyncBenchOptions, bench_sync, sync_rank};
 
 /// Options of `hsat bench sync`.
@@ -21,6 +24,23 @@ pub struct SyncArgs {
     /// Python interpreter with torch 2.13 (default: $HSAT_PYTHON, else setup's venv).
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Time a whole distributed step (2 processes) with `training.loss_scope` local
+    /// and global and `training.sync_bn` off and on, instead of the gradient sync.
+    #[arg(long)]
+    step: bool,
+    /// With --step: the backbone.
+    #[arg(long, default_value = "resnet18")]
+    backbone: String,
+    /// With --step: the image side in pixels.
+    #[arg(long, default_value_t = 32)]
+    image_size: usize,
+    /// With --step: patients of the whole step (2 slides x 2 patches x 2 views each),
+    /// split between the two ranks.
+    #[arg(long, default_value_t = 4)]
+    patients: usize,
+    /// With --step: PGD iterations.
+    #[arg(long, default_value_t = 5)]
+    attack_iters: usize,
     /// Internal: run as this rank of the hsat pair.
     #[arg(long, hide = true)]
     as_rank: Option<usize>,
@@ -31,6 +51,9 @@ pub struct SyncArgs {
 
 /// Runs the benchmark (or, with `--as-rank`, one hsat rank of it).
 pub fn sync(args: SyncArgs) -> anyhow::Result<()> {
+    if args.step {
+        return distributed_step(args);
+    }
     if let (Some(rank), Some(port)) = (args.as_rank, args.store_port) {
         return Ok(sync_rank(rank, port, args.bucket_mb, args.threads)?);
     }
@@ -66,6 +89,50 @@ pub fn sync(args: SyncArgs) -> anyhow::Result<()> {
         "ratio hsat/DDP: {:.2}x (target <= 1.10x)",
         times.hsat_median / times.ddp_median
     );
+    Ok(())
+}
+
+/// `--step`: the distributed step's variants against local scope without sync BN.
+fn distributed_step(args: SyncArgs) -> anyhow::Result<()> {
+    let options = StepBenchOptions {
+        backbone: args.backbone.clone(),
+        image_size: args.image_size,
+        patients: args.patients,
+        attack_iters: args.attack_iters,
+        rounds: args.rounds,
+        threads: args.threads,
+        rank_program: std::env::current_exe()?,
+    };
+    if let (Some(rank), Some(port)) = (args.as_rank, args.store_port) {
+        return Ok(step_rank(rank, port, &options)?);
+    }
+    println!(
+        "hsat bench sync --step: one HSAT step (PGD {} iterations, clean + adversarial passes), {} at {} px, {} patients x 2 slides x 2 patches x 2 views split over 2 local processes, gloo over loopback, {} thread(s) per rank, {} rounds",
+        options.attack_iters,
+        options.backbone,
+        options.image_size,
+        options.patients,
+        options.threads,
+        options.rounds
+    );
+    let variants = bench_distributed_step(&options)?;
+    println!(
+        "{:<32} {:>10} {:>10} {:>10} {:>8}",
+        "", "median s", "min s", "max s", "ratio"
+    );
+    let reference = variants.first().map_or(f64::NAN, |v| v.median);
+    for v in &variants {
+        let name = format!("loss_scope={} sync_bn={}", v.loss_scope, v.sync_bn);
+        println!(
+            "{:<32} {:>10.4} {:>10.4} {:>10.4} {:>7.3}x",
+            name,
+            v.median,
+            v.seconds.first().copied().unwrap_or(f64::NAN),
+            v.seconds.last().copied().unwrap_or(f64::NAN),
+            v.median / reference
+        );
+    }
+    println!("ratio: median step time against loss_scope=local sync_bn=false in the same run");
     Ok(())
 }
 

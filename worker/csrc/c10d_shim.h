@@ -75,6 +75,33 @@ void hsat_pg_free(hsat_pg* pg, int abort);
 int hsat_work_wait(hsat_work* work, char** error);
 void hsat_work_free(hsat_work* work);
 
+// A second reference to a group's backend for synchronised batch norm: the model keeps
+// it while a step runs. Freeing it never shuts the backend down (hsat_pg_free does).
+typedef struct hsat_bn_group hsat_bn_group;
+int hsat_bn_group_new(const hsat_pg* pg, hsat_bn_group** out, char** error);
+void hsat_bn_group_free(hsat_bn_group* group);
+
+// Synchronised batch norm in train mode (see c10d_shim.cpp): `input` [N, C, ...] (N may
+// be 0), `weight`/`bias` [C], running statistics [C] updated in place. `*out` is a new
+// tch tensor (heap at::Tensor*) owned by the caller, differentiable with respect to
+// input, weight and bias; its backward runs one all-reduce on the same group. Every
+// rank must call it in the same order (empty ranks too) and run the backward.
+int hsat_sync_batch_norm(
+    hsat_bn_group* group,
+    void* input,
+    void* weight,
+    void* bias,
+    void* running_mean,
+    void* running_var,
+    double momentum,
+    double eps,
+    void** out,
+    char** error);
+
+// The first collective failure inside a backward pass of hsat_sync_batch_norm since
+// the last call (HSAT_C10D_OK when none), with its message in `*error`; clears it.
+int hsat_bn_group_take_failure(hsat_bn_group* group, char** error);
+
 // `tensor.grad = grad` (a tch tensor has no setter for its gradient).
 int hsat_tensor_set_grad(void* tensor, void* grad, char** error);
 

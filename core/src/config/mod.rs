@@ -55,9 +55,9 @@ pub use metrics::MetricsConfig;
 pub use security::SecurityConfig;
 pub use types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
-    EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,
-    OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig, SyntheticConfig,
-    TrainingConfig, WarmupSteps, available_cores,
+    EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossScope, LossType, ModelConfig,
+    ObjectiveConfig, OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig,
+    SyntheticConfig, TrainingConfig, WarmupSteps, available_cores,
 };
 
 use layers::TomlLayer;

@@ -136,6 +136,8 @@ pub(crate) struct RawTraining {
     pub keep_checkpoints: i64,
     pub keep_checkpoint_every: i64,
     pub async_checkpoints: bool,
+    pub sync_bn: bool,
+    pub loss_scope: String,
     pub adamw: RawAdamw,
     pub objective: RawObjective,
     pub attack: RawAttack,
@@ -338,6 +340,8 @@ impl From<&Config> for RawConfig {
                 keep_checkpoint_every: i64::try_from(training.keep_checkpoint_every)
                     .unwrap_or(i64::MAX),
                 async_checkpoints: training.async_checkpoints,
+                sync_bn: training.sync_bn,
+                loss_scope: training.loss_scope.name().to_owned(),
                 adamw: RawAdamw {
                     betas: vec![training.optimizer.beta1, training.optimizer.beta2],
                     eps: training.optimizer.eps,

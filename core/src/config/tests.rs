@@ -414,8 +414,8 @@ fn unknown_keys_are_rejected_in_every_layer() {
         [
             "training.lr: unknown key (set by --set training.lr=0.1); the keys of training are \
           adamw, async_checkpoints, attack, batch_size, dynamic_weights_lamda, keep_checkpoint_every, \
-          keep_checkpoints, learn_rate, num_epochs, objective, only_adv, optimizer, \
-          save_checkpoint_interval, scheduler"
+          keep_checkpoints, learn_rate, loss_scope, num_epochs, objective, only_adv, optimizer, \
+          save_checkpoint_interval, scheduler, sync_bn"
         ]
     );
     assert_eq!(

@@ -328,6 +328,25 @@ pub struct TrainingConfig {
     /// Write checkpoints on a background thread from a host copy of the state taken
     /// at the step boundary, so training does not wait for the disk (default true).
     pub async_checkpoints: bool,
+    /// Synchronised batch norm in distributed runs: batch statistics over every rank's
+    /// shard, as the reference's `SyncBatchNorm` under DDP (default true; no effect on
+    /// one worker).
+    pub sync_bn: bool,
+    /// Which patients a rank's loss compares (default global; see [`LossScope`]).
+    pub loss_scope: LossScope,
+}
+
+named_enum! {
+    /// Which patients the hierarchical loss of a distributed step compares (raw key
+    /// `training.loss_scope`).
+    pub enum LossScope ("loss scope") {
+        /// Each rank's loss over its own shard, gradients averaged by shard size
+        /// (the reference's DDP semantics: the negatives depend on the world size).
+        Local => "local",
+        /// One loss over the whole step on every rank (embeddings all-gathered),
+        /// gradients summed: the update equals a single-process step on the whole batch.
+        Global => "global",
+    }
 }
 
 impl TrainingConfig {
@@ -710,6 +729,8 @@ impl Default for Config {
                 keep_checkpoints: 3,
                 keep_checkpoint_every: 0,
                 async_checkpoints: true,
+                sync_bn: true,
+                loss_scope: LossScope::Global,
             },
             eval: EvalConfig {
                 knn_k: 200,

@@ -10,9 +10,9 @@ use std::str::FromStr;
 use super::raw::{RawConfig, RawWarmup};
 use super::types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
-    EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossType, ModelConfig, ObjectiveConfig,
-    OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig, SyntheticConfig,
-    TrainingConfig, WarmupSteps,
+    EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossScope, LossType, ModelConfig,
+    ObjectiveConfig, OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig,
+    SyntheticConfig, TrainingConfig, WarmupSteps,
 };
 
 /// One thing wrong with the configuration.
@@ -495,6 +495,10 @@ fn training(c: &mut Checker, raw: &RawConfig) -> TrainingConfig {
         keep_checkpoints,
         keep_checkpoint_every,
         async_checkpoints: r.async_checkpoints,
+        sync_bn: r.sync_bn,
+        loss_scope: c
+            .choice::<LossScope>("training.loss_scope", &r.loss_scope)
+            .unwrap_or(LossScope::Global),
     }
 }
 

@@ -11,9 +11,13 @@
 //!   to a ResNet-50 step.
 //! - [`sync`]: gradient averaging of two local processes against PyTorch DDP
 //!   (`bench/ddp_sync_reference.py`).
+//! - [`distributed`]: a whole distributed step of two local processes with
+//!   `training.loss_scope` local/global and `training.sync_bn` off/on, timed against
+//!   the local scope without sync BN in the same run (`hsat bench sync --step`).
 
 pub mod checkpoint;
 pub mod data;
+pub mod distributed;
 pub mod step;
 pub mod sync;
 

@@ -238,7 +238,7 @@ pub fn sync_rank(
 }
 
 /// A rank process driven over stdin/stdout.
-struct Rank {
+pub(super) struct Rank {
     what: &'static str,
     child: Child,
     stdin: ChildStdin,
@@ -246,7 +246,7 @@ struct Rank {
 }
 
 impl Rank {
-    fn start(mut cmd: Command, what: &'static str) -> std::io::Result<Self> {
+    pub(super) fn start(mut cmd: Command, what: &'static str) -> std::io::Result<Self> {
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         // Both are piped just above: take() cannot come back empty.
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
@@ -260,7 +260,7 @@ impl Rank {
         })
     }
 
-    fn read_line(&mut self) -> Result<String, BenchError> {
+    pub(super) fn read_line(&mut self) -> Result<String, BenchError> {
         let mut line = String::new();
         let read = self
             .stdout
@@ -279,20 +279,20 @@ impl Rank {
         Ok(line.trim().to_owned())
     }
 
-    fn send(&mut self, line: &str) -> Result<(), BenchError> {
+    pub(super) fn send(&mut self, line: &str) -> Result<(), BenchError> {
         writeln!(self.stdin, "{line}")
             .and_then(|()| self.stdin.flush())
             .map_err(BenchError::io(format!("writing to a {}", self.what)))
     }
 
-    fn quit(&mut self) {
+    pub(super) fn quit(&mut self) {
         let _ = self.send("quit");
         let _ = self.child.wait();
     }
 }
 
 /// Waits for `ready <parameters> <buckets>` from every rank; describes rank 0's.
-fn ready_all(ranks: &mut [Rank]) -> Result<String, BenchError> {
+pub(super) fn ready_all(ranks: &mut [Rank]) -> Result<String, BenchError> {
     let mut first = None;
     for rank in ranks.iter_mut() {
         let line = rank.read_line()?;
@@ -310,8 +310,13 @@ fn ready_all(ranks: &mut [Rank]) -> Result<String, BenchError> {
 
 /// One round on every rank of a pair; the slower rank's seconds.
 fn round_all(ranks: &mut [Rank]) -> Result<f64, BenchError> {
+    round_all_with(ranks, "round")
+}
+
+/// Sends `command` to every rank; the slower rank's seconds.
+pub(super) fn round_all_with(ranks: &mut [Rank], command: &str) -> Result<f64, BenchError> {
     for rank in ranks.iter_mut() {
-        rank.send("round")?;
+        rank.send(command)?;
     }
     let mut slowest = 0.0f64;
     for rank in ranks.iter_mut() {

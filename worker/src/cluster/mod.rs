@@ -11,8 +11,9 @@
 //!                     │            ├─ Wait   -> train what is queued, or sleep
 //!                     │            └─ Stop   -> (write the checkpoint asked for),
 //!                     │                         leave, exit
-//!                     └── train front step: PGD, loss, backward, all-reduce,
-//!                         AdamW, rank 0's BN buffers, checksum, report
+//!                     └── train front step (train::distributed): PGD, loss,
+//!                         backward, all-reduce, AdamW, sync BN or rank 0's BN
+//!                         buffers, checksum, report
 //! ```
 //!
 //! Training runs on the calling thread (libtorch work is blocking); RPCs go through
@@ -77,6 +78,7 @@ use crate::collective::{Backend, GradientSync, ProcessGroup, Store, broadcast_st
 use crate::data::{BatchSource, FileSource};
 use crate::error::{Result, WorkerError};
 use crate::metrics::WorkerMetrics;
+use crate::train::distributed::{RankCollectives, train_rank_shard};
 use crate::train::trainer::{ShardStep, Trainer};
 use hsat_data::loader::LoaderSpec;
 
@@ -247,6 +249,9 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
 /// waits on it), the group before the store it rendezvoused through.
 struct Session {
     group: GroupAssignment,
+    /// Synchronised batch norm on `process_group` (`training.sync_bn`, world > 1);
+    /// installed in the model only while a step trains.
+    batch_norm: Option<Arc<crate::collective::BatchNormSync>>,
     plans: Sender<StepPlan>,
     loader: FileSource,
     process_group: ProcessGroup,
@@ -470,6 +475,19 @@ impl Worker<'_> {
                 error: err.to_string(),
             });
         }
+        let batch_norm = match RankCollectives::batch_norm_for(
+            &process_group,
+            self.options.config.training.sync_bn,
+        ) {
+            Ok(batch_norm) => batch_norm,
+            Err(WorkerError::Collective(err)) => {
+                return Ok(Event::GroupFailed {
+                    generation,
+                    error: err.to_string(),
+                });
+            }
+            Err(err) => return Err(err),
+        };
         self.trainer.set_position(group.start_step);
         self.steps_per_epoch = group.steps_per_epoch;
         let (plans, plans_rx) = bounded(LOOKAHEAD + 1);
@@ -481,6 +499,7 @@ impl Worker<'_> {
         )?;
         self.session = Some(Session {
             group,
+            batch_norm,
             process_group,
             _store: store,
             loader,
@@ -562,15 +581,14 @@ impl Worker<'_> {
         let data_wait = started.elapsed().as_secs_f64();
         let local = images.size().first().copied().unwrap_or(0);
         let first_row = train.shard.first().map_or(0, |draw| draw.slot as i64);
-        let global = train.global_patients as f64;
-        let process_group = &session.process_group;
-        let gradients = &mut session.gradients;
-        let mut sync = |params: &[(String, tch::Tensor)]| -> Result<()> {
-            let tensors: Vec<tch::Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
-            gradients.average(process_group, &tensors, local as f64, global)?;
-            Ok(())
-        };
-        let trained = self.trainer.train_shard(
+        let trained = train_rank_shard(
+            &mut self.trainer,
+            RankCollectives {
+                group: &session.process_group,
+                gradients: &mut session.gradients,
+                batch_norm: session.batch_norm.clone(),
+                bucket_bytes: self.options.bucket_bytes,
+            },
             ShardStep {
                 step: train.step,
                 epoch: train.epoch,
@@ -579,21 +597,7 @@ impl Worker<'_> {
                 global_patients: train.global_patients as i64,
                 first_row,
             },
-            &mut sync,
         );
-        let trained = trained.and_then(|(losses, mut telemetry)| {
-            // Each rank's batch-norm statistics come from its own shard; take rank 0's,
-            // as DDP does, so that all ranks stay identical.
-            let broadcast = Instant::now();
-            broadcast_state(
-                process_group,
-                &self.trainer.buffers(),
-                0,
-                self.options.bucket_bytes,
-            )?;
-            telemetry.allreduce_seconds += broadcast.elapsed().as_secs_f64();
-            Ok((losses, telemetry))
-        });
         let (losses, telemetry) = match trained {
             Ok(result) => result,
             Err(WorkerError::Collective(err)) => {

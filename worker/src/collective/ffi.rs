@@ -51,6 +51,10 @@ struct CGroup {
 struct CWork {
     _private: [u8; 0],
 }
+#[repr(C)]
+struct CBnGroup {
+    _private: [u8; 0],
+}
 
 const GLOO: c_int = 0;
 const NCCL: c_int = 1;
@@ -98,6 +102,26 @@ unsafe extern "C" {
     fn hsat_pg_free(pg: *mut CGroup, abort: c_int);
     fn hsat_work_wait(work: *mut CWork, error: *mut *mut c_char) -> c_int;
     fn hsat_work_free(work: *mut CWork);
+    fn hsat_bn_group_new(
+        pg: *const CGroup,
+        out: *mut *mut CBnGroup,
+        error: *mut *mut c_char,
+    ) -> c_int;
+    fn hsat_bn_group_free(group: *mut CBnGroup);
+    fn hsat_bn_group_take_failure(group: *mut CBnGroup, error: *mut *mut c_char) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn hsat_sync_batch_norm(
+        group: *mut CBnGroup,
+        input: *mut c_void,
+        weight: *mut c_void,
+        bias: *mut c_void,
+        running_mean: *mut c_void,
+        running_var: *mut c_void,
+        momentum: f64,
+        eps: f64,
+        out: *mut *mut c_void,
+        error: *mut *mut c_char,
+    ) -> c_int;
     fn hsat_tensor_set_grad(
         tensor: *mut c_void,
         grad: *mut c_void,
@@ -346,6 +370,82 @@ impl Drop for RawWork {
     fn drop(&mut self) {
         // SAFETY: the handle came from the shim and is freed exactly once.
         unsafe { hsat_work_free(self.0) }
+    }
+}
+
+/// A second reference to a group's c10d backend, for synchronised batch norm (the
+/// model holds it while a step runs). Dropping it never shuts the backend down.
+#[derive(Debug)]
+pub(crate) struct RawBnGroup(*mut CBnGroup);
+
+// SAFETY: the handle only holds a reference-counted c10d backend; c10d backends accept
+// collectives from any thread (DDP issues them from its reducer's threads), and the
+// handle is freed exactly once, by `Drop`.
+unsafe impl Send for RawBnGroup {}
+// SAFETY: as above: calls through a shared reference only enqueue collectives.
+unsafe impl Sync for RawBnGroup {}
+
+impl RawBnGroup {
+    pub(crate) fn new(group: &RawGroup) -> RawResult<Self> {
+        let mut out = ptr::null_mut();
+        let mut error = ptr::null_mut();
+        // SAFETY: `group.ptr` is a live group; `out` and `error` are valid out-pointers.
+        let code = unsafe { hsat_bn_group_new(group.ptr, &mut out, &mut error) };
+        check(code, error)?;
+        Ok(RawBnGroup(out))
+    }
+
+    /// Batch norm in train mode with statistics over every rank (see the shim).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn batch_norm(
+        &self,
+        input: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        momentum: f64,
+        eps: f64,
+    ) -> RawResult<Tensor> {
+        let mut out = ptr::null_mut();
+        let mut error = ptr::null_mut();
+        // SAFETY: `self.0` is live; the tensors are live `at::Tensor*` handles borrowed
+        // for the call (the autograd node keeps its own references); on success `out`
+        // is a new heap `at::Tensor*` whose ownership passes to the returned Tensor.
+        let code = unsafe {
+            hsat_sync_batch_norm(
+                self.0,
+                input.as_ptr() as *mut c_void,
+                weight.as_ptr() as *mut c_void,
+                bias.as_ptr() as *mut c_void,
+                running_mean.as_ptr() as *mut c_void,
+                running_var.as_ptr() as *mut c_void,
+                momentum,
+                eps,
+                &mut out,
+                &mut error,
+            )
+        };
+        check(code, error)?;
+        // SAFETY: see above; `out` is non-null after success and owned by nobody else.
+        Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+    }
+}
+
+impl RawBnGroup {
+    /// The first collective failure of a backward pass since the last call, if any.
+    pub(crate) fn take_failure(&self) -> Option<RawError> {
+        let mut error = ptr::null_mut();
+        // SAFETY: `self.0` is live; `error` is a valid out-pointer.
+        let code = unsafe { hsat_bn_group_take_failure(self.0, &mut error) };
+        check(code, error).err()
+    }
+}
+
+impl Drop for RawBnGroup {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `hsat_bn_group_new` and is freed exactly once.
+        unsafe { hsat_bn_group_free(self.0) }
     }
 }
 

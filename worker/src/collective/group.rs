@@ -168,7 +168,12 @@ impl ProcessGroup {
         self.backend
     }
 
-    fn context(&self, op: &'static str) -> GroupContext {
+    /// The shim's handle (for other handles on the same backend).
+    pub(crate) fn raw(&self) -> &RawGroup {
+        &self.raw
+    }
+
+    pub(crate) fn context(&self, op: &'static str) -> GroupContext {
         GroupContext {
             op,
             prefix: self.prefix.clone(),

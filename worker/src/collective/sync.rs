@@ -274,6 +274,37 @@ fn unpack_grads(
     Ok(())
 }
 
+/// Gathers the rows of a step split across ranks: this rank's `local` `[n, ...]` are
+/// rows `first_row .. first_row + n` of the whole `[total_rows, ...]`, which every rank
+/// receives, in that order. One all-reduce of a zero-padded buffer: exact (every
+/// element is one rank's value plus zeros), and it needs no row counts from the others
+/// (`n` may be 0). No gradient flows through the result.
+pub fn all_gather_rows(
+    pg: &ProcessGroup,
+    local: &Tensor,
+    first_row: i64,
+    total_rows: i64,
+) -> Result<Tensor, CollectiveError> {
+    let mut shape = local.size();
+    let rows = shape.first().copied().unwrap_or(0);
+    if shape.is_empty() || first_row < 0 || first_row + rows > total_rows {
+        return Err(CollectiveError::InvalidArgument(format!(
+            "all_gather_rows: rows {first_row}..{} (shape {shape:?}) do not fit in {total_rows} rows",
+            first_row + rows
+        )));
+    }
+    shape[0] = total_rows;
+    tch::no_grad(|| -> Result<Tensor, CollectiveError> {
+        let whole = Tensor::f_zeros(shape.as_slice(), (local.kind(), local.device()))?;
+        if rows > 0 {
+            whole.f_narrow(0, first_row, rows)?.f_copy_(local)?;
+        }
+        let work = pg.start_all_reduce_sum(&[&whole])?;
+        pg.wait(work, "all_gather_rows")?;
+        Ok(whole)
+    })
+}
+
 /// Makes every rank's `tensors` (parameters, buffers, optimiser moments...) bitwise
 /// identical to `root`'s, in buckets of about `bucket_bytes`. All ranks must pass
 /// tensors of the same shapes, kinds and order.

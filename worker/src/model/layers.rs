@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::params::Scope;
+use super::params::{BatchNormSlot, Scope};
 use crate::error::Result;
 
 /// PyTorch's batch-norm defaults.
@@ -60,6 +60,8 @@ pub struct BatchNorm2d {
     running_mean: Tensor,
     running_var: Tensor,
     num_batches_tracked: Tensor,
+    /// Synchronised batch norm of the current generation, when one is installed.
+    sync: BatchNormSlot,
 }
 
 impl BatchNorm2d {
@@ -75,15 +77,29 @@ impl BatchNorm2d {
                 "num_batches_tracked",
                 Tensor::f_zeros([], (Kind::Int64, scope.device()))?,
             )?,
+            sync: scope.batch_norm_slot(),
         })
     }
 
     /// Normalises with batch statistics (and updates the running ones) when `train`,
-    /// with the running statistics otherwise.
+    /// with the running statistics otherwise. In train mode with a synchronised batch
+    /// norm installed (distributed runs, `training.sync_bn`), the batch statistics are
+    /// those of every rank's input (`xs` may then have 0 rows).
     pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if train {
             let mut counter = self.num_batches_tracked.shallow_clone();
             let _ = tch::no_grad(|| counter.f_add_scalar_(1))?;
+            if let Some(sync) = self.sync.get() {
+                return Ok(sync.forward(
+                    xs,
+                    &self.weight,
+                    &self.bias,
+                    &self.running_mean,
+                    &self.running_var,
+                    BN_MOMENTUM,
+                    BN_EPS,
+                )?);
+            }
         }
         Ok(Tensor::f_batch_norm(
             xs,

@@ -30,6 +30,7 @@ use std::path::Path;
 use hsat_core::config::{Backbone, ModelConfig};
 use tch::{Device, Tensor};
 
+use crate::collective::BatchNormSync;
 use crate::error::{Result, WorkerError};
 use dual_bn::{pgd_name, torchvision_name_of_pgd};
 use layers::Linear;
@@ -324,6 +325,19 @@ impl Encoder {
         self.backbone_store.num_parameters() + self.head_store.num_parameters()
     }
 
+    /// Installs (`Some`) or removes (`None`) synchronised batch norm in every
+    /// batch-norm layer (backbone and head): train-mode passes then normalise with the
+    /// statistics of all ranks and must run on every rank, in the same order.
+    pub fn set_batch_norm_sync(&self, sync: Option<std::sync::Arc<BatchNormSync>>) {
+        self.head_store.batch_norm_slot().set(sync.clone());
+        self.backbone_store.batch_norm_slot().set(sync);
+    }
+
+    /// The synchronised batch norm installed, if any.
+    pub fn batch_norm_sync(&self) -> Option<std::sync::Arc<BatchNormSync>> {
+        self.backbone_store.batch_norm_slot().get()
+    }
+
     /// Gradient tracking of all parameters on or off (off while attacking).
     pub fn set_requires_grad(&self, on: bool) -> Result<()> {
         self.backbone_store.set_requires_grad(on)?;
@@ -482,14 +496,16 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     Ok(xs.f_div(&norm.f_expand_as(xs)?)?)
 }
 
-/// Checks a hierarchical batch is `[B, S, P, V, C, H, W]` with every dimension >= 1.
+/// Checks a hierarchical batch is `[B, S, P, V, C, H, W]` with every dimension >= 1
+/// except `B`, which may be 0 (a rank without patients in a distributed step still
+/// runs the passes whose collectives its peers wait for).
 pub fn check_batch_shape(batch: &Tensor) -> Result<Vec<i64>> {
     let shape = batch.size();
-    if shape.len() != 7 || shape.iter().any(|&d| d < 1) {
+    if shape.len() != 7 || shape[0] < 0 || shape[1..].iter().any(|&d| d < 1) {
         return Err(WorkerError::BatchShape {
             shape,
             reason:
-                "expected [patients, slides, patches, views, channels, height, width], all >= 1"
+                "expected [patients, slides, patches, views, channels, height, width], all >= 1 (patients >= 0)"
                     .into(),
         });
     }

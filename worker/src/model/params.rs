@@ -6,10 +6,37 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use tch::{Device, Kind, Tensor};
 
+use crate::collective::BatchNormSync;
 use crate::error::{Result, WorkerError};
+
+/// Where a model's batch-norm layers find the synchronised batch norm of the current
+/// generation: one slot per [`ParamStore`], shared by every layer registered through
+/// its [`Scope`], so installing a group reaches all of them without changing any
+/// forward signature. Empty: each layer normalises its own input.
+#[derive(Debug, Clone, Default)]
+pub struct BatchNormSlot(Arc<Mutex<Option<Arc<BatchNormSync>>>>);
+
+impl BatchNormSlot {
+    /// Installs (`Some`) or removes (`None`) the synchronised batch norm.
+    pub fn set(&self, sync: Option<Arc<BatchNormSync>>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = sync;
+    }
+
+    /// The installed synchronised batch norm, if any.
+    pub fn get(&self) -> Option<Arc<BatchNormSync>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
 
 /// A tensor with its state-dict name (torchvision spelling, e.g. `layer1.0.bn1.weight`).
 #[derive(Debug)]
@@ -25,6 +52,7 @@ pub struct Named {
 pub struct ParamStore {
     params: Vec<Named>,
     buffers: Vec<Named>,
+    batch_norm: BatchNormSlot,
 }
 
 impl ParamStore {
@@ -41,6 +69,11 @@ impl ParamStore {
     /// Parameters then buffers: the full state dict.
     pub fn state(&self) -> impl Iterator<Item = &Named> {
         self.params.iter().chain(self.buffers.iter())
+    }
+
+    /// The synchronised-batch-norm slot shared by this store's batch-norm layers.
+    pub fn batch_norm_slot(&self) -> &BatchNormSlot {
+        &self.batch_norm
     }
 
     /// Number of trainable scalars.
@@ -221,6 +254,11 @@ impl<'a> Scope<'a> {
             tensor: tensor.shallow_clone(),
         });
         Ok(tensor)
+    }
+
+    /// The store's synchronised-batch-norm slot (for batch-norm layers to keep).
+    pub fn batch_norm_slot(&self) -> BatchNormSlot {
+        self.store.batch_norm.clone()
     }
 
     /// Float options on this scope's device.

@@ -118,6 +118,23 @@ impl Pgd {
         delta0: &Tensor,
         measure: bool,
     ) -> Result<(Tensor, Option<f64>)> {
+        let mut objective =
+            |emb: &Tensor| -> Result<Tensor> { Ok(loss.compute(emb, self.loss_type)?.total) };
+        self.run_with_objective(model, images, delta0, measure, &mut objective)
+    }
+
+    /// [`Pgd::run`] (with the gain when `measure`) that maximises `objective`, a
+    /// scalar of the embeddings `[B, S, P, V, D]`, instead of the loss of this batch:
+    /// distributed steps with a global loss pass the loss of the whole step (which
+    /// gathers every rank's embeddings, so all ranks iterate together).
+    pub fn run_with_objective(
+        &self,
+        model: &Encoder,
+        images: &Tensor,
+        delta0: &Tensor,
+        measure: bool,
+        objective: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Option<f64>)> {
         let _frozen = FrozenParams::new(model)?;
         let images = images.f_detach()?;
         // pgd_2 keeps x + delta in [0, 1] with tensor bounds: -x and 1 - x.
@@ -133,7 +150,7 @@ impl Pgd {
         for _ in 0..self.iters {
             let delta_var = delta.f_detach()?.f_set_requires_grad(true)?;
             let emb = model.embed_batch(&images.f_add(&delta_var)?, Pass::ATTACK)?;
-            let value = loss.compute(&emb, self.loss_type)?.total;
+            let value = objective(&emb)?;
             if measure && start_loss.is_none() {
                 start_loss = Some(value.f_double_value(&[])?);
             }
@@ -148,10 +165,7 @@ impl Pgd {
             Some(start) => {
                 let end = tch::no_grad(|| -> Result<f64> {
                     let emb = model.embed_batch(&images.f_add(&delta)?, Pass::ATTACK)?;
-                    Ok(loss
-                        .compute(&emb, self.loss_type)?
-                        .total
-                        .f_double_value(&[])?)
+                    Ok(objective(&emb)?.f_double_value(&[])?)
                 })?;
                 Some(end - start)
             }

@@ -7,7 +7,7 @@ use hsat_core::config::LossType;
 use tch::Tensor;
 
 use super::attack::Pgd;
-use super::loss::HierarchicalLoss;
+use super::loss::{HierarchicalLoss, LevelLossTensors};
 use super::optim::AdamW;
 use crate::error::Result;
 use crate::model::{Encoder, Pass};
@@ -41,8 +41,104 @@ pub struct StepInputs<'a> {
 }
 
 /// Called between backward and the optimiser update with the named parameters
-/// (their gradients set): distributed runs average the gradients across ranks here.
+/// (their gradients set): distributed runs sum the gradients across ranks here (each
+/// rank's loss already carries its [`StepScope::loss_weight`]).
 pub type GradientHook<'a> = dyn FnMut(&[(String, Tensor)]) -> Result<()> + 'a;
+
+/// Gathers every rank's rows `[n_r, ...]` of a distributed step into the whole step's
+/// `[N, ...]`, in single-process order, without gradient (global loss scope).
+pub type RowGather<'a> = dyn FnMut(&Tensor) -> Result<Tensor> + 'a;
+
+/// The whole step's rows for a loss over the whole step (`training.loss_scope =
+/// "global"`).
+pub struct GlobalRows<'a> {
+    /// All-gathers the embeddings of every rank.
+    pub gather: Box<RowGather<'a>>,
+    /// Row of this rank's first patient in the whole step.
+    pub first_row: i64,
+}
+
+/// What a rank's loss covers and how much it weighs in the step's objective.
+pub struct StepScope<'a> {
+    /// Factor of this rank's loss before backward: its share of the step's patients
+    /// with a local loss (gradients are then summed, which gives the weighted mean),
+    /// 1 with a global loss (every rank differentiates the same loss through its own
+    /// rows, and the sum is the whole-batch gradient) and on one process.
+    pub loss_weight: f64,
+    /// `Some`: the loss of the whole step (rows of the other ranks detached).
+    pub global: Option<GlobalRows<'a>>,
+}
+
+impl std::fmt::Debug for StepScope<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepScope")
+            .field("loss_weight", &self.loss_weight)
+            .field("global", &self.global.as_ref().map(|g| g.first_row))
+            .finish()
+    }
+}
+
+impl StepScope<'_> {
+    /// A single process: the loss of its batch, weight 1.
+    pub fn whole_batch() -> StepScope<'static> {
+        StepScope {
+            loss_weight: 1.0,
+            global: None,
+        }
+    }
+
+    /// The loss this rank differentiates, of its embeddings `emb` `[n, S, P, V, D]`:
+    /// local, or of the whole step with the other ranks' rows detached. `None` for
+    /// an empty shard with a local loss (there is no loss of zero patients).
+    pub fn loss(
+        &mut self,
+        loss: &HierarchicalLoss,
+        emb: &Tensor,
+        levels: LossType,
+    ) -> Result<Option<LevelLossTensors>> {
+        let rows = emb.size().first().copied().unwrap_or(0);
+        let Some(global) = self.global.as_mut() else {
+            return if rows == 0 {
+                Ok(None)
+            } else {
+                loss.compute(emb, levels).map(Some)
+            };
+        };
+        let whole = (global.gather)(&emb.f_detach()?)?;
+        let total = whole.size()[0];
+        let first = global.first_row;
+        let after = first + rows;
+        if after > total {
+            return Err(crate::error::WorkerError::Config(format!(
+                "rows {first}..{after} of this rank lie outside the step's {total} rows"
+            )));
+        }
+        let joined = Tensor::f_cat(
+            &[
+                whole.f_narrow(0, 0, first)?,
+                emb.shallow_clone(),
+                whole.f_narrow(0, after, total - after)?,
+            ],
+            0,
+        )?;
+        loss.compute(&joined, levels).map(Some)
+    }
+
+    /// [`StepScope::loss`]'s total, or for an empty shard with a local loss a zero that
+    /// still depends on `emb` (its backward pass reaches every synchronised batch norm,
+    /// whose peers wait for its all-reduce).
+    fn objective(
+        &mut self,
+        loss: &HierarchicalLoss,
+        emb: &Tensor,
+        levels: LossType,
+    ) -> Result<(Tensor, Option<LevelLossTensors>)> {
+        match self.loss(loss, emb, levels)? {
+            Some(parts) => Ok((parts.total.shallow_clone(), Some(parts))),
+            None => Ok((emb.f_sum(tch::Kind::Float)?.f_mul_scalar(0.0)?, None)),
+        }
+    }
+}
 
 /// Runs one full step and updates `model` through `optimizer`.
 pub fn train_step(
@@ -51,8 +147,15 @@ pub fn train_step(
     optimizer: &mut AdamW,
     plan: StepInputs<'_>,
 ) -> Result<StepLosses> {
-    train_step_synced(model, loss, optimizer, plan, &mut |_| Ok(()))
-        .map(|losses| losses.unwrap_or_else(unreachable_empty))
+    train_step_synced(
+        model,
+        loss,
+        optimizer,
+        plan,
+        StepScope::whole_batch(),
+        &mut |_| Ok(()),
+    )
+    .map(|losses| losses.unwrap_or_else(unreachable_empty))
 }
 
 /// A single-process batch is never empty (the loader refuses a step without patients).
@@ -76,19 +179,22 @@ pub struct StepMeasures {
 }
 
 /// Runs one step with `sync` called between the backward pass and the optimiser
-/// update: in distributed runs it replaces each rank's gradients by the weighted mean
-/// over ranks, so every rank applies the same update.
+/// update: in distributed runs it sums each rank's gradients over ranks (the losses
+/// carry `scope`'s weights), so every rank applies the same update.
 ///
-/// An empty batch (a rank with no patients in this step) computes nothing, gives
-/// zero gradients to `sync` and returns `None`; it still updates, like every rank.
+/// An empty batch (a rank with no patients in this step) gives zero gradients to
+/// `sync` and returns `None` with a local loss; it still updates, like every rank.
+/// With synchronised batch norm or a global loss it runs every pass on its zero rows,
+/// since its peers wait for the collectives inside them.
 pub fn train_step_synced(
     model: &Encoder,
     loss: &HierarchicalLoss,
     optimizer: &mut AdamW,
     plan: StepInputs<'_>,
+    scope: StepScope<'_>,
     sync: &mut GradientHook<'_>,
 ) -> Result<Option<StepLosses>> {
-    Ok(train_step_measured(model, loss, optimizer, plan, sync, false)?.0)
+    Ok(train_step_measured(model, loss, optimizer, plan, scope, sync, false)?.0)
 }
 
 /// [`train_step_synced`] that also times the attack and `sync` and, with
@@ -99,6 +205,7 @@ pub fn train_step_measured(
     loss: &HierarchicalLoss,
     optimizer: &mut AdamW,
     plan: StepInputs<'_>,
+    mut scope: StepScope<'_>,
     sync: &mut GradientHook<'_>,
     measure_gain: bool,
 ) -> Result<(Option<StepLosses>, StepMeasures)> {
@@ -110,7 +217,9 @@ pub fn train_step_measured(
         result
     };
     optimizer.zero_grad()?;
-    if plan.images.size().first() == Some(&0) {
+    let synced_bn = model.batch_norm_sync();
+    let joins_collectives = synced_bn.is_some() || scope.global.is_some();
+    if plan.images.size().first() == Some(&0) && !joins_collectives {
         // A zero-weight contribution that still defines every parameter's gradient.
         let mut zero = Tensor::f_zeros([], (tch::Kind::Float, model.device()))?;
         for (_, param) in optimizer.params() {
@@ -135,13 +244,14 @@ pub fn train_step_measured(
     let mut attack_gain = None;
     let x_adv = match &attack {
         Some((pgd, delta0)) => {
-            let delta = if measure_gain {
-                let (delta, gain) = pgd.run_with_gain(model, loss, images, delta0)?;
-                attack_gain = gain;
-                delta
-            } else {
-                pgd.run(model, loss, images, delta0)?
+            // The attack maximises the loss this rank trains on (global: the whole
+            // step's, one all-gather per iteration).
+            let mut objective = |emb: &Tensor| -> Result<Tensor> {
+                Ok(scope.objective(loss, emb, pgd.loss_type)?.0)
             };
+            let (delta, gain) =
+                pgd.run_with_objective(model, images, delta0, measure_gain, &mut objective)?;
+            attack_gain = gain;
             Some(images.f_add(&delta)?.f_detach()?)
         }
         None => None,
@@ -151,7 +261,8 @@ pub fn train_step_measured(
     // statistics depend on it).
     let adv = match (&x_adv, objective) {
         (Some(x_adv), OuterObjective::OnlyAdv | OuterObjective::Mixed { .. }) => {
-            Some(loss.compute(
+            Some(scope.objective(
+                loss,
                 &model.embed_batch(x_adv, Pass::TRAIN_ADV)?,
                 LossType::P_S_PT,
             )?)
@@ -160,31 +271,66 @@ pub fn train_step_measured(
     };
     let clean = match objective {
         OuterObjective::Clean | OuterObjective::Mixed { .. } => {
-            Some(loss.compute(&model.embed_batch(images, Pass::TRAIN)?, LossType::P_S_PT)?)
+            Some(scope.objective(
+                loss,
+                &model.embed_batch(images, Pass::TRAIN)?,
+                LossType::P_S_PT,
+            )?)
         }
         OuterObjective::OnlyAdv => None,
     };
     let total = match (objective, &clean, &adv) {
-        (OuterObjective::Clean, Some(c), _) => c.total.shallow_clone(),
-        (OuterObjective::OnlyAdv, _, Some(a)) => a.total.shallow_clone(),
-        (OuterObjective::Mixed { weight }, Some(c), Some(a)) => c
-            .total
-            .f_mul_scalar(1.0 - weight)?
-            .f_add(&a.total.f_mul_scalar(1.0 + weight)?)?
-            .f_div_scalar(2.0)?,
+        (OuterObjective::Clean, Some(c), _) => c.0.shallow_clone(),
+        (OuterObjective::OnlyAdv, _, Some(a)) => a.0.shallow_clone(),
+        (OuterObjective::Mixed { weight }, Some(c), Some(a)) => {
+            c.0.f_mul_scalar(1.0 - weight)?
+                .f_add(&a.0.f_mul_scalar(1.0 + weight)?)?
+                .f_div_scalar(2.0)?
+        }
         _ => {
             return Err(crate::error::WorkerError::Config(
                 "an adversarial objective needs an attack (training.attack.name = \"pgd\")".into(),
             ));
         }
     };
-    total.f_backward()?;
+    let weighted = if scope.loss_weight == 1.0 {
+        total.shallow_clone()
+    } else {
+        total.f_mul_scalar(scope.loss_weight)?
+    };
+    if let Err(err) = weighted.f_backward() {
+        // A synchronised batch norm's all-reduce failed inside the backward pass: say
+        // so as a collective failure (the group must be rebuilt), not a torch error.
+        if let Some(failure) = synced_bn.as_ref().and_then(|s| s.take_backward_failure()) {
+            return Err(failure.into());
+        }
+        return Err(err.into());
+    }
     timed_sync(optimizer.params())?;
     optimizer.step(lr)?;
+    let values = |part: &Option<(Tensor, Option<LevelLossTensors>)>| {
+        part.as_ref()
+            .and_then(|(_, parts)| parts.as_ref())
+            .map(LevelLossTensors::values)
+            .transpose()
+    };
+    let measured = clean
+        .iter()
+        .chain(adv.iter())
+        .all(|(_, parts)| parts.is_some());
+    if !measured {
+        // An empty shard with a local loss: nothing to report.
+        let measures = StepMeasures {
+            attack_gain: None,
+            attack_seconds,
+            sync_seconds,
+        };
+        return Ok((None, measures));
+    }
     let losses = StepLosses {
         total: total.f_double_value(&[])?,
-        clean: clean.as_ref().map(|c| c.values()).transpose()?,
-        adversarial: adv.as_ref().map(|a| a.values()).transpose()?,
+        clean: values(&clean)?,
+        adversarial: values(&adv)?,
     };
     let measures = StepMeasures {
         attack_gain,

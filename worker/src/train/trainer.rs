@@ -19,7 +19,9 @@ use tch::Device;
 use super::attack::{Pgd, PgdVariant};
 use super::loss::HierarchicalLoss;
 use super::optim::AdamW;
-use super::step::{GradientHook, OuterObjective, StepInputs, StepLosses, train_step_measured};
+use super::step::{
+    GradientHook, OuterObjective, StepInputs, StepLosses, StepScope, train_step_measured,
+};
 use crate::checkpoint::writer::WriterOptions;
 use crate::checkpoint::{
     CheckpointMeta, CheckpointWriter, FORMAT_VERSION, OPTIMIZER_FILE, Snapshot, open_for_resume,
@@ -123,6 +125,11 @@ impl Trainer {
     /// Records the fingerprint of the dataset index in every checkpoint.
     pub fn set_dataset_fingerprint(&mut self, fingerprint: String) {
         self.dataset_fingerprint = Some(fingerprint);
+    }
+
+    /// The config of the run.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The model being trained.
@@ -313,15 +320,16 @@ impl Trainer {
             global_patients: rows,
             first_row: 0,
         };
-        let (losses, telemetry) = self.train_shard(shard, &mut |_| Ok(()))?;
+        let (losses, telemetry) =
+            self.train_shard(shard, StepScope::whole_batch(), &mut |_| Ok(()))?;
         let losses = losses.ok_or(crate::error::WorkerError::EmptyStep { step: self.step })?;
         Ok((losses, telemetry))
     }
 
-    /// One step on this rank's share of a global step; `sync` averages the gradients
-    /// across ranks between backward and update (see
-    /// [`train_step_synced`](super::step::train_step_synced)). Returns the local
-    /// losses (`None` for an empty shard) and the telemetry: learning rate and eps
+    /// One step on this rank's share of a global step; `scope` says what its loss
+    /// covers and weighs, `sync` sums the gradients across ranks between backward and
+    /// update (see [`train_step_synced`](super::step::train_step_synced)). Returns the
+    /// losses (`None` for an empty shard with a local loss) and the telemetry: learning rate and eps
     /// used, the attack's gain, the attack's and `sync`'s time, the shard's patches.
     /// Afterwards the trainer's position is `shard.step + 1`.
     ///
@@ -332,6 +340,7 @@ impl Trainer {
     pub fn train_shard(
         &mut self,
         shard: ShardStep<'_>,
+        mut scope: StepScope<'_>,
         sync: &mut GradientHook<'_>,
     ) -> Result<(Option<StepLosses>, StepTelemetry)> {
         let ShardStep {
@@ -409,8 +418,11 @@ impl Trainer {
             });
         };
         let rows = images.size().first().copied().unwrap_or(0);
+        // With synchronised batch norm or a global loss an empty shard measures too:
+        // its peers wait for the collectives of this forward pass.
+        let joins_collectives = self.model.batch_norm_sync().is_some() || scope.global.is_some();
         let measure_clean = objective == OuterObjective::OnlyAdv
-            && rows > 0
+            && (rows > 0 || joins_collectives)
             && self.config.metrics.clean_loss_at(step);
         let clean = if measure_clean {
             // Train mode, as the adversarial loss it is compared with; batch
@@ -418,12 +430,13 @@ impl Trainer {
             // not change this value.
             let measured = tch::no_grad(|| -> Result<_> {
                 let emb = self.model.embed_batch(images, crate::model::Pass::TRAIN)?;
-                self.loss
-                    .compute(&emb, hsat_core::config::LossType::P_S_PT)?
-                    .values()
+                scope
+                    .loss(&self.loss, &emb, hsat_core::config::LossType::P_S_PT)?
+                    .map(|parts| parts.values())
+                    .transpose()
             });
             put_back();
-            Some(measured?)
+            measured?
         } else {
             None
         };
@@ -437,6 +450,7 @@ impl Trainer {
                 objective,
                 lr,
             },
+            scope,
             sync,
             true,
         );
