@@ -72,6 +72,19 @@ impl JobOutcome {
     }
 }
 
+/// The exit status of a job's end ([`hsat_core::exit`]): finished 0, failed 1,
+/// cancelled (SIGTERM, every worker gone in `hsat run --workers`) 75: the job is
+/// not over and a restarted coordinator resumes it.
+impl hsat_core::exit::ExitClass for JobOutcome {
+    fn exit(&self) -> hsat_core::exit::Exit {
+        match self.kind {
+            OutcomeKind::Finished => hsat_core::exit::Exit::Success,
+            OutcomeKind::Failed(_) => hsat_core::exit::Exit::Failed,
+            OutcomeKind::Cancelled(_) => hsat_core::exit::Exit::Retryable,
+        }
+    }
+}
+
 struct Shared {
     scheduler: Mutex<Scheduler>,
     wake: Notify,
@@ -419,6 +432,104 @@ async fn serve_routes(
             shutdown,
         )
         .await
+}
+
+/// What a coordinator serves between binding its port and having its job ready
+/// (indexing the dataset, reading the ledger): `grpc.health.v1` answers
+/// NOT_SERVING, so a Kubernetes `startupProbe` sees a live process that is not
+/// ready yet (instead of a refused connection, or a liveness probe killing it
+/// mid-index), and every `hsat.v1` call gets UNAVAILABLE, which workers retry.
+///
+/// It serves a clone of the job's listening socket; [`StartingServer::stop`]
+/// closes its clone, and connections that arrive meanwhile wait in the socket's
+/// backlog for [`serve_job_with`].
+pub struct StartingServer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// Starts the [`StartingServer`] on `listener` (a clone of the job's socket) with
+/// the job's authentication, limits, TLS and RPC metrics.
+pub async fn serve_starting(
+    listener: TcpListener,
+    server: &ServerOptions,
+    metrics: &Arc<CoordinatorMetrics>,
+) -> StartingServer {
+    let (routes, health) = routes(
+        Arc::new(Starting),
+        Arc::clone(&server.auth),
+        server.limits,
+    )
+    .await;
+    health.set_serving(false).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve_routes(
+        routes,
+        server.limits,
+        server.tls.clone(),
+        metrics.rpc().layer(),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    StartingServer { stop, task }
+}
+
+impl StartingServer {
+    /// Stops answering: the in-flight calls (health checks, refused `hsat.v1`
+    /// calls) end, clients reconnect to the job's server. Bounded: a client that
+    /// keeps its connection open does not hold the start back.
+    pub async fn stop(self) {
+        let StartingServer { stop, mut task } = self;
+        let _ = stop.send(());
+        match tokio::time::timeout(Duration::from_secs(2), &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => tracing::warn!(error = %err, "the start-up server failed"),
+            Ok(Err(err)) => tracing::warn!(error = %err, "the start-up server panicked"),
+            Err(_) => task.abort(),
+        }
+    }
+}
+
+/// The handler of the [`StartingServer`]: not ready for anything yet.
+struct Starting;
+
+impl Starting {
+    fn not_yet<T>() -> Result<T, ApiError> {
+        Err(ApiError::Unavailable(
+            "the coordinator is starting (indexing the dataset, reading the ledger); try again shortly"
+                .to_owned(),
+        ))
+    }
+}
+
+impl CoordinatorHandler for Starting {
+    async fn register(
+        &self,
+        _: Registration,
+        _: Option<std::net::SocketAddr>,
+    ) -> Result<Registered, ApiError> {
+        Self::not_yet()
+    }
+    async fn heartbeat(&self, _: WorkerId) -> Result<HeartbeatReply, ApiError> {
+        Self::not_yet()
+    }
+    async fn next_assignment(&self, _: AssignmentRequest) -> Result<Assignment, ApiError> {
+        Self::not_yet()
+    }
+    async fn publish_store(&self, _: StorePublication) -> Result<(), ApiError> {
+        Self::not_yet()
+    }
+    async fn report_step(&self, _: StepReport) -> Result<(), ApiError> {
+        Self::not_yet()
+    }
+    async fn leave(&self, _: WorkerId, _: String) -> Result<(), ApiError> {
+        Self::not_yet()
+    }
+    async fn status(&self) -> Result<JobStatus, ApiError> {
+        Self::not_yet()
+    }
 }
 
 /// [`serve_job`] of the job in `job`'s `out_dir` as [`StartMode::Auto`] finds it:

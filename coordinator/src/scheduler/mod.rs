@@ -607,7 +607,9 @@ impl Scheduler {
             ))));
         }
         if let Some(shutdown) = &self.shutdown {
-            return Some(Reply::Error(ApiError::Refused(format!(
+            // Unavailable, not Refused: the job goes on with the next coordinator,
+            // so the worker retries (and exits 75, retryable, if none comes back).
+            return Some(Reply::Error(ApiError::Unavailable(format!(
                 "the coordinator is shutting down ({}): nothing to join; start the worker again \
                  once the coordinator is back",
                 shutdown.reason
@@ -683,16 +685,21 @@ impl Scheduler {
                     success: true,
                     reason: "every step is committed".to_owned(),
                     checkpoint_step,
+                    resumable: false,
                 }));
             }
             Phase::Failed(message) => {
                 record.stopped = true;
                 let checkpoint_step =
                     self.checkpoint_request_for(request.worker_id, request.next_step);
+                // A shutdown ends the phase as failed ("cancelled: ..."), but the
+                // job itself goes on with the next coordinator: workers exit 75.
+                let resumable = self.shutdown.is_some();
                 return Some(Reply::Assignment(Assignment::Stop {
                     success: false,
                     reason: message,
                     checkpoint_step,
+                    resumable,
                 }));
             }
             _ => {}

@@ -855,7 +855,7 @@ fn docs_describe_every_key() {
     let docs = include_str!("../../../docs/config.md");
     let mut keys = Vec::new();
     leaf_keys(&layers::schema().unwrap(), "", &mut keys);
-    assert_eq!(keys.len(), 89);
+    assert_eq!(keys.len(), 90);
     for key in keys {
         assert!(
             docs.contains(&format!("`{key}`")),
