@@ -622,6 +622,28 @@ impl Scheduler {
         let id = WorkerId(self.next_id);
         self.next_id += 1;
         tracing::info!(worker = %id, name = %registration.worker_name, host = %registration.advertise_host, "worker registered");
+        if matches!(self.phase, Phase::Waiting) && self.generation.is_none() {
+            // Say what the start waits for (operators watching a pod's log).
+            let registered = self.workers.len() + 1;
+            let expected = self.settings.expected_workers;
+            let first = self.first_registered.unwrap_or(now);
+            let wait_left = self
+                .settings
+                .formation_wait
+                .saturating_sub(now.saturating_sub(first));
+            if registered < expected {
+                tracing::info!(
+                    registered,
+                    expected_workers = expected,
+                    min_workers = self.settings.min_workers,
+                    formation_wait_left_s = wait_left.as_secs_f64(),
+                    "waiting for workers: training starts when all {expected} have registered, or with at \
+                     least {} once cluster.formation_wait_s ({:.1} s after the first registration) is over",
+                    self.settings.min_workers,
+                    self.settings.formation_wait.as_secs_f64()
+                );
+            }
+        }
         self.workers.insert(
             id,
             Worker {
@@ -1285,6 +1307,16 @@ impl Scheduler {
             if let Some(record) = self.workers.get_mut(id) {
                 record.checked_in = false;
             }
+        }
+        if since.is_none() && candidates.len() < self.settings.expected_workers {
+            tracing::info!(
+                world_size = candidates.len(),
+                expected_workers = self.settings.expected_workers,
+                min_workers = self.settings.min_workers,
+                "formation wait over: starting with {} of {} expected workers (others join at the next regroup)",
+                candidates.len(),
+                self.settings.expected_workers
+            );
         }
         tracing::info!(
             generation = number,
