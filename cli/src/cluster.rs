@@ -135,7 +135,10 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     if exit != Exit::Success {
         // Left before the job finished (SIGTERM, its coordinator stopped): the job
         // goes on, this worker may be started again.
-        return Err(Ended::with(exit, format!("{line}; the job is not finished")));
+        return Err(Ended::with(
+            exit,
+            format!("{line}; the job is not finished"),
+        ));
     }
     eprintln!("{line}");
     Ok(())
@@ -174,7 +177,9 @@ pub fn run_local(
         println!(
             "hsat: {gpus} GPU(s): local worker i trains on cuda:(i mod {gpus}) ({})",
             (0..workers)
-                .filter_map(|i| local::local_worker_device(i, gpus).map(|d| format!("worker-{i} {d}")))
+                .filter_map(
+                    |i| local::local_worker_device(i, gpus).map(|d| format!("worker-{i} {d}"))
+                )
                 .collect::<Vec<_>>()
                 .join(", ")
         );

@@ -73,7 +73,10 @@ pub fn classify(err: &anyhow::Error) -> Exit {
             return err.exit();
         }
         // A job token that cannot be read: a missing or unreadable Secret.
-        if cause.downcast_ref::<hsat_proto::auth::AuthError>().is_some() {
+        if cause
+            .downcast_ref::<hsat_proto::auth::AuthError>()
+            .is_some()
+        {
             return Exit::Refused;
         }
     }

@@ -437,10 +437,12 @@ mod tests {
 
     #[test]
     fn local_workers_spread_over_the_gpus_round_robin() {
-        assert_eq!(local_worker_device(0, 0), None, "no GPU: the worker decides (cpu)");
-        let spread: Vec<String> = (0..5)
-            .map(|i| local_worker_device(i, 2).unwrap())
-            .collect();
+        assert_eq!(
+            local_worker_device(0, 0),
+            None,
+            "no GPU: the worker decides (cpu)"
+        );
+        let spread: Vec<String> = (0..5).map(|i| local_worker_device(i, 2).unwrap()).collect();
         assert_eq!(spread, ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]);
     }
 
@@ -454,8 +456,10 @@ mod tests {
         let record = dir.path().join("args");
         std::fs::write(
             &script,
-            format!("#!/bin/sh
-echo \"$@\" >> {record:?}\nexit 1\n"),
+            format!(
+                "#!/bin/sh
+echo \"$@\" >> {record:?}\nexit 1\n"
+            ),
         )
         .unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();

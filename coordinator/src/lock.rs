@@ -95,7 +95,10 @@ pub fn acquire(coordinator_dir: &Path, wait: Duration) -> Result<InstanceLock, C
                          (cluster.lock_wait_s); two coordinators must never write one ledger"
                     );
                 }
-                std::thread::sleep(POLL.min(wait.saturating_sub(waited)).max(Duration::from_millis(1)));
+                std::thread::sleep(
+                    POLL.min(wait.saturating_sub(waited))
+                        .max(Duration::from_millis(1)),
+                );
             }
         }
     }

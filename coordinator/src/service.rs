@@ -455,12 +455,8 @@ pub async fn serve_starting(
     server: &ServerOptions,
     metrics: &Arc<CoordinatorMetrics>,
 ) -> StartingServer {
-    let (routes, health) = routes(
-        Arc::new(Starting),
-        Arc::clone(&server.auth),
-        server.limits,
-    )
-    .await;
+    let (routes, health) =
+        routes(Arc::new(Starting), Arc::clone(&server.auth), server.limits).await;
     health.set_serving(false).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve_routes(

@@ -55,7 +55,9 @@ impl Exit {
 
     /// The variant of an exit status, `None` for a status outside the table.
     pub fn from_code(code: i32) -> Option<Exit> {
-        Exit::ALL.into_iter().find(|exit| i32::from(exit.code()) == code)
+        Exit::ALL
+            .into_iter()
+            .find(|exit| i32::from(exit.code()) == code)
     }
 
     /// Whether a controller should start the process again (the job is not over

@@ -114,8 +114,16 @@ fn refused_configs_devices_and_command_lines_exit_78_and_2_and_help_shows_the_ta
     for command in ["coordinator", "worker", "run"] {
         let help = run_hsat(&[command, "--help"]);
         let help = text(&help);
-        for line in ["Exit status:", "  0  the job finished", "  75  retryable", "  78  permanent refusal"] {
-            assert!(help.contains(line), "hsat {command} --help lacks {line:?}:\n{help}");
+        for line in [
+            "Exit status:",
+            "  0  the job finished",
+            "  75  retryable",
+            "  78  permanent refusal",
+        ] {
+            assert!(
+                help.contains(line),
+                "hsat {command} --help lacks {line:?}:\n{help}"
+            );
         }
     }
 }
@@ -301,7 +309,11 @@ fn a_second_coordinator_on_one_out_dir_waits_for_the_lock_and_takes_over_only_wh
     let mut patient = second_coordinator(&sandbox, "120", dir.path().join("patient.log"));
     patient.wait_for("holds this job's lock", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
-    assert!(!patient.output().contains("listening on"), "{}", patient.output());
+    assert!(
+        !patient.output().contains("listening on"),
+        "{}",
+        patient.output()
+    );
     sandbox.kill_coordinator();
     patient.wait_for("listening on", Duration::from_secs(30));
     let note = std::fs::read_to_string(&lock).unwrap();
@@ -309,7 +321,11 @@ fn a_second_coordinator_on_one_out_dir_waits_for_the_lock_and_takes_over_only_wh
         note.contains(&format!("pid={}", patient.child.id())),
         "the new holder wrote its note: {note}"
     );
-    assert!(patient.output().contains("took over this job's lock"), "{}", patient.output());
+    assert!(
+        patient.output().contains("took over this job's lock"),
+        "{}",
+        patient.output()
+    );
 }
 
 #[test]
@@ -319,8 +335,18 @@ fn health_is_not_serving_while_the_coordinator_indexes_and_serving_once_the_job_
     synth_dataset(
         &data,
         &[
-            "--format", "manifest", "--classes", "2", "--patients-per-class", "2", "--slides",
-            "1", "--patches", "2", "--size", "32",
+            "--format",
+            "manifest",
+            "--classes",
+            "2",
+            "--patients-per-class",
+            "2",
+            "--slides",
+            "1",
+            "--patches",
+            "2",
+            "--size",
+            "32",
         ],
     );
     // The manifest is a FIFO: indexing blocks on it until the test writes it, so the

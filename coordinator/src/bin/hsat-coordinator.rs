@@ -2,9 +2,9 @@
 //! coordinator image. Same flags as `hsat coordinator` ([`hsat_coordinator::cli`]).
 
 use clap::Parser;
-use hsat_core::exit::{Exit, ExitClass};
 use hsat_coordinator::cli::{CoordinatorArgs, run_coordinator};
 use hsat_coordinator::logging::{self, LogArgs};
+use hsat_core::exit::{Exit, ExitClass};
 
 /// Coordinates a distributed hsat training job: waits for --workers workers, hands
 /// out steps, commits them to <out_dir>/coordinator/ledger.jsonl.

@@ -665,7 +665,10 @@ fn shutdown_drains_issued_steps_then_asks_a_holder_for_the_checkpoint() {
             resumable,
         } => {
             assert!(!success);
-            assert!(resumable, "a shutdown is not the job's end: workers exit 75");
+            assert!(
+                resumable,
+                "a shutdown is not the job's end: workers exit 75"
+            );
             assert_eq!(reason, "cancelled: SIGTERM");
             assert_eq!(checkpoint_step, Some(2));
         }

@@ -216,7 +216,10 @@ mod tests {
         assert_eq!(device(None, &[], 0), Device::Cpu);
         assert_eq!(device(None, &[], 4), Device::Cuda(0));
         assert_eq!(device(None, &[("LOCAL_RANK", "3")], 4), Device::Cuda(3));
-        assert_eq!(device(Some("auto"), &[("LOCAL_RANK", "1")], 2), Device::Cuda(1));
+        assert_eq!(
+            device(Some("auto"), &[("LOCAL_RANK", "1")], 2),
+            Device::Cuda(1)
+        );
         // torchrun-style LOCAL_RANK on a CPU machine: the CPU.
         assert_eq!(device(None, &[("LOCAL_RANK", "1")], 0), Device::Cpu);
     }
@@ -228,7 +231,10 @@ mod tests {
         assert_eq!(device(None, &both, 2), Device::Cuda(1));
         assert_eq!(device(None, &[("HSAT_DEVICE", " CPU ")], 2), Device::Cpu);
         assert_eq!(device(None, &[("HSAT_DEVICE", "")], 2), Device::Cuda(0));
-        assert_eq!(device(Some("cuda"), &[("LOCAL_RANK", "1")], 2), Device::Cuda(1));
+        assert_eq!(
+            device(Some("cuda"), &[("LOCAL_RANK", "1")], 2),
+            Device::Cuda(1)
+        );
         assert_eq!(device(Some("cuda"), &[], 2), Device::Cuda(0));
         let choice = select_device(None, env(&[("LOCAL_RANK", "1")]), 2).unwrap();
         assert_eq!(choice.reason, "auto: LOCAL_RANK=1");
