@@ -1,6 +1,26 @@
 //! The coordinator's command line, shared by `hsat coordinator` and the
 //! libtorch-free `hsat-coordinator` binary (and `hsat run --workers`, which reuses
 //! the membership flags).
+//!
+//! What a deployment (the manifests under `k8s/`) relies on:
+//!
+//! - exit codes: [`hsat_core::exit`] (0 finished, 1 failed, 2 usage, 75 retryable,
+//!   78 refused); `podFailurePolicy` fails the Job on 1, 2 and 78;
+//! - single instance: the flock on `<out_dir>/coordinator/lock` ([`crate::lock`]),
+//!   waited for up to `cluster.lock_wait_s` (`HSAT__CLUSTER__LOCK_WAIT_S`, default
+//!   120), then exit 75;
+//! - ports: gRPC `--listen` (50051), metrics `--metrics-listen` / `metrics.listen`
+//!   (9464); a worker's metrics `--metrics-listen` / `metrics.worker_listen` (9465);
+//!   the collective (c10d TCPStore on rank 0, Gloo/NCCL) uses free ports between
+//!   workers, bounded in time by `cluster.collective_timeout_s`;
+//! - probes: `grpc.health.v1.Health` on the gRPC port, service `""` (or
+//!   `hsat.v1.Coordinator`), no token: NOT_SERVING from bind until the dataset is
+//!   indexed and the ledger read, SERVING while the job runs, NOT_SERVING while it
+//!   drains;
+//! - worker devices: `hsat worker --device auto|cpu|cuda|cuda:N`, `HSAT_DEVICE`,
+//!   `LOCAL_RANK` (`hsat_worker::cluster::device`);
+//! - the job token: `--token-file`, `HSAT_TOKEN_FILE`, `HSAT_TOKEN`,
+//!   `security.token_file`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

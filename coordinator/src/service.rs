@@ -642,16 +642,8 @@ pub async fn serve_job_with(
         }
     };
     let address = listener.local_addr().ok();
-    tracing::info!(
-        address = ?address,
-        total_steps,
-        steps_per_epoch,
-        patients_per_step,
-        expected_workers = settings.expected_workers,
-        authenticated = server.auth.is_enabled(),
-        tls = server.tls.is_some(),
-        "coordinator listening"
-    );
+    let authenticated = server.auth.is_enabled();
+    let tls_on = server.tls.is_some();
     let metrics_log = ledger.as_ref().and_then(|_| {
         let opened = if new_job {
             hsat_metrics::MetricsLog::start_over(&out_dir)
@@ -694,6 +686,18 @@ pub async fn serve_job_with(
             let _ = server_stopped.await;
         },
     ));
+    // After the health service turned SERVING and the server took the socket:
+    // whoever waits for this line (a test, an operator) can call the job now.
+    tracing::info!(
+        address = ?address,
+        total_steps,
+        steps_per_epoch,
+        patients_per_step,
+        expected_workers = settings.expected_workers,
+        authenticated,
+        tls = tls_on,
+        "coordinator ready: serving the job"
+    );
     let tick_every = (settings.heartbeat / 2).min(Duration::from_millis(100));
     let mut ticker = tokio::time::interval(tick_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -366,7 +366,11 @@ fn health_is_not_serving_while_the_coordinator_indexes_and_serving_once_the_job_
         ),
     )
     .unwrap();
-    let sandbox = Sandbox::start(SandboxSpec::new(&config, 1).start_workers(0));
+    let sandbox = Sandbox::start(
+        SandboxSpec::new(&config, 1)
+            .start_workers(0)
+            .listening_only(),
+    );
     let address = format!("http://{}", sandbox.address());
     let token = hsat_proto::auth::read_token_file(sandbox.token_file(), "the sandbox").unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
