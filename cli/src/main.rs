@@ -299,8 +299,10 @@ fn main() -> std::process::ExitCode {
             let status = exit::classify(&err);
             match err.downcast_ref::<exit::Ended>() {
                 // Not an error of hsat: how the job (or this worker's part) ended.
-                Some(ended) => eprintln!("hsat: {ended} (exit {status})"),
-                None => eprintln!("error: {err:#} (exit {status})"),
+                Some(ended) => {
+                    eprintln!("hsat: {ended} [exit {}: {}]", status.code(), status.name())
+                }
+                None => eprintln!("error: {err:#} [exit {}: {}]", status.code(), status.name()),
             }
             status.into()
         }

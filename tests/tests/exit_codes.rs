@@ -366,11 +366,17 @@ fn health_is_not_serving_while_the_coordinator_indexes_and_serving_once_the_job_
         ),
     )
     .unwrap();
-    let sandbox = Sandbox::start(
+    let mut sandbox = Sandbox::start(
         SandboxSpec::new(&config, 1)
             .start_workers(0)
             .listening_only(),
     );
+    // A worker that starts meanwhile (its own copy of the manifest: data.manifest
+    // is per machine) keeps registering for its connect timeout, not only for its
+    // 1 s retry deadline: it must still be there when the coordinator is ready.
+    let manifest_path = data.join("manifest.csv");
+    let worker_manifest = format!("data.manifest={:?}", manifest_path.display().to_string());
+    sandbox.add_worker_with(&["--set", &worker_manifest, "--rpc-retry-deadline", "1"]);
     let address = format!("http://{}", sandbox.address());
     let token = hsat_proto::auth::read_token_file(sandbox.token_file(), "the sandbox").unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -394,6 +400,8 @@ fn health_is_not_serving_while_the_coordinator_indexes_and_serving_once_the_job_
             }
             other => panic!("expected UNAVAILABLE while starting, got {other:?}"),
         }
+        // Longer than the worker's retry deadline.
+        tokio::time::sleep(Duration::from_secs(2)).await;
         // The index arrives: the job loads and health turns SERVING.
         let writer = std::thread::spawn(move || std::fs::write(&fifo, manifest).unwrap());
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -409,12 +417,21 @@ fn health_is_not_serving_while_the_coordinator_indexes_and_serving_once_the_job_
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         writer.join().unwrap();
-        let status = client.status().await.unwrap();
-        assert_eq!(
-            status.state,
-            hsat_proto::domain::JobState::WaitingForWorkers,
-            "{}",
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sandbox.coordinator_output().contains("worker registered") {
+        assert!(
+            Instant::now() < deadline,
+            "the worker started during indexing never registered:\n{}",
             sandbox.logs()
         );
-    });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        sandbox
+            .worker_output(0)
+            .contains("retrying a coordinator call"),
+        "the worker was told to wait while the coordinator started:\n{}",
+        sandbox.logs()
+    );
 }

@@ -32,18 +32,25 @@ fn main() -> std::process::ExitCode {
         Ok(outcome) => {
             let exit = outcome.exit();
             println!(
-                "hsat-coordinator: {:?}; {}/{} steps committed; ledger {} (exit {exit})",
+                "hsat-coordinator: {:?}; {}/{} steps committed; ledger {} [exit {}: {}]",
                 outcome.kind,
                 outcome.committed_steps,
                 outcome.total_steps,
-                outcome.ledger.display()
+                outcome.ledger.display(),
+                exit.code(),
+                exit.name()
             );
             exit.into()
         }
         Err(err) => {
             let exit = err.exit();
             // anyhow prints the whole chain of causes.
-            eprintln!("error: {:#} (exit {exit})", anyhow::Error::from(err));
+            eprintln!(
+                "error: {:#} [exit {}: {}]",
+                anyhow::Error::from(err),
+                exit.code(),
+                exit.name()
+            );
             exit.into()
         }
     }

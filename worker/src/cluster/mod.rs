@@ -330,9 +330,18 @@ impl Worker<'_> {
             }
             let event = match action {
                 Action::Register(registration) => {
-                    let registered = self.call("register with the coordinator", || {
-                        self.client.register(registration.clone())
-                    })?;
+                    // A coordinator that is still starting (indexing its dataset)
+                    // answers UNAVAILABLE: give it the start-up time a coordinator
+                    // that does not listen yet gets (`connect_timeout_s`), not only
+                    // the retry deadline of a running job's calls.
+                    let patience = self
+                        .options
+                        .rpc_retry_deadline
+                        .max(self.options.connect_deadline);
+                    let registered =
+                        self.call_within(patience, "register with the coordinator", || {
+                            self.client.register(registration.clone())
+                        })?;
                     tracing::info!(worker_id = %registered.worker_id, coordinator = %self.options.coordinator, "registered");
                     self.heartbeats = Some(self.runtime.spawn(heartbeat_loop(
                         self.client.clone(),
@@ -438,7 +447,20 @@ impl Worker<'_> {
     where
         Fut: Future<Output = std::result::Result<T, ApiError>>,
     {
-        let backoff = Backoff::until(self.options.rpc_retry_deadline);
+        self.call_within(self.options.rpc_retry_deadline, action, call)
+    }
+
+    /// [`Self::call`] retrying for up to `deadline`.
+    fn call_within<T, Fut>(
+        &self,
+        deadline: Duration,
+        action: &'static str,
+        call: impl FnMut() -> Fut,
+    ) -> Result<T>
+    where
+        Fut: Future<Output = std::result::Result<T, ApiError>>,
+    {
+        let backoff = Backoff::until(deadline);
         self.runtime
             .block_on(retry(action, backoff, call))
             .map_err(WorkerError::rpc(action))
