@@ -7,13 +7,15 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, bail};
+use hsat_core::exit::{Exit, ExitClass};
+
+use crate::exit::Ended;
 use clap::Args;
 use hsat_coordinator::cli::{CoordinatorArgs, MembershipArgs, run_coordinator, shutdown_signal};
 use hsat_coordinator::local::{self, LocalClusterOptions, LocalEvent};
 use hsat_coordinator::{JobOutcome, OutcomeKind};
 use hsat_core::config::{self, ConfigSources};
 use hsat_worker::cluster::{WorkerOptions, run_worker};
-use tch::Device;
 
 /// `hsat worker` arguments.
 #[derive(Debug, Args)]
@@ -59,6 +61,12 @@ pub struct WorkerArgs {
     /// security.token_file); the coordinator's, unless it runs with --insecure.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+    /// Where to train: auto, cpu, cuda or cuda:N (also HSAT_DEVICE). auto:
+    /// cuda:$LOCAL_RANK when LOCAL_RANK is set (one worker process per GPU), else
+    /// cuda:0 when there is a GPU, else the CPU; cuda:N beyond the GPUs present is
+    /// refused (exit 78).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
 }
 
 impl WorkerArgs {
@@ -90,6 +98,7 @@ impl WorkerArgs {
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let overrides = args.overrides();
     let cfg = config::load(&ConfigSources::from_process_env(args.config, overrides))?;
+    let device = hsat_worker::cluster::device::device_from_process(args.device.as_deref())?;
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&shutdown))
@@ -102,6 +111,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let metrics_listen = cfg.metrics.worker_listen;
     let token = hsat_coordinator::cli::client_token(args.token_file.as_deref(), &cfg)?;
     let tls = hsat_coordinator::cli::client_tls(&cfg)?;
+    tracing::info!(worker = %name, device = ?device.device, why = %device.reason, "device");
     let options = WorkerOptions {
         token,
         tls,
@@ -109,7 +119,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         config: cfg,
         name: name.clone(),
         advertise_host: args.advertise_host,
-        device: Device::cuda_if_available(),
+        device: device.device,
         collective_timeout: cluster.collective_timeout,
         bucket_bytes: cluster.bucket_bytes(),
         connect_deadline: cluster.connect_timeout,
@@ -117,10 +127,20 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         metrics_listen,
     };
     let summary = run_worker(options, shutdown).with_context(|| format!("worker {name}"))?;
-    eprintln!(
+    let line = format!(
         "hsat worker {name}: {} ({} step shards trained in {} generation(s))",
         summary.reason, summary.steps_trained, summary.generations
     );
+    let exit = hsat_core::exit::ExitClass::exit(&summary);
+    if exit != Exit::Success {
+        // Left before the job finished (SIGTERM, its coordinator stopped): the job
+        // goes on, this worker may be started again.
+        return Err(Ended::with(
+            exit,
+            format!("{line}; the job is not finished"),
+        ));
+    }
+    eprintln!("{line}");
     Ok(())
 }
 
@@ -152,12 +172,25 @@ pub fn run_local(
     let mut overrides = overrides;
     overrides.push(format!("cluster.workers={workers}"));
     overrides.extend(membership.overrides());
+    let gpus = hsat_worker::cluster::device::gpu_count();
+    if gpus > 0 {
+        println!(
+            "hsat: {gpus} GPU(s): local worker i trains on cuda:(i mod {gpus}) ({})",
+            (0..workers)
+                .filter_map(
+                    |i| local::local_worker_device(i, gpus).map(|d| format!("worker-{i} {d}"))
+                )
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let options = LocalClusterOptions {
         worker_program: std::env::current_exe().context("cannot find the hsat executable")?,
         sources: ConfigSources::from_process_env(file, overrides),
         workers,
         start_mode,
         insecure,
+        gpus,
     };
     let outcome = local::run_local(options, shutdown_signal(), |event| match event {
         LocalEvent::Starting {
@@ -215,17 +248,23 @@ fn finish(outcome: &JobOutcome) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        OutcomeKind::Failed(message) => bail!(
-            "the job failed after {} of {} steps: {message}",
-            outcome.committed_steps,
-            outcome.total_steps
-        ),
-        OutcomeKind::Cancelled(message) => bail!(
-            "the job was stopped after {} of {} steps ({message}); committed steps are recorded in {}",
-            outcome.committed_steps,
-            outcome.total_steps,
-            outcome.ledger.display()
-        ),
+        OutcomeKind::Failed(message) => Err(Ended::with(
+            outcome.exit(),
+            format!(
+                "the job failed after {} of {} steps: {message}",
+                outcome.committed_steps, outcome.total_steps
+            ),
+        )),
+        OutcomeKind::Cancelled(message) => Err(Ended::with(
+            outcome.exit(),
+            format!(
+                "the job was stopped after {} of {} steps ({message}); committed steps are recorded in {}; \
+                 start the coordinator again to resume it",
+                outcome.committed_steps,
+                outcome.total_steps,
+                outcome.ledger.display()
+            ),
+        )),
     }
 }
 

@@ -10,7 +10,6 @@ use hsat_core::config::{self, ConfigSources};
 use hsat_core::eval::report::markdown_table;
 use hsat_worker::eval::run::OUTPUT_FILES;
 use hsat_worker::eval::{EvalEvent, EvalRequest, ModelSpec, run_eval};
-use tch::Device;
 
 use crate::progress::Progress;
 
@@ -36,11 +35,16 @@ pub struct EvalArgs {
     /// Skip the transfer (black-box) evaluation between models.
     #[arg(long)]
     no_transfer: bool,
+    /// Where to run: auto, cpu, cuda or cuda:N (also HSAT_DEVICE; auto:
+    /// cuda:$LOCAL_RANK, else cuda:0 with a GPU, else the CPU).
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 /// Runs the evaluation and prints the table.
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let config = config::load(&ConfigSources::from_process_env(args.config, args.set))?;
+    let device = hsat_worker::cluster::device::device_from_process(args.device.as_deref())?.device;
     let request = EvalRequest {
         config,
         models: args
@@ -57,7 +61,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             .collect(),
         out: args.out,
         transfer: !args.no_transfer,
-        device: Device::cuda_if_available(),
+        device,
     };
     let mut progress: Option<Progress> = None;
     let report = run_eval(&request, &mut |event| match event {

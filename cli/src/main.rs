@@ -14,6 +14,7 @@
 //! - [`eval`]: `hsat eval`, the paper's kNN and robustness tables.
 //! - [`plot`](mod@plot): `hsat plot`, PNG curves of a run's `metrics.jsonl`.
 //! - [`progress`]: the progress line of long stages.
+//! - [`exit`]: the exit status of each way a command ends ([`hsat_core::exit`]).
 
 mod bench;
 mod bench_control;
@@ -22,6 +23,7 @@ mod bench_sync;
 mod cluster;
 mod data;
 mod eval;
+mod exit;
 mod plot;
 mod progress;
 mod run;
@@ -57,7 +59,7 @@ enum Command {
     /// Example:
     ///   hsat run --config examples/quickstart.toml --workers 2
     ///   hsat run --config examples/quickstart.toml --resume
-    #[command(verbatim_doc_comment)]
+    #[command(verbatim_doc_comment, after_help = hsat_core::exit::EXIT_CODES_HELP)]
     Run(RunArgs),
 
     /// Run the coordinator of a distributed job: it waits for --workers workers,
@@ -66,7 +68,7 @@ enum Command {
     ///
     /// Example:
     ///   hsat coordinator --config job.toml --listen 0.0.0.0:50051 --workers 4
-    #[command(verbatim_doc_comment)]
+    #[command(verbatim_doc_comment, after_help = hsat_core::exit::EXIT_CODES_HELP)]
     Coordinator(hsat_coordinator::cli::CoordinatorArgs),
 
     /// Run one worker of a distributed job: joins the coordinator, trains the steps
@@ -75,7 +77,8 @@ enum Command {
     ///
     /// Example:
     ///   hsat worker --coordinator http://coordinator:50051 --config job.toml
-    #[command(verbatim_doc_comment)]
+    ///   LOCAL_RANK=1 hsat worker --coordinator http://coordinator:50051   (trains on cuda:1)
+    #[command(verbatim_doc_comment, after_help = hsat_core::exit::EXIT_CODES_HELP)]
     Worker(cluster::WorkerArgs),
 
     /// Show a running job: state, committed step, generation, workers, throughput.
@@ -221,6 +224,11 @@ struct RunArgs {
     /// job token, <out_dir>/coordinator/token, and hands it to its workers).
     #[arg(long, requires = "workers")]
     insecure: bool,
+    /// Without --workers: where to train, auto, cpu, cuda or cuda:N (also
+    /// HSAT_DEVICE; auto: cuda:$LOCAL_RANK, else cuda:0 with a GPU, else the CPU).
+    /// With --workers each local worker gets cuda:(i mod GPUs) when there are GPUs.
+    #[arg(long, value_name = "DEVICE", conflicts_with = "workers")]
+    device: Option<String>,
 }
 
 /// Where the config comes from.
@@ -235,10 +243,11 @@ struct ConfigArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    // A bad command line exits 2 (clap's own code, `hsat_core::exit::Exit::Usage`).
     let cli = Cli::parse();
     if let Err(err) = hsat_coordinator::logging::init(cli.log.log_format) {
         eprintln!("error: {err}");
-        return std::process::ExitCode::FAILURE;
+        return hsat_core::exit::Exit::Usage.into();
     }
     let outcome = match cli.command {
         Command::Run(RunArgs {
@@ -248,6 +257,7 @@ fn main() -> std::process::ExitCode {
             resume,
             new_job,
             insecure,
+            device: _,
         }) => cluster::run_local(
             config.config,
             config.set,
@@ -263,6 +273,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run::run(
             args.config.config,
             args.config.set,
+            args.device.as_deref(),
             hsat_worker::train::run::RunOptions {
                 resume: args.resume,
                 new_job: args.new_job,
@@ -285,8 +296,15 @@ fn main() -> std::process::ExitCode {
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
-            std::process::ExitCode::FAILURE
+            let status = exit::classify(&err);
+            match err.downcast_ref::<exit::Ended>() {
+                // Not an error of hsat: how the job (or this worker's part) ended.
+                Some(ended) => {
+                    eprintln!("hsat: {ended} [exit {}: {}]", status.code(), status.name())
+                }
+                None => eprintln!("error: {err:#} [exit {}: {}]", status.code(), status.name()),
+            }
+            status.into()
         }
     }
 }

@@ -7,16 +7,17 @@ use hsat_core::config::{self, AttackKind, ConfigSources};
 use hsat_core::losses::LevelLosses;
 use hsat_worker::train::run::{RunEvent, RunOptions, run_training};
 use hsat_worker::train::trainer::StepProgress;
-use tch::Device;
 
 /// Runs (or resumes) a training job described by `file` and `overrides`.
 pub fn run(
     file: Option<PathBuf>,
     overrides: Vec<String>,
+    device: Option<&str>,
     options: RunOptions,
 ) -> anyhow::Result<()> {
     let cfg = config::load(&ConfigSources::from_process_env(file, overrides))?;
-    let summary = run_training(cfg, Device::cuda_if_available(), options, &mut print_event)?;
+    let device = hsat_worker::cluster::device::device_from_process(device)?.device;
+    let summary = run_training(cfg, device, options, &mut print_event)?;
     if summary.already_finished {
         return Ok(());
     }

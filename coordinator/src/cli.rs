@@ -1,6 +1,26 @@
 //! The coordinator's command line, shared by `hsat coordinator` and the
 //! libtorch-free `hsat-coordinator` binary (and `hsat run --workers`, which reuses
 //! the membership flags).
+//!
+//! What a deployment (the manifests under `k8s/`) relies on:
+//!
+//! - exit codes: [`hsat_core::exit`] (0 finished, 1 failed, 2 usage, 75 retryable,
+//!   78 refused); `podFailurePolicy` fails the Job on 1, 2 and 78;
+//! - single instance: the flock on `<out_dir>/coordinator/lock` ([`crate::lock`]),
+//!   waited for up to `cluster.lock_wait_s` (`HSAT__CLUSTER__LOCK_WAIT_S`, default
+//!   120), then exit 75;
+//! - ports: gRPC `--listen` (50051), metrics `--metrics-listen` / `metrics.listen`
+//!   (9464); a worker's metrics `--metrics-listen` / `metrics.worker_listen` (9465);
+//!   the collective (c10d TCPStore on rank 0, Gloo/NCCL) uses free ports between
+//!   workers, bounded in time by `cluster.collective_timeout_s`;
+//! - probes: `grpc.health.v1.Health` on the gRPC port, service `""` (or
+//!   `hsat.v1.Coordinator`), no token: NOT_SERVING from bind until the dataset is
+//!   indexed and the ledger read, SERVING while the job runs, NOT_SERVING while it
+//!   drains;
+//! - worker devices: `hsat worker --device auto|cpu|cuda|cuda:N`, `HSAT_DEVICE`,
+//!   `LOCAL_RANK` (`hsat_worker::cluster::device`);
+//! - the job token: `--token-file`, `HSAT_TOKEN_FILE`, `HSAT_TOKEN`,
+//!   `security.token_file`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -133,10 +153,19 @@ impl CoordinatorArgs {
     }
 }
 
-/// Loads the job, decides whether it is new, resumed or finished (see
-/// [`durable`]), binds, prints `<name>: listening on ADDR` (and `<name>: metrics on
-/// http://ADDR/metrics` when `metrics.listen` is set) and serves until the job
-/// ends or SIGTERM / Ctrl-C.
+/// Runs a coordinator process, in this order:
+///
+/// 1. loads and validates the config (a bad one ends here, before any port);
+/// 2. takes the job's lock, `<out_dir>/coordinator/lock` ([`crate::lock`]),
+///    waiting up to `cluster.lock_wait_s` while another coordinator holds it;
+/// 3. binds, prints `<name>: listening on ADDR` (and `<name>: metrics on
+///    http://ADDR/metrics` when `metrics.listen` is set) and answers
+///    `grpc.health.v1` NOT_SERVING ([`crate::service::StartingServer`]) while it
+///    indexes the dataset and decides whether the job is new, resumed or finished
+///    ([`durable`]);
+/// 4. serves the job (health SERVING) until it ends or SIGTERM / Ctrl-C.
+///
+/// The lock is held until this function returns.
 pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, CoordinatorError> {
     let config = config::load(&args.sources())?;
     let token = if args.insecure || config.security.insecure {
@@ -157,24 +186,31 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
     let metrics_listen = config.metrics.listen;
     // The metrics port speaks TLS with the gRPC port's certificate (and client CA).
     let metrics_tls = hsat_proto::tls::server_config(&TlsFiles::from_config(&config.security))?;
-    let job = load_job(config)?;
     let mode = if args.new_job {
         StartMode::NewJob
     } else {
         StartMode::Auto
     };
-    let start = durable::prepare(&job, mode)?;
+    // Before anything of the job is read or written: one coordinator per job.
+    let _lock = crate::lock::acquire(
+        &config.infra.out_dir.join("coordinator"),
+        config.cluster.lock_wait,
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(CoordinatorError::Runtime)?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .map_err(|source| CoordinatorError::Listen {
-                address: args.listen.clone(),
-                source,
-            })?;
+        let listen_error = |source| CoordinatorError::Listen {
+            address: args.listen.clone(),
+            source,
+        };
+        // Two handles on one socket: the start-up server answers health checks on
+        // one while the job loads, the job's server takes over on the other.
+        let socket = std::net::TcpListener::bind(&args.listen).map_err(listen_error)?;
+        socket.set_nonblocking(true).map_err(listen_error)?;
+        let starting_socket = socket.try_clone().map_err(listen_error)?;
+        let listener = tokio::net::TcpListener::from_std(socket).map_err(listen_error)?;
         let address = listener.local_addr().map_err(CoordinatorError::Stdout)?;
         println!("{name}: listening on {address}");
         let _endpoint = match metrics_listen {
@@ -191,6 +227,25 @@ pub fn run_coordinator(name: &str, args: CoordinatorArgs) -> Result<JobOutcome, 
         if !server.auth.is_enabled() {
             warn_insecure(&address.to_string());
         }
+        let starting = crate::service::serve_starting(
+            tokio::net::TcpListener::from_std(starting_socket).map_err(listen_error)?,
+            &server,
+            &metrics,
+        )
+        .await;
+        tracing::info!(
+            dataset = ?config.data.source,
+            "loading the job (indexing the dataset, reading the ledger); health is NOT_SERVING until it is ready"
+        );
+        let loaded = tokio::task::spawn_blocking(move || {
+            let job = load_job(config)?;
+            let start = durable::prepare(&job, mode)?;
+            Ok::<_, CoordinatorError>((job, start))
+        })
+        .await
+        .map_err(|err| CoordinatorError::Server(format!("loading the job panicked: {err}")))?;
+        starting.stop().await;
+        let (job, start) = loaded?;
         serve_job_with(
             job,
             start,

@@ -18,6 +18,8 @@
 //!   `out_dir`: resume, report finished, refuse another job, archive (`--new-job`).
 //! - [`checkpoints`]: the checkpoints under `<out_dir>/checkpoints` as the
 //!   coordinator sees them (listing, verification, retention).
+//! - [`lock`]: one coordinator per job: the exclusive lock on
+//!   `<out_dir>/coordinator/lock`, held for the life of the process.
 //! - [`local`]: a whole job on one machine (`hsat run --workers N`): the
 //!   coordinator in-process and N supervised worker processes.
 //! - [`logging`]: `--log-format text|json`, the level from `HSAT_LOG`/`RUST_LOG`,
@@ -43,6 +45,7 @@ pub mod durable;
 pub mod identity;
 pub mod ledger;
 pub mod local;
+pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod recovery_bench;
@@ -174,6 +177,64 @@ pub enum CoordinatorError {
     /// The listening address could not be printed.
     #[error("cannot print the listening address")]
     Stdout(#[source] std::io::Error),
+    /// Another coordinator kept the job's lock for all of `cluster.lock_wait_s`.
+    #[error(
+        "another coordinator holds this job ({}: {holder}) and kept it for {:.0} s \
+         (cluster.lock_wait_s): only one coordinator may write a job's ledger. Stop the other \
+         one, or wait for it to exit and start again",
+        path.display(),
+        waited.as_secs_f64()
+    )]
+    LockHeld {
+        /// The lock file, `<out_dir>/coordinator/lock`.
+        path: PathBuf,
+        /// Who holds it (pid, host, since), from its note in the file.
+        holder: String,
+        /// How long this coordinator waited.
+        waited: std::time::Duration,
+    },
+    /// The lock file could not be opened, locked or written.
+    #[error("cannot lock {} (check that infra.out_dir is writable)", path.display())]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+}
+
+/// The exit status of each way a coordinator cannot run its job
+/// ([`hsat_core::exit`]): the config, flags, credentials, dataset and a different
+/// job in the out_dir are refusals (78) that no restart fixes; a damaged ledger
+/// fails the job (1) until a person moves it away; the rest (I/O, a port in use,
+/// another coordinator still holding the job) may pass with a restart (75).
+impl hsat_core::exit::ExitClass for CoordinatorError {
+    fn exit(&self) -> hsat_core::exit::Exit {
+        use hsat_core::exit::Exit;
+        match self {
+            CoordinatorError::SyntheticData
+            | CoordinatorError::Dataset(_)
+            | CoordinatorError::DatasetCheck(_)
+            | CoordinatorError::Settings(_)
+            | CoordinatorError::NothingToResume { .. }
+            | CoordinatorError::OtherJob { .. }
+            | CoordinatorError::Config(_)
+            | CoordinatorError::NoToken
+            | CoordinatorError::Token(_)
+            | CoordinatorError::Tls(_) => Exit::Refused,
+            CoordinatorError::LedgerCorrupt { .. } => Exit::Failed,
+            CoordinatorError::Ledger { .. }
+            | CoordinatorError::LedgerWrite { .. }
+            | CoordinatorError::Archive { .. }
+            | CoordinatorError::Server(_)
+            | CoordinatorError::Runtime(_)
+            | CoordinatorError::Listen { .. }
+            | CoordinatorError::Metrics(_)
+            | CoordinatorError::Stdout(_)
+            | CoordinatorError::LockHeld { .. }
+            | CoordinatorError::Lock { .. } => Exit::Retryable,
+        }
+    }
 }
 
 /// A job: its validated config and data plan.

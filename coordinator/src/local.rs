@@ -43,6 +43,17 @@ pub struct LocalClusterOptions {
     pub start_mode: StartMode,
     /// Serve without authentication (`hsat run --insecure`).
     pub insecure: bool,
+    /// GPUs of this machine (0: none, or a CPU build): worker `i` trains on
+    /// `cuda:(i mod gpus)` ([`local_worker_device`]).
+    pub gpus: usize,
+}
+
+/// The `--device` of local worker `index` on a machine with `gpus` GPUs:
+/// `cuda:(index mod gpus)`, so N workers spread over the GPUs round-robin (more
+/// workers than GPUs share them); `None` without GPUs (the worker's own `auto`
+/// then picks the CPU).
+pub fn local_worker_device(index: usize, gpus: usize) -> Option<String> {
+    (gpus > 0).then(|| format!("cuda:{}", index % gpus))
 }
 
 /// What happens while a local job runs, in order.
@@ -128,6 +139,11 @@ pub fn run_local(
         return Err(LocalClusterError::NoWorkers);
     }
     let cfg = config::load(&options.sources)?;
+    // One coordinator per job, as `hsat coordinator` (held until the job ends).
+    let _lock = crate::lock::acquire(
+        &cfg.infra.out_dir.join("coordinator"),
+        cfg.cluster.lock_wait,
+    )?;
     let mut settings = ClusterSettings::from_config(&cfg.cluster);
     settings.expected_workers = options.workers;
     settings.validate().map_err(CoordinatorError::Settings)?;
@@ -254,6 +270,10 @@ impl LocalWorkers {
             );
             if let Some(path) = token_file {
                 command.arg("--token-file").arg(path);
+            }
+            if let Some(device) = local_worker_device(k, options.gpus) {
+                tracing::info!(worker = %name, %device, gpus = options.gpus, "local worker device");
+                command.arg("--device").arg(device);
             }
             let child = command.spawn().map_err(|source| LocalClusterError::Spawn {
                 name: name.clone(),
@@ -411,7 +431,64 @@ mod tests {
             workers,
             start_mode: StartMode::Auto,
             insecure: false,
+            gpus: 0,
         }
+    }
+
+    #[test]
+    fn local_workers_spread_over_the_gpus_round_robin() {
+        assert_eq!(
+            local_worker_device(0, 0),
+            None,
+            "no GPU: the worker decides (cpu)"
+        );
+        let spread: Vec<String> = (0..5).map(|i| local_worker_device(i, 2).unwrap()).collect();
+        assert_eq!(spread, ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn each_local_worker_process_is_started_on_its_own_gpu() {
+        use std::os::unix::fs::PermissionsExt;
+        // "Workers" that record their arguments (one line each), then fail.
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("worker.sh");
+        let record = dir.path().join("args");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh
+echo \"$@\" >> {record:?}\nexit 1\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut opts = options(dir.path(), script.to_str().unwrap(), 3);
+        opts.gpus = 2;
+        let outcome = run_local(opts, std::future::pending(), |_| {}).unwrap();
+        assert!(!outcome.is_success());
+        let recorded = std::fs::read_to_string(&record).unwrap();
+        let mut devices: Vec<(String, String)> = recorded
+            .lines()
+            .map(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let after = |flag: &str| {
+                    let at = words.iter().position(|w| *w == flag).unwrap();
+                    words[at + 1].to_owned()
+                };
+                (after("--name"), after("--device"))
+            })
+            .collect();
+        devices.sort();
+        assert_eq!(
+            devices,
+            [
+                ("worker-0".to_owned(), "cuda:0".to_owned()),
+                ("worker-1".to_owned(), "cuda:1".to_owned()),
+                ("worker-2".to_owned(), "cuda:0".to_owned()),
+            ],
+            "{recorded}"
+        );
     }
 
     #[cfg(unix)]

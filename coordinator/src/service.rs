@@ -72,6 +72,19 @@ impl JobOutcome {
     }
 }
 
+/// The exit status of a job's end ([`hsat_core::exit`]): finished 0, failed 1,
+/// cancelled (SIGTERM, every worker gone in `hsat run --workers`) 75: the job is
+/// not over and a restarted coordinator resumes it.
+impl hsat_core::exit::ExitClass for JobOutcome {
+    fn exit(&self) -> hsat_core::exit::Exit {
+        match self.kind {
+            OutcomeKind::Finished => hsat_core::exit::Exit::Success,
+            OutcomeKind::Failed(_) => hsat_core::exit::Exit::Failed,
+            OutcomeKind::Cancelled(_) => hsat_core::exit::Exit::Retryable,
+        }
+    }
+}
+
 struct Shared {
     scheduler: Mutex<Scheduler>,
     wake: Notify,
@@ -421,6 +434,100 @@ async fn serve_routes(
         .await
 }
 
+/// What a coordinator serves between binding its port and having its job ready
+/// (indexing the dataset, reading the ledger): `grpc.health.v1` answers
+/// NOT_SERVING, so a Kubernetes `startupProbe` sees a live process that is not
+/// ready yet (instead of a refused connection, or a liveness probe killing it
+/// mid-index), and every `hsat.v1` call gets UNAVAILABLE, which workers retry.
+///
+/// It serves a clone of the job's listening socket; [`StartingServer::stop`]
+/// closes its clone, and connections that arrive meanwhile wait in the socket's
+/// backlog for [`serve_job_with`].
+pub struct StartingServer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// Starts the [`StartingServer`] on `listener` (a clone of the job's socket) with
+/// the job's authentication, limits, TLS and RPC metrics.
+pub async fn serve_starting(
+    listener: TcpListener,
+    server: &ServerOptions,
+    metrics: &Arc<CoordinatorMetrics>,
+) -> StartingServer {
+    let (routes, health) =
+        routes(Arc::new(Starting), Arc::clone(&server.auth), server.limits).await;
+    health.set_serving(false).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve_routes(
+        routes,
+        server.limits,
+        server.tls.clone(),
+        metrics.rpc().layer(),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    StartingServer { stop, task }
+}
+
+impl StartingServer {
+    /// Stops answering: the in-flight calls (health checks, refused `hsat.v1`
+    /// calls) end, clients reconnect to the job's server. Bounded: a client that
+    /// keeps its connection open does not hold the start back.
+    pub async fn stop(self) {
+        let StartingServer { stop, mut task } = self;
+        let _ = stop.send(());
+        match tokio::time::timeout(Duration::from_secs(2), &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => tracing::warn!(error = %err, "the start-up server failed"),
+            Ok(Err(err)) => tracing::warn!(error = %err, "the start-up server panicked"),
+            Err(_) => task.abort(),
+        }
+    }
+}
+
+/// The handler of the [`StartingServer`]: not ready for anything yet.
+struct Starting;
+
+impl Starting {
+    fn not_yet<T>() -> Result<T, ApiError> {
+        Err(ApiError::Unavailable(
+            "the coordinator is starting (indexing the dataset, reading the ledger); try again shortly"
+                .to_owned(),
+        ))
+    }
+}
+
+impl CoordinatorHandler for Starting {
+    async fn register(
+        &self,
+        _: Registration,
+        _: Option<std::net::SocketAddr>,
+    ) -> Result<Registered, ApiError> {
+        Self::not_yet()
+    }
+    async fn heartbeat(&self, _: WorkerId) -> Result<HeartbeatReply, ApiError> {
+        Self::not_yet()
+    }
+    async fn next_assignment(&self, _: AssignmentRequest) -> Result<Assignment, ApiError> {
+        Self::not_yet()
+    }
+    async fn publish_store(&self, _: StorePublication) -> Result<(), ApiError> {
+        Self::not_yet()
+    }
+    async fn report_step(&self, _: StepReport) -> Result<(), ApiError> {
+        Self::not_yet()
+    }
+    async fn leave(&self, _: WorkerId, _: String) -> Result<(), ApiError> {
+        Self::not_yet()
+    }
+    async fn status(&self) -> Result<JobStatus, ApiError> {
+        Self::not_yet()
+    }
+}
+
 /// [`serve_job`] of the job in `job`'s `out_dir` as [`StartMode::Auto`] finds it:
 /// a new job, the same job resumed, or a finished job reported.
 pub async fn serve(
@@ -535,16 +642,8 @@ pub async fn serve_job_with(
         }
     };
     let address = listener.local_addr().ok();
-    tracing::info!(
-        address = ?address,
-        total_steps,
-        steps_per_epoch,
-        patients_per_step,
-        expected_workers = settings.expected_workers,
-        authenticated = server.auth.is_enabled(),
-        tls = server.tls.is_some(),
-        "coordinator listening"
-    );
+    let authenticated = server.auth.is_enabled();
+    let tls_on = server.tls.is_some();
     let metrics_log = ledger.as_ref().and_then(|_| {
         let opened = if new_job {
             hsat_metrics::MetricsLog::start_over(&out_dir)
@@ -587,6 +686,18 @@ pub async fn serve_job_with(
             let _ = server_stopped.await;
         },
     ));
+    // After the health service turned SERVING and the server took the socket:
+    // whoever waits for this line (a test, an operator) can call the job now.
+    tracing::info!(
+        address = ?address,
+        total_steps,
+        steps_per_epoch,
+        patients_per_step,
+        expected_workers = settings.expected_workers,
+        authenticated,
+        tls = tls_on,
+        "coordinator ready: serving the job"
+    );
     let tick_every = (settings.heartbeat / 2).min(Duration::from_millis(100));
     let mut ticker = tokio::time::interval(tick_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

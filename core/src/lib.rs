@@ -26,6 +26,8 @@
 //! - [`losses`]: loss values as plain numbers, shared by engine, reports and ledger.
 //! - [`telemetry`]: what a training step measured besides its losses (attack gain,
 //!   eps and lr in effect, phase durations), for metrics and `metrics.jsonl`.
+//! - [`exit`]: the exit codes of the long-running commands (0, 1, 2, 75, 78) and
+//!   the trait that maps each layer's errors to them.
 //! - [`eval`]: the evaluation protocol's math: kNN class scores against the train
 //!   bank, slide and patient aggregation, and the metrics of the paper's tables.
 
@@ -33,6 +35,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod eval;
+pub mod exit;
 pub mod losses;
 pub mod rng;
 pub mod sampler;

@@ -322,10 +322,12 @@ impl From<Assignment> for pb::Assignment {
                 success,
                 reason,
                 checkpoint_step,
+                resumable,
             } => Kind::Stop(pb::Stop {
                 success,
                 reason,
                 checkpoint_step,
+                resumable,
             }),
         };
         Self { kind: Some(kind) }
@@ -346,6 +348,7 @@ impl TryFrom<pb::Assignment> for Assignment {
                 success: s.success,
                 reason: s.reason,
                 checkpoint_step: s.checkpoint_step,
+                resumable: s.resumable,
             }),
             Some(Kind::Group(g)) => {
                 if g.world_size == 0 || g.rank >= g.world_size || g.broadcast_root >= g.world_size {

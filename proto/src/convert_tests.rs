@@ -413,15 +413,20 @@ fn wire_assignment() -> BoxedStrategy<pb::Assignment> {
                 })
             },
         );
-    let stop = (any::<bool>(), edgy_text(), proptest::option::of(edgy_u64())).prop_map(
-        |(success, reason, checkpoint_step)| {
+    let stop = (
+        any::<bool>(),
+        edgy_text(),
+        proptest::option::of(edgy_u64()),
+        any::<bool>(),
+    )
+        .prop_map(|(success, reason, checkpoint_step, resumable)| {
             Kind::Stop(pb::Stop {
                 success,
                 reason,
                 checkpoint_step,
+                resumable,
             })
-        },
-    );
+        });
     proptest::option::weighted(0.95, prop_oneof![wait, group, train, stop])
         .prop_map(|kind| pb::Assignment { kind })
         .boxed()
@@ -734,12 +739,16 @@ fn assignment() -> BoxedStrategy<Assignment> {
         any::<bool>(),
         any::<String>(),
         proptest::option::of(edgy_u64()),
+        any::<bool>(),
     )
-        .prop_map(|(success, reason, checkpoint_step)| Assignment::Stop {
-            success,
-            reason,
-            checkpoint_step,
-        });
+        .prop_map(
+            |(success, reason, checkpoint_step, resumable)| Assignment::Stop {
+                success,
+                reason,
+                checkpoint_step,
+                resumable,
+            },
+        );
     prop_oneof![wait, group, train, stop].boxed()
 }
 

@@ -148,6 +148,9 @@ pub enum Assignment {
         /// applied; the worker's model holds exactly this many) before leaving, so the
         /// job resumes from the last committed step.
         checkpoint_step: Option<u64>,
+        /// With `success == false`: the job is not over, only this coordinator
+        /// stopped (a shutdown); a restarted one resumes it (the worker exits 75).
+        resumable: bool,
     },
 }
 

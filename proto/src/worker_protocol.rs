@@ -87,6 +87,8 @@ pub enum Action {
         /// Write the checkpoint of this step before leaving (the coordinator shuts
         /// down and this worker's model holds exactly this many steps).
         checkpoint_step: Option<u64>,
+        /// Not over: the coordinator shut down and a restarted one resumes the job.
+        resumable: bool,
     },
 }
 
@@ -201,6 +203,7 @@ enum Phase {
         success: bool,
         reason: String,
         checkpoint_step: Option<u64>,
+        resumable: bool,
     },
 }
 
@@ -300,8 +303,10 @@ impl WorkerProtocol {
                 success,
                 reason,
                 checkpoint_step,
+                resumable,
             } => Action::Stop {
                 success: *success,
+                resumable: *resumable,
                 reason: reason.clone(),
                 // Only a model that holds exactly that step can write it.
                 checkpoint_step: checkpoint_step.filter(|&step| step == self.next_step),
@@ -464,6 +469,7 @@ impl WorkerProtocol {
                 success,
                 reason,
                 checkpoint_step,
+                resumable,
             } => {
                 self.group = None;
                 self.leave_group();
@@ -471,6 +477,7 @@ impl WorkerProtocol {
                     success,
                     reason,
                     checkpoint_step,
+                    resumable,
                 };
             }
             Assignment::Group(group) => {

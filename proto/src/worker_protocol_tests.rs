@@ -259,6 +259,7 @@ fn stop_is_final_and_says_whether_the_job_finished() {
         success: false,
         reason: "job failed: x".into(),
         checkpoint_step: None,
+        resumable: false,
     }))
     .unwrap();
     assert_eq!(
@@ -267,6 +268,7 @@ fn stop_is_final_and_says_whether_the_job_finished() {
             success: false,
             reason: "job failed: x".into(),
             checkpoint_step: None,
+            resumable: false,
         }
     );
     let err = p.on_event(Event::Assigned(wait())).unwrap_err();
@@ -354,6 +356,7 @@ fn a_stop_asks_for_a_checkpoint_only_from_a_model_holding_that_step() {
             success: false,
             reason: "cancelled".into(),
             checkpoint_step: Some(step),
+            resumable: true,
         })
     };
     let mut holds_four = member(4, 10);
@@ -364,6 +367,7 @@ fn a_stop_asks_for_a_checkpoint_only_from_a_model_holding_that_step() {
             success: false,
             reason: "cancelled".into(),
             checkpoint_step: Some(4),
+            resumable: true,
         }
     );
     let mut holds_three = member(3, 10);
@@ -496,6 +500,7 @@ fn a_stopped_worker_cannot_be_forgotten() {
         success: true,
         reason: "done".into(),
         checkpoint_step: None,
+        resumable: false,
     }))
     .unwrap();
     let err = p.on_event(Event::Forgotten).unwrap_err();

@@ -56,6 +56,9 @@ pub struct SandboxSpec {
     pub worker_args: Vec<String>,
     /// How long the coordinator may take to print its address.
     pub startup_deadline: Duration,
+    /// Wait until the coordinator serves its job (its dataset indexed, its ledger
+    /// read: health SERVING), not only until it listens (default true).
+    pub wait_ready: bool,
 }
 
 impl SandboxSpec {
@@ -70,7 +73,15 @@ impl SandboxSpec {
             // quickly, not after the default two minutes.
             worker_args: vec!["--connect-timeout".into(), "20".into()],
             startup_deadline: Duration::from_secs(60),
+            wait_ready: true,
         }
+    }
+
+    /// Returns from [`Sandbox::start`] as soon as the coordinator listens, before
+    /// its job is ready (health NOT_SERVING while it indexes).
+    pub fn listening_only(mut self) -> Self {
+        self.wait_ready = false;
+        self
     }
 
     /// Starts `count` workers with the coordinator (the rest are added later).
@@ -250,6 +261,7 @@ pub struct Sandbox {
     expected_workers: usize,
     coordinator_args: Vec<String>,
     startup_deadline: Duration,
+    wait_ready: bool,
     coordinator: Process,
     /// Coordinator processes replaced by a restart (their output stays readable).
     old_coordinators: Vec<Process>,
@@ -284,6 +296,7 @@ impl Sandbox {
             spec.expected_workers,
             &coordinator_args,
             spec.startup_deadline,
+            spec.wait_ready,
         );
         let mut sandbox = Sandbox {
             config: spec.config,
@@ -294,6 +307,7 @@ impl Sandbox {
             expected_workers: spec.expected_workers,
             coordinator_args,
             startup_deadline: spec.startup_deadline,
+            wait_ready: spec.wait_ready,
             coordinator,
             old_coordinators: Vec::new(),
             workers: Vec::new(),
@@ -437,6 +451,7 @@ impl Sandbox {
             self.expected_workers,
             &args,
             self.startup_deadline,
+            self.wait_ready,
         );
         assert_eq!(address, self.address, "the restarted coordinator moved");
         let old = std::mem::replace(&mut self.coordinator, fresh);
@@ -657,13 +672,15 @@ fn write_token_beside(config: &Path) -> PathBuf {
 }
 
 /// Starts `hsat coordinator` listening on `listen` and waits until it prints its
-/// address; panics with its output if it exits or stays silent past `deadline`.
+/// address (and, with `wait_ready`, until it logs that it serves its job); panics
+/// with its output if it exits or stays silent past `deadline`.
 fn start_coordinator(
     config: &Path,
     listen: &str,
     expected_workers: usize,
     args: &[String],
     deadline: Duration,
+    wait_ready: bool,
 ) -> (Process, String) {
     let mut command = Command::new(hsat_binary());
     command
@@ -676,7 +693,9 @@ fn start_coordinator(
     let until = Instant::now() + deadline;
     loop {
         let output = coordinator.output();
-        if let Some(address) = listening_address(&output) {
+        if let Some(address) = listening_address(&output)
+            && (!wait_ready || output.contains(READY))
+        {
             return (coordinator, address);
         }
         if let Some(status) = coordinator.try_exit() {
@@ -688,13 +707,16 @@ fn start_coordinator(
         if Instant::now() >= until {
             coordinator.kill();
             panic!(
-                "the coordinator printed no `listening on ADDR` within {deadline:?}:\n{}",
+                "the coordinator printed no `listening on ADDR` (or, waiting for it, no {READY:?}) within {deadline:?}:\n{}",
                 coordinator.output()
             );
         }
         std::thread::sleep(POLL);
     }
 }
+
+/// What the coordinator logs once its job is ready (health SERVING).
+const READY: &str = "coordinator ready: serving the job";
 
 /// The address in a `<name>: listening on ADDR` line.
 fn listening_address(output: &str) -> Option<String> {

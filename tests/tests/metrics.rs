@@ -353,8 +353,8 @@ fn prometheus_scrapes_a_local_job_and_answers_the_committed_steps_of_the_ledger(
     );
     drop(prometheus);
 
-    // Stop the job as an operator would (SIGTERM): it drains and exits with 1
-    // (cancelled, resumable), its ledger intact up to where it stopped.
+    // Stop the job as an operator would (SIGTERM): it drains and exits with 75
+    // (cancelled, resumable: retryable), its ledger intact up to where it stopped.
     for &pid in &pids {
         signal(pid, "CONT");
     }
@@ -372,7 +372,7 @@ fn prometheus_scrapes_a_local_job_and_answers_the_committed_steps_of_the_ledger(
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(status.code(), Some(1), "{}", run.output());
+    assert_eq!(status.code(), Some(75), "{}", run.output());
     let ledger = Ledger::read(&out_dir).unwrap();
     assert!(ledger.committed().len() >= committed, "{}", run.output());
     assert_eq!(ledger.end(), Some("cancelled"), "{}", run.output());

@@ -4,8 +4,8 @@
 //! What is checked, from the outside: the coordinator stops issuing steps, lets the
 //! issued ones commit, gets a checkpoint of the last committed step written (rank 0
 //! does not checkpoint on its own in this job: `save_checkpoint_interval = 0`), and
-//! exits within its grace with the documented code (1: cancelled, so that a restart
-//! policy brings it back to resume); the checkpoint verifies against its manifest and
+//! exits within its grace with the documented code (75: cancelled, retryable, so
+//! that a restart policy brings it back to resume); the checkpoint verifies against its manifest and
 //! holds exactly the ledger's committed steps; the workers stop too.
 
 #![allow(clippy::unwrap_used)]
@@ -52,8 +52,8 @@ fn a_coordinator_stopped_with_sigterm_drains_checkpoints_the_committed_step_and_
     );
     assert_eq!(
         end.coordinator.code(),
-        Some(1),
-        "a cancelled job exits with 1 (documented):\n{logs}"
+        Some(75),
+        "a cancelled job exits with 75 (retryable; hsat_core::exit):\n{logs}"
     );
     let output = sandbox.coordinator_output();
     assert!(

@@ -607,7 +607,9 @@ impl Scheduler {
             ))));
         }
         if let Some(shutdown) = &self.shutdown {
-            return Some(Reply::Error(ApiError::Refused(format!(
+            // Unavailable, not Refused: the job goes on with the next coordinator,
+            // so the worker retries (and exits 75, retryable, if none comes back).
+            return Some(Reply::Error(ApiError::Unavailable(format!(
                 "the coordinator is shutting down ({}): nothing to join; start the worker again \
                  once the coordinator is back",
                 shutdown.reason
@@ -620,6 +622,28 @@ impl Scheduler {
         let id = WorkerId(self.next_id);
         self.next_id += 1;
         tracing::info!(worker = %id, name = %registration.worker_name, host = %registration.advertise_host, "worker registered");
+        if matches!(self.phase, Phase::Waiting) && self.generation.is_none() {
+            // Say what the start waits for (operators watching a pod's log).
+            let registered = self.workers.len() + 1;
+            let expected = self.settings.expected_workers;
+            let first = self.first_registered.unwrap_or(now);
+            let wait_left = self
+                .settings
+                .formation_wait
+                .saturating_sub(now.saturating_sub(first));
+            if registered < expected {
+                tracing::info!(
+                    registered,
+                    expected_workers = expected,
+                    min_workers = self.settings.min_workers,
+                    formation_wait_left_s = wait_left.as_secs_f64(),
+                    "waiting for workers: training starts when all {expected} have registered, or with at \
+                     least {} once cluster.formation_wait_s ({:.1} s after the first registration) is over",
+                    self.settings.min_workers,
+                    self.settings.formation_wait.as_secs_f64()
+                );
+            }
+        }
         self.workers.insert(
             id,
             Worker {
@@ -683,16 +707,21 @@ impl Scheduler {
                     success: true,
                     reason: "every step is committed".to_owned(),
                     checkpoint_step,
+                    resumable: false,
                 }));
             }
             Phase::Failed(message) => {
                 record.stopped = true;
                 let checkpoint_step =
                     self.checkpoint_request_for(request.worker_id, request.next_step);
+                // A shutdown ends the phase as failed ("cancelled: ..."), but the
+                // job itself goes on with the next coordinator: workers exit 75.
+                let resumable = self.shutdown.is_some();
                 return Some(Reply::Assignment(Assignment::Stop {
                     success: false,
                     reason: message,
                     checkpoint_step,
+                    resumable,
                 }));
             }
             _ => {}
@@ -1278,6 +1307,16 @@ impl Scheduler {
             if let Some(record) = self.workers.get_mut(id) {
                 record.checked_in = false;
             }
+        }
+        if since.is_none() && candidates.len() < self.settings.expected_workers {
+            tracing::info!(
+                world_size = candidates.len(),
+                expected_workers = self.settings.expected_workers,
+                min_workers = self.settings.min_workers,
+                "formation wait over: starting with {} of {} expected workers (others join at the next regroup)",
+                candidates.len(),
+                self.settings.expected_workers
+            );
         }
         tracing::info!(
             generation = number,

@@ -337,9 +337,13 @@ fn checksum_mismatch_fails_the_job_loudly() {
     );
     match ask(&mut s, a, 1, 1, 1, 6) {
         Assignment::Stop {
-            success, reason, ..
+            success,
+            reason,
+            resumable,
+            ..
         } => {
             assert!(!success);
+            assert!(!resumable, "a failed job is over: workers exit 1");
             assert_eq!(reason, message);
         }
         other => panic!("{other:?}"),
@@ -641,7 +645,8 @@ fn shutdown_drains_issued_steps_then_asks_a_holder_for_the_checkpoint() {
         Assignment::Wait { .. }
     ));
     match reply(&s.on_event(Event::Register(registration(&config, "late")), ms(7))) {
-        Reply::Error(ApiError::Refused(m)) => assert!(m.contains("shutting down"), "{m}"),
+        // Unavailable (retryable): the job goes on with the next coordinator.
+        Reply::Error(ApiError::Unavailable(m)) => assert!(m.contains("shutting down"), "{m}"),
         other => panic!("{other:?}"),
     }
     // The issued steps 0 and 1 commit.
@@ -657,8 +662,13 @@ fn shutdown_drains_issued_steps_then_asks_a_holder_for_the_checkpoint() {
             success,
             reason,
             checkpoint_step,
+            resumable,
         } => {
             assert!(!success);
+            assert!(
+                resumable,
+                "a shutdown is not the job's end: workers exit 75"
+            );
             assert_eq!(reason, "cancelled: SIGTERM");
             assert_eq!(checkpoint_step, Some(2));
         }

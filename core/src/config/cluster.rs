@@ -45,6 +45,7 @@ pub(crate) struct RawCluster {
     pub connect_timeout_s: f64,
     pub rpc_retry_deadline_s: f64,
     pub bucket_mb: i64,
+    pub lock_wait_s: f64,
 }
 
 /// Validated `[cluster]` settings.
@@ -86,6 +87,11 @@ pub struct ClusterConfig {
     pub rpc_retry_deadline: Duration,
     /// Worker: gradient bucket size in MiB (default 25, PyTorch DDP's); >= 1.
     pub bucket_mb: usize,
+    /// Coordinator: how long to wait for the single-instance lock on
+    /// `<out_dir>/coordinator/lock` while another coordinator holds it (default
+    /// 120 s; 0 = give up at once), then exit 75 (retryable). Covers the moments
+    /// where an old coordinator pod is still draining while its replacement starts.
+    pub lock_wait: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -103,6 +109,7 @@ impl Default for ClusterConfig {
             connect_timeout: Duration::from_secs(120),
             rpc_retry_deadline: Duration::from_secs(60),
             bucket_mb: 25,
+            lock_wait: Duration::from_secs(120),
         }
     }
 }
@@ -139,6 +146,7 @@ impl From<&ClusterConfig> for RawCluster {
             connect_timeout_s: seconds(c.connect_timeout),
             rpc_retry_deadline_s: seconds(c.rpc_retry_deadline),
             bucket_mb: i64::try_from(c.bucket_mb).unwrap_or(i64::MAX),
+            lock_wait_s: seconds(c.lock_wait),
         }
     }
 }
@@ -249,6 +257,7 @@ pub(crate) fn validate(raw: &RawCluster) -> Result<ClusterConfig, Vec<Problem>> 
         connect_timeout: c.duration("connect_timeout_s", raw.connect_timeout_s, true),
         rpc_retry_deadline: c.duration("rpc_retry_deadline_s", raw.rpc_retry_deadline_s, true),
         bucket_mb: c.count("bucket_mb", raw.bucket_mb, " (gradient bucket size in MiB)"),
+        lock_wait: c.duration("lock_wait_s", raw.lock_wait_s, true),
     };
     if !config.heartbeat.is_zero()
         && !config.lease.is_zero()

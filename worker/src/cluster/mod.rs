@@ -48,8 +48,13 @@
 //! coordinator continues the job without restarting any worker.
 //!
 //! - [`checksum`]: the parameter fingerprint sent with each report.
+//! - [`device`]: `--device auto|cpu|cuda|cuda:N`, `HSAT_DEVICE`, `LOCAL_RANK`: which
+//!   device a worker trains on.
+//! - [`exit`]: the exit status each way a worker ends maps to.
 
 pub mod checksum;
+pub mod device;
+pub mod exit;
 
 use std::future::Future;
 use std::net::{ToSocketAddrs, UdpSocket};
@@ -127,6 +132,27 @@ pub struct WorkerSummary {
     pub generations: u64,
     /// Why it stopped.
     pub reason: String,
+    /// The coordinator said the job finished (`Stop { success: true }`): the only
+    /// end a worker exits 0 with. False: the worker was shut down (SIGTERM) or its
+    /// coordinator stopped before the job's end; the job goes on without it (exit
+    /// 75, see [`hsat_core::exit`]).
+    pub job_finished: bool,
+}
+
+impl hsat_core::exit::ExitClass for WorkerSummary {
+    fn exit(&self) -> hsat_core::exit::Exit {
+        if self.job_finished {
+            hsat_core::exit::Exit::Success
+        } else {
+            hsat_core::exit::Exit::Retryable
+        }
+    }
+}
+
+/// How the protocol loop ended without an error.
+struct Ended {
+    reason: String,
+    job_finished: bool,
 }
 
 /// Runs a worker until the coordinator says stop (`Ok`), the job fails or is refused
@@ -218,9 +244,10 @@ pub fn run_worker(options: WorkerOptions, shutdown: Arc<AtomicBool>) -> Result<W
         steps_trained: worker.protocol.steps_trained(),
         generations: worker.protocol.generations(),
         reason: match &outcome {
-            Ok(reason) => reason.clone(),
+            Ok(ended) => ended.reason.clone(),
             Err(err) => crate::error::error_chain(err),
         },
+        job_finished: outcome.as_ref().is_ok_and(|ended| ended.job_finished),
     };
     if let Some(heartbeats) = worker.heartbeats.take() {
         heartbeats.abort();
@@ -287,13 +314,16 @@ struct Worker<'a> {
 
 impl Worker<'_> {
     /// The protocol loop; returns the coordinator's reason to stop.
-    fn run(&mut self, shutdown: &AtomicBool) -> Result<String> {
+    fn run(&mut self, shutdown: &AtomicBool) -> Result<Ended> {
         loop {
             let action = self.protocol.next_action();
             // A step already trained is reported first: its update is in every
             // rank's model, and the report lets the step commit without a regroup.
             if shutdown.load(Ordering::SeqCst) && !matches!(action, Action::Report(_)) {
-                return Ok("shut down on request".into());
+                return Ok(Ended {
+                    reason: "shut down on request before the job finished".into(),
+                    job_finished: false,
+                });
             }
             if self.lost.swap(false, Ordering::SeqCst)
                 && !matches!(self.protocol.next_action(), Action::Register(_))
@@ -305,9 +335,18 @@ impl Worker<'_> {
             }
             let event = match action {
                 Action::Register(registration) => {
-                    let registered = self.call("register with the coordinator", || {
-                        self.client.register(registration.clone())
-                    })?;
+                    // A coordinator that is still starting (indexing its dataset)
+                    // answers UNAVAILABLE: give it the start-up time a coordinator
+                    // that does not listen yet gets (`connect_timeout_s`), not only
+                    // the retry deadline of a running job's calls.
+                    let patience = self
+                        .options
+                        .rpc_retry_deadline
+                        .max(self.options.connect_deadline);
+                    let registered =
+                        self.call_within(patience, "register with the coordinator", || {
+                            self.client.register(registration.clone())
+                        })?;
                     tracing::info!(worker_id = %registered.worker_id, coordinator = %self.options.coordinator, "registered");
                     self.heartbeats = Some(self.runtime.spawn(heartbeat_loop(
                         self.client.clone(),
@@ -352,15 +391,26 @@ impl Worker<'_> {
                     success,
                     reason,
                     checkpoint_step,
+                    resumable,
                 } => {
                     self.session = None;
                     if let Some(step) = checkpoint_step {
                         self.write_stop_checkpoint(step);
                     }
-                    return if success {
-                        Ok(reason)
-                    } else {
-                        Err(WorkerError::JobFailed { reason })
+                    return match (success, resumable) {
+                        (true, _) => Ok(Ended {
+                            reason,
+                            job_finished: true,
+                        }),
+                        // The coordinator shut down; the job resumes with the next.
+                        (false, true) => Ok(Ended {
+                            reason: format!(
+                                "the coordinator stopped before the job finished ({reason}); \
+                                 the job resumes when a coordinator is back"
+                            ),
+                            job_finished: false,
+                        }),
+                        (false, false) => Err(WorkerError::JobFailed { reason }),
                     };
                 }
             };
@@ -402,7 +452,20 @@ impl Worker<'_> {
     where
         Fut: Future<Output = std::result::Result<T, ApiError>>,
     {
-        let backoff = Backoff::until(self.options.rpc_retry_deadline);
+        self.call_within(self.options.rpc_retry_deadline, action, call)
+    }
+
+    /// [`Self::call`] retrying for up to `deadline`.
+    fn call_within<T, Fut>(
+        &self,
+        deadline: Duration,
+        action: &'static str,
+        call: impl FnMut() -> Fut,
+    ) -> Result<T>
+    where
+        Fut: Future<Output = std::result::Result<T, ApiError>>,
+    {
+        let backoff = Backoff::until(deadline);
         self.runtime
             .block_on(retry(action, backoff, call))
             .map_err(WorkerError::rpc(action))
