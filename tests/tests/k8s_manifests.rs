@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use hsat_core::exit::Exit;
 use serde_json::Value;
 
 /// The Kubernetes versions the manifests are validated for (docs/operations.md):
@@ -43,24 +44,18 @@ const KINDS: [(&str, &str); 7] = [
 
 /// The exit codes of `hsat coordinator`, `hsat worker`, `hsat run` and
 /// `hsat-coordinator` after which a replacement pod would fail the same way (the
-/// Jobs' FailJob codes), and the retryable one (issue 12's table).
-///
-/// LEAD: once `hsat_core::exit` is merged, make the body
-/// `Exit::ALL.into_iter().filter(|e| *e != Exit::Success && !e.is_retryable())
-///  .map(|e| i64::from(e.code())).collect()` and the retryable one
-/// `i64::from(Exit::Retryable.code())`.
+/// Jobs' FailJob codes): every code of `hsat_core::exit` but success and retryable.
 fn permanent_exit_codes() -> BTreeSet<i64> {
-    BTreeSet::from([1, 2, 78])
+    Exit::ALL
+        .into_iter()
+        .filter(|exit| *exit != Exit::Success && !exit.is_retryable())
+        .map(|exit| i64::from(exit.code()))
+        .collect()
 }
 
 fn retryable_exit_code() -> i64 {
-    75
+    i64::from(Exit::Retryable.code())
 }
-
-/// Environment variables the manifests set for hsat that the code does not read
-/// yet. LEAD: empty once OPS's worker/src/cluster/device.rs (`LOCAL_RANK_ENV`) is
-/// merged.
-const READ_BY_CODE_PENDING: [&str; 1] = ["LOCAL_RANK"];
 
 /// The uid:gid the images run as and the pods' securityContext names.
 const UID: i64 = 10001;
@@ -972,8 +967,7 @@ fn manifests_agree_with_the_code() {
                 let substituted = all_args.contains(&format!("$({name})"));
                 let nccl = name.starts_with("NCCL_");
                 let launcher_reads = local_workers > 1 && launcher.contains(&format!("${{{name}"));
-                let code_reads =
-                    literals.contains(&name) || READ_BY_CODE_PENDING.contains(&name.as_str());
+                let code_reads = literals.contains(&name);
                 assert!(
                     substituted || nccl || launcher_reads || code_reads,
                     "{}",

@@ -270,13 +270,11 @@ pub fn train_step_measured(
         _ => None,
     };
     let clean = match objective {
-        OuterObjective::Clean | OuterObjective::Mixed { .. } => {
-            Some(scope.objective(
-                loss,
-                &model.embed_batch(images, Pass::TRAIN)?,
-                LossType::P_S_PT,
-            )?)
-        }
+        OuterObjective::Clean | OuterObjective::Mixed { .. } => Some(scope.objective(
+            loss,
+            &model.embed_batch(images, Pass::TRAIN)?,
+            LossType::P_S_PT,
+        )?),
         OuterObjective::OnlyAdv => None,
     };
     let total = match (objective, &clean, &adv) {
