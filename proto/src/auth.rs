@@ -182,18 +182,33 @@ pub fn read_token_file(path: &Path, origin: &str) -> Result<Token, AuthError> {
     Token::parse(&text, &format!("{} ({origin})", path.display()))
 }
 
+/// Warns when users other than the intended ones can read the token: always for
+/// a world-readable file; for a group-readable one only when the process owns it.
+/// A file owned by someone else (Kubernetes mounts a Secret owned by root, mode
+/// 0440, group `fsGroup`) is readable to a non-root process only through its group,
+/// so the group bit is the deployment's intent, not a mistake.
 #[cfg(unix)]
 fn warn_if_readable_by_others(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    // `/proc/self` belongs to the process's uid; without procfs assume ownership,
+    // which keeps the stricter warning.
+    let owned_by_us = std::fs::metadata("/proc/self").map_or(true, |me| me.uid() == meta.uid());
+    if token_file_exposed(mode, owned_by_us) {
         tracing::warn!(
             file = %path.display(),
-            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            mode = format!("{mode:o}"),
             "the job token file is readable by other users: `chmod 600` it"
         );
     }
+}
+
+/// Whether a token file's permission bits `mode` let unintended users read it.
+fn token_file_exposed(mode: u32, owned_by_us: bool) -> bool {
+    mode & 0o007 != 0 || (owned_by_us && mode & 0o070 != 0)
 }
 
 #[cfg(not(unix))]
@@ -539,6 +554,19 @@ mod tests {
             map.insert(*key, value.parse().unwrap());
         }
         map
+    }
+
+    #[test]
+    fn a_token_file_is_exposed_when_the_world_or_its_owners_group_can_read_it() {
+        // A user's own file: any group or world bit is a mistake.
+        assert!(!token_file_exposed(0o600, true));
+        assert!(!token_file_exposed(0o400, true));
+        assert!(token_file_exposed(0o640, true));
+        assert!(token_file_exposed(0o604, true));
+        // A Kubernetes Secret (root-owned, group fsGroup): group read is how a
+        // non-root pod reads it; world read still is not.
+        assert!(!token_file_exposed(0o440, false));
+        assert!(token_file_exposed(0o444, false));
     }
 
     #[test]
