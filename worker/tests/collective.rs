@@ -4,10 +4,10 @@
 //! (`test:rank:world:port:prefix`). Gloo over loopback, a few MB at most: seconds.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
-use anyhow::{bail, ensure};
+use anyhow::ensure;
 use hsat_core::config::Backbone;
 use hsat_worker::collective::{
     Backend, CollectiveError, GradientSync, ProcessGroup, Store, broadcast_state,
@@ -15,105 +15,17 @@ use hsat_worker::collective::{
 use hsat_worker::model::Encoder;
 use tch::{Device, Kind, Tensor};
 
-const ROLE_ENV: &str = "HSAT_COLLECTIVE_ROLE";
+mod support;
+use support::{Ranks, Role, wait_child};
+
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What a child process is asked to be.
-#[derive(Debug, Clone)]
-struct Role {
-    rank: usize,
-    world: usize,
-    port: u16,
-    prefix: String,
-}
-
-/// The role of this process if it is a child spawned for `test`.
-fn child_role(test: &str) -> Option<Role> {
-    let value = std::env::var(ROLE_ENV).ok()?;
-    let parts: Vec<&str> = value.split(':').collect();
-    if parts.len() != 5 || parts[0] != test {
-        return None;
-    }
-    Some(Role {
-        rank: parts[1].parse().ok()?,
-        world: parts[2].parse().ok()?,
-        port: parts[3].parse().ok()?,
-        prefix: parts[4].to_owned(),
-    })
-}
-
-fn spawn_rank(test: &str, role: &Role) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(
-            ROLE_ENV,
-            format!(
-                "{test}:{}:{}:{}:{}",
-                role.rank, role.world, role.port, role.prefix
-            ),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-/// Waits for a child; kills it and fails after `limit` so that a bug never hangs CI.
-fn wait_child(child: &mut Child, limit: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait()? {
-            ensure!(status.success(), "child rank failed: {status}");
-            return Ok(());
-        }
-        if start.elapsed() > limit {
-            child.kill().ok();
-            child.wait().ok();
-            bail!("child rank still running after {limit:?}: killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-type Body = fn(&ProcessGroup) -> anyhow::Result<()>;
-
-/// Runs `body` on `world` ranks: this process is rank 0, the others are children.
-fn run_ranks(test: &str, world: usize, prefix: &str, body: Body) {
-    let store = Store::host("127.0.0.1", 0, world, TIMEOUT).unwrap();
-    let mut children: Vec<Child> = (1..world)
-        .map(|rank| {
-            let role = Role {
-                rank,
-                world,
-                port: store.port(),
-                prefix: prefix.to_owned(),
-            };
-            spawn_rank(test, &role)
-        })
-        .collect();
-    let pg = ProcessGroup::new(&store, prefix, 0, world, Backend::Gloo, TIMEOUT).unwrap();
-    let outcome = body(&pg);
-    for child in &mut children {
-        wait_child(child, Duration::from_secs(60)).unwrap();
-    }
-    outcome.unwrap();
-}
-
-/// The child side of [`run_ranks`].
-fn run_child(role: &Role, body: Body) {
-    tch::set_num_threads(1);
-    let store = Store::connect("127.0.0.1", role.port, role.world, TIMEOUT).unwrap();
-    let pg = ProcessGroup::new(
-        &store,
-        &role.prefix,
-        role.rank,
-        role.world,
-        Backend::Gloo,
-        TIMEOUT,
-    )
-    .unwrap();
-    body(&pg).unwrap();
-}
+/// Ranks of these tests: role in `HSAT_COLLECTIVE_ROLE`.
+const RANKS: Ranks = Ranks {
+    role_env: "HSAT_COLLECTIVE_ROLE",
+    timeout: TIMEOUT,
+    child_limit: Duration::from_secs(60),
+};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
@@ -239,11 +151,8 @@ fn collectives_body(pg: &ProcessGroup) -> anyhow::Result<()> {
 #[test]
 fn all_reduce_broadcast_and_weighted_average_on_2_and_3_ranks() {
     const NAME: &str = "all_reduce_broadcast_and_weighted_average_on_2_and_3_ranks";
-    if let Some(role) = child_role(NAME) {
-        return run_child(&role, collectives_body);
-    }
-    run_ranks(NAME, 2, "w2", collectives_body);
-    run_ranks(NAME, 3, "w3", collectives_body);
+    RANKS.run(NAME, 2, "w2", collectives_body);
+    RANKS.run(NAME, 3, "w3", collectives_body);
 }
 
 // ---------------------------------------------------------------------------------
@@ -327,10 +236,7 @@ fn tiny_model_body(pg: &ProcessGroup) -> anyhow::Result<()> {
 #[test]
 fn synced_gradient_over_uneven_shards_is_the_weighted_mean() {
     const NAME: &str = "synced_gradient_over_uneven_shards_is_the_weighted_mean";
-    if let Some(role) = child_role(NAME) {
-        return run_child(&role, tiny_model_body);
-    }
-    run_ranks(NAME, SHARDS.len(), "tiny", tiny_model_body);
+    RANKS.run(NAME, SHARDS.len(), "tiny", tiny_model_body);
 }
 
 // ---------------------------------------------------------------------------------
@@ -370,10 +276,7 @@ fn broadcast_body(pg: &ProcessGroup) -> anyhow::Result<()> {
 #[test]
 fn broadcast_state_makes_all_ranks_bitwise_identical() {
     const NAME: &str = "broadcast_state_makes_all_ranks_bitwise_identical";
-    if let Some(role) = child_role(NAME) {
-        return run_child(&role, broadcast_body);
-    }
-    run_ranks(NAME, 3, "bcast", broadcast_body);
+    RANKS.run(NAME, 3, "bcast", broadcast_body);
 }
 
 // ---------------------------------------------------------------------------------
@@ -429,7 +332,7 @@ fn start_faulty_pair(
         port: store.port(),
         prefix: prefix.to_owned(),
     };
-    let child = spawn_rank(test, &role);
+    let child = RANKS.spawn_rank(test, &role);
     warm_up(store, prefix, 0);
     let pg = ProcessGroup::new(store, prefix, 0, 2, Backend::Gloo, timeout).unwrap();
     let mut t = vec![Tensor::ones([1000], (Kind::Float, Device::Cpu))];
@@ -449,7 +352,7 @@ fn regroup(test: &str, store: &Store, prefix: &str) {
 #[test]
 fn killed_peer_surfaces_as_error_and_survivor_regroups() {
     const NAME: &str = "killed_peer_surfaces_as_error_and_survivor_regroups";
-    if let Some(role) = child_role(NAME) {
+    if let Some(role) = RANKS.child_role(NAME) {
         return faulty_child(&role);
     }
     // A long timeout: the error must come from the closed connection, not the clock.
@@ -479,7 +382,7 @@ fn killed_peer_surfaces_as_error_and_survivor_regroups() {
 #[test]
 fn hung_peer_times_out_and_survivor_regroups() {
     const NAME: &str = "hung_peer_times_out_and_survivor_regroups";
-    if let Some(role) = child_role(NAME) {
+    if let Some(role) = RANKS.child_role(NAME) {
         return faulty_child(&role);
     }
     let store = Store::host("127.0.0.1", 0, 2, Duration::from_secs(60)).unwrap();

@@ -23,120 +23,25 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use hsat_core::config::{AttackKind, Backbone, Config, LossScope};
-use hsat_worker::collective::{Backend, BatchNormSync, GradientSync, ProcessGroup, Store};
+use hsat_worker::collective::{BatchNormSync, GradientSync, ProcessGroup};
 use hsat_worker::train::distributed::{RankCollectives, train_rank_shard};
 use hsat_worker::train::step::StepScope;
 use hsat_worker::train::trainer::{ShardStep, Trainer};
 use tch::{Device, Kind, Tensor};
 
-const ROLE_ENV: &str = "HSAT_SYNC_BN_ROLE";
-const TIMEOUT: Duration = Duration::from_secs(60);
+mod support;
+use support::Ranks;
 
-#[derive(Debug, Clone)]
-struct Role {
-    rank: usize,
-    world: usize,
-    port: u16,
-    prefix: String,
-}
-
-fn child_role(test: &str) -> Option<Role> {
-    let value = std::env::var(ROLE_ENV).ok()?;
-    let parts: Vec<&str> = value.split(':').collect();
-    if parts.len() != 5 || parts[0] != test {
-        return None;
-    }
-    Some(Role {
-        rank: parts[1].parse().ok()?,
-        world: parts[2].parse().ok()?,
-        port: parts[3].parse().ok()?,
-        prefix: parts[4].to_owned(),
-    })
-}
-
-fn spawn_rank(test: &str, role: &Role) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(
-            ROLE_ENV,
-            format!(
-                "{test}:{}:{}:{}:{}",
-                role.rank, role.world, role.port, role.prefix
-            ),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-/// Waits for a child; kills it and fails after `limit` so that a bug never hangs CI.
-fn wait_child(child: &mut Child, limit: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait()? {
-            ensure!(status.success(), "child rank failed: {status}");
-            return Ok(());
-        }
-        if start.elapsed() > limit {
-            child.kill().ok();
-            child.wait().ok();
-            bail!("child rank still running after {limit:?}: killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-type Body = fn(&ProcessGroup) -> anyhow::Result<()>;
-
-/// Runs `body` on `world` ranks: this process is rank 0, the others are children.
-/// In a child (its role in the environment) runs the child's side instead.
-fn run_ranks(test: &str, world: usize, prefix: &str, body: Body) {
-    if let Some(role) = child_role(test) {
-        if role.prefix == prefix {
-            run_child(&role, body);
-        }
-        return;
-    }
-    let store = Store::host("127.0.0.1", 0, world, TIMEOUT).unwrap();
-    let mut children: Vec<Child> = (1..world)
-        .map(|rank| {
-            let role = Role {
-                rank,
-                world,
-                port: store.port(),
-                prefix: prefix.to_owned(),
-            };
-            spawn_rank(test, &role)
-        })
-        .collect();
-    let pg = ProcessGroup::new(&store, prefix, 0, world, Backend::Gloo, TIMEOUT).unwrap();
-    let outcome = body(&pg);
-    for child in &mut children {
-        wait_child(child, Duration::from_secs(120)).unwrap();
-    }
-    outcome.unwrap();
-}
-
-fn run_child(role: &Role, body: Body) {
-    tch::set_num_threads(1);
-    let store = Store::connect("127.0.0.1", role.port, role.world, TIMEOUT).unwrap();
-    let pg = ProcessGroup::new(
-        &store,
-        &role.prefix,
-        role.rank,
-        role.world,
-        Backend::Gloo,
-        TIMEOUT,
-    )
-    .unwrap();
-    body(&pg).unwrap();
-}
+/// Ranks of these tests: role in `HSAT_SYNC_BN_ROLE`.
+const RANKS: Ranks = Ranks {
+    role_env: "HSAT_SYNC_BN_ROLE",
+    timeout: Duration::from_secs(60),
+    child_limit: Duration::from_secs(120),
+};
 
 /// Largest absolute difference; two empty tensors of the same shape agree.
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
@@ -226,8 +131,8 @@ fn parity_body(pg: &ProcessGroup) -> anyhow::Result<()> {
 #[test]
 fn sync_batch_norm_matches_pytorch_on_2_and_3_ranks_with_an_empty_shard() {
     const TEST: &str = "sync_batch_norm_matches_pytorch_on_2_and_3_ranks_with_an_empty_shard";
-    run_ranks(TEST, 2, "parity-2", parity_body);
-    run_ranks(TEST, 3, "parity-3", parity_body);
+    RANKS.run(TEST, 2, "parity-2", parity_body);
+    RANKS.run(TEST, 3, "parity-3", parity_body);
 }
 
 // ---------------------------------------------------------------------------------
@@ -278,7 +183,7 @@ fn lost_peer_body(pg: &ProcessGroup) -> anyhow::Result<()> {
 #[test]
 fn a_peer_lost_before_the_backward_pass_is_a_collective_error() {
     const TEST: &str = "a_peer_lost_before_the_backward_pass_is_a_collective_error";
-    run_ranks(TEST, 2, "lost-2", lost_peer_body);
+    RANKS.run(TEST, 2, "lost-2", lost_peer_body);
 }
 
 // ---------------------------------------------------------------------------------
@@ -424,7 +329,7 @@ fn equivalence_body(pg: &ProcessGroup) -> anyhow::Result<()> {
 #[test]
 fn global_loss_with_sync_bn_equals_the_whole_batch_step_on_1_2_and_3_ranks() {
     const TEST: &str = "global_loss_with_sync_bn_equals_the_whole_batch_step_on_1_2_and_3_ranks";
-    run_ranks(TEST, 1, "equal-1", equivalence_body);
-    run_ranks(TEST, 2, "equal-2", equivalence_body);
-    run_ranks(TEST, 3, "equal-3", equivalence_body);
+    RANKS.run(TEST, 1, "equal-1", equivalence_body);
+    RANKS.run(TEST, 2, "equal-2", equivalence_body);
+    RANKS.run(TEST, 3, "equal-3", equivalence_body);
 }
