@@ -16,7 +16,7 @@ use hsat_worker::model::Encoder;
 use tch::{Device, Kind, Tensor};
 
 mod support;
-use support::{Ranks, Role, wait_child};
+use support::ranks::{Ranks, Role, wait_child};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -14,7 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use hsat_core::config::{Backbone, LossType, OptimizerConfig};
 use hsat_worker::checkpoint::{
@@ -31,39 +31,12 @@ use tch::{Device, Kind, Tensor};
 const EPS: f64 = 8.0 / 255.0;
 const ALPHA: f64 = 2.0 / 255.0;
 
-fn fixture_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model_options.safetensors")
-}
+mod support;
+use support::fixtures::Fixtures;
 
-struct Fixtures(HashMap<String, Tensor>);
-
-impl Fixtures {
-    fn load() -> Self {
-        let path = fixture_path();
-        let entries = Tensor::read_safetensors(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; regenerate with scripts/fixtures/model_options_fixtures.py",
-                path.display()
-            )
-        });
-        Fixtures(entries.into_iter().collect())
-    }
-
-    fn get(&self, key: &str) -> &Tensor {
-        self.0
-            .get(key)
-            .unwrap_or_else(|| panic!("fixture key {key} missing; regenerate the fixtures"))
-    }
-
-    fn with_prefix(&self, prefix: &str) -> Vec<(String, Tensor)> {
-        self.0
-            .iter()
-            .filter_map(|(k, v)| {
-                k.strip_prefix(prefix)
-                    .map(|rest| (rest.to_owned(), v.shallow_clone()))
-            })
-            .collect()
-    }
+/// This file's fixtures.
+fn fixtures() -> Fixtures {
+    Fixtures::load("model_options.safetensors", "model_options_fixtures.py")
 }
 
 fn hidisc_loss() -> HierarchicalLoss {
@@ -177,14 +150,14 @@ fn closed_input(shape: &[i64]) -> Tensor {
 fn pgd2_model(fx: &Fixtures) -> Encoder {
     let mut model = Encoder::new(Backbone::SmallCnn, &[], 8, Device::Cpu).unwrap();
     model
-        .load_state(&fx.with_prefix("pgd2.init."), &fixture_path())
+        .load_state(&fx.with_prefix("pgd2.init."), fx.path())
         .unwrap();
     model
 }
 
 #[test]
 fn pgd_2_draws_clamps_and_steps_as_the_reference() {
-    let fx = Fixtures::load();
+    let fx = fixtures();
     let model = pgd2_model(&fx);
     let loss = hidisc_loss();
     let x = fx.get("pgd2.x");
@@ -235,7 +208,7 @@ fn pgd_2_draws_clamps_and_steps_as_the_reference() {
 fn proj_model(fx: &Fixtures) -> Encoder {
     let mut model = Encoder::with_head(Backbone::SmallCnn, HeadSpec::Proj, Device::Cpu).unwrap();
     model
-        .load_state(&fx.with_prefix("proj.init."), &fixture_path())
+        .load_state(&fx.with_prefix("proj.init."), fx.path())
         .expect("the reference's proj_head state names");
     model
 }
@@ -311,7 +284,7 @@ fn the_projection_head_has_the_references_layers_and_init() {
 
 #[test]
 fn the_projection_head_matches_the_reference_forward_backward_and_step() {
-    let fx = Fixtures::load();
+    let fx = fixtures();
     let model = proj_model(&fx);
     let loss = hidisc_loss();
     let x = fx.get("proj.x");
@@ -376,7 +349,7 @@ fn the_projection_head_matches_the_reference_forward_backward_and_step() {
 
 #[test]
 fn resnet50_multi_bn_matches_the_reference_on_each_branch() {
-    let fx = Fixtures::load();
+    let fx = fixtures();
     let mut model = Encoder::new(Backbone::ResNet50MultiBn, &[], 8, Device::Cpu).unwrap();
     let head = model
         .state()
@@ -398,7 +371,7 @@ fn resnet50_multi_bn_matches_the_reference_on_each_branch() {
 
 #[test]
 fn resnet18_multi_bn_training_steps_with_pgd_2_match_the_reference() {
-    let fx = Fixtures::load();
+    let fx = fixtures();
     let loss = hidisc_loss();
     let x = fx.get("dual.r18.x");
     for mode in ["mixed", "only_adv"] {

@@ -10,8 +10,7 @@
 //! ~/.cache/hsat/venv-torch-2.13.0/bin/python scripts/fixtures/engine_fixtures.py
 //! ```
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use hsat_core::config::{Backbone, LossType, OptimizerConfig};
 use hsat_core::schedule::lr_multiplier;
@@ -24,48 +23,20 @@ use tch::{Device, Kind, Tensor};
 
 const LOSS_TYPES: [&str; 7] = ["p_s_pt", "s_pt", "p_pt", "p_s", "p", "s", "pt"];
 
-fn fixture_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/engine.safetensors")
+mod support;
+use support::fixtures::Fixtures;
+
+/// This file's fixtures.
+fn fixtures() -> Fixtures {
+    Fixtures::load("engine.safetensors", "engine_fixtures.py")
 }
 
-struct Fixtures(HashMap<String, Tensor>);
-
 impl Fixtures {
-    fn load() -> Self {
-        let path = fixture_path();
-        let entries = Tensor::read_safetensors(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; regenerate with scripts/fixtures/engine_fixtures.py",
-                path.display()
-            )
-        });
-        Fixtures(entries.into_iter().collect())
-    }
-
-    fn get(&self, key: &str) -> &Tensor {
-        self.0
-            .get(key)
-            .unwrap_or_else(|| panic!("fixture key {key} missing; regenerate the fixtures"))
-    }
-
-    fn with_prefix(&self, prefix: &str) -> Vec<(String, Tensor)> {
-        let mut out: Vec<(String, Tensor)> = self
-            .0
-            .iter()
-            .filter_map(|(k, v)| {
-                k.strip_prefix(prefix)
-                    .map(|rest| (rest.to_owned(), v.shallow_clone()))
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
-    }
-
     /// The tiny reference model (small_cnn, head 16 -> 12 -> 8) at its initial weights.
     fn model(&self) -> Encoder {
         let mut model = Encoder::new(Backbone::SmallCnn, &[12], 8, Device::Cpu).expect("model");
         model
-            .load_state(&self.with_prefix("init."), &fixture_path())
+            .load_state(&self.with_prefix("init."), self.path())
             .expect("fixture weights fit the model");
         model
     }
@@ -114,7 +85,7 @@ fn tensor_rel_err(ours: &Tensor, theirs: &Tensor) -> f64 {
 
 #[test]
 fn hierarchical_loss_and_its_gradient_match_pytorch_for_every_loss_type() {
-    let fx = Fixtures::load();
+    let fx = fixtures();
     for setting in ["default", "custom"] {
         let loss = loss_with(setting);
         for lt in LOSS_TYPES {
@@ -174,7 +145,7 @@ fn a_level_without_positives_is_rejected_before_computing() {
 
 #[test]
 fn parameter_gradients_match_pytorch() {
-    let fx = Fixtures::load();
+    let fx = fixtures();
     let model = fx.model();
     let emb = model
         .embed_batch(fx.get("x"), hsat_worker::model::Pass::TRAIN)
@@ -198,7 +169,7 @@ fn parameter_gradients_match_pytorch() {
 
 #[test]
 fn pgd_deltas_match_pytorch_and_no_parameter_gradient_is_computed() {
-    let fx = Fixtures::load();
+    let fx = fixtures();
     let model = fx.model();
     let loss = loss_with("default");
     for lt in ["p_s_pt", "pt"] {
@@ -233,7 +204,7 @@ fn pgd_deltas_match_pytorch_and_no_parameter_gradient_is_computed() {
 
 #[test]
 fn ten_adamw_steps_with_the_schedule_match_pytorch_in_all_three_modes() {
-    let fx = Fixtures::load();
+    let fx = fixtures();
     let opt = OptimizerConfig {
         learn_rate: 1e-3,
         beta1: 0.9,
@@ -374,7 +345,7 @@ fn closed_form_backbone(backbone: Backbone) -> Encoder {
 
 #[test]
 fn backbones_match_torchvision_on_closed_form_weights() {
-    let fx = Fixtures::load();
+    let fx = fixtures();
     let input: Vec<f32> = (0..2 * 3 * 32 * 32)
         .map(|i| ((i * 37) % 101) as f32 / 100.0)
         .collect();

@@ -34,7 +34,7 @@ use hsat_worker::train::trainer::{ShardStep, Trainer};
 use tch::{Device, Kind, Tensor};
 
 mod support;
-use support::Ranks;
+use support::ranks::Ranks;
 
 /// Ranks of these tests: role in `HSAT_SYNC_BN_ROLE`.
 const RANKS: Ranks = Ranks {
