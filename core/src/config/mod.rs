@@ -55,7 +55,7 @@ pub use metrics::MetricsConfig;
 pub use security::SecurityConfig;
 pub use types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
-    EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossScope, LossType, ModelConfig,
+    EvalTarget, KnnDevice, HidiscSampling, InfraConfig, LoaderConfig, LossScope, LossType, ModelConfig,
     ObjectiveConfig, OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig,
     SyntheticConfig, TrainingConfig, WarmupSteps, available_cores,
 };
