@@ -10,8 +10,8 @@ use std::str::FromStr;
 use super::raw::{RawConfig, RawWarmup};
 use super::types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
-    EvalTarget, KnnDevice, HidiscSampling, InfraConfig, LoaderConfig, LossScope, LossType, ModelConfig,
-    ObjectiveConfig, OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig,
+    EvalTarget, HidiscSampling, InfraConfig, KnnDevice, LoaderConfig, LossScope, LossType,
+    ModelConfig, ObjectiveConfig, OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig,
     SyntheticConfig, TrainingConfig, WarmupSteps,
 };
 

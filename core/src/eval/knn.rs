@@ -61,7 +61,9 @@ pub fn knn_scores(
             // Stable sort: equal similarities keep the lower bank index first.
             order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
             class_scores(
-                order[..k].iter().map(|&index| (sims[index], bank_labels[index])),
+                order[..k]
+                    .iter()
+                    .map(|&index| (sims[index], bank_labels[index])),
                 n_classes,
                 t,
             )

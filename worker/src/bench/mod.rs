@@ -19,8 +19,8 @@
 
 pub mod checkpoint;
 pub mod data;
-pub mod eval;
 pub mod distributed;
+pub mod eval;
 pub mod step;
 pub mod sync;
 

@@ -79,7 +79,12 @@ impl BankRows<'_> {
     }
 
     /// Rows `start..start + count`, flat, into `out`.
-    fn read_flat(&self, start: usize, count: usize, out: &mut Vec<f32>) -> Result<(), EvalRunError> {
+    fn read_flat(
+        &self,
+        start: usize,
+        count: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), EvalRunError> {
         match self {
             BankRows::Memory(rows) => {
                 out.clear();
@@ -177,8 +182,26 @@ pub fn device_knn_scores(
         let query_chunk = (spec.memory_bytes / 2 / per_query).max(1);
         let mut unproven = Vec::new();
         for chunk in pending.chunks(query_chunk) {
-            let selected = select(bank, cached.as_ref(), bank_chunk, queries, chunk, keep, spec.device)?;
-            let rescored = rescore(bank, labels, queries, chunk, &selected, k, keep == n, err, spec)?;
+            let selected = select(
+                bank,
+                cached.as_ref(),
+                bank_chunk,
+                queries,
+                chunk,
+                keep,
+                spec.device,
+            )?;
+            let rescored = rescore(
+                bank,
+                labels,
+                queries,
+                chunk,
+                &selected,
+                k,
+                keep == n,
+                err,
+                spec,
+            )?;
             for (&q, result) in chunk.iter().zip(rescored) {
                 match result {
                     Some(row) => {
@@ -225,7 +248,12 @@ fn check_inputs(
     let mut widths = queries.iter().map(Vec::len);
     if let BankRows::Memory(rows) = bank {
         if let Some(width) = bank.dim() {
-            if let Some(other) = rows.iter().map(Vec::len).chain(widths).find(|&w| w != width) {
+            if let Some(other) = rows
+                .iter()
+                .map(Vec::len)
+                .chain(widths)
+                .find(|&w| w != width)
+            {
                 return Err(width_error(other, width));
             }
         }
@@ -258,7 +286,12 @@ fn normalised(
 }
 
 /// `[count, dim]` rows divided by their L2 norms (at least `1e-12`, as `F.normalize`).
-fn unit_rows(flat: &[f32], count: usize, dim: usize, device: Device) -> Result<Tensor, EvalRunError> {
+fn unit_rows(
+    flat: &[f32],
+    count: usize,
+    dim: usize,
+    device: Device,
+) -> Result<Tensor, EvalRunError> {
     let rows = Tensor::from_slice(flat)
         .f_view([count as i64, dim as i64])?
         .f_to_device(device)?;
@@ -380,14 +413,19 @@ fn rescore(
             .step_by(per_thread)
             .map(|from| {
                 let one = &one;
-                scope.spawn(move || (from..(from + per_thread).min(chunk.len())).map(one).collect())
+                scope.spawn(move || {
+                    (from..(from + per_thread).min(chunk.len()))
+                        .map(one)
+                        .collect()
+                })
             })
             .collect();
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or(Err(EvalRunError::ThreadPanicked { what: "kNN rescoring" }))
+                h.join().unwrap_or(Err(EvalRunError::ThreadPanicked {
+                    what: "kNN rescoring",
+                }))
             })
             .collect()
     });

@@ -43,8 +43,8 @@ pub use attack::FeatureAttack;
 pub use features::{Rows, ValFeatures, clean_features, val_features};
 pub use images::{BatchSpec, PatchRecord, patches_of};
 pub use knn::{BankRows, DeviceKnn, KnnStats, device_knn_scores};
-pub use store::{FeatureFile, FeatureWriter};
 pub use run::{EvalEvent, EvalPlan, EvalRequest, ModelSpec, run_eval};
+pub use store::{FeatureFile, FeatureWriter};
 
 /// Why an evaluation could not run (or stopped). The inputs the kNN math rejects
 /// have their own type, `hsat_core::eval::EvalInputError`, kept here as a source.

@@ -243,12 +243,7 @@ pub fn run_eval(
                 &dir.path().join(format!("bank-{m}.f32")),
                 &mut progress,
             )?),
-            None => BankStore::Memory(clean_features(
-                &model.encoder,
-                &train,
-                spec,
-                &mut progress,
-            )?),
+            None => BankStore::Memory(clean_features(&model.encoder, &train, spec, &mut progress)?),
         });
         on_event(EvalEvent::StageDone);
     }

@@ -30,15 +30,25 @@ fn spec(k: usize, memory_bytes: usize) -> DeviceKnn {
 fn agree(bank: &[Vec<f32>], labels: &[usize], queries: &[Vec<f32>], spec: &DeviceKnn) -> KnnStats {
     let exact = knn_scores(bank, labels, queries, spec.n_classes, spec.k, spec.t).expect("cpu");
     let mut seen = Vec::new();
-    let (scores, stats) = device_knn_scores(BankRows::Memory(bank), labels, queries, spec, &mut |d, t| {
-        seen.push((d, t));
-    })
+    let (scores, stats) = device_knn_scores(
+        BankRows::Memory(bank),
+        labels,
+        queries,
+        spec,
+        &mut |d, t| {
+            seen.push((d, t));
+        },
+    )
     .expect("device");
     assert_eq!(scores.len(), exact.len());
     for (q, (got, want)) in scores.iter().zip(&exact).enumerate() {
         assert_eq!(got, want, "query {q}: device {got:?} vs exact {want:?}");
     }
-    assert_eq!(seen.last(), Some(&(queries.len(), queries.len())), "progress ends at the total");
+    assert_eq!(
+        seen.last(),
+        Some(&(queries.len(), queries.len())),
+        "progress ends at the total"
+    );
     stats
 }
 
@@ -50,7 +60,10 @@ fn random_features_match_the_exact_path_with_many_chunks() {
     let queries = rows(&mut rng, 41, 16);
     // 600 bytes: bank chunks of 9 rows, query chunks of 1: every merge path runs.
     let stats = agree(&bank, &labels, &queries, &spec(10, 600));
-    assert_eq!(stats.rounds, 1, "random data is proven in the first round: {stats:?}");
+    assert_eq!(
+        stats.rounds, 1,
+        "random data is proven in the first round: {stats:?}"
+    );
     // One chunk for everything (the bank cached on the device).
     agree(&bank, &labels, &queries, &spec(10, 1 << 24));
 }
@@ -67,7 +80,10 @@ fn duplicate_rows_and_ties_past_the_margin_are_resolved_exactly() {
     let mut queries = rows(&mut rng, 5, 8);
     queries.extend(distinct.iter().cloned());
     let stats = agree(&bank, &labels, &queries, &spec(10, 2000));
-    assert!(stats.widened > 0 && stats.rounds > 1, "ties past the margin widen: {stats:?}");
+    assert!(
+        stats.widened > 0 && stats.rounds > 1,
+        "ties past the margin widen: {stats:?}"
+    );
 }
 
 #[test]
@@ -93,8 +109,14 @@ fn a_bank_streamed_from_disk_gives_the_same_scores() {
     }
     let file = writer.finish().expect("finish");
     let spec = spec(15, 1000);
-    let (from_disk, _) =
-        device_knn_scores(BankRows::File(&file), &labels, &queries, &spec, &mut |_, _| {}).expect("file");
+    let (from_disk, _) = device_knn_scores(
+        BankRows::File(&file),
+        &labels,
+        &queries,
+        &spec,
+        &mut |_, _| {},
+    )
+    .expect("file");
     let exact = knn_scores(&bank, &labels, &queries, 4, 15, 0.07).expect("cpu");
     assert_eq!(from_disk, exact);
 }
@@ -104,9 +126,15 @@ fn inputs_the_exact_path_rejects_are_rejected() {
     let bank = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
     let queries = vec![vec![1.0, 1.0]];
     let run = |labels: &[usize], queries: &[Vec<f32>]| {
-        device_knn_scores(BankRows::Memory(&bank), labels, queries, &spec(1, 1 << 20), &mut |_, _| {})
-            .expect_err("bad input")
-            .to_string()
+        device_knn_scores(
+            BankRows::Memory(&bank),
+            labels,
+            queries,
+            &spec(1, 1 << 20),
+            &mut |_, _| {},
+        )
+        .expect_err("bad input")
+        .to_string()
     };
     assert!(run(&[0], &queries).contains("2 rows but 1 labels"));
     assert!(run(&[0, 4], &queries).contains("bank label 4"));
@@ -116,11 +144,23 @@ fn inputs_the_exact_path_rejects_are_rejected() {
 #[test]
 fn an_empty_bank_or_k_zero_gives_zero_scores() {
     let queries = vec![vec![1.0, 2.0]; 3];
-    let (scores, _) =
-        device_knn_scores(BankRows::Memory(&[]), &[], &queries, &spec(5, 1 << 20), &mut |_, _| {}).expect("empty");
+    let (scores, _) = device_knn_scores(
+        BankRows::Memory(&[]),
+        &[],
+        &queries,
+        &spec(5, 1 << 20),
+        &mut |_, _| {},
+    )
+    .expect("empty");
     assert_eq!(scores, vec![vec![0.0; 4]; 3]);
     let bank = vec![vec![1.0, 0.0]];
-    let (scores, _) =
-        device_knn_scores(BankRows::Memory(&bank), &[1], &queries, &spec(0, 1 << 20), &mut |_, _| {}).expect("k = 0");
+    let (scores, _) = device_knn_scores(
+        BankRows::Memory(&bank),
+        &[1],
+        &queries,
+        &spec(0, 1 << 20),
+        &mut |_, _| {},
+    )
+    .expect("k = 0");
     assert_eq!(scores, vec![vec![0.0; 4]; 3]);
 }
