@@ -245,22 +245,21 @@ fn check_inputs(
             "bank label {label} is not below n_classes = {n_classes}"
         )));
     }
-    let mut widths = queries.iter().map(Vec::len);
-    if let BankRows::Memory(rows) = bank {
-        if let Some(width) = bank.dim() {
-            if let Some(other) = rows
-                .iter()
-                .map(Vec::len)
-                .chain(widths)
-                .find(|&w| w != width)
-            {
-                return Err(width_error(other, width));
-            }
-        }
-    } else if let Some(width) = bank.dim() {
-        if let Some(other) = widths.find(|&w| w != width) {
-            return Err(width_error(other, width));
-        }
+    let Some(width) = bank.dim() else {
+        return Ok(());
+    };
+    // A file's rows all have its width; rows in memory are checked one by one.
+    let bank_widths: &[Vec<f32>] = match bank {
+        BankRows::Memory(rows) => rows,
+        BankRows::File(_) => &[],
+    };
+    if let Some(other) = bank_widths
+        .iter()
+        .chain(queries)
+        .map(Vec::len)
+        .find(|&w| w != width)
+    {
+        return Err(width_error(other, width));
     }
     Ok(())
 }
