@@ -9,6 +9,8 @@
 //! - [`data`]: `hsat synth` and `hsat data check`.
 //! - [`bench`](mod@bench): `hsat bench step|data`, benchmarks against PyTorch, and
 //!   `hsat bench checkpoint`.
+//! - [`bench_eval`]: `hsat bench eval`, the kNN of `hsat eval` on the CPU in f64
+//!   against the device path.
 //! - [`bench_recovery`]: `hsat bench recovery`, time to the next commit after a kill -9.
 //! - [`bench_sync`]: `hsat bench sync`, gradient synchronisation against PyTorch DDP.
 //! - [`eval`]: `hsat eval`, the paper's kNN and robustness tables.
@@ -18,6 +20,7 @@
 
 mod bench;
 mod bench_control;
+mod bench_eval;
 mod bench_recovery;
 mod bench_sync;
 mod cluster;
@@ -198,6 +201,17 @@ enum BenchCommand {
     ///   hsat bench recovery --trials 5
     #[command(verbatim_doc_comment)]
     Recovery(bench_recovery::RecoveryArgs),
+
+    /// The kNN of `hsat eval` at a real dataset's scale: today's exact f64 CPU path
+    /// (eval.knn_device = "cpu_exact") against the device path ("auto": f32 top-k in
+    /// chunks, exact f64 rescoring) on the same seeded features, in one run; prints
+    /// both times, the ratio and their agreement. The default size (100k x 20k x 2048)
+    /// takes hours on the CPU path with 2 cores: pass smaller sizes there.
+    ///
+    /// Example:
+    ///   hsat bench eval --bank 20000 --queries 2000 --dim 512
+    #[command(verbatim_doc_comment)]
+    Eval(bench_eval::EvalBenchArgs),
 }
 
 /// `hsat run` arguments.
@@ -292,6 +306,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(BenchCommand::Sync(args)) => bench_sync::sync(args),
         Command::Bench(BenchCommand::ControlPlane(args)) => bench_control::control_plane(args),
         Command::Bench(BenchCommand::Recovery(args)) => bench_recovery::recovery(args),
+        Command::Bench(BenchCommand::Eval(args)) => bench_eval::eval(args),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

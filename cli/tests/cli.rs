@@ -22,6 +22,7 @@ fn every_subcommand_explains_itself_with_an_example() {
         vec!["bench", "sync", "--help"],
         vec!["bench", "control-plane", "--help"],
         vec!["bench", "checkpoint", "--help"],
+        vec!["bench", "eval", "--help"],
         vec!["plot", "--help"],
     ] {
         let out = hsat().args(&args).output().expect("run hsat");

@@ -55,8 +55,8 @@ pub use metrics::MetricsConfig;
 pub use security::SecurityConfig;
 pub use types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
-    EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossScope, LossType, ModelConfig,
-    ObjectiveConfig, OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig,
+    EvalTarget, HidiscSampling, InfraConfig, KnnDevice, LoaderConfig, LossScope, LossType,
+    ModelConfig, ObjectiveConfig, OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig,
     SyntheticConfig, TrainingConfig, WarmupSteps, available_cores,
 };
 

@@ -50,6 +50,8 @@ pub(crate) struct RawEval {
     pub fgsm_alpha: f64,
     pub mifgsm_decay: f64,
     pub attack_target: String,
+    pub knn_device: String,
+    pub knn_memory_mb: i64,
 }
 
 /// `[infra]`
@@ -396,6 +398,8 @@ impl From<&Config> for RawConfig {
                 fgsm_alpha: eval.fgsm_alpha_255,
                 mifgsm_decay: eval.mifgsm_decay,
                 attack_target: eval.attack_target.name().to_owned(),
+                knn_device: eval.knn_device.name().to_owned(),
+                knn_memory_mb: int(eval.knn_memory_mb),
             },
             cluster: RawCluster::from(cluster),
             metrics: RawMetrics::from(metrics),

@@ -856,7 +856,7 @@ fn docs_describe_every_key() {
     let docs = include_str!("../../../docs/config.md");
     let mut keys = Vec::new();
     leaf_keys(&layers::schema().unwrap(), "", &mut keys);
-    assert_eq!(keys.len(), 94);
+    assert_eq!(keys.len(), 96);
     for key in keys {
         assert!(
             docs.contains(&format!("`{key}`")),
@@ -948,6 +948,36 @@ fn eval_section_defaults_layers_and_checks() {
     // Round trip through the raw form (checkpoints store it).
     let back = Config::from_json_value(&cfg.to_json_value()).unwrap();
     assert_eq!(back.eval, cfg.eval);
+}
+
+#[test]
+fn knn_device_and_memory_keys() {
+    let cfg = Config::default();
+    assert_eq!(
+        (cfg.eval.knn_device, cfg.eval.knn_memory_mb),
+        (KnnDevice::Auto, 512)
+    );
+    let cfg = load_with(
+        None,
+        &[("HSAT__EVAL__KNN_MEMORY_MB", "64")],
+        &["eval.knn_device=cpu_exact"],
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg.eval.knn_device, cfg.eval.knn_memory_mb),
+        (KnnDevice::CpuExact, 64)
+    );
+    let back = Config::from_json_value(&cfg.to_json_value()).unwrap();
+    assert_eq!(back.eval, cfg.eval);
+    let text = problems(load_with(
+        None,
+        &[],
+        &["eval.knn_device=gpu", "eval.knn_memory_mb=0"],
+    ))
+    .join("\n");
+    for needle in ["\"gpu\"", "eval.knn_memory_mb = 0"] {
+        assert!(text.contains(needle), "{needle} missing from {text}");
+    }
 }
 
 #[test]

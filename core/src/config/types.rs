@@ -583,6 +583,19 @@ named_enum! {
     }
 }
 
+named_enum! {
+    /// Where `hsat eval` computes the kNN (raw key `eval.knn_device`).
+    pub enum KnnDevice ("kNN device") {
+        /// On the model's device with libtorch: f32 similarities and top-k in chunks,
+        /// then the selected neighbours rescored exactly in f64 (same results as
+        /// `cpu_exact`).
+        Auto => "auto",
+        /// Every similarity in f64 on the CPU (the reference's arithmetic; slow for
+        /// large banks).
+        CpuExact => "cpu_exact",
+    }
+}
+
 /// `hsat eval` settings (method.md §7). Attack sizes are in pixel units, with the
 /// values as written (units of 1/255) kept beside them.
 #[derive(Debug, Clone, PartialEq)]
@@ -611,6 +624,10 @@ pub struct EvalConfig {
     pub mifgsm_decay: f64,
     /// Which output the attacks push away from the clean one (default backbone).
     pub attack_target: EvalTarget,
+    /// Where the kNN runs (default auto: the model's device, exact f64 rescoring).
+    pub knn_device: KnnDevice,
+    /// Memory the device kNN's chunks may take, in MiB (default 512); >= 1.
+    pub knn_memory_mb: usize,
 }
 
 /// Learning-rate schedule settings.
@@ -744,6 +761,8 @@ impl Default for Config {
                 fgsm_alpha_255: 10.0,
                 mifgsm_decay: 1.0,
                 attack_target: EvalTarget::Backbone,
+                knn_device: KnnDevice::Auto,
+                knn_memory_mb: 512,
             },
             cluster: ClusterConfig::default(),
             metrics: MetricsConfig::default(),

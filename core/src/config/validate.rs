@@ -10,8 +10,8 @@ use std::str::FromStr;
 use super::raw::{RawConfig, RawWarmup};
 use super::types::{
     AttackConfig, AttackKind, Backbone, Config, DataConfig, DataSource, EvalAttack, EvalConfig,
-    EvalTarget, HidiscSampling, InfraConfig, LoaderConfig, LossScope, LossType, ModelConfig,
-    ObjectiveConfig, OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig,
+    EvalTarget, HidiscSampling, InfraConfig, KnnDevice, LoaderConfig, LossScope, LossType,
+    ModelConfig, ObjectiveConfig, OptimizerConfig, ParseNameError, ScheduleKind, SchedulerConfig,
     SyntheticConfig, TrainingConfig, WarmupSteps,
 };
 
@@ -774,6 +774,16 @@ fn eval(c: &mut Checker, raw: &RawConfig) -> EvalConfig {
         attack_target: c
             .choice::<EvalTarget>("eval.attack_target", &r.attack_target)
             .unwrap_or(EvalTarget::Backbone),
+        knn_device: c
+            .choice::<KnnDevice>("eval.knn_device", &r.knn_device)
+            .unwrap_or(KnnDevice::Auto),
+        knn_memory_mb: c.count(
+            "eval.knn_memory_mb",
+            r.knn_memory_mb,
+            1,
+            None,
+            " (MiB for the kNN's chunks)",
+        ),
     }
 }
 

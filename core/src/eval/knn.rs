@@ -60,18 +60,39 @@ pub fn knn_scores(
             let mut order: Vec<usize> = (0..sims.len()).collect();
             // Stable sort: equal similarities keep the lower bank index first.
             order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
-            let mut scores = vec![0.0; n_classes];
-            for &index in &order[..k] {
-                scores[bank_labels[index]] += (sims[index] / t).exp();
-            }
-            l1_normalise(&mut scores);
-            scores
+            class_scores(
+                order[..k]
+                    .iter()
+                    .map(|&index| (sims[index], bank_labels[index])),
+                n_classes,
+                t,
+            )
         })
         .collect())
 }
 
-/// The row in f64, divided by its L2 norm (at least [`NORM_EPS`]).
-fn unit(row: &[f32]) -> Vec<f64> {
+/// L1-normalised class scores of a query's neighbours, given as `(cosine, label)` in
+/// neighbour order (decreasing similarity, ties by lower bank index): the last step
+/// of [`knn_scores`], shared with the worker's device kNN so both sum the same
+/// weights in the same order (bitwise equal results for equal neighbours).
+///
+/// Every label must be below `n_classes` (checked by the callers).
+pub fn class_scores(
+    neighbours: impl IntoIterator<Item = (f64, usize)>,
+    n_classes: usize,
+    t: f64,
+) -> Vec<f64> {
+    let mut scores = vec![0.0; n_classes];
+    for (sim, label) in neighbours {
+        scores[label] += (sim / t).exp();
+    }
+    l1_normalise(&mut scores);
+    scores
+}
+
+/// The row in f64, divided by its L2 norm (at least `1e-12`): the normalisation of
+/// [`knn_scores`], public so the worker's rescoring computes the same cosines.
+pub fn unit(row: &[f32]) -> Vec<f64> {
     let norm = row
         .iter()
         .map(|&x| f64::from(x) * f64::from(x))
@@ -81,7 +102,9 @@ fn unit(row: &[f32]) -> Vec<f64> {
     row.iter().map(|&x| f64::from(x) / norm).collect()
 }
 
-fn dot(a: &[f64], b: &[f64]) -> f64 {
+/// The dot product of two f64 rows, summed in index order (the cosine of two
+/// [`unit`] rows, as [`knn_scores`] computes it).
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(
         a.len(),
         b.len(),

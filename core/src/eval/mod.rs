@@ -27,7 +27,7 @@ pub mod report;
 mod tests;
 
 pub use aggregate::{Aggregated, aggregate};
-pub use knn::knn_scores;
+pub use knn::{class_scores, dot, knn_scores, unit};
 pub use metrics::{Metrics, average_precision, metrics, ranked_classes};
 
 /// Inputs the evaluation math cannot work with (mismatched lengths, labels out of

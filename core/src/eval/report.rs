@@ -186,11 +186,22 @@ pub fn evaluate_levels(
     groups: &ValGroups,
 ) -> Result<Levels, EvalInputError> {
     let scores = parallel_knn(bank, queries)?;
-    let patch = metrics(&scores, &groups.labels, bank.n_classes)?;
-    let slides = aggregate(&scores, &groups.slides, &groups.labels)?;
-    let slide = metrics(&slides.scores, &slides.labels, bank.n_classes)?;
-    let patients = aggregate(&scores, &groups.patients, &groups.labels)?;
-    let patient = metrics(&patients.scores, &patients.labels, bank.n_classes)?;
+    levels_of_scores(&scores, groups, bank.n_classes)
+}
+
+/// Patch -> slide -> patient aggregation and metrics of kNN patch `scores` (one row
+/// per val patch), however they were computed (here on the CPU, or on the model's
+/// device by the worker).
+pub fn levels_of_scores(
+    scores: &[Vec<f64>],
+    groups: &ValGroups,
+    n_classes: usize,
+) -> Result<Levels, EvalInputError> {
+    let patch = metrics(scores, &groups.labels, n_classes)?;
+    let slides = aggregate(scores, &groups.slides, &groups.labels)?;
+    let slide = metrics(&slides.scores, &slides.labels, n_classes)?;
+    let patients = aggregate(scores, &groups.patients, &groups.labels)?;
+    let patient = metrics(&patients.scores, &patients.labels, n_classes)?;
     Ok(vec![
         level_result("patch", scores.len(), patch),
         level_result("slide", slides.groups.len(), slide),
@@ -199,8 +210,13 @@ pub fn evaluate_levels(
 }
 
 /// [`knn_scores`] with the queries split over `bank.threads` threads (each query is
-/// independent, so the result is the same as one call).
-fn parallel_knn(bank: Bank<'_>, queries: &[Vec<f32>]) -> Result<Vec<Vec<f64>>, EvalInputError> {
+/// independent, so the result is the same as one call): today's exact f64 CPU path
+/// (`eval.knn_device = "cpu_exact"`).
+///
+/// # Errors
+///
+/// As [`knn_scores`].
+pub fn parallel_knn(bank: Bank<'_>, queries: &[Vec<f32>]) -> Result<Vec<Vec<f64>>, EvalInputError> {
     let threads = bank.threads.clamp(1, queries.len().max(1));
     let per_thread = queries.len().div_ceil(threads).max(1);
     let parts: Vec<Result<Vec<Vec<f64>>, EvalInputError>> = std::thread::scope(|scope| {

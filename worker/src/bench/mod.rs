@@ -14,10 +14,13 @@
 //! - [`distributed`]: a whole distributed step of two local processes with
 //!   `training.loss_scope` local/global and `training.sync_bn` off/on, timed against
 //!   the local scope without sync BN in the same run (`hsat bench sync --step`).
+//! - [`eval`]: `hsat eval`'s kNN, the exact f64 CPU path against the device path,
+//!   on the same seeded features in one run (times, ratio, agreement).
 
 pub mod checkpoint;
 pub mod data;
 pub mod distributed;
+pub mod eval;
 pub mod step;
 pub mod sync;
 
@@ -60,6 +63,9 @@ pub enum BenchError {
     /// A libtorch call failed.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// The evaluation engine (kNN, feature files) failed.
+    #[error(transparent)]
+    Eval(#[from] crate::eval::EvalRunError),
     /// The generated dataset could not be written.
     #[error(transparent)]
     Synth(#[from] hsat_data::synth::SynthError),

@@ -1,12 +1,14 @@
 //! Backbone features of the train bank and of the clean and attacked val patches.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
 use super::EvalRunError;
 use super::attack::{FeatureAttack, random_start, start_seed};
 use super::images::{BatchSpec, ImageBatch, ImageBatches, PatchRecord};
+use super::store::{FeatureFile, FeatureWriter};
 use crate::model::{Encoder, Pass};
 
 /// Feature rows, one per patch.
@@ -33,16 +35,48 @@ pub fn clean_features(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Rows, EvalRunError> {
     let mut rows = Vec::with_capacity(patches.len());
+    each_clean_batch(model, patches, spec, progress, &mut |batch| {
+        rows.extend(batch);
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
+/// [`clean_features`] written to `path` (raw f32, [`FeatureWriter`]) batch by batch
+/// as they are computed, so no more than one batch of rows is ever in memory: the
+/// kNN bank of `eval.knn_device = "auto"`.
+pub fn clean_features_to_file(
+    model: &Encoder,
+    patches: &[PatchRecord],
+    spec: BatchSpec,
+    path: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<FeatureFile, EvalRunError> {
+    let mut writer = FeatureWriter::create(path)?;
+    each_clean_batch(model, patches, spec, progress, &mut |batch| {
+        writer.append(&batch)
+    })?;
+    writer.finish()
+}
+
+/// Embeds `patches` batch by batch and hands each batch's rows to `sink`.
+fn each_clean_batch(
+    model: &Encoder,
+    patches: &[PatchRecord],
+    spec: BatchSpec,
+    progress: &mut dyn FnMut(usize, usize),
+    sink: &mut dyn FnMut(Rows) -> Result<(), EvalRunError>,
+) -> Result<(), EvalRunError> {
     let total = patches.len();
     progress(0, total);
     for batch in ImageBatches::start(paths(patches), spec)? {
         let batch = batch?;
         let images = to_tensor(&batch, spec.image_size, model.device())?;
         let features = tch::no_grad(|| model.features(&images, Pass::EVAL))?;
-        rows.extend(to_rows(&features)?);
+        sink(to_rows(&features)?)?;
         progress(batch.start + batch.len, total);
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// Clean features of every model and adversarial features for every attack crafted on

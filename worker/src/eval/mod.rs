@@ -10,6 +10,10 @@
 //! - [`features`]: clean features, and one pass over the val patches that crafts
 //!   every attack against every model and embeds the results (white-box and
 //!   transfer).
+//! - [`knn`]: kNN class scores on the model's device (f32 similarities and top-k in
+//!   chunks, exact f64 rescoring of the selected neighbours; equal to the CPU path).
+//! - [`store`]: feature rows streamed to a raw f32 file and read back by range (a
+//!   bank larger than memory).
 //! - [`load_checkpoint`]: an encoder from a checkpoint directory, a run folder or a
 //!   `backbone.safetensors` file.
 //! - [`run`]: the whole of `hsat eval` ([`run_eval`]): dataset, models, features,
@@ -18,7 +22,9 @@
 pub mod attack;
 pub mod features;
 pub mod images;
+pub mod knn;
 pub mod run;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 
@@ -36,7 +42,9 @@ use hsat_data::plot::PlotError;
 pub use attack::FeatureAttack;
 pub use features::{Rows, ValFeatures, clean_features, val_features};
 pub use images::{BatchSpec, PatchRecord, patches_of};
+pub use knn::{BankRows, DeviceKnn, KnnStats, device_knn_scores};
 pub use run::{EvalEvent, EvalPlan, EvalRequest, ModelSpec, run_eval};
+pub use store::{FeatureFile, FeatureWriter};
 
 /// Why an evaluation could not run (or stopped). The inputs the kNN math rejects
 /// have their own type, `hsat_core::eval::EvalInputError`, kept here as a source.

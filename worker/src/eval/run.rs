@@ -10,19 +10,20 @@
 
 use std::path::{Path, PathBuf};
 
-use hsat_core::config::{Backbone, Config, DataSource, EvalAttack};
+use hsat_core::config::{Backbone, Config, DataSource, EvalAttack, KnnDevice};
 use hsat_core::dataset::Split;
 use hsat_core::eval::report::{
-    self, AttackResult, Bank, DatasetSummary, EvalReport, EvalSettings, ModelResult,
-    TransferResult, ValGroups, evaluate_levels, transfer_levels,
+    self, AttackResult, Bank, DatasetSummary, EvalReport, EvalSettings, Levels, ModelResult,
+    TransferResult, ValGroups, evaluate_levels, levels_of_scores, transfer_levels,
 };
 use hsat_data::check::open_dataset;
 use hsat_data::plot;
 use tch::Device;
 
+use super::features::clean_features_to_file;
 use super::{
-    BatchSpec, EvalRunError, FeatureAttack, LoadedModel, clean_features, load_checkpoint,
-    patches_of, val_features,
+    BankRows, BatchSpec, DeviceKnn, EvalRunError, FeatureAttack, FeatureFile, LoadedModel, Rows,
+    clean_features, device_knn_scores, load_checkpoint, patches_of, val_features,
 };
 
 /// The names of the files [`run_eval`] writes into [`EvalRequest::out`], in order.
@@ -223,15 +224,27 @@ pub fn run_eval(
         torch_threads: cfg.infra.torch_threads(),
     }));
 
+    // The auto kNN's banks are streamed to raw f32 files in a scratch folder of
+    // `out` (removed when `scratch` drops, also on an error), so a bank larger than
+    // memory works; the exact CPU path keeps them in memory as it always did.
+    let scratch = match e.knn_device {
+        KnnDevice::Auto => Some(scratch_dir(&request.out)?),
+        KnnDevice::CpuExact => None,
+    };
     let mut banks = Vec::with_capacity(models.len());
-    for model in &models {
+    for (m, model) in models.iter().enumerate() {
         on_event(EvalEvent::Stage("train features"));
-        banks.push(clean_features(
-            &model.encoder,
-            &train,
-            spec,
-            &mut |done, total| on_event(EvalEvent::Progress { done, total }),
-        )?);
+        let mut progress = |done, total| on_event(EvalEvent::Progress { done, total });
+        banks.push(match &scratch {
+            Some(dir) => BankStore::File(clean_features_to_file(
+                &model.encoder,
+                &train,
+                spec,
+                &dir.path().join(format!("bank-{m}.f32")),
+                &mut progress,
+            )?),
+            None => BankStore::Memory(clean_features(&model.encoder, &train, spec, &mut progress)?),
+        });
         on_event(EvalEvent::StageDone);
     }
     let encoders: Vec<_> = models.iter().map(|m| &m.encoder).collect();
@@ -252,24 +265,41 @@ pub fn run_eval(
     )?;
     on_event(EvalEvent::StageDone);
 
-    let bank = |m: usize| Bank {
-        features: &banks[m],
+    let knn = Knn {
+        banks: &banks,
         labels: &train_labels,
+        groups: &groups,
         n_classes: index.classes.len(),
         k: e.knn_k,
         t: e.knn_temperature,
         threads: spec.threads,
+        device: request.device,
+        memory_bytes: e.knn_memory_mb.saturating_mul(1 << 20),
+    };
+    let query_sets = models.len() + features.adversarial.len();
+    on_event(EvalEvent::Stage("kNN"));
+    let mut knn_done = 0;
+    let mut levels = |m: usize, rows: &[Vec<f32>]| -> Result<_, EvalRunError> {
+        let offset = knn_done * val.len();
+        let levels = knn.levels(m, rows, &mut |done, _| {
+            on_event(EvalEvent::Progress {
+                done: offset + done,
+                total: query_sets * val.len(),
+            });
+        })?;
+        knn_done += 1;
+        Ok(levels)
     };
     let mut results = Vec::with_capacity(models.len());
     for (m, model) in models.iter().enumerate() {
-        let clean = evaluate_levels(bank(m), &features.clean[m], &groups)?;
+        let clean = levels(m, &features.clean[m])?;
         let mut attack_results = Vec::new();
         for (a, attack) in attacks.iter().enumerate() {
             if let Some(rows) = features.adversarial.get(&(m, a, m)) {
                 attack_results.push(AttackResult {
                     attack: attack.kind.name().to_owned(),
                     eps_255: attack.eps * 255.0,
-                    levels: evaluate_levels(bank(m), rows, &groups)?,
+                    levels: levels(m, rows)?,
                 });
             }
         }
@@ -287,7 +317,7 @@ pub fn run_eval(
         if s == t {
             continue;
         }
-        let adversarial = evaluate_levels(bank(t), rows, &groups)?;
+        let adversarial = levels(t, rows)?;
         transfers.push(TransferResult {
             source: names[s].clone(),
             target: names[t].clone(),
@@ -296,6 +326,9 @@ pub fn run_eval(
             levels: transfer_levels(&results[t].clean, adversarial),
         });
     }
+
+    on_event(EvalEvent::StageDone);
+    drop(scratch);
 
     let report = EvalReport {
         settings: EvalSettings {
@@ -322,6 +355,79 @@ pub fn run_eval(
     };
     write_outputs(&report, &request.out)?;
     Ok(report)
+}
+
+/// A model's train bank: in memory (`eval.knn_device = "cpu_exact"`) or streamed to
+/// a file (`"auto"`).
+enum BankStore {
+    Memory(Rows),
+    File(FeatureFile),
+}
+
+/// The kNN of one evaluation: every model's bank and the settings.
+struct Knn<'a> {
+    banks: &'a [BankStore],
+    labels: &'a [usize],
+    groups: &'a ValGroups,
+    n_classes: usize,
+    k: usize,
+    t: f64,
+    threads: usize,
+    device: Device,
+    memory_bytes: usize,
+}
+
+impl Knn<'_> {
+    /// The levels of `queries` against model `m`'s bank, on the path its bank was
+    /// stored for.
+    fn levels(
+        &self,
+        m: usize,
+        queries: &[Vec<f32>],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Levels, EvalRunError> {
+        match &self.banks[m] {
+            BankStore::Memory(rows) => {
+                let bank = Bank {
+                    features: rows,
+                    labels: self.labels,
+                    n_classes: self.n_classes,
+                    k: self.k,
+                    t: self.t,
+                    threads: self.threads,
+                };
+                let levels = evaluate_levels(bank, queries, self.groups)?;
+                progress(queries.len(), queries.len());
+                Ok(levels)
+            }
+            BankStore::File(file) => {
+                let spec = DeviceKnn {
+                    n_classes: self.n_classes,
+                    k: self.k,
+                    t: self.t,
+                    device: self.device,
+                    memory_bytes: self.memory_bytes,
+                    threads: self.threads,
+                };
+                let (scores, _) =
+                    device_knn_scores(BankRows::File(file), self.labels, queries, &spec, progress)?;
+                Ok(levels_of_scores(&scores, self.groups, self.n_classes)?)
+            }
+        }
+    }
+}
+
+/// A scratch folder inside `out` (created first) for the banks' feature files.
+fn scratch_dir(out: &Path) -> Result<tempfile::TempDir, EvalRunError> {
+    let write = |source| EvalRunError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(out).map_err(write)?;
+    tempfile::Builder::new()
+        .prefix(".knn-bank-")
+        .tempdir_in(out)
+        .map_err(write)
 }
 
 /// Every configured attack at every configured budget, attack-major (the column
