@@ -14,7 +14,8 @@ use hsat_core::config::{Backbone, Config, DataSource, EvalAttack};
 use hsat_core::dataset::Split;
 use hsat_core::eval::report::{
     self, AttackResult, Bank, DatasetSummary, EvalReport, EvalSettings, ModelResult,
-    TransferResult, ValGroups, evaluate_levels, transfer_levels,
+    TransferResult, ValGroups, WorstCaseResult, evaluate_levels, score_levels, transfer_levels,
+    worst_case,
 };
 use hsat_data::check::open_dataset;
 use hsat_data::plot;
@@ -80,8 +81,10 @@ pub struct EvalPlan {
     pub attacks: usize,
     /// Budgets per attack kind.
     pub eps: usize,
-    /// Attack iterations.
+    /// Iterations of PGD, BIM and MI-FGSM.
     pub steps: usize,
+    /// APGD's iterations per restart and restarts, when APGD is among the attacks.
+    pub apgd: Option<(usize, usize)>,
     /// libtorch intra-op threads.
     pub torch_threads: usize,
 }
@@ -220,6 +223,10 @@ pub fn run_eval(
         attacks: e.attacks.len(),
         eps: e.eps_255.len(),
         steps: e.steps,
+        apgd: e
+            .attacks
+            .contains(&EvalAttack::Apgd)
+            .then_some((e.apgd_steps, e.apgd_restarts)),
         torch_threads: cfg.infra.torch_threads(),
     }));
 
@@ -262,16 +269,35 @@ pub fn run_eval(
     };
     let mut results = Vec::with_capacity(models.len());
     for (m, model) in models.iter().enumerate() {
-        let clean = evaluate_levels(bank(m), &features.clean[m], &groups)?;
+        let clean_scores = score_levels(bank(m), &features.clean[m], &groups)?;
+        let clean = clean_scores.levels()?;
         let mut attack_results = Vec::new();
+        // (eps, attack, scores) of every white-box run, for the worst case.
+        let mut attacked = Vec::new();
         for (a, attack) in attacks.iter().enumerate() {
             if let Some(rows) = features.adversarial.get(&(m, a, m)) {
+                let scores = score_levels(bank(m), rows, &groups)?;
                 attack_results.push(AttackResult {
                     attack: attack.kind.name().to_owned(),
                     eps_255: attack.eps * 255.0,
-                    levels: evaluate_levels(bank(m), rows, &groups)?,
+                    levels: scores.levels()?,
                 });
+                attacked.push((attack.eps * 255.0, attack.kind.name(), scores));
             }
+        }
+        let mut budgets: Vec<f64> = attacked.iter().map(|(eps, _, _)| *eps).collect();
+        budgets.sort_by(f64::total_cmp);
+        budgets.dedup();
+        let mut worst = Vec::with_capacity(budgets.len());
+        for eps in budgets {
+            let at_eps: Vec<_> = attacked.iter().filter(|(e, _, _)| *e == eps).collect();
+            let mut runs = vec![&clean_scores];
+            runs.extend(at_eps.iter().map(|(_, _, scores)| scores));
+            worst.push(WorstCaseResult {
+                eps_255: eps,
+                attacks: at_eps.iter().map(|(_, name, _)| (*name).to_owned()).collect(),
+                levels: worst_case(&runs)?,
+            });
         }
         results.push(ModelResult {
             name: names[m].clone(),
@@ -280,6 +306,7 @@ pub fn run_eval(
             step: model.meta.as_ref().map(|meta| meta.step),
             clean,
             attacks: attack_results,
+            worst_case: worst,
         });
     }
     let mut transfers = Vec::new();
@@ -303,6 +330,8 @@ pub fn run_eval(
             knn_temperature: e.knn_temperature,
             alpha_255: e.alpha_255,
             steps: e.steps,
+            apgd_steps: e.apgd_steps,
+            apgd_restarts: e.apgd_restarts,
             fgsm_alpha_255: e.fgsm_alpha_255,
             mifgsm_decay: e.mifgsm_decay,
             attack_target: e.attack_target.name().to_owned(),
@@ -338,8 +367,15 @@ fn feature_attacks(cfg: &Config) -> Vec<FeatureAttack> {
                     EvalAttack::Fgsm => e.fgsm_alpha_255,
                     _ => e.alpha_255,
                 } / 255.0,
-                steps: e.steps,
+                steps: match kind {
+                    EvalAttack::Apgd => e.apgd_steps,
+                    _ => e.steps,
+                },
                 decay: e.mifgsm_decay,
+                restarts: match kind {
+                    EvalAttack::Apgd => e.apgd_restarts,
+                    _ => 1,
+                },
                 target: e.attack_target,
             })
         })
