@@ -700,6 +700,19 @@ mod tests {
                 eps_255: 8.0,
                 levels: levels(robust),
             }],
+            worst_case: vec![WorstCaseResult {
+                eps_255: 8.0,
+                attacks: vec!["pgd".to_owned()],
+                levels: LEVELS
+                    .iter()
+                    .map(|name| WorstCaseLevel {
+                        level: (*name).to_owned(),
+                        n: 4,
+                        accuracy: robust / 2.0,
+                        mean_class_accuracy: f64::NAN,
+                    })
+                    .collect(),
+            }],
         };
         EvalReport {
             settings: EvalSettings {
@@ -707,6 +720,8 @@ mod tests {
                 knn_temperature: 0.07,
                 alpha_255: 2.0,
                 steps: 10,
+                apgd_steps: 100,
+                apgd_restarts: 1,
                 fgsm_alpha_255: 10.0,
                 mifgsm_decay: 1.0,
                 attack_target: "backbone".to_owned(),
@@ -730,13 +745,22 @@ mod tests {
     fn markdown_has_a_row_per_model_and_paper_columns() {
         let md = markdown_table(&report());
         assert!(
-            md.contains("| Model | Clean Acc | Clean MCA | PGD 8/255 Acc | PGD 8/255 MCA |"),
+            md.contains(
+                "| Model | Clean Acc | Clean MCA | PGD 8/255 Acc | PGD 8/255 MCA | \
+                 Worst case 8/255 Acc | Worst case 8/255 MCA |"
+            ),
             "{md}"
         );
         assert!(
-            md.contains("| HiDisc | 90.00 | 45.00 | 5.00 | 2.50 |"),
+            md.contains("| HiDisc | 90.00 | 45.00 | 5.00 | 2.50 | 2.50 | n/a |"),
             "{md}"
         );
+        // The line above the tables says how each attack ran.
+        assert!(
+            md.starts_with("Attacks: white-box, L-infinity, maximising -cosine(f(x_adv), f(x)) of the backbone"),
+            "{md}"
+        );
+        assert!(md.contains("PGD (10 steps, alpha 2/255); eps 8/255."), "{md}");
         assert_eq!(md.matches("**").count(), 6, "three level tables: {md}");
     }
 
@@ -746,13 +770,78 @@ mod tests {
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(
             lines[0],
-            "model,level,clean_acc,clean_mca,pgd_8_acc,pgd_8_mca"
+            "model,level,clean_acc,clean_mca,pgd_8_acc,pgd_8_mca,worst_8_acc,worst_8_mca"
         );
         assert_eq!(lines.len(), 1 + 2 * 3);
-        assert!(
-            lines[4].starts_with("\"HSAT, adv\",patch,70.0000,35.0000,60.0000,30.0000"),
-            "{csv}"
+        assert_eq!(
+            lines[4],
+            "\"HSAT, adv\",patch,70.0000,35.0000,60.0000,30.0000,30.0000,"
         );
+    }
+
+    #[test]
+    fn every_attack_names_its_settings() {
+        let s = report().settings;
+        let line = |a: &str| attack_settings(a, &s);
+        assert_eq!(line("bim"), "BIM (10 steps, alpha 2/255)");
+        assert_eq!(line("mifgsm"), "MI-FGSM (10 steps, alpha 2/255, decay 1)");
+        assert_eq!(line("fgsm"), "FGSM (1 step, alpha 10/255)");
+        assert_eq!(
+            line("apgd"),
+            "APGD (100 steps x 1 restart, step 2 eps halved when progress stalls, momentum 0.75)"
+        );
+    }
+
+    /// Scores of one evaluation whose predictions at every level are `predicted`
+    /// (one-hot rows of 3 classes), labels `labels`.
+    fn scored(predicted: &[usize], labels: &[usize]) -> LevelScores {
+        let rows: Vec<Vec<f64>> = predicted
+            .iter()
+            .map(|&p| (0..3).map(|c| if c == p { 0.8 } else { 0.1 }).collect())
+            .collect();
+        LevelScores {
+            n_classes: 3,
+            levels: vec![(rows, labels.to_vec()); 3],
+        }
+    }
+
+    #[test]
+    fn worst_case_counts_a_sample_that_fails_one_attack_as_wrong() {
+        let labels = [0, 0, 1, 1, 2];
+        let clean = scored(&[0, 0, 1, 1, 0], &labels); // sample 4 wrong already
+        let pgd = scored(&[0, 1, 1, 1, 2], &labels); // fails sample 1 only (4 right here)
+        let apgd = scored(&[0, 0, 1, 0, 2], &labels); // fails sample 3 only
+        // Each attack alone keeps 4 of 5; each sample fails at most one attack.
+        for run in [&pgd, &apgd] {
+            assert_eq!(run.levels().unwrap()[0].accuracy, 0.8);
+        }
+        let worst = worst_case(&[&clean, &pgd, &apgd]).unwrap();
+        assert_eq!(worst.len(), 3);
+        for level in &worst {
+            // Only samples 0 and 2 survive everything (4 is wrong on the clean image).
+            assert_eq!(level.n, 5);
+            assert_eq!(level.accuracy, 2.0 / 5.0, "{level:?}");
+            // Class 0: 1 of 2; class 1: 1 of 2; class 2: 0 of 1.
+            assert!((level.mean_class_accuracy - (0.5 + 0.5 + 0.0) / 3.0).abs() < 1e-12);
+        }
+        assert_eq!(
+            worst.iter().map(|l| l.level.as_str()).collect::<Vec<_>>(),
+            LEVELS
+        );
+        // The worst case of one run is that run's accuracy; order does not matter.
+        assert_eq!(worst_case(&[&pgd]).unwrap()[0].accuracy, 0.8);
+        assert_eq!(worst_case(&[&apgd, &pgd, &clean]).unwrap(), worst);
+    }
+
+    #[test]
+    fn worst_case_refuses_runs_of_different_val_sets() {
+        let a = scored(&[0, 1], &[0, 1]);
+        let b = scored(&[0, 1], &[1, 1]);
+        assert!(matches!(
+            worst_case(&[&a, &b]),
+            Err(EvalInputError::BadInput(_))
+        ));
+        assert!(worst_case(&[]).is_err());
     }
 
     #[test]
