@@ -136,7 +136,10 @@ fn eval_writes_the_table_json_and_plots_for_two_checkpoints() {
         ),
         "{stdout}"
     );
-    assert!(stdout.contains("(APGD 3 x 2 restarts)"), "the plan: {stdout}");
+    assert!(
+        stdout.contains("(APGD 3 x 2 restarts)"),
+        "the plan: {stdout}"
+    );
 
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).expect("json"))
@@ -235,9 +238,9 @@ fn eval_writes_the_table_json_and_plots_for_two_checkpoints() {
     assert_eq!(csv.lines().count(), 1 + 2 * 3, "{csv}");
     assert!(csv.starts_with("model,level,clean_acc,clean_mca,pgd_4_acc,pgd_4_mca,pgd_8_acc"));
     assert!(
-        csv.lines()
-            .next()
-            .is_some_and(|h| h.ends_with("apgd_8_mca,worst_4_acc,worst_4_mca,worst_8_acc,worst_8_mca")),
+        csv.lines().next().is_some_and(
+            |h| h.ends_with("apgd_8_mca,worst_4_acc,worst_4_mca,worst_8_acc,worst_8_mca")
+        ),
         "{csv}"
     );
     for png in ["accuracy_vs_eps.png", "clean_vs_robust.png"] {

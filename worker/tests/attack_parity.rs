@@ -139,10 +139,15 @@ fn apgd_matches_pytorch_from_the_same_starts() {
     let fx = fixtures();
     let model = model(&fx);
     let images = &fx["x"];
-    let apgd = read_fixtures(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/apgd.safetensors"));
+    let apgd = read_fixtures(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/apgd.safetensors"),
+    );
     let steps = apgd["steps"].int64_value(&[0]) as usize;
     let restarts = apgd["restarts"].int64_value(&[0]) as usize;
-    assert!(steps >= 10 && restarts >= 2, "the fixture exercises the schedule and restarts");
+    assert!(
+        steps >= 10 && restarts >= 2,
+        "the fixture exercises the schedule and restarts"
+    );
     let mut halved_somewhere = false;
     for (target, target_name, eps_255) in [
         (EvalTarget::Backbone, "backbone", 8.0),
@@ -174,7 +179,10 @@ fn apgd_matches_pytorch_from_the_same_starts() {
         };
         let outcome = attack.apgd(&model, images, &starts).unwrap();
         let diff = max_abs_diff(&outcome.images, &apgd[&format!("adv.{case}")]);
-        assert!(diff <= TOLERANCE, "{case}: images, max |rust - torch| = {diff:e}");
+        assert!(
+            diff <= TOLERANCE,
+            "{case}: images, max |rust - torch| = {diff:e}"
+        );
         let expected = Vec::<f32>::try_from(&apgd[&format!("objective.{case}")]).unwrap();
         for (got, want) in outcome.objective.iter().zip(&expected) {
             assert!(
@@ -197,8 +205,15 @@ fn apgd_matches_pytorch_from_the_same_starts() {
         halved_somewhere |= expected.iter().flatten().any(|&h| h > 0);
         // `run` returns the same images, inside the ball and in [0, 1].
         let adv = attack.run(&model, images, &starts).unwrap();
-        assert_eq!(max_abs_diff(&adv, &outcome.images), 0.0, "{case}: run vs apgd");
-        assert!(max_abs_diff(&adv, images) <= eps + 1e-6, "{case}: left the eps ball");
+        assert_eq!(
+            max_abs_diff(&adv, &outcome.images),
+            0.0,
+            "{case}: run vs apgd"
+        );
+        assert!(
+            max_abs_diff(&adv, images) <= eps + 1e-6,
+            "{case}: left the eps ball"
+        );
         assert!(adv.min().double_value(&[]) >= 0.0 && adv.max().double_value(&[]) <= 1.0);
         // The wrong number of starts is refused, not silently ignored.
         assert!(attack.run(&model, images, &starts[..1]).is_err());

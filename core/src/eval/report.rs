@@ -324,7 +324,9 @@ pub fn worst_case(runs: &[&LevelScores]) -> Result<Vec<WorstCaseLevel>, EvalInpu
             let rate = |keep: &dyn Fn(usize) -> bool| {
                 let (hits, total) = (0..labels.len())
                     .filter(|&i| keep(i))
-                    .fold((0_usize, 0_usize), |(h, t), i| (h + usize::from(survived[i]), t + 1));
+                    .fold((0_usize, 0_usize), |(h, t), i| {
+                        (h + usize::from(survived[i]), t + 1)
+                    });
                 hits as f64 / total as f64
             };
             let present: Vec<usize> = (0..first.n_classes)
@@ -468,7 +470,11 @@ fn worst_level<'a>(worst: &'a WorstCaseResult, name: &str) -> Option<&'a WorstCa
 pub fn attack_settings(attack: &str, settings: &EvalSettings) -> String {
     let steps = |n: usize| format!("{n} step{}", if n == 1 { "" } else { "s" });
     let detail = match attack {
-        "pgd" | "bim" => format!("{}, alpha {}", steps(settings.steps), eps_title(settings.alpha_255)),
+        "pgd" | "bim" => format!(
+            "{}, alpha {}",
+            steps(settings.steps),
+            eps_title(settings.alpha_255)
+        ),
         "mifgsm" => format!(
             "{}, alpha {}, decay {}",
             steps(settings.steps),
@@ -757,10 +763,15 @@ mod tests {
         );
         // The line above the tables says how each attack ran.
         assert!(
-            md.starts_with("Attacks: white-box, L-infinity, maximising -cosine(f(x_adv), f(x)) of the backbone"),
+            md.starts_with(
+                "Attacks: white-box, L-infinity, maximising -cosine(f(x_adv), f(x)) of the backbone"
+            ),
             "{md}"
         );
-        assert!(md.contains("PGD (10 steps, alpha 2/255); eps 8/255."), "{md}");
+        assert!(
+            md.contains("PGD (10 steps, alpha 2/255); eps 8/255."),
+            "{md}"
+        );
         assert_eq!(md.matches("**").count(), 6, "three level tables: {md}");
     }
 

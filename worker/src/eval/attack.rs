@@ -294,7 +294,10 @@ impl FeatureAttack {
                 .collect();
             best = select(&improved, &adv, &best)?;
             best_grad = select(&improved, &grad, &best_grad)?;
-            for (b, (&now, &up)) in best_objective.iter_mut().zip(objective.iter().zip(&improved)) {
+            for (b, (&now, &up)) in best_objective
+                .iter_mut()
+                .zip(objective.iter().zip(&improved))
+            {
                 if up {
                     *b = now;
                 }
@@ -334,7 +337,12 @@ impl FeatureAttack {
 
     /// Per patch `-cosine(clean_n, f(adv)_n)`, and `d/d adv` of their sum (each
     /// patch's gradient is its own objective's: the model is in eval mode).
-    fn objectives(&self, model: &Encoder, clean: &Tensor, adv: &Tensor) -> Result<(Vec<f32>, Tensor)> {
+    fn objectives(
+        &self,
+        model: &Encoder,
+        clean: &Tensor,
+        adv: &Tensor,
+    ) -> Result<(Vec<f32>, Tensor)> {
         let adv_var = adv.f_detach()?.f_set_requires_grad(true)?;
         let out = attacked_output(model, &adv_var, self.target, Pass::ATTACK)?;
         let n = out.size()[0];

@@ -295,7 +295,10 @@ pub fn run_eval(
             runs.extend(at_eps.iter().map(|(_, _, scores)| scores));
             worst.push(WorstCaseResult {
                 eps_255: eps,
-                attacks: at_eps.iter().map(|(_, name, _)| (*name).to_owned()).collect(),
+                attacks: at_eps
+                    .iter()
+                    .map(|(_, name, _)| (*name).to_owned())
+                    .collect(),
                 levels: worst_case(&runs)?,
             });
         }
