@@ -38,7 +38,7 @@ fn fixtures() -> HashMap<String, Tensor> {
 }
 
 fn read_fixtures(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(&path)
+    Tensor::read_safetensors(path)
         .unwrap_or_else(|e| {
             panic!(
                 "{}: {e}; regenerate with scripts/fixtures/attack_fixtures.py and apgd_fixtures.py",
