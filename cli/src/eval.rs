@@ -86,7 +86,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         ),
         EvalEvent::Plan(plan) => println!(
             "hsat eval: {} train patches (kNN bank), {} val patches in {} slides of {} patients; \
-             k = {}, T = {}; {} attacks x {} eps, {} steps; {} torch threads",
+             k = {}, T = {}; {} attacks x {} eps, {} steps{}; {} torch threads",
             plan.train_patches,
             plan.val_patches,
             plan.val_slides,
@@ -96,6 +96,10 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             plan.attacks,
             plan.eps,
             plan.steps,
+            plan.apgd.map_or(String::new(), |(steps, restarts)| format!(
+                " (APGD {steps} x {restarts} restart{})",
+                if restarts == 1 { "" } else { "s" }
+            )),
             plan.torch_threads
         ),
         EvalEvent::Stage(what) => progress = Some(Progress::new(what)),

@@ -1,6 +1,7 @@
 //! `hsat eval` end to end: a dataset written by `hsat synth`, two models trained by
 //! `hsat run` (HiDisc and HSAT), then the paper's tables, JSON and plots from both
-//! checkpoints, with transfer between them.
+//! checkpoints, with transfer between them, the adaptive attack (APGD) and the worst
+//! case per eps.
 
 use std::path::Path;
 
@@ -99,7 +100,11 @@ fn eval_writes_the_table_json_and_plots_for_two_checkpoints() {
             "--out",
             &out_arg,
             "--set",
-            "eval.attacks=pgd,fgsm",
+            "eval.attacks=pgd,fgsm,apgd",
+            "--set",
+            "eval.apgd_steps=3",
+            "--set",
+            "eval.apgd_restarts=2",
         ]),
         "hsat eval",
     );
@@ -117,6 +122,24 @@ fn eval_writes_the_table_json_and_plots_for_two_checkpoints() {
         stdout.contains("HiDisc -> HSAT") && stdout.contains("HSAT -> HiDisc"),
         "{stdout}"
     );
+    // The attack settings are stated above the tables, and the worst case per eps is a column.
+    assert!(
+        stdout.contains(
+            "PGD (2 steps, alpha 2/255); FGSM (1 step, alpha 10/255); APGD (3 steps x 2 restarts, "
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "| APGD 8/255 Acc | APGD 8/255 MCA | Worst case 4/255 Acc | Worst case 4/255 MCA | \
+             Worst case 8/255 Acc | Worst case 8/255 MCA |"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(APGD 3 x 2 restarts)"),
+        "the plan: {stdout}"
+    );
 
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).expect("json"))
@@ -125,6 +148,8 @@ fn eval_writes_the_table_json_and_plots_for_two_checkpoints() {
     assert_eq!(report["dataset"]["val_patches"], 8);
     assert_eq!(report["dataset"]["train_patches"], 16);
     assert_eq!(report["settings"]["knn_k"], 5);
+    assert_eq!(report["settings"]["apgd_steps"], 3);
+    assert_eq!(report["settings"]["apgd_restarts"], 2);
     let models = report["models"].as_array().expect("models");
     assert_eq!(models.len(), 2);
     for model in models {
@@ -144,9 +169,35 @@ fn eval_writes_the_table_json_and_plots_for_two_checkpoints() {
                 ("pgd".into(), 4.0),
                 ("pgd".into(), 8.0),
                 ("fgsm".into(), 4.0),
-                ("fgsm".into(), 8.0)
+                ("fgsm".into(), 8.0),
+                ("apgd".into(), 4.0),
+                ("apgd".into(), 8.0)
             ]
         );
+        // Worst case per eps: never above the clean accuracy nor any attack's at that
+        // eps (a sample counts only if it survived all of them).
+        let worst = model["worst_case"].as_array().expect("worst_case");
+        assert_eq!(worst.len(), 2, "one per eps");
+        for (w, eps) in worst.iter().zip([4.0, 8.0]) {
+            assert_eq!(w["eps_255"].as_f64(), Some(eps));
+            assert_eq!(w["attacks"], serde_json::json!(["pgd", "fgsm", "apgd"]));
+            let levels = w["levels"].as_array().expect("levels");
+            assert_eq!(levels.len(), 3);
+            for (l, level) in levels.iter().enumerate() {
+                let acc = level["accuracy"].as_f64().expect("accuracy");
+                let bound = std::iter::once(&model["clean"][l]["accuracy"])
+                    .chain(
+                        attacks
+                            .iter()
+                            .filter(|a| a["eps_255"].as_f64() == Some(eps))
+                            .map(|a| &a["levels"][l]["accuracy"]),
+                    )
+                    .map(|v| v.as_f64().expect("accuracy"))
+                    .fold(1.0, f64::min);
+                assert!(acc <= bound + 1e-12, "worst {acc} > min {bound}");
+                assert_eq!(level["n"], model["clean"][l]["n"]);
+            }
+        }
         for levels in std::iter::once(&model["clean"]).chain(attacks.iter().map(|a| &a["levels"])) {
             let levels = levels.as_array().expect("levels");
             let ns: Vec<u64> = levels
@@ -171,7 +222,7 @@ fn eval_writes_the_table_json_and_plots_for_two_checkpoints() {
     }
     // Transfer: each model's adversarial images on the other, per attack and eps.
     let transfer = report["transfer"].as_array().expect("transfer");
-    assert_eq!(transfer.len(), 2 * 4);
+    assert_eq!(transfer.len(), 2 * 6);
     for t in transfer {
         for level in t["levels"].as_array().expect("levels") {
             let drop = level["drop"].as_f64().expect("drop");
@@ -186,6 +237,12 @@ fn eval_writes_the_table_json_and_plots_for_two_checkpoints() {
     let csv = std::fs::read_to_string(out_dir.join("table.csv")).expect("csv");
     assert_eq!(csv.lines().count(), 1 + 2 * 3, "{csv}");
     assert!(csv.starts_with("model,level,clean_acc,clean_mca,pgd_4_acc,pgd_4_mca,pgd_8_acc"));
+    assert!(
+        csv.lines().next().is_some_and(
+            |h| h.ends_with("apgd_8_mca,worst_4_acc,worst_4_mca,worst_8_acc,worst_8_mca")
+        ),
+        "{csv}"
+    );
     for png in ["accuracy_vs_eps.png", "clean_vs_robust.png"] {
         let bytes = std::fs::read(out_dir.join(png)).expect("png");
         assert!(

@@ -1,13 +1,18 @@
-//! Parity of the evaluation attacks (PGD, BIM, MI-FGSM, FGSM on `-cosine`, method.md
-//! §7.5) with PyTorch: the same tiny model, images and random start give the same
-//! adversarial images, on the backbone features and on the projection. Also checks
-//! that `random_start` draws the start the Python script draws from the same seed.
+//! Parity of the evaluation attacks (PGD, BIM, MI-FGSM, FGSM and APGD on `-cosine`,
+//! method.md §7.5) with PyTorch: the same tiny model, images and random start give the
+//! same adversarial images, on the backbone features and on the projection. Also
+//! checks that `random_start` draws the start the Python script draws from the same
+//! seed, and for APGD that the objective at the returned images and every step-size
+//! halving agree.
 //!
-//! The fixtures come from `scripts/fixtures/attack_fixtures.py`; regenerate them with
+//! The fixtures come from `scripts/fixtures/attack_fixtures.py` and
+//! `scripts/fixtures/apgd_fixtures.py` (which reuses the first one's model and
+//! images); regenerate them with
 //!
 //! ```text
 //! bash scripts/setup.sh
 //! ~/.cache/hsat/venv-torch-2.13.0/bin/python scripts/fixtures/attack_fixtures.py
+//! ~/.cache/hsat/venv-torch-2.13.0/bin/python scripts/fixtures/apgd_fixtures.py
 //! ```
 #![allow(clippy::unwrap_used)]
 
@@ -29,11 +34,14 @@ fn fixture_path() -> PathBuf {
 }
 
 fn fixtures() -> HashMap<String, Tensor> {
-    let path = fixture_path();
-    Tensor::read_safetensors(&path)
+    read_fixtures(&fixture_path())
+}
+
+fn read_fixtures(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
         .unwrap_or_else(|e| {
             panic!(
-                "{}: {e}; regenerate with scripts/fixtures/attack_fixtures.py",
+                "{}: {e}; regenerate with scripts/fixtures/attack_fixtures.py and apgd_fixtures.py",
                 path.display()
             )
         })
@@ -95,9 +103,12 @@ fn attacks_match_pytorch_from_the_same_start() {
                 alpha: if kind == EvalAttack::Fgsm { 10.0 } else { 2.0 } / 255.0,
                 steps: 5,
                 decay: 1.0,
+                restarts: 1,
                 target,
             };
-            let adv = attack.run(&model, images, start).unwrap();
+            let adv = attack
+                .run(&model, images, std::slice::from_ref(start))
+                .unwrap();
             let expected = &fx[&format!("adv.{case}")];
             let diff = max_abs_diff(&adv, expected);
             assert!(diff <= TOLERANCE, "{case}: max |rust - torch| = {diff:e}");
@@ -120,6 +131,94 @@ fn attacks_match_pytorch_from_the_same_start() {
             .iter()
             .all(|(_, tensor)| tensor.requires_grad())
     );
+}
+
+#[test]
+fn apgd_matches_pytorch_from_the_same_starts() {
+    tch::set_num_threads(1);
+    let fx = fixtures();
+    let model = model(&fx);
+    let images = &fx["x"];
+    let apgd = read_fixtures(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/apgd.safetensors"),
+    );
+    let steps = apgd["steps"].int64_value(&[0]) as usize;
+    let restarts = apgd["restarts"].int64_value(&[0]) as usize;
+    assert!(
+        steps >= 10 && restarts >= 2,
+        "the fixture exercises the schedule and restarts"
+    );
+    let mut halved_somewhere = false;
+    for (target, target_name, eps_255) in [
+        (EvalTarget::Backbone, "backbone", 8.0),
+        (EvalTarget::Projection, "projection", 8.0),
+        (EvalTarget::Backbone, "backbone", 4.0),
+    ] {
+        let case = format!("{target_name}.eps{eps_255}");
+        let eps = eps_255 / 255.0;
+        let starts: Vec<Tensor> = (0..restarts)
+            .map(|r| {
+                let start = &apgd[&format!("start.{case}.{r}")];
+                let seed = apgd[&format!("seed.{case}.{r}")].int64_value(&[0]) as u64;
+                assert_eq!(
+                    random_start(start.numel(), eps, seed),
+                    Vec::<f32>::try_from(&start.flatten(0, -1)).unwrap(),
+                    "{case}: restart {r}'s start differs from the Python draw"
+                );
+                start.shallow_clone()
+            })
+            .collect();
+        let attack = FeatureAttack {
+            kind: EvalAttack::Apgd,
+            eps,
+            alpha: 2.0 / 255.0, // unused: APGD starts at 2 eps
+            steps,
+            decay: 1.0,
+            restarts,
+            target,
+        };
+        let outcome = attack.apgd(&model, images, &starts).unwrap();
+        let diff = max_abs_diff(&outcome.images, &apgd[&format!("adv.{case}")]);
+        assert!(
+            diff <= TOLERANCE,
+            "{case}: images, max |rust - torch| = {diff:e}"
+        );
+        let expected = Vec::<f32>::try_from(&apgd[&format!("objective.{case}")]).unwrap();
+        for (got, want) in outcome.objective.iter().zip(&expected) {
+            assert!(
+                (got - want).abs() as f64 <= TOLERANCE,
+                "{case}: objective {:?} vs torch {expected:?}",
+                outcome.objective
+            );
+        }
+        let halvings = &apgd[&format!("halvings.{case}")];
+        let expected: Vec<Vec<u32>> = (0..restarts as i64)
+            .map(|r| {
+                Vec::<i64>::try_from(&halvings.get(r))
+                    .unwrap()
+                    .into_iter()
+                    .map(|h| h as u32)
+                    .collect()
+            })
+            .collect();
+        assert_eq!(outcome.halvings, expected, "{case}: step-size halvings");
+        halved_somewhere |= expected.iter().flatten().any(|&h| h > 0);
+        // `run` returns the same images, inside the ball and in [0, 1].
+        let adv = attack.run(&model, images, &starts).unwrap();
+        assert_eq!(
+            max_abs_diff(&adv, &outcome.images),
+            0.0,
+            "{case}: run vs apgd"
+        );
+        assert!(
+            max_abs_diff(&adv, images) <= eps + 1e-6,
+            "{case}: left the eps ball"
+        );
+        assert!(adv.min().double_value(&[]) >= 0.0 && adv.max().double_value(&[]) <= 1.0);
+        // The wrong number of starts is refused, not silently ignored.
+        assert!(attack.run(&model, images, &starts[..1]).is_err());
+    }
+    assert!(halved_somewhere, "the fixture never exercised a halving");
 }
 
 #[test]

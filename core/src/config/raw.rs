@@ -49,6 +49,8 @@ pub(crate) struct RawEval {
     /// Units of 1/255.
     pub fgsm_alpha: f64,
     pub mifgsm_decay: f64,
+    pub apgd_steps: i64,
+    pub apgd_restarts: i64,
     pub attack_target: String,
     pub knn_device: String,
     pub knn_memory_mb: i64,
@@ -397,6 +399,8 @@ impl From<&Config> for RawConfig {
                 steps: int(eval.steps),
                 fgsm_alpha: eval.fgsm_alpha_255,
                 mifgsm_decay: eval.mifgsm_decay,
+                apgd_steps: int(eval.apgd_steps),
+                apgd_restarts: int(eval.apgd_restarts),
                 attack_target: eval.attack_target.name().to_owned(),
                 knn_device: eval.knn_device.name().to_owned(),
                 knn_memory_mb: int(eval.knn_memory_mb),

@@ -912,13 +912,17 @@ fn eval_section_defaults_layers_and_checks() {
     assert_eq!(cfg.eval.attacks, EvalAttack::ALL.to_vec());
     assert_eq!(cfg.eval.eps_255, vec![4.0, 8.0]);
     assert_eq!((cfg.eval.alpha_255, cfg.eval.steps), (2.0, 10));
+    // The adaptive attack runs by default, with AutoAttack's budget of iterations.
+    assert_eq!(cfg.eval.attacks.last(), Some(&EvalAttack::Apgd));
+    assert_eq!((cfg.eval.apgd_steps, cfg.eval.apgd_restarts), (100, 1));
     let file = toml_file("[eval]\nattacks = \"mifgsm, pgd\"\neps = [2, 8]\n");
     let cfg = load_with(
         Some(&file),
         &[("HSAT__EVAL__KNN_K", "20")],
-        &["eval.attack_target=projection"],
+        &["eval.attack_target=projection", "eval.apgd_restarts=3"],
     )
     .unwrap();
+    assert_eq!(cfg.eval.apgd_restarts, 3);
     assert_eq!(cfg.eval.attacks, vec![EvalAttack::MiFgsm, EvalAttack::Pgd]);
     assert_eq!(cfg.eval.eps_255, vec![2.0, 8.0]);
     assert_eq!(cfg.eval.knn_k, 20);
@@ -933,6 +937,8 @@ fn eval_section_defaults_layers_and_checks() {
             "eval.attacks=pgd,cw,pgd",
             "eval.eps=[0, 300]",
             "eval.knn_k=0",
+            "eval.apgd_steps=0",
+            "eval.apgd_restarts=0",
         ],
     ));
     let text = found.join("\n");
@@ -942,6 +948,8 @@ fn eval_section_defaults_layers_and_checks() {
         "eval.eps[0] = 0",
         "eval.eps[1] = 300",
         "eval.knn_k = 0",
+        "eval.apgd_steps = 0",
+        "eval.apgd_restarts = 0",
     ] {
         assert!(text.contains(needle), "{needle} missing from {text}");
     }

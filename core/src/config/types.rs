@@ -570,6 +570,10 @@ named_enum! {
         MiFgsm => "mifgsm",
         /// FGSM with a random start ("fast" FGSM): one step of `fgsm_alpha`.
         Fgsm => "fgsm",
+        /// APGD (Croce & Hein 2020): step size `2 eps` halved at checkpoints where the
+        /// objective stagnates, momentum 0.75, `apgd_restarts` random starts, the best
+        /// point kept per patch.
+        Apgd => "apgd",
     }
 }
 
@@ -608,8 +612,8 @@ pub struct EvalConfig {
     pub batch_size: usize,
     /// Threads decoding patches; 0 = one per core (default 0).
     pub threads: usize,
-    /// White-box attacks to run, in table order (default pgd, bim, mifgsm, fgsm);
-    /// empty = clean evaluation only; no repeats.
+    /// White-box attacks to run, in table order (default pgd, bim, mifgsm, fgsm,
+    /// apgd); empty = clean evaluation only; no repeats.
     pub attacks: Vec<EvalAttack>,
     /// L-infinity budgets in units of 1/255 (default [4, 8]); each in (0, 255].
     pub eps_255: Vec<f64>,
@@ -622,6 +626,11 @@ pub struct EvalConfig {
     pub fgsm_alpha_255: f64,
     /// MI-FGSM momentum decay (default 1.0); finite and >= 0.
     pub mifgsm_decay: f64,
+    /// APGD iterations per restart (default 100, AutoAttack's); >= 1. Its step-size
+    /// checkpoints are fractions of this number.
+    pub apgd_steps: usize,
+    /// APGD random starts (default 1, AutoAttack's standard APGD-CE); >= 1.
+    pub apgd_restarts: usize,
     /// Which output the attacks push away from the clean one (default backbone).
     pub attack_target: EvalTarget,
     /// Where the kNN runs (default auto: the model's device, exact f64 rescoring).
@@ -760,6 +769,8 @@ impl Default for Config {
                 steps: 10,
                 fgsm_alpha_255: 10.0,
                 mifgsm_decay: 1.0,
+                apgd_steps: 100,
+                apgd_restarts: 1,
                 attack_target: EvalTarget::Backbone,
                 knn_device: KnnDevice::Auto,
                 knn_memory_mb: 512,

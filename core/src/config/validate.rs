@@ -771,6 +771,20 @@ fn eval(c: &mut Checker, raw: &RawConfig) -> EvalConfig {
         steps: c.count("eval.steps", r.steps, 1, None, " (attack iterations)"),
         fgsm_alpha_255: c.number("eval.fgsm_alpha", r.fgsm_alpha, budget, in_255),
         mifgsm_decay: c.number("eval.mifgsm_decay", r.mifgsm_decay, Range::NonNegative, ""),
+        apgd_steps: c.count(
+            "eval.apgd_steps",
+            r.apgd_steps,
+            1,
+            None,
+            " (APGD iterations)",
+        ),
+        apgd_restarts: c.count(
+            "eval.apgd_restarts",
+            r.apgd_restarts,
+            1,
+            None,
+            " (APGD random starts)",
+        ),
         attack_target: c
             .choice::<EvalTarget>("eval.attack_target", &r.attack_target)
             .unwrap_or(EvalTarget::Backbone),

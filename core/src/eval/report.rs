@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::{EvalInputError, Metrics, aggregate, knn_scores, metrics};
+use super::{EvalInputError, Metrics, aggregate, knn_scores, metrics, ranked_classes};
 
 /// The three levels of the paper's tables, in table order.
 pub const LEVELS: [&str; 3] = ["patch", "slide", "patient"];
@@ -42,7 +42,7 @@ pub type Levels = Vec<LevelResult>;
 /// One attack's result on one model.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AttackResult {
-    /// `pgd`, `bim`, `mifgsm` or `fgsm`.
+    /// `pgd`, `bim`, `mifgsm`, `fgsm` or `apgd`.
     pub attack: String,
     /// Budget in units of 1/255.
     pub eps_255: f64,
@@ -65,6 +65,36 @@ pub struct ModelResult {
     pub clean: Levels,
     /// White-box results, in attack then eps order.
     pub attacks: Vec<AttackResult>,
+    /// Per eps (ascending), the worst case over the clean images and every attack
+    /// run at that eps; empty without attacks.
+    pub worst_case: Vec<WorstCaseResult>,
+}
+
+/// The worst case at one budget: per sample (patch, slide or patient), the prediction
+/// counts as correct only if it is correct on the clean images and under every attack
+/// at this eps. The clean image is in every eps ball (delta = 0), so, as AutoAttack's
+/// robust accuracy, the worst case never exceeds the clean accuracy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorstCaseResult {
+    /// Budget in units of 1/255.
+    pub eps_255: f64,
+    /// The attacks combined (besides the clean images), in run order.
+    pub attacks: Vec<String>,
+    /// Patch, slide and patient.
+    pub levels: Vec<WorstCaseLevel>,
+}
+
+/// One level of a [`WorstCaseResult`]: rates in [0, 1] (`null` when undefined).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorstCaseLevel {
+    /// `patch`, `slide` or `patient`.
+    pub level: String,
+    /// Number of samples at this level.
+    pub n: usize,
+    /// Fraction of samples correct under every attack (and clean).
+    pub accuracy: f64,
+    /// Mean over the classes present of that fraction within the class.
+    pub mean_class_accuracy: f64,
 }
 
 /// One level of a transfer result.
@@ -104,10 +134,14 @@ pub struct EvalSettings {
     pub knn_k: usize,
     /// kNN temperature.
     pub knn_temperature: f64,
-    /// Attack step (units of 1/255).
+    /// Attack step of PGD, BIM and MI-FGSM (units of 1/255).
     pub alpha_255: f64,
-    /// Attack iterations.
+    /// Iterations of PGD, BIM and MI-FGSM.
     pub steps: usize,
+    /// APGD iterations per restart.
+    pub apgd_steps: usize,
+    /// APGD random starts.
+    pub apgd_restarts: usize,
     /// FGSM step (units of 1/255).
     pub fgsm_alpha_255: f64,
     /// MI-FGSM decay.
@@ -178,6 +212,78 @@ pub struct Bank<'a> {
     pub threads: usize,
 }
 
+/// The class scores of one evaluation at each level, in [`LEVELS`] order: what the
+/// metrics and the worst case are computed from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LevelScores {
+    /// Number of classes.
+    pub n_classes: usize,
+    /// Per level, `(scores [n][n_classes], labels [n])`; slides and patients in
+    /// sorted id order (the same for every evaluation of one val set).
+    pub levels: Vec<(Vec<Vec<f64>>, Vec<usize>)>,
+}
+
+impl LevelScores {
+    /// Per level, per sample: is the top-scoring class the label?
+    pub fn correct(&self) -> Vec<Vec<bool>> {
+        self.levels
+            .iter()
+            .map(|(scores, labels)| {
+                scores
+                    .iter()
+                    .zip(labels)
+                    .map(|(row, &label)| ranked_classes(row).first() == Some(&label))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The metrics of each level (method.md §7.4).
+    pub fn levels(&self) -> Result<Levels, EvalInputError> {
+        LEVELS
+            .iter()
+            .zip(&self.levels)
+            .map(|(name, (scores, labels))| {
+                Ok(level_result(
+                    name,
+                    scores.len(),
+                    metrics(scores, labels, self.n_classes)?,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// kNN and patch -> slide -> patient aggregation (method.md §7.2-7.3) of `queries`
+/// (one row per val patch) against `bank`.
+pub fn score_levels(
+    bank: Bank<'_>,
+    queries: &[Vec<f32>],
+    groups: &ValGroups,
+) -> Result<LevelScores, EvalInputError> {
+    level_scores(parallel_knn(bank, queries)?, groups, bank.n_classes)
+}
+
+/// Patch -> slide -> patient aggregation of kNN patch `scores` (one row per val
+/// patch), however they were computed (here on the CPU, or on the model's device by
+/// the worker).
+pub fn level_scores(
+    scores: Vec<Vec<f64>>,
+    groups: &ValGroups,
+    n_classes: usize,
+) -> Result<LevelScores, EvalInputError> {
+    let slides = aggregate(&scores, &groups.slides, &groups.labels)?;
+    let patients = aggregate(&scores, &groups.patients, &groups.labels)?;
+    Ok(LevelScores {
+        n_classes,
+        levels: vec![
+            (scores, groups.labels.clone()),
+            (slides.scores, slides.labels),
+            (patients.scores, patients.labels),
+        ],
+    })
+}
+
 /// kNN, patch -> slide -> patient aggregation and metrics (method.md §7.2-7.4) of
 /// `queries` (one row per val patch) against `bank`.
 pub fn evaluate_levels(
@@ -185,28 +291,69 @@ pub fn evaluate_levels(
     queries: &[Vec<f32>],
     groups: &ValGroups,
 ) -> Result<Levels, EvalInputError> {
-    let scores = parallel_knn(bank, queries)?;
-    levels_of_scores(&scores, groups, bank.n_classes)
+    score_levels(bank, queries, groups)?.levels()
 }
 
-/// Patch -> slide -> patient aggregation and metrics of kNN patch `scores` (one row
-/// per val patch), however they were computed (here on the CPU, or on the model's
-/// device by the worker).
-pub fn levels_of_scores(
-    scores: &[Vec<f64>],
-    groups: &ValGroups,
-    n_classes: usize,
-) -> Result<Levels, EvalInputError> {
-    let patch = metrics(scores, &groups.labels, n_classes)?;
-    let slides = aggregate(scores, &groups.slides, &groups.labels)?;
-    let slide = metrics(&slides.scores, &slides.labels, n_classes)?;
-    let patients = aggregate(scores, &groups.patients, &groups.labels)?;
-    let patient = metrics(&patients.scores, &patients.labels, n_classes)?;
-    Ok(vec![
-        level_result("patch", scores.len(), patch),
-        level_result("slide", slides.groups.len(), slide),
-        level_result("patient", patients.groups.len(), patient),
-    ])
+/// The worst case over `runs` (the clean evaluation and every attack at one eps):
+/// per level and sample, correct only if correct in every run (module docs of
+/// [`WorstCaseResult`]). Accuracy and mean class accuracy per level.
+///
+/// # Errors
+///
+/// [`EvalInputError::BadInput`] if `runs` is empty or the runs do not share their
+/// levels, sample counts and labels (they must be evaluations of one val set).
+pub fn worst_case(runs: &[&LevelScores]) -> Result<Vec<WorstCaseLevel>, EvalInputError> {
+    let Some(first) = runs.first() else {
+        return Err(EvalInputError::BadInput(
+            "the worst case needs at least one evaluation".to_owned(),
+        ));
+    };
+    for run in runs {
+        let same = run.levels.len() == first.levels.len()
+            && run
+                .levels
+                .iter()
+                .zip(&first.levels)
+                .all(|((_, labels), (_, first_labels))| labels == first_labels);
+        if !same {
+            return Err(EvalInputError::BadInput(
+                "the worst case combines evaluations of different val sets (levels or labels differ)"
+                    .to_owned(),
+            ));
+        }
+    }
+    let correct: Vec<Vec<Vec<bool>>> = runs.iter().map(|run| run.correct()).collect();
+    Ok(LEVELS
+        .iter()
+        .zip(&first.levels)
+        .enumerate()
+        .map(|(l, (name, (_, labels)))| {
+            let survived: Vec<bool> = (0..labels.len())
+                .map(|i| correct.iter().all(|run| run[l][i]))
+                .collect();
+            let rate = |keep: &dyn Fn(usize) -> bool| {
+                let (hits, total) = (0..labels.len())
+                    .filter(|&i| keep(i))
+                    .fold((0_usize, 0_usize), |(h, t), i| {
+                        (h + usize::from(survived[i]), t + 1)
+                    });
+                hits as f64 / total as f64
+            };
+            let present: Vec<usize> = (0..first.n_classes)
+                .filter(|class| labels.contains(class))
+                .collect();
+            let class_rates: Vec<f64> = present
+                .iter()
+                .map(|&class| rate(&|i| labels[i] == class))
+                .collect();
+            WorstCaseLevel {
+                level: (*name).to_owned(),
+                n: labels.len(),
+                accuracy: rate(&|_| true),
+                mean_class_accuracy: class_rates.iter().sum::<f64>() / class_rates.len() as f64,
+            }
+        })
+        .collect())
 }
 
 /// [`knn_scores`] with the queries split over `bank.threads` threads (each query is
@@ -286,6 +433,7 @@ pub fn attack_title(name: &str) -> &str {
         "bim" => "BIM",
         "mifgsm" => "MI-FGSM",
         "fgsm" => "FGSM",
+        "apgd" => "APGD",
         other => other,
     }
 }
@@ -315,6 +463,82 @@ fn columns(report: &EvalReport) -> Vec<(String, f64)> {
     })
 }
 
+/// The worst-case columns: the eps of the first model's worst cases.
+fn worst_columns(report: &EvalReport) -> Vec<f64> {
+    report.models.first().map_or_else(Vec::new, |m| {
+        m.worst_case.iter().map(|w| w.eps_255).collect()
+    })
+}
+
+/// The worst case of `model` at `eps` (units of 1/255), if attacks ran at it.
+pub fn find_worst_case(model: &ModelResult, eps: f64) -> Option<&WorstCaseResult> {
+    model.worst_case.iter().find(|w| w.eps_255 == eps)
+}
+
+/// The worst-case level called `name` of `worst`.
+fn worst_level<'a>(worst: &'a WorstCaseResult, name: &str) -> Option<&'a WorstCaseLevel> {
+    worst.levels.iter().find(|l| l.level == name)
+}
+
+/// How `attack` was run, for the line under the table title: iterations, step size,
+/// restarts, as [`EvalSettings`] records them.
+pub fn attack_settings(attack: &str, settings: &EvalSettings) -> String {
+    let steps = |n: usize| format!("{n} step{}", if n == 1 { "" } else { "s" });
+    let detail = match attack {
+        "pgd" | "bim" => format!(
+            "{}, alpha {}",
+            steps(settings.steps),
+            eps_title(settings.alpha_255)
+        ),
+        "mifgsm" => format!(
+            "{}, alpha {}, decay {}",
+            steps(settings.steps),
+            eps_title(settings.alpha_255),
+            settings.mifgsm_decay
+        ),
+        "fgsm" => format!("1 step, alpha {}", eps_title(settings.fgsm_alpha_255)),
+        "apgd" => format!(
+            "{} x {} restart{}, step 2 eps halved when progress stalls, momentum 0.75",
+            steps(settings.apgd_steps),
+            settings.apgd_restarts,
+            if settings.apgd_restarts == 1 { "" } else { "s" }
+        ),
+        _ => String::new(),
+    };
+    format!("{} ({detail})", attack_title(attack))
+}
+
+/// The paragraph above the level tables: what every attack did and what the worst
+/// case means.
+fn attack_legend(report: &EvalReport) -> String {
+    let cols = columns(report);
+    if cols.is_empty() {
+        return String::new();
+    }
+    let mut attacks: Vec<&str> = Vec::new();
+    let mut eps: Vec<f64> = Vec::new();
+    for (attack, e) in &cols {
+        if !attacks.contains(&attack.as_str()) {
+            attacks.push(attack);
+        }
+        if !eps.contains(e) {
+            eps.push(*e);
+        }
+    }
+    let s = &report.settings;
+    let listed: Vec<String> = attacks.iter().map(|a| attack_settings(a, s)).collect();
+    let budgets: Vec<String> = eps.iter().map(|e| eps_title(*e)).collect();
+    format!(
+        "Attacks: white-box, L-infinity, maximising -cosine(f(x_adv), f(x)) of the {} from a \
+         random start in the eps ball (seed {}): {}; eps {}. Worst case: per sample, correct \
+         only if correct on the clean images and under every attack at that eps.\n\n",
+        s.attack_target,
+        s.seed,
+        listed.join("; "),
+        budgets.join(", ")
+    )
+}
+
 /// The result of `attack` at `eps` (units of 1/255) of `model`, if it was run.
 pub fn find_attack<'a>(model: &'a ModelResult, attack: &str, eps: f64) -> Option<&'a AttackResult> {
     model
@@ -332,7 +556,8 @@ pub fn level<'a>(levels: &'a Levels, name: &str) -> Option<&'a LevelResult> {
 /// each eps; Acc and MCA in percent (the paper's Table 1 layout).
 pub fn markdown_table(report: &EvalReport) -> String {
     let cols = columns(report);
-    let mut out = String::new();
+    let worst = worst_columns(report);
+    let mut out = attack_legend(report);
     for name in LEVELS {
         let _ = writeln!(
             out,
@@ -343,6 +568,11 @@ pub fn markdown_table(report: &EvalReport) -> String {
         let mut rule = "|---|---:|---:|".to_owned();
         for (attack, eps) in &cols {
             let title = format!("{} {}", attack_title(attack), eps_title(*eps));
+            let _ = write!(header, " {title} Acc | {title} MCA |");
+            rule.push_str("---:|---:|");
+        }
+        for eps in &worst {
+            let title = format!("Worst case {}", eps_title(*eps));
             let _ = write!(header, " {title} Acc | {title} MCA |");
             rule.push_str("---:|---:|");
         }
@@ -358,6 +588,15 @@ pub fn markdown_table(report: &EvalReport) -> String {
             );
             for (attack, eps) in &cols {
                 let result = find_attack(model, attack, *eps).and_then(|a| level(&a.levels, name));
+                let _ = write!(
+                    row,
+                    " {} | {} |",
+                    result.map_or("n/a".into(), |l| pct(l.accuracy)),
+                    result.map_or("n/a".into(), |l| pct(l.mean_class_accuracy))
+                );
+            }
+            for eps in &worst {
+                let result = find_worst_case(model, *eps).and_then(|w| worst_level(w, name));
                 let _ = write!(
                     row,
                     " {} | {} |",
@@ -391,12 +630,17 @@ pub fn markdown_table(report: &EvalReport) -> String {
 }
 
 /// The same numbers as CSV, one line per (model, level): `model,level,clean_acc,
-/// clean_mca,<attack>_<eps>_acc,<attack>_<eps>_mca,...`, in percent.
+/// clean_mca,<attack>_<eps>_acc,<attack>_<eps>_mca,...,worst_<eps>_acc,
+/// worst_<eps>_mca,...`, in percent.
 pub fn csv_table(report: &EvalReport) -> String {
     let cols = columns(report);
+    let worst = worst_columns(report);
     let mut out = "model,level,clean_acc,clean_mca".to_owned();
     for (attack, eps) in &cols {
         let _ = write!(out, ",{attack}_{eps}_acc,{attack}_{eps}_mca");
+    }
+    for eps in &worst {
+        let _ = write!(out, ",worst_{eps}_acc,worst_{eps}_mca");
     }
     out.push('\n');
     for model in &report.models {
@@ -407,6 +651,11 @@ pub fn csv_table(report: &EvalReport) -> String {
             cells.push(clean.map_or(String::new(), |l| csv_pct(l.mean_class_accuracy)));
             for (attack, eps) in &cols {
                 let result = find_attack(model, attack, *eps).and_then(|a| level(&a.levels, name));
+                cells.push(result.map_or(String::new(), |l| csv_pct(l.accuracy)));
+                cells.push(result.map_or(String::new(), |l| csv_pct(l.mean_class_accuracy)));
+            }
+            for eps in &worst {
+                let result = find_worst_case(model, *eps).and_then(|w| worst_level(w, name));
                 cells.push(result.map_or(String::new(), |l| csv_pct(l.accuracy)));
                 cells.push(result.map_or(String::new(), |l| csv_pct(l.mean_class_accuracy)));
             }
@@ -472,6 +721,19 @@ mod tests {
                 eps_255: 8.0,
                 levels: levels(robust),
             }],
+            worst_case: vec![WorstCaseResult {
+                eps_255: 8.0,
+                attacks: vec!["pgd".to_owned()],
+                levels: LEVELS
+                    .iter()
+                    .map(|name| WorstCaseLevel {
+                        level: (*name).to_owned(),
+                        n: 4,
+                        accuracy: robust / 2.0,
+                        mean_class_accuracy: f64::NAN,
+                    })
+                    .collect(),
+            }],
         };
         EvalReport {
             settings: EvalSettings {
@@ -479,6 +741,8 @@ mod tests {
                 knn_temperature: 0.07,
                 alpha_255: 2.0,
                 steps: 10,
+                apgd_steps: 100,
+                apgd_restarts: 1,
                 fgsm_alpha_255: 10.0,
                 mifgsm_decay: 1.0,
                 attack_target: "backbone".to_owned(),
@@ -502,11 +766,25 @@ mod tests {
     fn markdown_has_a_row_per_model_and_paper_columns() {
         let md = markdown_table(&report());
         assert!(
-            md.contains("| Model | Clean Acc | Clean MCA | PGD 8/255 Acc | PGD 8/255 MCA |"),
+            md.contains(
+                "| Model | Clean Acc | Clean MCA | PGD 8/255 Acc | PGD 8/255 MCA | \
+                 Worst case 8/255 Acc | Worst case 8/255 MCA |"
+            ),
             "{md}"
         );
         assert!(
-            md.contains("| HiDisc | 90.00 | 45.00 | 5.00 | 2.50 |"),
+            md.contains("| HiDisc | 90.00 | 45.00 | 5.00 | 2.50 | 2.50 | n/a |"),
+            "{md}"
+        );
+        // The line above the tables says how each attack ran.
+        assert!(
+            md.starts_with(
+                "Attacks: white-box, L-infinity, maximising -cosine(f(x_adv), f(x)) of the backbone"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("PGD (10 steps, alpha 2/255); eps 8/255."),
             "{md}"
         );
         assert_eq!(md.matches("**").count(), 6, "three level tables: {md}");
@@ -518,13 +796,78 @@ mod tests {
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(
             lines[0],
-            "model,level,clean_acc,clean_mca,pgd_8_acc,pgd_8_mca"
+            "model,level,clean_acc,clean_mca,pgd_8_acc,pgd_8_mca,worst_8_acc,worst_8_mca"
         );
         assert_eq!(lines.len(), 1 + 2 * 3);
-        assert!(
-            lines[4].starts_with("\"HSAT, adv\",patch,70.0000,35.0000,60.0000,30.0000"),
-            "{csv}"
+        assert_eq!(
+            lines[4],
+            "\"HSAT, adv\",patch,70.0000,35.0000,60.0000,30.0000,30.0000,"
         );
+    }
+
+    #[test]
+    fn every_attack_names_its_settings() {
+        let s = report().settings;
+        let line = |a: &str| attack_settings(a, &s);
+        assert_eq!(line("bim"), "BIM (10 steps, alpha 2/255)");
+        assert_eq!(line("mifgsm"), "MI-FGSM (10 steps, alpha 2/255, decay 1)");
+        assert_eq!(line("fgsm"), "FGSM (1 step, alpha 10/255)");
+        assert_eq!(
+            line("apgd"),
+            "APGD (100 steps x 1 restart, step 2 eps halved when progress stalls, momentum 0.75)"
+        );
+    }
+
+    /// Scores of one evaluation whose predictions at every level are `predicted`
+    /// (one-hot rows of 3 classes), labels `labels`.
+    fn scored(predicted: &[usize], labels: &[usize]) -> LevelScores {
+        let rows: Vec<Vec<f64>> = predicted
+            .iter()
+            .map(|&p| (0..3).map(|c| if c == p { 0.8 } else { 0.1 }).collect())
+            .collect();
+        LevelScores {
+            n_classes: 3,
+            levels: vec![(rows, labels.to_vec()); 3],
+        }
+    }
+
+    #[test]
+    fn worst_case_counts_a_sample_that_fails_one_attack_as_wrong() {
+        let labels = [0, 0, 1, 1, 2];
+        let clean = scored(&[0, 0, 1, 1, 0], &labels); // sample 4 wrong already
+        let pgd = scored(&[0, 1, 1, 1, 2], &labels); // fails sample 1 only (4 right here)
+        let apgd = scored(&[0, 0, 1, 0, 2], &labels); // fails sample 3 only
+        // Each attack alone keeps 4 of 5; each sample fails at most one attack.
+        for run in [&pgd, &apgd] {
+            assert_eq!(run.levels().unwrap()[0].accuracy, 0.8);
+        }
+        let worst = worst_case(&[&clean, &pgd, &apgd]).unwrap();
+        assert_eq!(worst.len(), 3);
+        for level in &worst {
+            // Only samples 0 and 2 survive everything (4 is wrong on the clean image).
+            assert_eq!(level.n, 5);
+            assert_eq!(level.accuracy, 2.0 / 5.0, "{level:?}");
+            // Class 0: 1 of 2; class 1: 1 of 2; class 2: 0 of 1.
+            assert!((level.mean_class_accuracy - (0.5 + 0.5 + 0.0) / 3.0).abs() < 1e-12);
+        }
+        assert_eq!(
+            worst.iter().map(|l| l.level.as_str()).collect::<Vec<_>>(),
+            LEVELS
+        );
+        // The worst case of one run is that run's accuracy; order does not matter.
+        assert_eq!(worst_case(&[&pgd]).unwrap()[0].accuracy, 0.8);
+        assert_eq!(worst_case(&[&apgd, &pgd, &clean]).unwrap(), worst);
+    }
+
+    #[test]
+    fn worst_case_refuses_runs_of_different_val_sets() {
+        let a = scored(&[0, 1], &[0, 1]);
+        let b = scored(&[0, 1], &[1, 1]);
+        assert!(matches!(
+            worst_case(&[&a, &b]),
+            Err(EvalInputError::BadInput(_))
+        ));
+        assert!(worst_case(&[]).is_err());
     }
 
     #[test]

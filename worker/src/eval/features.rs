@@ -6,7 +6,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use super::EvalRunError;
-use super::attack::{FeatureAttack, random_start, start_seed};
+use super::attack::{FeatureAttack, random_start, restart_seed};
 use super::images::{BatchSpec, ImageBatch, ImageBatches, PatchRecord};
 use super::store::{FeatureFile, FeatureWriter};
 use crate::model::{Encoder, Pass};
@@ -83,8 +83,8 @@ fn each_clean_batch(
 /// every model, in one pass over the val patches. With `transfer`, the images crafted
 /// against each model are also embedded by every other model.
 ///
-/// The random start of patch `i` under attack `a` comes from
-/// [`start_seed`]`(seed, a, i)`, so results do not depend on the batch size.
+/// The random start of patch `i` under attack `a` (restart `r` of APGD) comes from
+/// [`restart_seed`]`(seed, a, i, r)`, so results do not depend on the batch size.
 pub fn val_features(
     models: &[&Encoder],
     patches: &[PatchRecord],
@@ -109,16 +109,26 @@ pub fn val_features(
         }
         for (a, attack) in attacks.iter().enumerate() {
             let numel = 3 * spec.image_size * spec.image_size;
-            let mut start = Vec::with_capacity(batch.len * numel);
-            for i in batch.start..batch.start + batch.len {
-                start.extend(random_start(numel, attack.eps, start_seed(seed, a, i)));
-            }
+            let starts: Vec<Vec<f32>> = (0..attack.starts())
+                .map(|r| {
+                    let mut start = Vec::with_capacity(batch.len * numel);
+                    for i in batch.start..batch.start + batch.len {
+                        start.extend(random_start(numel, attack.eps, restart_seed(seed, a, i, r)));
+                    }
+                    start
+                })
+                .collect();
             for (s, source) in models.iter().enumerate() {
                 let images = to_tensor(&batch, spec.image_size, source.device())?;
-                let delta0 = Tensor::from_slice(&start)
-                    .f_reshape(images.size())?
-                    .f_to_device(source.device())?;
-                let adv = attack.run(source, &images, &delta0)?;
+                let deltas = starts
+                    .iter()
+                    .map(|start| {
+                        Tensor::from_slice(start)
+                            .f_reshape(images.size())?
+                            .f_to_device(source.device())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let adv = attack.run(source, &images, &deltas)?;
                 for (t, target) in models.iter().enumerate() {
                     if t != s && !transfer {
                         continue;

@@ -6,7 +6,8 @@
 //! - [`images`]: the patch list of a split and batched, multi-threaded decoding
 //!   (base processing only, no augmentation).
 //! - [`attack`]: PGD, BIM, MI-FGSM and FGSM on `-cosine(f(x_adv), f(x))`, as the
-//!   reference defines them; random starts drawn from a per-patch seed.
+//!   reference defines them, and APGD (adaptive step size, momentum, restarts) on the
+//!   same objective; random starts drawn from a per-patch seed.
 //! - [`features`]: clean features, and one pass over the val patches that crafts
 //!   every attack against every model and embeds the results (white-box and
 //!   transfer).

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use hsat_core::config::{Backbone, Config, DataSource, EvalAttack, KnnDevice};
 use hsat_core::dataset::Split;
 use hsat_core::eval::report::{
-    self, AttackResult, Bank, DatasetSummary, EvalReport, EvalSettings, Levels, ModelResult,
-    TransferResult, ValGroups, evaluate_levels, levels_of_scores, transfer_levels,
+    self, AttackResult, Bank, DatasetSummary, EvalReport, EvalSettings, LevelScores,
+    ModelResult, TransferResult, ValGroups, WorstCaseResult, level_scores, score_levels,
+    transfer_levels, worst_case,
 };
 use hsat_data::check::open_dataset;
 use hsat_data::plot;
@@ -81,8 +82,10 @@ pub struct EvalPlan {
     pub attacks: usize,
     /// Budgets per attack kind.
     pub eps: usize,
-    /// Attack iterations.
+    /// Iterations of PGD, BIM and MI-FGSM.
     pub steps: usize,
+    /// APGD's iterations per restart and restarts, when APGD is among the attacks.
+    pub apgd: Option<(usize, usize)>,
     /// libtorch intra-op threads.
     pub torch_threads: usize,
 }
@@ -221,6 +224,10 @@ pub fn run_eval(
         attacks: e.attacks.len(),
         eps: e.eps_255.len(),
         steps: e.steps,
+        apgd: e
+            .attacks
+            .contains(&EvalAttack::Apgd)
+            .then_some((e.apgd_steps, e.apgd_restarts)),
         torch_threads: cfg.infra.torch_threads(),
     }));
 
@@ -292,16 +299,38 @@ pub fn run_eval(
     };
     let mut results = Vec::with_capacity(models.len());
     for (m, model) in models.iter().enumerate() {
-        let clean = levels(m, &features.clean[m])?;
+        let clean_scores = levels(m, &features.clean[m])?;
+        let clean = clean_scores.levels()?;
         let mut attack_results = Vec::new();
+        // (eps, attack, scores) of every white-box run, for the worst case.
+        let mut attacked = Vec::new();
         for (a, attack) in attacks.iter().enumerate() {
             if let Some(rows) = features.adversarial.get(&(m, a, m)) {
+                let scores = levels(m, rows)?;
                 attack_results.push(AttackResult {
                     attack: attack.kind.name().to_owned(),
                     eps_255: attack.eps * 255.0,
-                    levels: levels(m, rows)?,
+                    levels: scores.levels()?,
                 });
+                attacked.push((attack.eps * 255.0, attack.kind.name(), scores));
             }
+        }
+        let mut budgets: Vec<f64> = attacked.iter().map(|(eps, _, _)| *eps).collect();
+        budgets.sort_by(f64::total_cmp);
+        budgets.dedup();
+        let mut worst = Vec::with_capacity(budgets.len());
+        for eps in budgets {
+            let at_eps: Vec<_> = attacked.iter().filter(|(e, _, _)| *e == eps).collect();
+            let mut runs = vec![&clean_scores];
+            runs.extend(at_eps.iter().map(|(_, _, scores)| scores));
+            worst.push(WorstCaseResult {
+                eps_255: eps,
+                attacks: at_eps
+                    .iter()
+                    .map(|(_, name, _)| (*name).to_owned())
+                    .collect(),
+                levels: worst_case(&runs)?,
+            });
         }
         results.push(ModelResult {
             name: names[m].clone(),
@@ -310,6 +339,7 @@ pub fn run_eval(
             step: model.meta.as_ref().map(|meta| meta.step),
             clean,
             attacks: attack_results,
+            worst_case: worst,
         });
     }
     let mut transfers = Vec::new();
@@ -336,6 +366,8 @@ pub fn run_eval(
             knn_temperature: e.knn_temperature,
             alpha_255: e.alpha_255,
             steps: e.steps,
+            apgd_steps: e.apgd_steps,
+            apgd_restarts: e.apgd_restarts,
             fgsm_alpha_255: e.fgsm_alpha_255,
             mifgsm_decay: e.mifgsm_decay,
             attack_target: e.attack_target.name().to_owned(),
@@ -378,14 +410,14 @@ struct Knn<'a> {
 }
 
 impl Knn<'_> {
-    /// The levels of `queries` against model `m`'s bank, on the path its bank was
-    /// stored for.
+    /// The kNN scores of `queries` against model `m`'s bank at every level, on the
+    /// path its bank was stored for.
     fn levels(
         &self,
         m: usize,
         queries: &[Vec<f32>],
         progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<Levels, EvalRunError> {
+    ) -> Result<LevelScores, EvalRunError> {
         match &self.banks[m] {
             BankStore::Memory(rows) => {
                 let bank = Bank {
@@ -396,7 +428,7 @@ impl Knn<'_> {
                     t: self.t,
                     threads: self.threads,
                 };
-                let levels = evaluate_levels(bank, queries, self.groups)?;
+                let levels = score_levels(bank, queries, self.groups)?;
                 progress(queries.len(), queries.len());
                 Ok(levels)
             }
@@ -411,7 +443,7 @@ impl Knn<'_> {
                 };
                 let (scores, _) =
                     device_knn_scores(BankRows::File(file), self.labels, queries, &spec, progress)?;
-                Ok(levels_of_scores(&scores, self.groups, self.n_classes)?)
+                Ok(level_scores(scores, self.groups, self.n_classes)?)
             }
         }
     }
@@ -444,8 +476,15 @@ fn feature_attacks(cfg: &Config) -> Vec<FeatureAttack> {
                     EvalAttack::Fgsm => e.fgsm_alpha_255,
                     _ => e.alpha_255,
                 } / 255.0,
-                steps: e.steps,
+                steps: match kind {
+                    EvalAttack::Apgd => e.apgd_steps,
+                    _ => e.steps,
+                },
                 decay: e.mifgsm_decay,
+                restarts: match kind {
+                    EvalAttack::Apgd => e.apgd_restarts,
+                    _ => 1,
+                },
                 target: e.attack_target,
             })
         })
