@@ -856,7 +856,7 @@ fn docs_describe_every_key() {
     let docs = include_str!("../../../docs/config.md");
     let mut keys = Vec::new();
     leaf_keys(&layers::schema().unwrap(), "", &mut keys);
-    assert_eq!(keys.len(), 96);
+    assert_eq!(keys.len(), 98);
     for key in keys {
         assert!(
             docs.contains(&format!("`{key}`")),
