@@ -103,7 +103,7 @@ pub fn unit(row: &[f32]) -> Vec<f64> {
 }
 
 /// The dot product of two f64 rows, summed in index order (the cosine of two
-/// [`unit`] rows, as [`knn_scores`] computes it).
+/// [`unit()`] rows, as [`knn_scores`] computes it).
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(
         a.len(),

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use hsat_core::config::{Backbone, Config, DataSource, EvalAttack, KnnDevice};
 use hsat_core::dataset::Split;
 use hsat_core::eval::report::{
-    self, AttackResult, Bank, DatasetSummary, EvalReport, EvalSettings, LevelScores,
-    ModelResult, TransferResult, ValGroups, WorstCaseResult, level_scores, score_levels,
-    transfer_levels, worst_case,
+    self, AttackResult, Bank, DatasetSummary, EvalReport, EvalSettings, LevelScores, ModelResult,
+    TransferResult, ValGroups, WorstCaseResult, level_scores, score_levels, transfer_levels,
+    worst_case,
 };
 use hsat_data::check::open_dataset;
 use hsat_data::plot;
@@ -347,7 +347,7 @@ pub fn run_eval(
         if s == t {
             continue;
         }
-        let adversarial = levels(t, rows)?;
+        let adversarial = levels(t, rows)?.levels()?;
         transfers.push(TransferResult {
             source: names[s].clone(),
             target: names[t].clone(),
