@@ -64,7 +64,19 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         device,
     };
     let mut progress: Option<Progress> = None;
-    let report = run_eval(&request, &mut |event| match event {
+    let report = run_eval(&request, &mut |event| print_event(event, &mut progress))?;
+    println!("\n{}", markdown_table(&report));
+    let out = request.out.display();
+    println!(
+        "hsat eval: wrote {}",
+        OUTPUT_FILES.map(|file| format!("{out}/{file}")).join(", ")
+    );
+    Ok(())
+}
+
+/// Prints one event of an evaluation; `progress` is the current stage's progress line.
+pub fn print_event(event: EvalEvent<'_>, progress: &mut Option<Progress>) {
+    match event {
         EvalEvent::OtherDataset {
             model,
             trained_on,
@@ -102,7 +114,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             )),
             plan.torch_threads
         ),
-        EvalEvent::Stage(what) => progress = Some(Progress::new(what)),
+        EvalEvent::Stage(what) => *progress = Some(Progress::new(what)),
         EvalEvent::Progress { done, total } => {
             if let Some(progress) = progress.as_mut() {
                 progress.update(done, total);
@@ -113,14 +125,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
                 progress.finish();
             }
         }
-    })?;
-    println!("\n{}", markdown_table(&report));
-    let out = request.out.display();
-    println!(
-        "hsat eval: wrote {}",
-        OUTPUT_FILES.map(|file| format!("{out}/{file}")).join(", ")
-    );
-    Ok(())
+    }
 }
 
 /// `NAME=PATH` or `PATH` (named after its folder, else `model<i>`).

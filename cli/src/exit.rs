@@ -66,6 +66,15 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         if cause.downcast_ref::<DeviceError>().is_some() {
             return Exit::Refused;
         }
+        // Another experiment in --out: nothing to retry until the user chooses.
+        // Other repro errors are classified by their cause (the next in the chain).
+        if let Some(
+            hsat_worker::repro::ReproError::OtherExperiment { .. }
+            | hsat_worker::repro::ReproError::NoSeeds,
+        ) = cause.downcast_ref::<hsat_worker::repro::ReproError>()
+        {
+            return Exit::Refused;
+        }
         if let Some(err) = cause.downcast_ref::<hsat_core::config::ConfigError>() {
             return err.exit();
         }

@@ -14,6 +14,7 @@
 //! - [`bench_recovery`]: `hsat bench recovery`, time to the next commit after a kill -9.
 //! - [`bench_sync`]: `hsat bench sync`, gradient synchronisation against PyTorch DDP.
 //! - [`eval`]: `hsat eval`, the paper's kNN and robustness tables.
+//! - [`repro`]: `hsat repro`, HSAT against HiDisc over several seeds, with intervals.
 //! - [`plot`](mod@plot): `hsat plot`, PNG curves of a run's `metrics.jsonl`.
 //! - [`progress`]: the progress line of long stages.
 //! - [`exit`]: the exit status of each way a command ends ([`hsat_core::exit`]).
@@ -29,6 +30,7 @@ mod eval;
 mod exit;
 mod plot;
 mod progress;
+mod repro;
 mod run;
 
 use std::path::PathBuf;
@@ -112,6 +114,20 @@ enum Command {
     ///   hsat eval --config examples/quickstart.toml --checkpoint hsat=runs/quickstart --out runs/eval
     #[command(verbatim_doc_comment)]
     Eval(eval::EvalArgs),
+
+    /// The paper's comparison as an experiment: generate a dataset (7 classes), train
+    /// HiDisc and HSAT with the same budget for several seeds, evaluate each pair
+    /// (clean, every attack of [eval] and the worst case at each eps), and report
+    /// mean +- sd per level, HSAT - HiDisc with a t interval over seeds and a cluster
+    /// bootstrap interval over seeds and val patients, whether the paper's pattern
+    /// holds, and two plots (report.md, report.json, repro_*.png in --out). Running it
+    /// again with the same settings completes an interrupted experiment.
+    ///
+    /// Example:
+    ///   hsat repro --config examples/repro.toml --out runs/repro
+    ///   hsat repro --config examples/repro.toml --seeds 5 --val-patients-per-class 8
+    #[command(verbatim_doc_comment)]
+    Repro(repro::ReproArgs),
 
     /// Draw a run's training curves from DIR/metrics.jsonl (one record per committed
     /// step) as PNG files: loss per level on clean vs adversarial views, the attack's
@@ -298,6 +314,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => cluster::status(args),
         Command::Synth(args) => data::synth(args),
         Command::Eval(args) => eval::eval(args),
+        Command::Repro(args) => repro::repro(args),
         Command::Plot(args) => plot::plot(args),
         Command::Data(DataCommand::Check(args)) => data::check_dataset(args),
         Command::Bench(BenchCommand::Step(args)) => bench::step(args),

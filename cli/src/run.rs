@@ -91,7 +91,7 @@ fn print_event(event: RunEvent<'_>) {
     }
 }
 /// `step 3/12 epoch 1 lr 1.00e-3 eps 4.50/255 | loss 5.1234 (adv: patient 2.1 slide 1.9 patch 1.1) | step 1.23 s data 0.01 s`
-fn progress_line(r: &StepProgress) -> String {
+pub fn progress_line(r: &StepProgress) -> String {
     let levels = |name: &str, v: &LevelLosses| {
         format!(
             "{name}: patient {:.4} slide {:.4} patch {:.4}",

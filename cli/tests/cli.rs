@@ -16,6 +16,7 @@ fn every_subcommand_explains_itself_with_an_example() {
         vec!["synth", "--help"],
         vec!["data", "check", "--help"],
         vec!["eval", "--help"],
+        vec!["repro", "--help"],
         vec!["coordinator", "--help"],
         vec!["worker", "--help"],
         vec!["status", "--help"],

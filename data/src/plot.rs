@@ -18,9 +18,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use hsat_core::eval::report::{EvalReport, LEVELS, attack_title, find_attack, level};
+use hsat_core::eval::report::{EvalReport, LEVELS, ModelResult, attack_title, find_attack, level};
+use hsat_core::eval::repro::{ReproSummary, evaluation_title};
 
 use crate::metrics_log::{MetricsLog, StepRecord, ViewLosses};
+use plotters::element::ErrorBar;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
@@ -144,6 +146,11 @@ pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> Result<(), PlotError
             attacks.push(&a.attack);
         }
     }
+    // The worst case over every attack is drawn as one more series: the number a
+    // robustness claim should quote.
+    if report.models.iter().any(|m| !m.worst_case.is_empty()) {
+        attacks.push(WORST_CASE);
+    }
     let size = (PANEL.0 * 3, PANEL.1 + 60);
     render(path, size, |root| {
         let (title, body) = root.split_vertically(60);
@@ -175,16 +182,7 @@ pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> Result<(), PlotError
                 let clean = level(&model.clean, level_name).map_or(f64::NAN, |l| l.accuracy);
                 for (n, attack) in attacks.iter().enumerate() {
                     let mut points = vec![(0.0, 100.0 * clean)];
-                    points.extend(
-                        model
-                            .attacks
-                            .iter()
-                            .filter(|a| a.attack == *attack)
-                            .filter_map(|a| {
-                                level(&a.levels, level_name)
-                                    .map(|l| (a.eps_255, 100.0 * l.accuracy))
-                            }),
-                    );
+                    points.extend(attack_points(model, attack, level_name));
                     points.retain(|p| p.1.is_finite());
                     points.sort_by(|a, b| a.0.total_cmp(&b.0));
                     let style = colour(n).stroke_width(2);
@@ -219,6 +217,206 @@ pub fn accuracy_vs_eps(report: &EvalReport, path: &Path) -> Result<(), PlotError
         }
         Ok(())
     })
+}
+
+/// `hsat repro`: per level, each method's accuracy (mean over seeds, bars +- one sd)
+/// for every evaluation (clean, each attack and the worst case at each eps).
+pub fn repro_accuracy(summary: &ReproSummary, path: &Path) -> Result<(), PlotError> {
+    repro_panels(
+        summary,
+        path,
+        "Accuracy over seeds (mean +- sd)",
+        "accuracy (%)",
+        |evaluation, m| {
+            let cell = &evaluation.methods[m];
+            let (mean, sd) = (100.0 * cell.mean, 100.0 * cell.sd);
+            (mean - sd, mean, mean + sd)
+        },
+        summary.methods.len(),
+    )
+}
+
+/// `hsat repro`: per level, the method-minus-baseline difference for every
+/// evaluation (mean over seeds) with its 95 % bootstrap interval, and the zero line.
+pub fn repro_difference(summary: &ReproSummary, path: &Path) -> Result<(), PlotError> {
+    let title = format!(
+        "{} - {} (mean over seeds, 95 % bootstrap interval over seeds and patients)",
+        summary.methods.get(1).map_or("method", String::as_str),
+        summary.methods.first().map_or("baseline", String::as_str)
+    );
+    repro_panels(
+        summary,
+        path,
+        &title,
+        "difference (points)",
+        |evaluation, _| {
+            let d = &evaluation.difference;
+            (
+                100.0 * d.bootstrap.low,
+                100.0 * d.mean,
+                100.0 * d.bootstrap.high,
+            )
+        },
+        1,
+    )
+}
+
+/// `Clean`, `PGD 4`, `Worst 8`: [`evaluation_title`] short enough for seven labels
+/// side by side (the axis says the unit).
+fn short_title(run: &str) -> String {
+    evaluation_title(run)
+        .replace("Worst case", "Worst")
+        .replace("/255", "")
+}
+
+/// One panel per level with `series` points per evaluation, each drawn as
+/// `value(evaluation, series)` = (low, centre, high).
+fn repro_panels(
+    summary: &ReproSummary,
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    value: impl Fn(&hsat_core::eval::repro::EvaluationSummary, usize) -> (f64, f64, f64),
+    series: usize,
+) -> Result<(), PlotError> {
+    let names: Vec<String> = summary
+        .levels
+        .first()
+        .map(|l| l.evaluations.iter().map(|e| short_title(&e.run)).collect())
+        .unwrap_or_default();
+    let (mut y_min, mut y_max) = (0.0_f64, 100.0_f64);
+    for level in &summary.levels {
+        for e in &level.evaluations {
+            for s in 0..series {
+                let (low, _, high) = value(e, s);
+                if low.is_finite() && high.is_finite() {
+                    y_min = y_min.min(low);
+                    y_max = y_max.max(high);
+                }
+            }
+        }
+    }
+    if series == 1 {
+        // A difference: keep the axis around the data and zero, not 0..100.
+        y_max = summary
+            .levels
+            .iter()
+            .flat_map(|l| l.evaluations.iter().map(|e| value(e, 0).2))
+            .filter(|v| v.is_finite())
+            .fold(5.0, f64::max);
+    }
+    let size = (PANEL.0 * 3, PANEL.1 + 80);
+    render(path, size, |root| {
+        let (heading, body) = root.split_vertically(60);
+        heading
+            .titled(title, (FONT, 22).into_font().style(FontStyle::Bold))
+            .map_err(plot_error)?;
+        let x_max = names.len() as f64 - 0.5;
+        for (panel, level) in body.split_evenly((1, 3)).iter().zip(&summary.levels) {
+            let mut chart = ChartBuilder::on(panel)
+                .caption(
+                    format!("{} level ({} patients)", level.level, level.patients),
+                    (FONT, 20),
+                )
+                .margin(12)
+                .x_label_area_size(56)
+                .y_label_area_size(56)
+                .build_cartesian_2d(-0.5..x_max, (y_min - 2.0)..(y_max + 2.0))
+                .map_err(plot_error)?;
+            let label_names = names.clone();
+            chart
+                .configure_mesh()
+                .x_labels(names.len().max(1))
+                .x_label_formatter(&move |x| {
+                    let i = x.round();
+                    if (x - i).abs() < 1e-6 && i >= 0.0 {
+                        label_names.get(i as usize).cloned().unwrap_or_default()
+                    } else {
+                        String::new()
+                    }
+                })
+                .disable_x_mesh()
+                .x_desc("evaluation (eps in units of 1/255)")
+                .y_desc(y_desc)
+                .y_label_formatter(&|y| format!("{y:.0}"))
+                .label_style((FONT, 14))
+                .x_label_style((FONT, 13))
+                .axis_desc_style((FONT, 15))
+                .draw()
+                .map_err(plot_error)?;
+            if series == 1 {
+                chart
+                    .draw_series(LineSeries::new(
+                        vec![(-0.5, 0.0), (x_max, 0.0)],
+                        BLACK.mix(0.5).stroke_width(1),
+                    ))
+                    .map_err(plot_error)?;
+            }
+            for s in 0..series {
+                let offset = if series == 1 {
+                    0.0
+                } else {
+                    (s as f64 - (series as f64 - 1.0) / 2.0) * 0.25
+                };
+                let points: Vec<(f64, (f64, f64, f64))> = level
+                    .evaluations
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (i as f64 + offset, value(e, s)))
+                    .filter(|(_, (low, mean, high))| {
+                        low.is_finite() && mean.is_finite() && high.is_finite()
+                    })
+                    .collect();
+                let style = colour(s).stroke_width(2);
+                chart
+                    .draw_series(points.iter().map(|&(x, (low, mean, high))| {
+                        ErrorBar::new_vertical(x, low, mean, high, style, 10)
+                    }))
+                    .map_err(plot_error)?;
+                let drawn =
+                    chart
+                        .draw_series(points.iter().map(|&(x, (_, mean, _))| {
+                            Circle::new((x, mean), 5, colour(s).filled())
+                        }))
+                        .map_err(plot_error)?;
+                if series > 1 {
+                    let label = summary.methods.get(s).cloned().unwrap_or_default();
+                    drawn
+                        .label(label)
+                        .legend(move |(x, y)| Circle::new((x + 10, y), 5, colour(s).filled()));
+                }
+            }
+            if series > 1 {
+                draw_legend(&mut chart)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The series name of the worst case in [`accuracy_vs_eps`].
+const WORST_CASE: &str = "worst_case";
+
+/// (eps, accuracy %) of `attack` (or [`WORST_CASE`]) on `model` at `level_name`.
+fn attack_points(model: &ModelResult, attack: &str, level_name: &str) -> Vec<(f64, f64)> {
+    if attack == WORST_CASE {
+        return model
+            .worst_case
+            .iter()
+            .filter_map(|w| {
+                w.levels
+                    .iter()
+                    .find(|l| l.level == level_name)
+                    .map(|l| (w.eps_255, 100.0 * l.accuracy))
+            })
+            .collect();
+    }
+    model
+        .attacks
+        .iter()
+        .filter(|a| a.attack == attack)
+        .filter_map(|a| level(&a.levels, level_name).map(|l| (a.eps_255, 100.0 * l.accuracy)))
+        .collect()
 }
 
 /// Clean accuracy and accuracy under the strongest PGD of the report (largest eps; the

@@ -15,6 +15,7 @@
 //! - [`collective`]: c10d process groups, bucketed gradient averaging, state broadcast.
 //! - [`metrics`]: the worker's Prometheus metrics (`hsat_worker_*`).
 //! - [`eval`]: features, white-box and transfer attacks for `hsat eval`.
+//! - [`repro`]: `hsat repro`, HSAT against HiDisc over several seeds, with intervals.
 //! - [`bench`](mod@bench): benchmarks against PyTorch (`hsat bench step|data|sync`).
 //! - [`error`]: the crate's error type.
 //!
@@ -29,6 +30,7 @@ pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod model;
+pub mod repro;
 pub mod train;
 
 pub use error::{Result, WorkerError};

@@ -16,12 +16,18 @@
 //! attack and level) and their Markdown and CSV tables; the worker's
 //! `hsat_worker::eval::run_eval` produces the features and calls it.
 //!
+//! [`stats`] summarises repeated experiments (`hsat repro`): mean and sd over seeds,
+//! a t interval, and a cluster bootstrap of the difference between two methods;
+//! [`repro`] applies them to the per-sample outcomes of each seed.
+//!
 //! Conventions are listed in `README.md` beside this file.
 
 mod aggregate;
 mod knn;
 mod metrics;
 pub mod report;
+pub mod repro;
+pub mod stats;
 
 #[cfg(test)]
 mod tests;

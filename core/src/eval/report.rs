@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{EvalInputError, Metrics, aggregate, knn_scores, metrics, ranked_classes};
 
@@ -68,6 +68,89 @@ pub struct ModelResult {
     /// Per eps (ascending), the worst case over the clean images and every attack
     /// run at that eps; empty without attacks.
     pub worst_case: Vec<WorstCaseResult>,
+    /// Per evaluation (clean, every attack, every worst case), which samples were
+    /// classified correctly: what intervals over val patients are computed from
+    /// (`hsat repro`'s bootstrap), in the sample order of [`EvalReport::samples`].
+    pub outcomes: Vec<SampleOutcomes>,
+}
+
+/// Which samples one evaluation of one model classified correctly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleOutcomes {
+    /// `clean`, `<attack>@<eps>` (e.g. `pgd@8`) or `worst_case@<eps>`; see
+    /// [`outcome_name`].
+    pub run: String,
+    /// Per level in [`LEVELS`] order, one character per sample: `1` correct, `0`
+    /// wrong (a string rather than an array keeps `results.json` readable).
+    pub correct: Vec<String>,
+}
+
+/// The [`SampleOutcomes::run`] name of an attack (or `worst_case`) at `eps_255`.
+pub fn outcome_name(attack: &str, eps_255: f64) -> String {
+    format!("{attack}@{eps_255}")
+}
+
+/// `1`/`0` per sample.
+pub fn outcome_bits(correct: &[bool]) -> String {
+    correct.iter().map(|&c| if c { '1' } else { '0' }).collect()
+}
+
+/// The val samples of every level, in the order of [`LevelScores`] and of
+/// [`SampleOutcomes::correct`], with the patient each belongs to: a level's samples
+/// are not independent (a patient's patches share its stain), so intervals resample
+/// patients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleIndex {
+    /// Patch, slide and patient, in [`LEVELS`] order.
+    pub levels: Vec<SampleLevel>,
+}
+
+/// The samples of one level.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleLevel {
+    /// `patch`, `slide` or `patient`.
+    pub level: String,
+    /// Sample ids: patch paths, `patient/slide` ids, patient ids.
+    pub ids: Vec<String>,
+    /// The patient of each sample.
+    pub patients: Vec<String>,
+}
+
+impl SampleIndex {
+    /// The index of the val set `groups` whose patches are `patch_ids`; slides and
+    /// patients in sorted id order, as [`level_scores`] aggregates them.
+    pub fn new(groups: &ValGroups, patch_ids: &[String]) -> SampleIndex {
+        let mut slides: Vec<(String, String)> = groups
+            .slides
+            .iter()
+            .zip(&groups.patients)
+            .map(|(slide, patient)| (slide.clone(), patient.clone()))
+            .collect();
+        slides.sort();
+        slides.dedup_by(|a, b| a.0 == b.0);
+        let mut patients = groups.patients.clone();
+        patients.sort();
+        patients.dedup();
+        SampleIndex {
+            levels: vec![
+                SampleLevel {
+                    level: LEVELS[0].to_owned(),
+                    ids: patch_ids.to_vec(),
+                    patients: groups.patients.clone(),
+                },
+                SampleLevel {
+                    level: LEVELS[1].to_owned(),
+                    ids: slides.iter().map(|(s, _)| s.clone()).collect(),
+                    patients: slides.into_iter().map(|(_, p)| p).collect(),
+                },
+                SampleLevel {
+                    level: LEVELS[2].to_owned(),
+                    ids: patients.clone(),
+                    patients,
+                },
+            ],
+        }
+    }
 }
 
 /// The worst case at one budget: per sample (patch, slide or patient), the prediction
@@ -182,6 +265,8 @@ pub struct EvalReport {
     pub models: Vec<ModelResult>,
     /// Every (source, target) pair of distinct models, per attack and eps.
     pub transfer: Vec<TransferResult>,
+    /// The val samples the models' [`ModelResult::outcomes`] refer to.
+    pub samples: SampleIndex,
 }
 
 /// Per-patch labels and group ids of the val set.
@@ -303,34 +388,13 @@ pub fn evaluate_levels(
 /// [`EvalInputError::BadInput`] if `runs` is empty or the runs do not share their
 /// levels, sample counts and labels (they must be evaluations of one val set).
 pub fn worst_case(runs: &[&LevelScores]) -> Result<Vec<WorstCaseLevel>, EvalInputError> {
-    let Some(first) = runs.first() else {
-        return Err(EvalInputError::BadInput(
-            "the worst case needs at least one evaluation".to_owned(),
-        ));
-    };
-    for run in runs {
-        let same = run.levels.len() == first.levels.len()
-            && run
-                .levels
-                .iter()
-                .zip(&first.levels)
-                .all(|((_, labels), (_, first_labels))| labels == first_labels);
-        if !same {
-            return Err(EvalInputError::BadInput(
-                "the worst case combines evaluations of different val sets (levels or labels differ)"
-                    .to_owned(),
-            ));
-        }
-    }
-    let correct: Vec<Vec<Vec<bool>>> = runs.iter().map(|run| run.correct()).collect();
+    let survived = survived_all(runs)?;
+    let first = runs[0];
     Ok(LEVELS
         .iter()
         .zip(&first.levels)
-        .enumerate()
-        .map(|(l, (name, (_, labels)))| {
-            let survived: Vec<bool> = (0..labels.len())
-                .map(|i| correct.iter().all(|run| run[l][i]))
-                .collect();
+        .zip(&survived)
+        .map(|((name, (_, labels)), survived)| {
             let rate = |keep: &dyn Fn(usize) -> bool| {
                 let (hits, total) = (0..labels.len())
                     .filter(|&i| keep(i))
@@ -352,6 +416,45 @@ pub fn worst_case(runs: &[&LevelScores]) -> Result<Vec<WorstCaseLevel>, EvalInpu
                 accuracy: rate(&|_| true),
                 mean_class_accuracy: class_rates.iter().sum::<f64>() / class_rates.len() as f64,
             }
+        })
+        .collect())
+}
+
+/// Per level and sample: correct in every one of `runs` (the per-sample worst case
+/// that [`worst_case`] summarises).
+///
+/// # Errors
+///
+/// As [`worst_case`].
+pub fn survived_all(runs: &[&LevelScores]) -> Result<Vec<Vec<bool>>, EvalInputError> {
+    let Some(first) = runs.first() else {
+        return Err(EvalInputError::BadInput(
+            "the worst case needs at least one evaluation".to_owned(),
+        ));
+    };
+    for run in runs {
+        let same = run.levels.len() == first.levels.len()
+            && run
+                .levels
+                .iter()
+                .zip(&first.levels)
+                .all(|((_, labels), (_, first_labels))| labels == first_labels);
+        if !same {
+            return Err(EvalInputError::BadInput(
+                "the worst case combines evaluations of different val sets (levels or labels differ)"
+                    .to_owned(),
+            ));
+        }
+    }
+    let correct: Vec<Vec<Vec<bool>>> = runs.iter().map(|run| run.correct()).collect();
+    Ok(first
+        .levels
+        .iter()
+        .enumerate()
+        .map(|(l, (_, labels))| {
+            (0..labels.len())
+                .map(|i| correct.iter().all(|run| run[l][i]))
+                .collect()
         })
         .collect())
 }
@@ -434,6 +537,7 @@ pub fn attack_title(name: &str) -> &str {
         "mifgsm" => "MI-FGSM",
         "fgsm" => "FGSM",
         "apgd" => "APGD",
+        "worst_case" => "Worst case",
         other => other,
     }
 }
@@ -606,6 +710,9 @@ pub fn markdown_table(report: &EvalReport) -> String {
             }
             let _ = writeln!(out, "{row}");
         }
+        if let Some(line) = interval_line(report, name) {
+            let _ = writeln!(out, "\n{line}");
+        }
         out.push('\n');
     }
     if !report.transfer.is_empty() {
@@ -627,6 +734,80 @@ pub fn markdown_table(report: &EvalReport) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Bootstrap draws of the intervals under each table.
+pub const TABLE_RESAMPLES: usize = 2000;
+
+/// How uncertain a level's accuracies are: each model's 95 % interval of the clean
+/// and the worst-case accuracy, resampling val patients ([`patient_interval`]);
+/// `None` without per-sample outcomes.
+fn interval_line(report: &EvalReport, level_name: &str) -> Option<String> {
+    let samples = report
+        .samples
+        .levels
+        .iter()
+        .find(|l| l.level == level_name)?;
+    let patients = {
+        let mut ids: Vec<&String> = samples.patients.iter().collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    };
+    let l = LEVELS.iter().position(|n| *n == level_name)?;
+    let mut parts = Vec::new();
+    for model in &report.models {
+        let mut cells = Vec::new();
+        for outcome in &model.outcomes {
+            if outcome.run != "clean" && !outcome.run.starts_with("worst_case@") {
+                continue;
+            }
+            let interval = patient_interval(samples, outcome.correct.get(l)?, TABLE_RESAMPLES, 0)?;
+            let title = match outcome.run.split_once('@') {
+                Some((_, eps)) => format!("worst case {eps}/255"),
+                None => "clean".to_owned(),
+            };
+            cells.push(format!(
+                "{title} {:.0}-{:.0}",
+                100.0 * interval.low,
+                100.0 * interval.high
+            ));
+        }
+        if !cells.is_empty() {
+            parts.push(format!("{} {}", model.name, cells.join(", ")));
+        }
+    }
+    (!parts.is_empty()).then(|| {
+        format!(
+            "95 % intervals of Acc (%), resampling the {patients} val patients ({TABLE_RESAMPLES} bootstrap draws): {}",
+            parts.join("; ")
+        )
+    })
+}
+
+/// The 95 % interval of an accuracy whose per-sample outcomes are `correct` (`1`/`0`
+/// per sample of `samples`), by resampling patients with all their samples
+/// ([`super::stats::bootstrap_accuracy`]); `None` when the lengths differ or there
+/// are no samples.
+pub fn patient_interval(
+    samples: &SampleLevel,
+    correct: &str,
+    resamples: usize,
+    seed: u64,
+) -> Option<super::stats::Interval> {
+    if correct.len() != samples.patients.len() || correct.is_empty() {
+        return None;
+    }
+    let mut ids: Vec<&String> = samples.patients.iter().collect();
+    ids.sort();
+    ids.dedup();
+    let mut tallies = vec![super::stats::Tally::default(); ids.len()];
+    for (bit, patient) in correct.bytes().zip(&samples.patients) {
+        let p = ids.binary_search(&patient).ok()?;
+        tallies[p].total += 1;
+        tallies[p].correct += u32::from(bit == b'1');
+    }
+    Some(super::stats::bootstrap_accuracy(&tallies, resamples, seed))
 }
 
 /// The same numbers as CSV, one line per (model, level): `model,level,clean_acc,
@@ -734,6 +915,7 @@ mod tests {
                     })
                     .collect(),
             }],
+            outcomes: Vec::new(),
         };
         EvalReport {
             settings: EvalSettings {
@@ -759,6 +941,7 @@ mod tests {
             },
             models: vec![model("HiDisc", 0.9, 0.05), model("HSAT, adv", 0.7, 0.6)],
             transfer: Vec::new(),
+            samples: SampleIndex { levels: Vec::new() },
         }
     }
 
@@ -857,6 +1040,37 @@ mod tests {
         // The worst case of one run is that run's accuracy; order does not matter.
         assert_eq!(worst_case(&[&pgd]).unwrap()[0].accuracy, 0.8);
         assert_eq!(worst_case(&[&apgd, &pgd, &clean]).unwrap(), worst);
+        let survived = survived_all(&[&clean, &pgd, &apgd]).unwrap();
+        assert_eq!(outcome_bits(&survived[0]), "10100");
+        assert_eq!(survived, vec![survived[0].clone(); 3]);
+    }
+
+    #[test]
+    fn the_sample_index_follows_the_aggregation_order_and_names_each_patient() {
+        // Patches of two patients, listed out of id order; slides `patient/slide`.
+        let groups = ValGroups {
+            labels: vec![1, 1, 0, 0, 1],
+            slides: ["p9/b", "p9/a", "p1/a", "p1/a", "p9/b"]
+                .map(String::from)
+                .to_vec(),
+            patients: ["p9", "p9", "p1", "p1", "p9"].map(String::from).to_vec(),
+        };
+        let ids: Vec<String> = (0..5).map(|i| format!("x{i}.tif")).collect();
+        let index = SampleIndex::new(&groups, &ids);
+        let levels: Vec<_> = index.levels.iter().map(|l| l.level.as_str()).collect();
+        assert_eq!(levels, LEVELS);
+        assert_eq!(index.levels[0].ids, ids);
+        assert_eq!(index.levels[0].patients, groups.patients);
+        assert_eq!(index.levels[1].ids, ["p1/a", "p9/a", "p9/b"]);
+        assert_eq!(index.levels[1].patients, ["p1", "p9", "p9"]);
+        assert_eq!(index.levels[2].ids, ["p1", "p9"]);
+        // The same order as the aggregation the scores come from.
+        let scores = vec![vec![0.5, 0.5]; 5];
+        let aggregated = level_scores(scores, &groups, 2).unwrap();
+        assert_eq!(aggregated.levels[1].1, [0, 1, 1]);
+        assert_eq!(aggregated.levels[2].1, [0, 1]);
+        assert_eq!(outcome_name("worst_case", 8.0), "worst_case@8");
+        assert_eq!(outcome_name("apgd", 0.5), "apgd@0.5");
     }
 
     #[test]
@@ -868,6 +1082,54 @@ mod tests {
             Err(EvalInputError::BadInput(_))
         ));
         assert!(worst_case(&[]).is_err());
+    }
+
+    #[test]
+    fn tables_state_each_accuracy_interval_over_val_patients() {
+        let mut report = report();
+        // 4 patches of 2 patients; the patch level only (the others stay silent).
+        report.samples = SampleIndex {
+            levels: vec![SampleLevel {
+                level: "patch".into(),
+                ids: (0..4).map(|i| format!("p{i}")).collect(),
+                patients: ["a", "a", "b", "b"].map(String::from).to_vec(),
+            }],
+        };
+        let outcome = |run: &str, bits: &str| SampleOutcomes {
+            run: run.into(),
+            correct: vec![bits.into(); 3],
+        };
+        report.models[0].outcomes = vec![
+            outcome("clean", "1111"),
+            outcome("pgd@8", "1010"),
+            outcome("worst_case@8", "1100"),
+        ];
+        let md = markdown_table(&report);
+        let line = md
+            .lines()
+            .find(|l| l.starts_with("95 % intervals"))
+            .expect("an interval line");
+        assert!(line.contains("resampling the 2 val patients"), "{line}");
+        // Clean: every patient all right. Worst case: patient a right, b wrong, so a
+        // resample holds 0, 1 or 2 copies of a: 0 .. 100.
+        assert!(
+            line.contains("HiDisc clean 100-100, worst case 8/255 0-100"),
+            "{line}"
+        );
+        assert!(
+            !line.contains("HSAT"),
+            "a model without outcomes has no interval"
+        );
+        assert_eq!(
+            md.matches("95 % intervals").count(),
+            1,
+            "only the patch level has samples"
+        );
+        let samples = &report.samples.levels[0];
+        assert!(
+            patient_interval(samples, "101", 10, 0).is_none(),
+            "length mismatch"
+        );
     }
 
     #[test]

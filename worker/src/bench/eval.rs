@@ -40,13 +40,23 @@ pub struct EvalBenchOptions {
     pub memory_mb: usize,
     /// CPU threads (both paths' f64 work, and libtorch's).
     pub threads: usize,
+    /// Queries the exact path runs (the first ones); 0 or more than `queries` runs
+    /// them all. Its time grows linearly with the queries (each is independent), so
+    /// at sizes where it would take hours a subset gives its full time by
+    /// proportion; agreement is measured on that subset.
+    pub exact_queries: usize,
 }
 
 /// What [`bench_eval`] measured.
 #[derive(Debug, Clone)]
 pub struct EvalBenchReport {
-    /// Seconds of the exact f64 CPU path.
+    /// Seconds of the exact f64 CPU path on [`exact_queries`](Self::exact_queries)
+    /// queries.
     pub exact_seconds: f64,
+    /// Queries the exact path ran.
+    pub exact_queries: usize,
+    /// `exact_seconds` scaled to every query (equal to it when all ran).
+    pub exact_seconds_all: f64,
     /// Seconds of the device path (f32 selection + f64 rescoring).
     pub device_seconds: f64,
     /// Largest absolute difference of any class score between the two paths.
@@ -59,7 +69,8 @@ pub struct EvalBenchReport {
 
 /// Generates the features, runs both paths on them and compares their scores.
 ///
-/// `on_phase` is told what starts (generation, each path).
+/// `on_phase` is told what starts (generation, each path); `on_progress` gets the
+/// device path's (done, total) queries.
 ///
 /// # Errors
 ///
@@ -68,6 +79,7 @@ pub struct EvalBenchReport {
 pub fn bench_eval(
     options: &EvalBenchOptions,
     on_phase: &mut dyn FnMut(&str),
+    on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalBenchReport, BenchError> {
     let o = options;
     if o.bank == 0 || o.queries == 0 || o.dim == 0 || o.classes == 0 || o.k == 0 {
@@ -123,11 +135,17 @@ pub fn bench_eval(
         &bank_labels,
         &queries,
         &spec,
-        &mut |_, _| {},
+        on_progress,
     )?;
     let device_seconds = started.elapsed().as_secs_f64();
 
-    on_phase("exact path (f64 on the CPU)");
+    let exact_queries = match o.exact_queries {
+        0 => o.queries,
+        n => n.min(o.queries),
+    };
+    on_phase(&format!(
+        "exact path (f64 on the CPU), {exact_queries} queries"
+    ));
     let started = Instant::now();
     let exact = parallel_knn(
         Bank {
@@ -138,7 +156,7 @@ pub fn bench_eval(
             t: o.t,
             threads: o.threads,
         },
-        &queries,
+        &queries[..exact_queries],
     )
     .map_err(|e| BenchError::Options(e.to_string()))?;
     let exact_seconds = started.elapsed().as_secs_f64();
@@ -156,9 +174,11 @@ pub fn bench_eval(
         .count();
     Ok(EvalBenchReport {
         exact_seconds,
+        exact_queries,
+        exact_seconds_all: exact_seconds * o.queries as f64 / exact_queries as f64,
         device_seconds,
         max_score_difference,
-        prediction_agreement: agreeing as f64 / o.queries as f64,
+        prediction_agreement: agreeing as f64 / exact_queries as f64,
         stats,
     })
 }
@@ -191,17 +211,48 @@ mod tests {
             device: Device::Cpu,
             memory_mb: 1,
             threads: 1,
+            exact_queries: 0,
         };
         let mut phases = Vec::new();
-        let report = bench_eval(&options, &mut |p| phases.push(p.to_owned())).expect("bench");
+        let report = bench_eval(&options, &mut |p| phases.push(p.to_owned()), &mut |_, _| {})
+            .expect("bench");
         assert_eq!(report.max_score_difference, 0.0);
         assert_eq!(report.prediction_agreement, 1.0);
         assert!(report.exact_seconds > 0.0 && report.device_seconds > 0.0);
         assert_eq!(phases.len(), 3, "{phases:?}");
-        let zero = EvalBenchOptions { bank: 0, ..options };
+        assert_eq!(report.exact_queries, 30);
+        assert_eq!(report.exact_seconds_all, report.exact_seconds);
+        let zero = EvalBenchOptions {
+            bank: 0,
+            ..options.clone()
+        };
         assert!(matches!(
-            bench_eval(&zero, &mut |_| {}),
+            bench_eval(&zero, &mut |_| {}, &mut |_, _| {}),
             Err(BenchError::Options(_))
         ));
+    }
+
+    #[test]
+    fn the_exact_path_can_run_a_subset_and_is_scaled_to_all_queries() {
+        let options = EvalBenchOptions {
+            bank: 200,
+            queries: 40,
+            dim: 16,
+            classes: 3,
+            k: 20,
+            t: 0.07,
+            seed: 2,
+            device: Device::Cpu,
+            memory_mb: 1,
+            threads: 1,
+            exact_queries: 10,
+        };
+        let mut done = 0;
+        let report = bench_eval(&options, &mut |_| {}, &mut |d, _| done = d).expect("bench");
+        assert_eq!(done, 40, "the device path ran every query");
+        assert_eq!(report.exact_queries, 10);
+        assert!((report.exact_seconds_all - 4.0 * report.exact_seconds).abs() < 1e-12);
+        assert_eq!(report.max_score_difference, 0.0);
+        assert_eq!(report.prediction_agreement, 1.0);
     }
 }

@@ -14,8 +14,8 @@ use hsat_core::config::{Backbone, Config, DataSource, EvalAttack, KnnDevice};
 use hsat_core::dataset::Split;
 use hsat_core::eval::report::{
     self, AttackResult, Bank, DatasetSummary, EvalReport, EvalSettings, LevelScores, ModelResult,
-    TransferResult, ValGroups, WorstCaseResult, level_scores, score_levels, transfer_levels,
-    worst_case,
+    SampleIndex, SampleOutcomes, TransferResult, ValGroups, WorstCaseResult, level_scores,
+    outcome_bits, outcome_name, score_levels, survived_all, transfer_levels, worst_case,
 };
 use hsat_data::check::open_dataset;
 use hsat_data::plot;
@@ -301,6 +301,11 @@ pub fn run_eval(
     for (m, model) in models.iter().enumerate() {
         let clean_scores = levels(m, &features.clean[m])?;
         let clean = clean_scores.levels()?;
+        let outcomes_of = |run: String, correct: &[Vec<bool>]| SampleOutcomes {
+            run,
+            correct: correct.iter().map(|level| outcome_bits(level)).collect(),
+        };
+        let mut outcomes = vec![outcomes_of("clean".to_owned(), &clean_scores.correct())];
         let mut attack_results = Vec::new();
         // (eps, attack, scores) of every white-box run, for the worst case.
         let mut attacked = Vec::new();
@@ -312,6 +317,10 @@ pub fn run_eval(
                     eps_255: attack.eps * 255.0,
                     levels: scores.levels()?,
                 });
+                outcomes.push(outcomes_of(
+                    outcome_name(attack.kind.name(), attack.eps * 255.0),
+                    &scores.correct(),
+                ));
                 attacked.push((attack.eps * 255.0, attack.kind.name(), scores));
             }
         }
@@ -331,6 +340,10 @@ pub fn run_eval(
                     .collect(),
                 levels: worst_case(&runs)?,
             });
+            outcomes.push(outcomes_of(
+                outcome_name("worst_case", eps),
+                &survived_all(&runs)?,
+            ));
         }
         results.push(ModelResult {
             name: names[m].clone(),
@@ -340,6 +353,7 @@ pub fn run_eval(
             clean,
             attacks: attack_results,
             worst_case: worst,
+            outcomes,
         });
     }
     let mut transfers = Vec::new();
@@ -384,6 +398,12 @@ pub fn run_eval(
         },
         models: results,
         transfer: transfers,
+        samples: SampleIndex::new(
+            &groups,
+            &val.iter()
+                .map(|p| p.path.display().to_string())
+                .collect::<Vec<_>>(),
+        ),
     };
     write_outputs(&report, &request.out)?;
     Ok(report)
