@@ -221,10 +221,12 @@ enum BenchCommand {
     /// The kNN of `hsat eval` at a real dataset's scale: today's exact f64 CPU path
     /// (eval.knn_device = "cpu_exact") against the device path ("auto": f32 top-k in
     /// chunks, exact f64 rescoring) on the same seeded features, in one run; prints
-    /// both times, the ratio and their agreement. The default size (100k x 20k x 2048)
-    /// takes hours on the CPU path with 2 cores: pass smaller sizes there.
+    /// both times, the ratio and their agreement. At the default size (100k x 20k x
+    /// 2048) the exact path takes most of an hour on 2 cores: --exact-queries N times
+    /// it on the first N queries and scales its time to all of them.
     ///
     /// Example:
+    ///   hsat bench eval --exact-queries 500
     ///   hsat bench eval --bank 20000 --queries 2000 --dim 512
     #[command(verbatim_doc_comment)]
     Eval(bench_eval::EvalBenchArgs),

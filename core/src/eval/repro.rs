@@ -200,8 +200,11 @@ pub fn summarise(
             .collect();
         let mut summaries = Vec::with_capacity(evaluations.len());
         for evaluation in &evaluations {
-            // tallies[method][seed][patient]
-            let mut tallies = vec![Vec::with_capacity(runs.len()); 2];
+            // [seed][patient] tallies of each method.
+            let mut paired = PairedTallies {
+                baseline: Vec::with_capacity(runs.len()),
+                method: Vec::with_capacity(runs.len()),
+            };
             for run in runs {
                 for (m, method) in run.methods.iter().enumerate() {
                     let outcome = method
@@ -234,15 +237,13 @@ pub fn summarise(
                         per_patient[p].total += 1;
                         per_patient[p].correct += u32::from(bit == b'1');
                     }
-                    tallies[m].push(per_patient);
+                    if m == 0 {
+                        paired.baseline.push(per_patient);
+                    } else {
+                        paired.method.push(per_patient);
+                    }
                 }
             }
-            let method_tallies = tallies.pop().unwrap_or_default();
-            let baseline_tallies = tallies.pop().unwrap_or_default();
-            let paired = PairedTallies {
-                baseline: baseline_tallies,
-                method: method_tallies,
-            };
             let accuracies = |per_seed: &[Vec<Tally>]| -> Vec<f64> {
                 per_seed
                     .iter()

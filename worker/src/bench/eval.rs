@@ -175,7 +175,11 @@ pub fn bench_eval(
     Ok(EvalBenchReport {
         exact_seconds,
         exact_queries,
-        exact_seconds_all: exact_seconds * o.queries as f64 / exact_queries as f64,
+        exact_seconds_all: if exact_queries == o.queries {
+            exact_seconds
+        } else {
+            exact_seconds * o.queries as f64 / exact_queries as f64
+        },
         device_seconds,
         max_score_difference,
         prediction_agreement: agreeing as f64 / exact_queries as f64,
