@@ -294,83 +294,17 @@ pub fn run_repro(
     let mut runs = Vec::with_capacity(request.seeds.len());
     let mut times = Vec::with_capacity(request.seeds.len());
     for (&seed, stored) in request.seeds.iter().zip(stored) {
-        if let Some(file) = stored {
-            on_event(ReproEvent::SeedDone {
-                seed,
-                reused: true,
-                train_seconds: file.train_seconds,
-                eval_seconds: file.eval_seconds,
-            });
-            times.push(SeedTimes {
-                seed,
-                train_seconds: file.train_seconds,
-                eval_seconds: file.eval_seconds,
-            });
-            runs.push(file.run);
-            continue;
-        }
-        let started = Instant::now();
-        let mut models = Vec::with_capacity(2);
-        for (method, baseline) in [(BASELINE, true), (METHOD, false)] {
-            let cfg = method_config(seed, baseline)?;
-            let out_dir = PathBuf::from(&cfg.infra.out_dir);
-            run_training(cfg, request.device, RunOptions::default(), &mut |event| {
-                on_event(ReproEvent::Train {
-                    seed,
-                    method,
-                    event,
-                });
-            })
-            .map_err(|source| ReproError::Train {
-                method,
-                seed,
-                source: Box::new(source),
-            })?;
-            models.push(ModelSpec {
-                name: method.to_owned(),
-                path: out_dir,
-            });
-        }
-        let train_seconds = started.elapsed().as_secs_f64();
-        let started = Instant::now();
-        let eval = EvalRequest {
-            // The method's config: its `[eval]` section, and its seed for the
-            // attacks' random starts.
-            config: method_config(seed, false)?,
-            models,
-            out: out.join("eval").join(format!("seed-{seed}")),
-            transfer: false,
-            device: request.device,
+        let (file, reused) = match stored {
+            Some(file) => (file, true),
+            None => {
+                let file = train_and_evaluate(request, seed, &method_config, on_event)?;
+                write_atomically(&seed_path(seed), &to_json(&file))?;
+                (file, false)
+            }
         };
-        let report = run_eval(&eval, &mut |event| {
-            on_event(ReproEvent::Eval { seed, event })
-        })
-        .map_err(|source| ReproError::Eval {
-            seed,
-            source: Box::new(source),
-        })?;
-        let run = SeedRun {
-            seed,
-            samples: report.samples,
-            methods: report
-                .models
-                .into_iter()
-                .map(|model| MethodRun {
-                    name: model.name,
-                    steps: model.step,
-                    outcomes: model.outcomes,
-                })
-                .collect(),
-        };
-        let file = SeedFile {
-            run,
-            train_seconds,
-            eval_seconds: started.elapsed().as_secs_f64(),
-        };
-        write_atomically(&seed_path(seed), &to_json(&file))?;
         on_event(ReproEvent::SeedDone {
             seed,
-            reused: false,
+            reused,
             train_seconds: file.train_seconds,
             eval_seconds: file.eval_seconds,
         });
@@ -394,6 +328,75 @@ pub fn run_repro(
         summary,
         report,
         files,
+    })
+}
+
+/// Trains both methods with `seed` (resuming or skipping runs already there) and
+/// evaluates the pair: the seed's stored result.
+fn train_and_evaluate(
+    request: &ReproRequest,
+    seed: u64,
+    method_config: &dyn Fn(u64, bool) -> Result<Config, ConfigError>,
+    on_event: &mut dyn FnMut(ReproEvent<'_>),
+) -> Result<SeedFile, ReproError> {
+    let out = &request.out;
+    let started = Instant::now();
+    let mut models = Vec::with_capacity(2);
+    for (method, baseline) in [(BASELINE, true), (METHOD, false)] {
+        let cfg = method_config(seed, baseline)?;
+        let out_dir = PathBuf::from(&cfg.infra.out_dir);
+        run_training(cfg, request.device, RunOptions::default(), &mut |event| {
+            on_event(ReproEvent::Train {
+                seed,
+                method,
+                event,
+            });
+        })
+        .map_err(|source| ReproError::Train {
+            method,
+            seed,
+            source: Box::new(source),
+        })?;
+        models.push(ModelSpec {
+            name: method.to_owned(),
+            path: out_dir,
+        });
+    }
+    let train_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let eval = EvalRequest {
+        // The method's config: its `[eval]` section, and its seed for the
+        // attacks' random starts.
+        config: method_config(seed, false)?,
+        models,
+        out: out.join("eval").join(format!("seed-{seed}")),
+        transfer: false,
+        device: request.device,
+    };
+    let report = run_eval(&eval, &mut |event| {
+        on_event(ReproEvent::Eval { seed, event })
+    })
+    .map_err(|source| ReproError::Eval {
+        seed,
+        source: Box::new(source),
+    })?;
+    let run = SeedRun {
+        seed,
+        samples: report.samples,
+        methods: report
+            .models
+            .into_iter()
+            .map(|model| MethodRun {
+                name: model.name,
+                steps: model.step,
+                outcomes: model.outcomes,
+            })
+            .collect(),
+    };
+    Ok(SeedFile {
+        run,
+        train_seconds,
+        eval_seconds: started.elapsed().as_secs_f64(),
     })
 }
 
