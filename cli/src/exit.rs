@@ -66,11 +66,14 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         if cause.downcast_ref::<DeviceError>().is_some() {
             return Exit::Refused;
         }
-        // Another experiment in --out: nothing to retry until the user chooses.
-        // Other repro errors are classified by their cause (the next in the chain).
+        // Another experiment in --out, no seeds or resamples, impossible dataset sizes:
+        // nothing to retry until the command changes. Other repro errors are
+        // classified by their cause (the next in the chain).
         if let Some(
             hsat_worker::repro::ReproError::OtherExperiment { .. }
-            | hsat_worker::repro::ReproError::NoSeeds,
+            | hsat_worker::repro::ReproError::NoSeeds
+            | hsat_worker::repro::ReproError::NoResamples
+            | hsat_worker::repro::ReproError::Synth(hsat_data::synth::SynthError::Spec { .. }),
         ) = cause.downcast_ref::<hsat_worker::repro::ReproError>()
         {
             return Exit::Refused;

@@ -28,16 +28,16 @@ pub struct ReproArgs {
     #[arg(long, default_value = "runs/repro")]
     out: PathBuf,
     /// Training seeds per method: infra.seed, infra.seed + 1, ...
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     seeds: u64,
     /// Classes of the generated dataset (OpenSRH has 7).
     #[arg(long, default_value_t = 7)]
     classes: usize,
     /// Train patients per class.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     train_patients_per_class: usize,
     /// Val patients per class (the patient-level estimate rests on them).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     val_patients_per_class: usize,
     /// Slides per patient.
     #[arg(long, default_value_t = 2)]
@@ -55,7 +55,7 @@ pub struct ReproArgs {
     #[arg(long, default_value_t = 0.1)]
     stain_spread: f64,
     /// Bootstrap resamples of the difference's interval.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     resamples: usize,
     /// The verdict's clean-accuracy margin: HSAT may lose at most this many points.
     #[arg(long, default_value_t = 5.0)]

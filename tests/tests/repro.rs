@@ -1,7 +1,8 @@
 //! `hsat repro` end to end at toy size: the experiment runs, survives a `kill -9`
 //! between seeds (the finished seed is not trained or evaluated again), its report
 //! agrees with the per-seed evaluations it summarises, a rerun reproduces it exactly,
-//! and an out folder of another experiment is refused before any work.
+//! and impossible sizes or an out folder of another experiment are refused before any
+//! work.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -92,6 +93,24 @@ fn repro_resumes_after_kill_9_reproduces_its_report_and_refuses_another_experime
     let out = dir.path().join("repro");
     let out_arg = out.display().to_string();
     let seed_file = |seed: u64| out.join("seeds").join(format!("seed-{seed}.json"));
+
+    // 0. Impossible sizes are refused before anything is recorded, so the corrected
+    //    command is not taken for another experiment.
+    let mut bad = args(&config, &out_arg, "2");
+    let classes = bad
+        .iter()
+        .position(|a| *a == "--classes")
+        .expect("--classes")
+        + 1;
+    bad[classes] = "9";
+    let refused = run_hsat(&bad);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("classes = 9"), "{stderr}");
+    assert!(
+        !out.join("plan.json").exists(),
+        "a refused command recorded its plan"
+    );
 
     // 1. Killed (SIGKILL) as soon as the first seed is stored.
     let mut child = Command::new(hsat_binary())

@@ -149,6 +149,9 @@ pub enum ReproError {
     /// No seed.
     #[error("hsat repro needs at least one seed (--seeds 3 gives a t interval)")]
     NoSeeds,
+    /// No bootstrap resamples.
+    #[error("hsat repro needs at least one bootstrap resample (--resamples 2000 is the default)")]
+    NoResamples,
     /// The out folder holds another experiment.
     #[error(
         "{} holds another experiment ({what} differ from this one's): use another --out, or delete it to start over",
@@ -238,6 +241,9 @@ pub fn run_repro(
     if request.seeds.is_empty() {
         return Err(ReproError::NoSeeds);
     }
+    if request.resamples == 0 {
+        return Err(ReproError::NoResamples);
+    }
     let out = &request.out;
     let data_dir = out.join("data");
     let mut dataset = request.dataset.clone();
@@ -266,6 +272,9 @@ pub fn run_repro(
     };
     method_config(request.seeds[0], true)?;
     method_config(request.seeds[0], false)?;
+    // Bad sizes are refused before plan.json records them (a corrected rerun would
+    // otherwise be refused as another experiment).
+    dataset.validate()?;
 
     write_plan(request, &dataset)?;
     let seed_path = |seed: u64| out.join("seeds").join(format!("seed-{seed}.json"));
