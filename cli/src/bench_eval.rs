@@ -36,7 +36,7 @@ pub struct EvalBenchArgs {
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Queries the exact path runs (the first ones; 0 = all). At the default size the
-    /// exact path takes hours on 2 cores: --exact-queries 500 times it on 500 and
+    /// exact path takes most of an hour on 2 cores: --exact-queries 500 times it on 500 and
     /// scales its time to all queries (each query costs the same), comparing the
     /// two paths on those 500.
     #[arg(long, default_value_t = 0)]

@@ -17,7 +17,7 @@ use crate::progress::Progress;
 pub struct ReproArgs {
     /// The HSAT config both methods train from (HiDisc drops the attack); its
     /// `[eval]` section sets the evaluation. examples/repro.toml is sized for about
-    /// 45 minutes on 2 CPU cores.
+    /// 40 minutes on 2 CPU cores.
     #[arg(long, short)]
     config: PathBuf,
     /// Override one key of that config, e.g. `--set training.num_epochs=4`; repeatable.
@@ -58,11 +58,21 @@ pub struct ReproArgs {
     #[arg(long, default_value_t = 2000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     resamples: usize,
     /// The verdict's clean-accuracy margin: HSAT may lose at most this many points.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = points)]
     clean_margin: f64,
     /// Where to run: auto, cpu, cuda or cuda:N (also HSAT_DEVICE).
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
+}
+
+/// A margin in accuracy points: finite, 0 to 100.
+fn points(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=100.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{value} is not a number of points from 0 to 100"))
+    }
 }
 
 /// Runs the experiment and prints the report.
@@ -85,7 +95,16 @@ pub fn repro(args: ReproArgs) -> anyhow::Result<()> {
             seed: args.data_seed,
             stain_spread: args.stain_spread,
         },
-        seeds: (0..args.seeds).map(|i| base_seed + i).collect(),
+        seeds: (0..args.seeds)
+            .map(|i| {
+                base_seed.checked_add(i).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "infra.seed {base_seed} + {} seeds passes the largest seed: choose a smaller infra.seed",
+                        args.seeds
+                    )
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
         out: args.out,
         resamples: args.resamples,
         clean_margin: args.clean_margin / 100.0,

@@ -59,7 +59,7 @@ fn args<'a>(config: &'a str, out: &'a str, seeds: &'a str) -> Vec<&'a str> {
         "--val-patients-per-class",
         "2",
         "--slides",
-        "1",
+        "2",
         "--patches",
         "2",
         "--size",
@@ -191,8 +191,8 @@ fn repro_resumes_after_kill_9_reproduces_its_report_and_refuses_another_experime
         .collect();
     assert_eq!(
         counts,
-        [(8, 4), (4, 4), (4, 4)],
-        "2 classes x 2 val patients x 1 slide x 2 patches"
+        [(16, 4), (8, 4), (4, 4)],
+        "2 classes x 2 val patients x 2 slides x 2 patches"
     );
     for (l, level) in levels.iter().enumerate() {
         let runs: Vec<&str> = level["evaluations"]
@@ -272,7 +272,7 @@ fn repro_resumes_after_kill_9_reproduces_its_report_and_refuses_another_experime
     }
     let markdown = std::fs::read_to_string(out.join("report.md")).expect("report.md");
     for heading in [
-        "## Patch level (8 val samples of 4 patients)",
+        "## Patch level (16 val samples of 4 patients)",
         "## Patient level",
         "**Run time**",
         "bootstrap interval",

@@ -762,7 +762,14 @@ fn interval_line(report: &EvalReport, level_name: &str) -> Option<String> {
             if outcome.run != "clean" && !outcome.run.starts_with("worst_case@") {
                 continue;
             }
-            let interval = patient_interval(samples, outcome.correct.get(l)?, TABLE_RESAMPLES, 0)?;
+            // An outcome that does not fit the index is left out, not the whole line.
+            let Some(interval) = outcome
+                .correct
+                .get(l)
+                .and_then(|correct| patient_interval(samples, correct, TABLE_RESAMPLES, 0))
+            else {
+                continue;
+            };
             let title = match outcome.run.split_once('@') {
                 Some((_, eps)) => format!("worst case {eps}/255"),
                 None => "clean".to_owned(),
@@ -1064,11 +1071,29 @@ mod tests {
         assert_eq!(index.levels[1].ids, ["p1/a", "p9/a", "p9/b"]);
         assert_eq!(index.levels[1].patients, ["p1", "p9", "p9"]);
         assert_eq!(index.levels[2].ids, ["p1", "p9"]);
-        // The same order as the aggregation the scores come from.
-        let scores = vec![vec![0.5, 0.5]; 5];
+        // The same order as the aggregation the scores come from: patches of p9/a are
+        // classified right, those of p9/b wrong, those of p1/a right, so the slide
+        // outcomes in index order (p1/a, p9/a, p9/b) are 1, 1, 0, and the patients'
+        // (p1, p9: two of p9's three patches vote for the wrong class) 1, 0.
+        let class = |c: usize| {
+            if c == 0 {
+                vec![0.9, 0.1]
+            } else {
+                vec![0.1, 0.9]
+            }
+        };
+        let scores = vec![class(0), class(1), class(0), class(0), class(0)];
         let aggregated = level_scores(scores, &groups, 2).unwrap();
         assert_eq!(aggregated.levels[1].1, [0, 1, 1]);
         assert_eq!(aggregated.levels[2].1, [0, 1]);
+        let correct = aggregated.correct();
+        assert_eq!(outcome_bits(&correct[0]), "01110");
+        assert_eq!(
+            outcome_bits(&correct[1]),
+            "110",
+            "slides in the index's order"
+        );
+        assert_eq!(outcome_bits(&correct[2]), "10");
         assert_eq!(outcome_name("worst_case", 8.0), "worst_case@8");
         assert_eq!(outcome_name("apgd", 0.5), "apgd@0.5");
     }
@@ -1087,44 +1112,51 @@ mod tests {
     #[test]
     fn tables_state_each_accuracy_interval_over_val_patients() {
         let mut report = report();
-        // 4 patches of 2 patients; the patch level only (the others stay silent).
-        report.samples = SampleIndex {
-            levels: vec![SampleLevel {
-                level: "patch".into(),
-                ids: (0..4).map(|i| format!("p{i}")).collect(),
-                patients: ["a", "a", "b", "b"].map(String::from).to_vec(),
-            }],
+        // 4 patches in 2 slides of 2 patients, as SampleIndex::new builds it.
+        let groups = ValGroups {
+            labels: vec![0, 0, 1, 1],
+            slides: ["a/x", "a/x", "b/x", "b/x"].map(String::from).to_vec(),
+            patients: ["a", "a", "b", "b"].map(String::from).to_vec(),
         };
-        let outcome = |run: &str, bits: &str| SampleOutcomes {
+        let ids: Vec<String> = (0..4).map(|i| format!("p{i}")).collect();
+        report.samples = SampleIndex::new(&groups, &ids);
+        let outcome = |run: &str, bits: [&str; 3]| SampleOutcomes {
             run: run.into(),
-            correct: vec![bits.into(); 3],
+            correct: bits.map(String::from).to_vec(),
         };
         report.models[0].outcomes = vec![
-            outcome("clean", "1111"),
-            outcome("pgd@8", "1010"),
-            outcome("worst_case@8", "1100"),
+            outcome("clean", ["1111", "11", "11"]),
+            outcome("pgd@8", ["1010", "10", "10"]),
+            outcome("worst_case@8", ["1100", "10", "10"]),
+        ];
+        // An outcome of the wrong length is left out; the others still print.
+        report.models[1].outcomes = vec![
+            outcome("clean", ["111", "11", "11"]),
+            outcome("worst_case@8", ["0000", "00", "00"]),
         ];
         let md = markdown_table(&report);
-        let line = md
+        let lines: Vec<&str> = md
             .lines()
-            .find(|l| l.starts_with("95 % intervals"))
-            .expect("an interval line");
-        assert!(line.contains("resampling the 2 val patients"), "{line}");
-        // Clean: every patient all right. Worst case: patient a right, b wrong, so a
-        // resample holds 0, 1 or 2 copies of a: 0 .. 100.
+            .filter(|l| l.starts_with("95 % intervals"))
+            .collect();
+        assert_eq!(lines.len(), 3, "one line per level:\n{md}");
+        for line in &lines {
+            assert!(line.contains("resampling the 2 val patients"), "{line}");
+            // Clean: every patient all right. Worst case: patient a right, b wrong, so
+            // a resample holds 0, 1 or 2 copies of a: 0 .. 100.
+            assert!(
+                line.contains("HiDisc clean 100-100, worst case 8/255 0-100"),
+                "{line}"
+            );
+        }
+        // The patch level's HSAT clean outcome has 3 bits for 4 patches.
         assert!(
-            line.contains("HiDisc clean 100-100, worst case 8/255 0-100"),
-            "{line}"
+            lines[0].contains("HSAT, adv worst case 8/255 0-0"),
+            "{}",
+            lines[0]
         );
-        assert!(
-            !line.contains("HSAT"),
-            "a model without outcomes has no interval"
-        );
-        assert_eq!(
-            md.matches("95 % intervals").count(),
-            1,
-            "only the patch level has samples"
-        );
+        assert!(!lines[0].contains("HSAT, adv clean"), "{}", lines[0]);
+        assert!(lines[1].contains("HSAT, adv clean 100-100"), "{}", lines[1]);
         let samples = &report.samples.levels[0];
         assert!(
             patient_interval(samples, "101", 10, 0).is_none(),

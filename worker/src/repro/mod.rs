@@ -432,7 +432,15 @@ fn write_plan(request: &ReproRequest, dataset: &SynthSpec) -> Result<(), ReproEr
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect(),
         overrides: request.sources.overrides.clone(),
-        dataset: format!("{dataset:?}"),
+        // The sizes, not where the data lives: `--out ./runs/repro` is the same
+        // experiment as `--out runs/repro`.
+        dataset: format!(
+            "{:?}",
+            SynthSpec {
+                out: PathBuf::new(),
+                ..dataset.clone()
+            }
+        ),
         seeds: request.seeds.clone(),
     };
     let path = request.out.join("plan.json");
@@ -444,7 +452,8 @@ fn write_plan(request: &ReproRequest, dataset: &SynthSpec) -> Result<(), ReproEr
                     source,
                 })?;
             let mut differ = Vec::new();
-            if stored.config_text != plan.config_text || stored.config_file != plan.config_file {
+            // The file's text, not its path: `-c ./x.toml` is `-c x.toml`.
+            if stored.config_text != plan.config_text {
                 differ.push("the config file");
             }
             if stored.environment != plan.environment {
@@ -476,7 +485,7 @@ fn write_plan(request: &ReproRequest, dataset: &SynthSpec) -> Result<(), ReproEr
 }
 
 /// A stored seed, or `None` when there is none (a torn file cannot exist: files are
-/// renamed into place).
+/// synced and renamed into place).
 fn read_seed(path: &Path) -> Result<Option<SeedFile>, ReproError> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
@@ -498,16 +507,25 @@ fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string_pretty(value).unwrap_or_default()
 }
 
-/// Writes `text` to a temporary file beside `path` and renames it into place, so a
-/// crash leaves the old file or the new one, never half of one.
+/// Writes `text` to `<path>.tmp`, syncs it and renames it into place (then syncs the
+/// folder), so a crash or a power loss leaves the old file or the new one, never half
+/// of one.
 fn write_atomically(path: &Path, text: &str) -> Result<(), ReproError> {
+    use std::io::Write as _;
     let io = |source| ReproError::Io {
         path: path.to_path_buf(),
         source,
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let mut file = std::fs::File::create(&tmp).map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)
 }

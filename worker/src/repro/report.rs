@@ -88,7 +88,7 @@ fn verdict(out: &mut String, summary: &ReproSummary) {
     let v = &summary.verdict;
     let _ = writeln!(
         out,
-        "**The paper's pattern {}.** It holds when {method}'s robust accuracy (the worst case over every attack, per sample) is clearly higher than {baseline}'s at every level and budget (the bootstrap interval of the difference lies above zero) and its clean accuracy is at most {:.0} points lower at every level.\n",
+        "**The paper's pattern {}.** It holds when {method}'s robust accuracy (the worst case over every attack, per sample) is clearly higher than {baseline}'s at every level and budget (both 95 % intervals of the difference, over seeds and over seeds x patients, lie above zero) and its clean accuracy is at most {:.0} points lower at every level.\n",
         if v.holds { "holds" } else { "does not hold" },
         100.0 * v.clean_margin
     );
@@ -109,9 +109,10 @@ fn verdict(out: &mut String, summary: &ReproSummary) {
         worst
             .iter()
             .map(|(level, e)| format!(
-                "{level} {}: {} {}",
+                "{level} {}: {} t {} bootstrap {}",
                 evaluation_title(&e.run).trim_start_matches("Worst case "),
                 signed(e.difference.mean),
+                e.difference.t_interval.map_or("n/a".to_owned(), interval),
                 interval(e.difference.bootstrap)
             ))
             .collect::<Vec<_>>()
